@@ -1,0 +1,159 @@
+"""Datasets, held whole on the device as tensors, and a batch sampler that never syncs with the host.
+
+Registry DATASETS: name -> loader(cfg, seed) returning numpy-free CPU tensors (x_train, y_train,
+x_eval, y_eval). Image datasets keep their (C, H, W) shape; the MLP flattens them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, DataConfig
+
+Split = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Dataset:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_eval: torch.Tensor
+    y_eval: torch.Tensor
+    classes: int
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def to(self, device: torch.device) -> "Dataset":
+        t = [v.to(device) for v in (self.x_train, self.y_train, self.x_eval, self.y_eval)]
+        return Dataset(*t, self.classes)
+
+
+def _standardize(x_train: torch.Tensor, x_eval: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Per-feature zero mean, unit variance from the training split (constant features stay 0).
+    mean, std = x_train.mean(0, keepdim=True), x_train.std(0, keepdim=True).clamp_min(1e-6)
+    return (x_train - mean) / std, (x_eval - mean) / std
+
+
+def _split(x: torch.Tensor, y: torch.Tensor, n_train: int | None, n_eval: int | None, g: torch.Generator,
+           eval_fraction: float = 0.2) -> Split:
+    perm = torch.randperm(len(x), generator=g)
+    n_ev = n_eval or max(1, int(len(x) * eval_fraction))
+    n_tr = n_train or len(x) - n_ev
+    if n_tr + n_ev > len(x):
+        raise ConfigError(f"data.n_train + data.n_eval: {n_tr} + {n_ev} is more than the {len(x)} examples there are")
+    tr, ev = perm[:n_tr], perm[n_tr:n_tr + n_ev]
+    return x[tr], y[tr], x[ev], y[ev]
+
+
+def load_digits(cfg: DataConfig, g: torch.Generator) -> Dataset:
+    from sklearn.datasets import load_digits as sk_digits  # bundled with scikit-learn, offline
+
+    d = sk_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1)  # (N, 1, 8, 8)
+    y = torch.tensor(d.target, dtype=torch.long)
+    x_tr, y_tr, x_ev, y_ev = _split(x, y, cfg.n_train, cfg.n_eval, g)
+    x_tr, x_ev = _standardize(x_tr, x_ev)
+    return Dataset(x_tr, y_tr, x_ev, y_ev, 10)
+
+
+def load_gaussian(cfg: DataConfig, g: torch.Generator) -> Dataset:
+    n_tr, n_ev = cfg.n_train or 2048, cfg.n_eval or 512
+    x = torch.randn(n_tr + n_ev, cfg.dim, generator=g)
+    if cfg.labels == "random":
+        y = torch.randint(0, cfg.classes, (n_tr + n_ev,), generator=g)
+    else:  # a random one-hidden-layer tanh teacher labels the points
+        w1 = torch.randn(cfg.dim, 64, generator=g) / math.sqrt(cfg.dim)
+        w2 = torch.randn(64, cfg.classes, generator=g) / 8.0
+        y = (torch.tanh(x @ w1) @ w2).argmax(1)
+    return Dataset(x[:n_tr], y[:n_tr], x[n_tr:], y[n_tr:], cfg.classes)
+
+
+def load_spirals(cfg: DataConfig, g: torch.Generator) -> Dataset:
+    n_tr, n_ev = cfg.n_train or 2048, cfg.n_eval or 512
+    n = n_tr + n_ev
+    y = torch.randint(0, cfg.classes, (n,), generator=g)
+    r = torch.rand(n, generator=g)  # radius in [0, 1): two turns from the centre outwards
+    theta = 4 * math.pi * r + 2 * math.pi * y / cfg.classes
+    x = torch.stack([r * torch.cos(theta), r * torch.sin(theta)], 1)
+    x = x + cfg.noise * 0.1 * torch.randn(n, 2, generator=g)
+    x = x / x.std(0, keepdim=True)
+    return Dataset(x[:n_tr], y[:n_tr], x[n_tr:], y[n_tr:], cfg.classes)
+
+
+_TV_CLASSES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+
+
+def load_torchvision(cfg: DataConfig, g: torch.Generator) -> Dataset:
+    try:
+        import torchvision.datasets as tvd  # optional: pip install 'gradexp[vision]'
+    except ImportError:
+        raise ConfigError(
+            f"data.name: '{cfg.name}' needs torchvision, which is not installed "
+            "(pip install 'gradexp[vision]'); allowed without it: digits, gaussian, spirals"
+        ) from None
+    cls = getattr(tvd, _TV_CLASSES[cfg.name])
+    root = Path(cfg.root).expanduser()
+    try:
+        train = cls(str(root), train=True, download=cfg.download)
+        test = cls(str(root), train=False, download=cfg.download)
+    except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
+        raise ConfigError(
+            f"data.root: no {cfg.name} files under '{root}' ({e}); put them there or set data.download=true"
+        ) from None
+
+    def tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.as_tensor(ds.data)
+        x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x.unsqueeze(1)  # -> (N, C, H, W)
+        return x.float() / 255.0, torch.as_tensor(ds.targets, dtype=torch.long)
+
+    x_tr, y_tr = tensors(train)
+    x_ev, y_ev = tensors(test)
+    if cfg.n_train:
+        x_tr, y_tr = x_tr[: cfg.n_train], y_tr[: cfg.n_train]
+    if cfg.n_eval:
+        x_ev, y_ev = x_ev[: cfg.n_eval], y_ev[: cfg.n_eval]
+    # Per-channel standardisation from the training split.
+    mean = x_tr.mean((0, 2, 3), keepdim=True)
+    std = x_tr.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
+    return Dataset((x_tr - mean) / std, y_tr, (x_ev - mean) / std, y_ev, 10)
+
+
+DATASETS = {
+    "digits": load_digits,
+    "gaussian": load_gaussian,
+    "spirals": load_spirals,
+    "mnist": load_torchvision,
+    "fashion_mnist": load_torchvision,
+    "cifar10": load_torchvision,
+}
+
+
+def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
+    """Load (or make) the configured dataset on the CPU; the split and synthetic data follow `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    return DATASETS[cfg.name](cfg, g)
+
+
+class Batches:
+    """Endless shuffled mini-batches drawn on the device (a new permutation each epoch)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
+        self.x, self.y = x, y
+        self.batch_size = min(batch_size, len(x))
+        self.gen = torch.Generator(device=x.device).manual_seed(seed)
+        self.perm = torch.empty(0, dtype=torch.long, device=x.device)
+        self.pos = 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pos + self.batch_size > len(self.perm):
+            self.perm = torch.randperm(len(self.x), generator=self.gen, device=self.x.device)
+            self.pos = 0
+        idx = self.perm[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return self.x[idx], self.y[idx]

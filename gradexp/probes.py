@@ -1,0 +1,125 @@
+"""Per-layer gradient, weight and activation statistics, computed on the device in batched ops.
+
+Nothing here runs on a step that logs nothing: the training loop calls these only on logged steps,
+and each call returns device tensors that `to_host` moves in one transfer. "Layer i" is
+`model.weight_layers[i]`, counted from the input; the output layer is last. Statistics that only
+hidden layers have (activations) are NaN for the output layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layers import ACTIVATIONS, MAX_SLOPE
+from .models import Net, Record
+
+SATURATION_FRACTION = 0.01  # |phi'(a)| below 1% of phi's largest slope counts as saturated / dead
+
+# Probe names as logged: the TensorBoard tag is f"{name}/layer_XX".
+GRADIENT_PROBES = ("grad_norm", "act_grad_norm", "act_mean", "act_std", "act_deriv", "saturation")
+WEIGHT_PROBES = ("weight_norm", "update_ratio", "dist_from_init")
+LAYER_PROBES = GRADIENT_PROBES + WEIGHT_PROBES
+
+# Fixed histogram bin edges, the same at every step and for every layer so that they compare.
+GRAD_HIST = (-45.0, 5.0, 100)  # log10 |dLoss/dW|: float32's smallest denormal is ~1.4e-45; 0 lands in the first bin
+ACT_HIST = (-5.0, 5.0, 100)  # activation values; outliers land in the edge bins
+
+
+def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(torch._foreach_norm(tensors))
+
+
+def _pad(values: torch.Tensor, n: int) -> torch.Tensor:
+    # Hidden-layer statistics get a NaN for the output layer so every probe has one value per layer.
+    return torch.cat([values, values.new_full((n - len(values),), float("nan"))])
+
+
+class Probes:
+    """Holds the model's weights and their initial values; computes the statistics of one step."""
+
+    def __init__(self, model: Net, activation: str):
+        self.model = model
+        self.weights = [layer.weight for layer in model.weight_layers]
+        self.n = len(self.weights)
+        self.initial = [w.detach().clone() for w in self.weights]
+        self.initial_norm = _norms(self.initial)
+        self.act = ACTIVATIONS[activation]()
+        self.max_slope = MAX_SLOPE[activation]
+
+    def derivative(self, a: torch.Tensor) -> torch.Tensor:
+        """phi'(a) elementwise, by autograd through the activation module itself."""
+        with torch.enable_grad():
+            a = a.detach().requires_grad_(True)
+            (d,) = torch.autograd.grad(self.act(a).sum(), a)
+        return d
+
+    def gradients(self, records: list[Record]) -> dict[str, torch.Tensor]:
+        """After backward, before clipping: gradient and activation statistics, one value per layer."""
+        grads = [w.grad for w in self.weights]
+        all_grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        hidden = records[:-1]
+        hs = [r.h.detach() for r in hidden]
+        derivs = [self.derivative(r.a) for r in hidden]
+        stats = {
+            "grad_norm": _norms(grads),
+            "grad_norm_total": torch.linalg.vector_norm(_norms(all_grads)).reshape(1),
+            "act_grad_norm": _norms([r.z.grad for r in records]),
+        }
+        if hidden:
+            stats["act_mean"] = torch.stack([h.mean() for h in hs])
+            stats["act_std"] = torch.stack([h.std() if h.numel() > 1 else h.new_zeros(()) for h in hs])
+            stats["act_deriv"] = torch.stack([d.mean() for d in derivs])
+            limit = SATURATION_FRACTION * self.max_slope
+            stats["saturation"] = torch.stack([(d.abs() < limit).float().mean() for d in derivs])
+        for k in ("act_mean", "act_std", "act_deriv", "saturation"):
+            stats[k] = _pad(stats.get(k, grads[0].new_empty(0)), self.n)
+        return stats
+
+    def snapshot(self) -> list[torch.Tensor]:
+        """The weights before the optimizer step (to measure the step actually applied)."""
+        return [w.detach().clone() for w in self.weights]
+
+    def weights_after(self, before: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """After the optimizer step: weight norm, ||dW|| / ||W||, and ||W - W0|| / ||W0||."""
+        now = [w.detach() for w in self.weights]
+        before_norm = _norms(before)
+        return {
+            "weight_norm": _norms(now),
+            "update_ratio": _norms(torch._foreach_sub(now, before)) / before_norm,
+            "dist_from_init": _norms(torch._foreach_sub(now, self.initial)) / self.initial_norm,
+        }
+
+    def histograms(self, records: list[Record]) -> dict[str, torch.Tensor]:
+        """Fixed-edge histograms on the device: rows [min, max, num, sum, sum_sq, counts...] per layer."""
+        grads = [torch.log10(w.grad.detach().abs().float()).flatten() for w in self.weights]
+        acts = [r.h.detach().float().flatten() for r in records[:-1]]
+        return {"grad_log10": _histogram_rows(grads, GRAD_HIST), "act": _histogram_rows(acts, ACT_HIST)}
+
+
+def _histogram_rows(values: list[torch.Tensor], spec: tuple[float, float, int]) -> torch.Tensor:
+    lo, hi, bins = spec
+    rows = []
+    for v in values:
+        v = v.nan_to_num(nan=hi, posinf=hi, neginf=lo).clamp(lo, hi)
+        head = torch.stack([v.min(), v.max(), v.new_tensor(float(v.numel())), v.sum(), (v * v).sum()])
+        rows.append(torch.cat([head, torch.histc(v, bins=bins, min=lo, max=hi)]))
+    return torch.stack(rows) if rows else torch.empty(0, 5 + bins)
+
+
+def bucket_limits(spec: tuple[float, float, int]) -> list[float]:
+    lo, hi, bins = spec
+    return [lo + (hi - lo) * (i + 1) / bins for i in range(bins)]
+
+
+def to_host(stats: dict[str, torch.Tensor]) -> dict[str, list]:
+    """One device-to-host transfer for every statistic of a step."""
+    keys = list(stats)
+    flat = torch.cat([stats[k].detach().float().flatten() for k in keys]).cpu().tolist()
+    out, i = {}, 0
+    for k in keys:
+        t = stats[k]
+        n = t.numel()
+        chunk = flat[i:i + n]
+        out[k] = [chunk[j:j + t.shape[-1]] for j in range(0, n, t.shape[-1])] if t.ndim == 2 else chunk
+        i += n
+    return out

@@ -1,0 +1,49 @@
+"""The run folder: `<out>/<name>/<YYYYmmdd-HHMMSS>-<id>/`, created fresh, never overwritten."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+
+def new_run_dir(out: str | Path, name: str) -> Path:
+    """Create a new, empty run folder. `name` is validated by the config and cannot leave `out`."""
+    root = Path(out).resolve()
+    parent = (root / name).resolve()
+    if root != parent and root not in parent.parents:
+        raise ValueError(f"run name {name!r} would leave the output folder {root}")
+    for _ in range(10):
+        path = parent / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a new run folder under {parent}")
+
+
+def jsonable(obj: Any) -> Any:
+    """Non-finite floats become null (strict JSON); tuples become lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")

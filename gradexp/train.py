@@ -1,0 +1,248 @@
+"""The training loop and the experiment around it: `prepare` checks what only the machine can tell
+(device, dataset files, model vs data shapes) before anything is written; `run` makes the run
+folder, trains with probes, and writes summary.json, the events and the gradient-flow figure.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .board import Board, layer_tag
+from .config import Config, ConfigError, flat, to_yaml
+from .data import Batches, Dataset, load_dataset
+from .diagnosis import diagnose, grad_ratio
+from .models import Net, build_model
+from .probes import Probes, to_host
+from .rundir import new_run_dir, write_atomic, write_json
+
+OPTIMIZERS: dict[str, Callable] = {
+    "sgd": lambda p, o: torch.optim.SGD(p, lr=o.lr, weight_decay=o.weight_decay),
+    "momentum": lambda p, o: torch.optim.SGD(p, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay),
+    "adam": lambda p, o: torch.optim.Adam(p, lr=o.lr, weight_decay=o.weight_decay),
+    "adamw": lambda p, o: torch.optim.AdamW(p, lr=o.lr, weight_decay=o.weight_decay),
+}
+
+CLIPPERS: dict[str, Callable | None] = {
+    "none": None,
+    "norm": lambda params, c: torch.nn.utils.clip_grad_norm_(params, c, foreach=True),
+    "value": lambda params, c: torch.nn.utils.clip_grad_value_(params, c, foreach=True),
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when present; asking for CUDA that is not there is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: '{name}' asked for, but CUDA is not available here; allowed: auto, cpu")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device: '{name}' asked for, but there are {torch.cuda.device_count()} CUDA "
+                              f"devices; allowed: cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return torch.device(name)
+
+
+@dataclass
+class Experiment:
+    cfg: Config
+    device: torch.device
+    data: Dataset
+    model: Net
+
+
+def prepare(cfg: Config) -> Experiment:
+    """Everything that can fail on bad input, before any file is written."""
+    device = resolve_device(cfg.device)
+    data = load_dataset(cfg.data, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    try:
+        model = build_model(cfg.model, data.in_shape, data.classes)
+    except ValueError as e:
+        raise ConfigError(f"model.kind: {e}; use model.kind=mlp for this dataset") from None
+    return Experiment(cfg, device, data.to(device), model.to(device))
+
+
+@torch.no_grad()
+def evaluate(model: Net, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
+    """Mean loss and accuracy over (x, y), in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss = correct = 0.0
+    for i in range(0, len(x), chunk):
+        logits = model(x[i:i + chunk])
+        loss += F.cross_entropy(logits, y[i:i + chunk], reduction="sum").item()
+        correct += (logits.argmax(1) == y[i:i + chunk]).sum().item()
+    model.train(was_training)
+    return loss / len(x), correct / len(x)
+
+
+def l1_penalty(model: Net, strength: float) -> torch.Tensor | float:
+    if strength == 0:
+        return 0.0
+    return strength * sum(layer.weight.abs().sum() for layer in model.weight_layers)
+
+
+def first_nonfinite_layer(model: Net) -> int | None:
+    for i, layer in enumerate(model.weight_layers):
+        w, g = layer.weight, layer.weight.grad
+        if not torch.isfinite(w).all() or (g is not None and not torch.isfinite(g).all()):
+            return i
+    return None
+
+
+@dataclass
+class Outcome:
+    """What a run ended with; `summary` is what summary.json holds."""
+    folder: Path
+    status: str
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return 130 if self.status == "interrupted" else 0
+
+
+def due(every: int, step: int, last: int) -> bool:
+    """Log at step 0 (initialisation), every `every` steps, and at the last step; never when 0."""
+    return every > 0 and (step % every == 0 or step == last)
+
+
+def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) -> dict:
+    """The loop. Returns the status, the steps done, and the per-layer statistics it logged."""
+    cfg, model, data = exp.cfg, exp.model, exp.data
+    t = cfg.train
+    optimizer = OPTIMIZERS[cfg.optim.name](model.parameters(), cfg.optim)
+    clip = CLIPPERS[cfg.clip.mode]
+    probes = Probes(model, cfg.model.activation)
+    batches = Batches(data.x_train, data.y_train, cfg.data.batch_size, cfg.seed)
+    # Divergence is tracked on the device (no host sync per step) and read at the steps that sync anyway.
+    bad_step = torch.full((), -1, dtype=torch.long, device=exp.device)
+    step_t = torch.zeros((), dtype=torch.long, device=exp.device)
+    logged: list[dict] = []
+    status, last = "completed", t.steps - 1
+    model.train()
+    try:
+        for step in range(t.steps):
+            log, hist = due(t.log_every, step, last), due(t.hist_every, step, last)
+            record = log or hist
+            # --- forward and backward
+            x, y = batches.next()
+            logits = model(x, record=record)
+            if record:
+                for r in model.records:
+                    r.z.retain_grad()
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            (loss + l1_penalty(model, cfg.optim.l1)).backward()
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step_t, bad_step)
+            step_t += 1
+            # --- probes (gradients before clipping), clipping, the step
+            stats = probes.gradients(model.records) if log else {}
+            if hist:
+                board.histograms(step, to_host(probes.histograms(model.records)))
+            if clip is not None:
+                clip(model.parameters(), cfg.clip.max)
+            before = probes.snapshot() if log else None
+            optimizer.step()
+            # --- logging: one host transfer for everything this step measured
+            if log:
+                stats.update(probes.weights_after(before))
+                stats["loss"] = loss.detach().reshape(1)
+                stats["acc"] = (logits.argmax(1) == y).float().mean().reshape(1)
+                host = to_host(stats)
+                board.layers(step, host)
+                board.scalars(step, {"loss/train": host["loss"][0], "acc/train": host["acc"][0],
+                                     "lr": optimizer.param_groups[0]["lr"]})
+                logged.append({"step": step, **host})
+            if due(t.eval_every, step, last):
+                loss_ev, acc_ev = evaluate(model, data.x_eval, data.y_eval)
+                board.scalars(step, {"loss/eval": loss_ev, "acc/eval": acc_ev})
+            # --- divergence is a result: stop here and say where
+            if log or due(t.eval_every, step, last) or step % 100 == 0 or step == last:
+                if int(bad_step) >= 0:
+                    status = "diverged"
+                    break
+            progress(step + 1, logged[-1] if log else {})
+    except KeyboardInterrupt:
+        status = "interrupted"
+    steps_done = int(step_t)
+    diverged = None
+    if status == "diverged" or (status == "interrupted" and int(bad_step) >= 0):
+        status = "diverged"
+        diverged = {"step": int(bad_step), "first_nonfinite_layer": first_nonfinite_layer(model)}
+    return {"status": status, "steps_done": steps_done, "logged": logged, "diverged": diverged}
+
+
+LAYER_KEYS = ("grad_norm", "act_grad_norm", "weight_norm", "update_ratio", "dist_from_init",
+              "act_mean", "act_std", "act_deriv", "saturation")
+
+
+def layer_snapshot(entry: dict | None) -> dict | None:
+    if entry is None:
+        return None
+    snap = {"step": entry["step"], **{k: entry[k] for k in LAYER_KEYS}}
+    snap["grad_norm_total"] = entry["grad_norm_total"][0]
+    snap["loss_train"] = entry["loss"][0]
+    return snap
+
+
+def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Experiment | None = None) -> Outcome:
+    """Run one experiment end to end. Bad input raises ConfigError before the run folder exists."""
+    exp = exp or prepare(cfg)
+    folder = new_run_dir(out, cfg.name)
+    write_atomic(folder / "config.yaml", to_yaml(cfg))
+    board = Board(str(folder), len(exp.model.weight_layers))
+    started = time.time()
+    bar = progress_factory(cfg.train.steps) if progress_factory else nullcontext(lambda step, stats: None)
+    try:
+        with bar as update:
+            result = train(exp, board, update)
+        final = {}
+        if result["status"] != "diverged":
+            n = min(len(exp.data.x_train), 10_000)
+            final["loss_train"], final["acc_train"] = evaluate(exp.model, exp.data.x_train[:n], exp.data.y_train[:n])
+            final["loss_eval"], final["acc_eval"] = evaluate(exp.model, exp.data.x_eval, exp.data.y_eval)
+        logged = result["logged"]
+        first = layer_snapshot(logged[0] if logged else None)
+        last = layer_snapshot(logged[-1] if logged else None)
+        diagnosis = diagnose(first, last, cfg.diagnosis, result["diverged"])
+        summary = {
+            "status": result["status"],
+            "name": cfg.name,
+            "steps": {"planned": cfg.train.steps, "done": result["steps_done"]},
+            "final": final,
+            "layers": {"names": [layer_tag("layer", i).split("/")[1] for i in range(len(exp.model.weight_layers))],
+                       "first": first, "last": last},
+            "diagnosis": diagnosis,
+            "versions": {"gradexp": __version__, "torch": torch.__version__, "python": platform.python_version()},
+            "device": str(exp.device),
+            "wall_time_s": round(time.time() - started, 3),
+        }
+        metrics = {f"final/{k}": v for k, v in final.items()}
+        ratio = diagnosis.get("ratio")
+        metrics["final/grad_ratio"] = ratio if ratio is not None else math.nan
+        metrics["final/log10_grad_ratio"] = math.log10(ratio) if ratio and ratio > 0 else math.nan
+        board.hparams({**flat(cfg), "status": result["status"], "verdict": diagnosis["verdict"]},
+                      metrics, result["steps_done"])
+        write_json(folder / "summary.json", summary)
+        if first is not None:
+            from .report import gradient_flow_figure  # matplotlib is imported only when drawing
+
+            gradient_flow_figure(folder / "gradient_flow.png", first, last, title=cfg.name)
+    finally:
+        board.close()
+    return Outcome(folder, result["status"], summary)
+
+
+__all__ = ["run", "prepare", "train", "evaluate", "Outcome", "Experiment", "grad_ratio"]
