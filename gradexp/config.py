@@ -80,6 +80,7 @@ class TrainConfig(_Section):
     eval_every: int = Field(100, ge=0)
     log_every: int = Field(10, ge=0, description="scalar probes every N steps; 0 turns them off")
     hist_every: int = Field(100, ge=0, description="histograms every N steps; 0 turns them off")
+    flush_denormal: bool = Field(True, description="CPU: flush float32 denormals to 0 (they are many times slower)")
 
 
 class DiagnosisConfig(_Section):

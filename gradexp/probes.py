@@ -25,8 +25,10 @@ GRAD_HIST = (-45.0, 5.0, 100)  # log10 |dLoss/dW|: float32's smallest denormal i
 ACT_HIST = (-5.0, 5.0, 100)  # activation values; outliers land in the edge bins
 
 
-def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(torch._foreach_norm(tensors))
+def _norms(tensors: list[torch.Tensor], tiny: bool = True) -> torch.Tensor:
+    """L2 norm of each tensor. `tiny`: accumulate in float64, since the squares of float32 gradients
+    around 1e-20 (a deep sigmoid net's first layers) underflow float32 and the norm would read 0."""
+    return torch.stack(torch._foreach_norm([t.double() for t in tensors] if tiny else tensors)).double()
 
 
 def _pad(values: torch.Tensor, n: int) -> torch.Tensor:
@@ -42,7 +44,7 @@ class Probes:
         self.weights = [layer.weight for layer in model.weight_layers]
         self.n = len(self.weights)
         self.initial = [w.detach().clone() for w in self.weights]
-        self.initial_norm = _norms(self.initial)
+        self.initial_norm = _norms(self.initial, tiny=False)
         self.act = ACTIVATIONS[activation]()
         self.max_slope = MAX_SLOPE[activation]
 
@@ -82,9 +84,9 @@ class Probes:
     def weights_after(self, before: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """After the optimizer step: weight norm, ||dW|| / ||W||, and ||W - W0|| / ||W0||."""
         now = [w.detach() for w in self.weights]
-        before_norm = _norms(before)
+        before_norm = _norms(before, tiny=False)
         return {
-            "weight_norm": _norms(now),
+            "weight_norm": _norms(now, tiny=False),
             "update_ratio": _norms(torch._foreach_sub(now, before)) / before_norm,
             "dist_from_init": _norms(torch._foreach_sub(now, self.initial)) / self.initial_norm,
         }
@@ -114,7 +116,7 @@ def bucket_limits(spec: tuple[float, float, int]) -> list[float]:
 def to_host(stats: dict[str, torch.Tensor]) -> dict[str, list]:
     """One device-to-host transfer for every statistic of a step."""
     keys = list(stats)
-    flat = torch.cat([stats[k].detach().float().flatten() for k in keys]).cpu().tolist()
+    flat = torch.cat([stats[k].detach().double().flatten() for k in keys]).cpu().tolist()
     out, i = {}, 0
     for k in keys:
         t = stats[k]

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .board import Board, layer_tag
+from .board import Board
 from .config import Config, ConfigError, flat, to_yaml
 from .data import Batches, Dataset, load_dataset
-from .diagnosis import diagnose, grad_ratio
+from .diagnosis import diagnose
 from .models import Net, build_model
 from .probes import Probes, to_host
 from .rundir import new_run_dir, write_atomic, write_json
@@ -197,52 +197,73 @@ def layer_snapshot(entry: dict | None) -> dict | None:
     return snap
 
 
+def summarize(cfg: Config, exp: Experiment, result: dict, wall_time: float) -> dict:
+    """summary.json: status, steps, final metrics, per-layer statistics (first/last logged step), diagnosis."""
+    final = {}
+    if result["status"] != "diverged":
+        n = min(len(exp.data.x_train), 10_000)
+        final["loss_train"], final["acc_train"] = evaluate(exp.model, exp.data.x_train[:n], exp.data.y_train[:n])
+        final["loss_eval"], final["acc_eval"] = evaluate(exp.model, exp.data.x_eval, exp.data.y_eval)
+    logged = result["logged"]
+    first = layer_snapshot(logged[0] if logged else None)
+    last = layer_snapshot(logged[-1] if logged else None)
+    n_layers = len(exp.model.weight_layers)
+    return {
+        "status": result["status"],
+        "name": cfg.name,
+        "steps": {"planned": cfg.train.steps, "done": result["steps_done"]},
+        "final": final,
+        "layers": {"names": [f"layer_{i:02d}" for i in range(n_layers)], "first": first, "last": last},
+        "diagnosis": diagnose(first, last, cfg.diagnosis, result["diverged"]),
+        "versions": {"gradexp": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "device": str(exp.device),
+        "wall_time_s": round(wall_time, 3),
+    }
+
+
+def hparam_metrics(summary: dict) -> dict[str, float]:
+    """The HParams dashboard's metrics (NaN where a run has none, e.g. after diverging)."""
+    metrics = {f"final/{k}": summary["final"].get(k, math.nan)
+               for k in ("loss_train", "acc_train", "loss_eval", "acc_eval")}
+    ratio = summary["diagnosis"].get("ratio")
+    metrics["final/grad_ratio"] = ratio if ratio is not None else math.nan
+    metrics["final/log10_grad_ratio"] = math.log10(ratio) if ratio and ratio > 0 else math.nan
+    return metrics
+
+
 def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Experiment | None = None) -> Outcome:
-    """Run one experiment end to end. Bad input raises ConfigError before the run folder exists."""
+    """Run one experiment end to end. Bad input raises ConfigError before the run folder exists.
+
+    A run that raises still leaves summary.json with status `failed` and the error, then re-raises.
+    """
     exp = exp or prepare(cfg)
     folder = new_run_dir(out, cfg.name)
     write_atomic(folder / "config.yaml", to_yaml(cfg))
     board = Board(str(folder), len(exp.model.weight_layers))
     started = time.time()
+    # Denormal floats (below ~1.2e-38: a deep sigmoid net's first-layer gradients) make x86 CPU
+    # arithmetic many times slower; flushing them to 0 is the default, restored afterwards.
+    flushed = exp.device.type == "cpu" and cfg.train.flush_denormal and torch.set_flush_denormal(True)
     bar = progress_factory(cfg.train.steps) if progress_factory else nullcontext(lambda step, stats: None)
     try:
         with bar as update:
             result = train(exp, board, update)
-        final = {}
-        if result["status"] != "diverged":
-            n = min(len(exp.data.x_train), 10_000)
-            final["loss_train"], final["acc_train"] = evaluate(exp.model, exp.data.x_train[:n], exp.data.y_train[:n])
-            final["loss_eval"], final["acc_eval"] = evaluate(exp.model, exp.data.x_eval, exp.data.y_eval)
-        logged = result["logged"]
-        first = layer_snapshot(logged[0] if logged else None)
-        last = layer_snapshot(logged[-1] if logged else None)
-        diagnosis = diagnose(first, last, cfg.diagnosis, result["diverged"])
-        summary = {
-            "status": result["status"],
-            "name": cfg.name,
-            "steps": {"planned": cfg.train.steps, "done": result["steps_done"]},
-            "final": final,
-            "layers": {"names": [layer_tag("layer", i).split("/")[1] for i in range(len(exp.model.weight_layers))],
-                       "first": first, "last": last},
-            "diagnosis": diagnosis,
-            "versions": {"gradexp": __version__, "torch": torch.__version__, "python": platform.python_version()},
-            "device": str(exp.device),
-            "wall_time_s": round(time.time() - started, 3),
-        }
-        metrics = {f"final/{k}": v for k, v in final.items()}
-        ratio = diagnosis.get("ratio")
-        metrics["final/grad_ratio"] = ratio if ratio is not None else math.nan
-        metrics["final/log10_grad_ratio"] = math.log10(ratio) if ratio and ratio > 0 else math.nan
-        board.hparams({**flat(cfg), "status": result["status"], "verdict": diagnosis["verdict"]},
-                      metrics, result["steps_done"])
+        summary = summarize(cfg, exp, result, time.time() - started)
+        board.hparams({**flat(cfg), "status": summary["status"], "verdict": summary["diagnosis"]["verdict"]},
+                      hparam_metrics(summary), result["steps_done"])
         write_json(folder / "summary.json", summary)
+        first, last = summary["layers"]["first"], summary["layers"]["last"]
         if first is not None:
             from .report import gradient_flow_figure  # matplotlib is imported only when drawing
 
             gradient_flow_figure(folder / "gradient_flow.png", first, last, title=cfg.name)
+    except Exception as e:
+        write_json(folder / "summary.json", {"status": "failed", "name": cfg.name, "error": f"{type(e).__name__}: {e}"})
+        raise
     finally:
         board.close()
-    return Outcome(folder, result["status"], summary)
+        if flushed:
+            torch.set_flush_denormal(False)
+    return Outcome(folder, summary["status"], summary)
 
 
-__all__ = ["run", "prepare", "train", "evaluate", "Outcome", "Experiment", "grad_ratio"]
