@@ -1,0 +1,75 @@
+"""Every registry entry builds, runs forward and backward, and every parameter gets a finite gradient."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gradexp.config import ACTIVATION_NAMES, INIT_NAMES, NORM_NAMES, ModelConfig
+from gradexp.layers import ACTIVATIONS, INITS, MAX_SLOPE, NORMS
+from gradexp.models import MODELS, build_model
+
+
+def test_registries_cover_the_config_contract():
+    assert set(ACTIVATIONS) == set(ACTIVATION_NAMES) == set(MAX_SLOPE)
+    assert set(NORMS) == set(NORM_NAMES)
+    assert set(INITS) == set(INIT_NAMES)
+
+
+@pytest.mark.parametrize("name", ACTIVATION_NAMES)
+def test_max_slope_is_the_largest_derivative(name):
+    x = torch.linspace(-8, 8, 160_001, dtype=torch.float64, requires_grad=True)
+    (d,) = torch.autograd.grad(ACTIVATIONS[name]()(x).sum(), x)
+    assert d.abs().max().item() == pytest.approx(MAX_SLOPE[name], rel=2e-3)
+
+
+SHAPES = {"mlp": (1, 8, 8), "cnn": (1, 8, 8)}
+
+
+@pytest.mark.parametrize("kind, activation, norm, residual",
+                         list(itertools.product(MODELS, ACTIVATION_NAMES, NORM_NAMES, (False, True))))
+def test_every_combination_trains_one_step(kind, activation, norm, residual):
+    torch.manual_seed(0)
+    cfg = ModelConfig(kind=kind, depth=3, width=6, activation=activation, norm=norm, residual=residual)
+    net = build_model(cfg, SHAPES[kind], 10)
+    x, y = torch.randn(5, *SHAPES[kind]), torch.randint(0, 10, (5,))
+    logits = net(x, record=True)
+    assert logits.shape == (5, 10)
+    assert len(net.weight_layers) == cfg.depth + 1 == len(net.records)
+    F.cross_entropy(logits, y).backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_mlp_input_width_and_residual_projection():
+    net = build_model(ModelConfig(depth=3, width=5, residual=True), (7,), 3)
+    first = net.blocks[0]
+    assert first.weight.in_features == 7 and isinstance(first.skip, torch.nn.Linear)
+    assert all(isinstance(b.skip, torch.nn.Identity) for b in net.blocks[1:])
+
+
+def test_cnn_is_conv_blocks_then_pool_and_head():
+    net = build_model(ModelConfig(kind="cnn", depth=2, width=4), (3, 32, 32), 10)
+    assert [type(m).__name__ for m in net.weight_layers] == ["Conv2d", "Conv2d", "Linear"]
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("init", INIT_NAMES)
+@pytest.mark.parametrize("gain", [1.0, 2.0])
+def test_init_scheme_and_gain_set_the_weight_std(init, gain):
+    torch.manual_seed(0)
+    n = 400
+    net = build_model(ModelConfig(depth=2, width=n, init=init, init_gain=gain, bias_init="zero",
+                                  activation="relu"), (n,), 10)
+    w = net.weight_layers[1].weight  # square n x n
+    expected = {  # std of each scheme for a square layer, times the gain
+        "default": 1 / math.sqrt(3 * n), "xavier_uniform": 1 / math.sqrt(n), "xavier_normal": 1 / math.sqrt(n),
+        "kaiming_uniform": math.sqrt(2 / n), "kaiming_normal": math.sqrt(2 / n), "orthogonal": 1 / math.sqrt(n),
+        "normal": 1 / math.sqrt(n),
+    }[init] * gain
+    assert w.std().item() == pytest.approx(expected, rel=0.02)
+    assert (net.weight_layers[1].bias == 0).all()

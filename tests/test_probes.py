@@ -1,0 +1,135 @@
+"""Probe values against a reference computation done another way: plain autograd on a hand-written
+forward pass, analytic derivatives, and the step the optimizer actually applied."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import CONFIGS
+from gradexp.config import load_config
+from gradexp.data import Batches
+from gradexp.layers import ACTIVATIONS
+from gradexp.models import build_model
+from gradexp.config import ModelConfig
+from gradexp.probes import Probes, to_host
+from gradexp.train import prepare, run
+
+
+def manual_forward(net, x, activation, residual):
+    """The MLP (no norm) written out by hand; returns logits and every weight layer's output z."""
+    act = ACTIVATIONS[activation]()
+    h, zs = x.flatten(1), []
+    for block in net.blocks:
+        z = F.linear(h, block.weight.weight, block.weight.bias)
+        zs.append(z)
+        out = act(z)
+        h = out + (block.skip(h) if residual else 0)
+    z = F.linear(h, net.head.weight, net.head.bias)
+    zs.append(z)
+    return z, zs
+
+
+@pytest.mark.parametrize("activation, residual", [("sigmoid", False), ("tanh", True), ("relu", False)])
+def test_gradient_probes_match_autograd(activation, residual):
+    torch.manual_seed(1)
+    net = build_model(ModelConfig(depth=5, width=16, activation=activation, residual=residual), (12,), 4)
+    ref = copy.deepcopy(net)
+    x, y = torch.randn(32, 12), torch.randint(0, 4, (32,))
+
+    # the probe path, as the training loop runs it
+    logits = net(x, record=True)
+    for r in net.records:
+        r.z.retain_grad()
+    F.cross_entropy(logits, y).backward()
+    stats = to_host(Probes(net, activation).gradients(net.records))
+
+    # the reference: autograd w.r.t. weights and z of a hand-written forward pass
+    ref_logits, zs = manual_forward(ref, x, activation, residual)
+    weights = [layer.weight for layer in ref.weight_layers]
+    grads = torch.autograd.grad(F.cross_entropy(ref_logits, y), weights + zs + [p for p in ref.parameters()])
+    n = len(weights)
+    w_grads, z_grads, all_grads = grads[:n], grads[n:2 * n], grads[2 * n:]
+    assert stats["grad_norm"] == pytest.approx([g.norm().item() for g in w_grads], rel=1e-5)
+    assert stats["act_grad_norm"] == pytest.approx([g.norm().item() for g in z_grads], rel=1e-5)
+    total = torch.sqrt(sum((g.double() ** 2).sum() for g in all_grads)).item()
+    assert stats["grad_norm_total"][0] == pytest.approx(total, rel=1e-5)
+
+    # activation statistics of each hidden layer, with the analytic derivative
+    hidden = zs[:-1]
+    hs = [ACTIVATIONS[activation]()(z) for z in hidden]
+    deriv = {"sigmoid": lambda z: torch.sigmoid(z) * (1 - torch.sigmoid(z)),
+             "tanh": lambda z: 1 - torch.tanh(z) ** 2,
+             "relu": lambda z: (z > 0).float()}[activation]
+    limit = 0.01 * {"sigmoid": 0.25, "tanh": 1.0, "relu": 1.0}[activation]
+    assert stats["act_mean"][:-1] == pytest.approx([h.mean().item() for h in hs], rel=1e-5, abs=1e-7)
+    assert stats["act_std"][:-1] == pytest.approx([h.std().item() for h in hs], rel=1e-5)
+    assert stats["act_deriv"][:-1] == pytest.approx([deriv(z).mean().item() for z in hidden], rel=1e-5)
+    assert stats["saturation"][:-1] == pytest.approx([(deriv(z) < limit).float().mean().item() for z in hidden])
+    assert all(v != v for v in (stats["act_mean"][-1], stats["saturation"][-1])), "output layer has no activation"
+
+
+def test_tiny_gradients_are_not_lost_to_float32_underflow():
+    # Per-element gradients of 1e-22: their squares underflow float32; the norms must not read 0.
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(depth=2, width=100), (10,), 3)
+    logits = net(torch.randn(4, 10), record=True)
+    for r in net.records:
+        r.z.retain_grad()
+    logits.sum().backward()
+    for layer in net.weight_layers:
+        layer.weight.grad.fill_(1e-22)
+    for r in net.records:
+        r.z.grad.fill_(1e-22)
+    stats = to_host(Probes(net, "sigmoid").gradients(net.records))
+    assert stats["grad_norm"] == pytest.approx([1e-22 * l.weight.numel() ** 0.5 for l in net.weight_layers], rel=1e-5)
+    assert stats["act_grad_norm"] == pytest.approx([1e-22 * r.z.numel() ** 0.5 for r in net.records], rel=1e-5)
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adam"])
+def test_update_ratio_is_the_step_actually_applied(optim):
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(depth=3, width=8), (5,), 3)
+    probes = Probes(net, "sigmoid")
+    opt = {"sgd": lambda p: torch.optim.SGD(p, lr=0.5), "adam": lambda p: torch.optim.Adam(p, lr=0.01)}[optim](
+        net.parameters())
+    F.cross_entropy(net(torch.randn(16, 5)), torch.randint(0, 3, (16,))).backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 0.1)
+    before = probes.snapshot()
+    expected_sgd = [0.5 * l.weight.grad.norm().item() / l.weight.norm().item() for l in net.weight_layers]
+    opt.step()
+    stats = to_host(probes.weights_after(before))
+    actual = [(l.weight - b).norm().item() / b.norm().item() for l, b in zip(net.weight_layers, before)]
+    assert stats["update_ratio"] == pytest.approx(actual, rel=1e-4)
+    if optim == "sgd":  # plain SGD's step is lr * (clipped) gradient
+        assert stats["update_ratio"] == pytest.approx(expected_sgd, rel=1e-4)
+    init = probes.initial
+    assert stats["dist_from_init"] == pytest.approx(
+        [(l.weight - w0).norm().item() / w0.norm().item() for l, w0 in zip(net.weight_layers, init)], rel=1e-4)
+    assert stats["weight_norm"] == pytest.approx([l.weight.norm().item() for l in net.weight_layers], rel=1e-5)
+
+
+def test_logged_step_zero_equals_autograd_on_the_first_batch(tmp_path):
+    """End to end: what `run` writes to summary.json at step 0 is plain autograd on the first batch."""
+    cfg = load_config(CONFIGS / "deep_sigmoid.yaml", ["model.depth=6", "train.steps=3", "train.log_every=1",
+                                                     "train.hist_every=0", "train.eval_every=0"])
+    exp = prepare(cfg)
+    ref = copy.deepcopy(exp.model)
+    x, y = Batches(exp.data.x_train, exp.data.y_train, cfg.data.batch_size, cfg.seed).next()
+    ref_logits, zs = manual_forward(ref, x, "sigmoid", False)
+    weights = [layer.weight for layer in ref.weight_layers]
+    grads = torch.autograd.grad(F.cross_entropy(ref_logits, y), weights + zs)
+    outcome = run(cfg, tmp_path, exp=exp)
+    first = outcome.summary["layers"]["first"]
+    assert first["step"] == 0
+    assert first["grad_norm"] == pytest.approx([g.norm().item() for g in grads[:len(weights)]], rel=1e-5)
+    assert first["act_grad_norm"] == pytest.approx([g.norm().item() for g in grads[len(weights):]], rel=1e-5)
+    # step 0's weight statistics are taken after plain SGD's first step W1 = W0 - lr g, as float32
+    # applies it (steps of ~1e-7 relative are rounded to float32's resolution, in the run and here)
+    lr = cfg.optim.lr
+    with torch.no_grad():
+        applied = [((w - lr * g) - w).norm().item() / w.norm().item() for g, w in zip(grads, weights)]
+    assert first["update_ratio"] == pytest.approx(applied, rel=1e-4)

@@ -1,0 +1,114 @@
+"""`gradexp run` end to end on tiny budgets: run folder, summary, diagnosis, outcomes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import yaml
+
+from conftest import CONFIGS, TINY, only_run, run_folders, summary_of
+from gradexp.config import load_config
+from gradexp.train import run
+
+
+def test_deep_sigmoid_shows_vanishing(cli, tmp_path):
+    result = cli("run", CONFIGS / "deep_sigmoid.yaml", *TINY, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    folder = only_run(tmp_path)
+    assert folder.parent.name == "deep_sigmoid"
+    assert {p.name for p in folder.iterdir()} >= {"config.yaml", "summary.json", "gradient_flow.png"}
+    assert any(p.name.startswith("events.out.tfevents") for p in folder.iterdir())
+    s = summary_of(folder)
+    assert s["status"] == "completed" and s["steps"] == {"planned": 12, "done": 12}
+    assert s["diagnosis"]["verdict"] == "vanishing" and s["diagnosis"]["ratio"] < 1e-3
+    assert s["layers"]["names"] == [f"layer_{i:02d}" for i in range(21)]
+    assert s["layers"]["first"]["step"] == 0 and s["layers"]["last"]["step"] == 11
+    assert set(s["final"]) == {"loss_train", "acc_train", "loss_eval", "acc_eval"}
+    assert s["versions"]["torch"] and s["device"] == "cpu" and s["wall_time_s"] > 0
+    # the terminal: the gradient-flow table with every layer, then the diagnosis
+    assert "gradient flow" in result.output and "layer_20*" in result.output
+    assert "diagnosis: vanishing" in result.output
+    # the resolved config is printed and saved, with the overrides applied
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    assert saved["train"]["steps"] == 12 and saved["model"]["depth"] == 20
+    assert "steps: 12" in result.output
+
+
+def test_relu_batchnorm_is_healthy(cli, tmp_path):
+    result = cli("run", CONFIGS / "deep_relu.yaml", "model.norm=batchnorm", *TINY, "--out", tmp_path, "--quiet")
+    assert result.exit_code == 0, result.output
+    s = summary_of(only_run(tmp_path))
+    assert s["diagnosis"]["verdict"] == "healthy", s["diagnosis"]["message"]
+
+
+def test_exploding_diverges_as_a_result_and_clipping_completes(cli, tmp_path):
+    result = cli("run", CONFIGS / "exploding.yaml", *TINY, "--out", tmp_path / "a", "--quiet")
+    assert result.exit_code == 0, result.output
+    s = summary_of(only_run(tmp_path / "a"))
+    assert s["status"] == "diverged" and s["diagnosis"]["verdict"] == "exploding"
+    assert s["diagnosis"]["diverged_step"] >= 0 and s["diagnosis"]["first_nonfinite_layer"] is not None
+    assert "non-finite at step" in result.output
+    assert s["layers"]["first"]["step"] == 0  # what was logged before diverging is kept
+
+    result = cli("run", CONFIGS / "exploding_clipped.yaml", *TINY, "--out", tmp_path / "b", "--quiet")
+    assert result.exit_code == 0
+    s = summary_of(only_run(tmp_path / "b"))
+    assert s["status"] == "completed"
+    assert s["diagnosis"]["verdict"] == "exploding"  # clipping bounds the step, not the flow's shape
+    assert all(math.isfinite(v) for v in s["final"].values())
+
+
+def test_quiet_prints_only_the_folder_and_the_diagnosis(cli, tmp_path):
+    result = cli("run", CONFIGS / "deep_relu.yaml", *TINY, "--out", tmp_path, "--quiet")
+    lines = [l for l in result.output.splitlines() if l.strip()]
+    assert len(lines) == 2, result.output
+    assert lines[0].startswith("run folder: ") and str(only_run(tmp_path).name) in lines[0]
+    assert lines[1].startswith("diagnosis: ")
+
+
+def test_runs_never_overwrite(cli, tmp_path):
+    for _ in range(2):
+        assert cli("run", CONFIGS / "deep_relu.yaml", *TINY, "model.depth=2", "--out", tmp_path, "-q").exit_code == 0
+    folders = run_folders(tmp_path)
+    assert len(folders) == 2 and all((f / "summary.json").exists() for f in folders)
+
+
+def test_ctrl_c_leaves_an_interrupted_run_with_its_files(tmp_path):
+    cfg = load_config(CONFIGS / "deep_relu.yaml", ["train.steps=50", "train.log_every=5", "model.depth=3"])
+    from contextlib import contextmanager
+
+    @contextmanager
+    def interrupt_at_step_20(total):
+        def update(step, stats):
+            if step == 20:
+                raise KeyboardInterrupt
+        yield update
+
+    outcome = run(cfg, tmp_path, progress_factory=interrupt_at_step_20)
+    assert outcome.status == "interrupted" and outcome.exit_code == 130
+    s = json.loads((outcome.folder / "summary.json").read_text())
+    assert s["status"] == "interrupted" and s["steps"]["done"] == 20
+    assert s["layers"]["last"]["step"] == 15
+    assert (outcome.folder / "gradient_flow.png").stat().st_size > 0
+
+
+def test_probes_off_still_runs(cli, tmp_path):
+    result = cli("run", CONFIGS / "deep_relu.yaml", *TINY, "train.log_every=0", "train.hist_every=0",
+                 "--out", tmp_path, "-q")
+    assert result.exit_code == 0
+    s = summary_of(only_run(tmp_path))
+    assert s["status"] == "completed" and s["diagnosis"]["verdict"] == "unknown"
+    assert not (only_run(tmp_path) / "gradient_flow.png").exists()
+
+
+def test_synthetic_datasets_and_python_m(tmp_path):
+    import subprocess
+    import sys
+
+    for data in ("gaussian", "spirals"):
+        cmd = [sys.executable, "-m", "gradexp", "run", str(CONFIGS / "deep_relu.yaml"), f"data.name={data}",
+               "model.depth=3", *TINY, "--out", str(tmp_path / data), "-q"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert summary_of(only_run(tmp_path / data))["status"] == "completed"
