@@ -1,0 +1,428 @@
+"""Mean-field signal propagation at initialisation for plain fully-connected networks.
+
+Poole et al. 2016, Schoenholz et al. 2017, Pennington et al. 2017 (see REFERENCES.md). For a plain
+MLP (no norm, no residual) with W^l ~ (0, sigma_w2 / fan_in) and b^l ~ (0, sigma_b2), in the limit of
+infinite width each pre-activation z^l_i is Gaussian with variance q^l:
+
+    z^0   = W^0 x + b^0                                   q^0     = sigma_w2 * mean(x^2) + sigma_b2
+    z^l   = W^l phi(z^(l-1)) + b^l                        q^(l+1) = sigma_w2 * E[phi(sqrt(q^l) u)^2] + sigma_b2
+    delta^l = dLoss/dz^l = phi'(z^l) * (W^(l+1))^T delta^(l+1)
+    E||delta^l||^2 = chi(q^l) * E||delta^(l+1)||^2,       chi(q)  = sigma_w2 * E[phi'(sqrt(q) u)^2]
+
+with u ~ N(0, 1). Layer indices are those of gradexp.models: hidden blocks 0..depth-1 counted from the
+input, then the output layer. Only second moments of the weights enter, so the theory is the same for
+Gaussian and uniform inits of equal variance; orthogonal weights match it in these second moments, but
+not in the spread of the input-output Jacobian's singular values (Pennington et al. 2017).
+
+Pure numpy: nothing here needs a network, so the predictions can be checked against one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+import numpy as np
+from numpy.polynomial.legendre import leggauss
+
+Fn = Callable[[np.ndarray], np.ndarray]
+
+LEAKY_SLOPE = 0.01  # nn.LeakyReLU's default negative slope, as layers.py builds it
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
+
+# ------------------------------------------------------------------------------------------ activations
+
+_erf = np.vectorize(math.erf, otypes=[float])  # numpy has no erf; a Python call per node is fast enough here
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    # The tanh form never overflows, unlike 1 / (1 + exp(-x)) at x < -709.
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _dsigmoid(x: np.ndarray) -> np.ndarray:
+    s = _sigmoid(x)
+    return s * (1.0 - s)
+
+
+def _normal_cdf(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + _erf(x / math.sqrt(2.0)))
+
+
+def _normal_pdf(x: np.ndarray) -> np.ndarray:
+    return np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+
+
+def _exp_neg(x: np.ndarray) -> np.ndarray:
+    # exp(x) for x <= 0, clipped so that the branch np.where discards cannot overflow.
+    return np.exp(np.minimum(x, 0.0))
+
+
+# name -> (phi, phi'), each elementwise on float arrays; the same functions as gradexp.layers.ACTIVATIONS
+# with PyTorch's default arguments (LeakyReLU slope 0.01, ELU alpha 1, exact erf GELU).
+ACTIVATION_FNS: dict[str, tuple[Fn, Fn]] = {
+    "sigmoid": (_sigmoid, _dsigmoid),
+    "tanh": (np.tanh, lambda x: 1.0 - np.tanh(x) ** 2),
+    "relu": (lambda x: np.maximum(x, 0.0), lambda x: (x > 0).astype(float)),
+    "leaky_relu": (
+        lambda x: np.where(x > 0, x, LEAKY_SLOPE * x),
+        lambda x: np.where(x > 0, 1.0, LEAKY_SLOPE),
+    ),
+    "elu": (
+        lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0.0))),
+        lambda x: np.where(x > 0, 1.0, _exp_neg(x)),
+    ),
+    "gelu": (
+        lambda x: x * _normal_cdf(x),
+        lambda x: _normal_cdf(x) + x * _normal_pdf(x),
+    ),
+    "selu": (
+        lambda x: SELU_SCALE * np.where(x > 0, x, SELU_ALPHA * np.expm1(np.minimum(x, 0.0))),
+        lambda x: SELU_SCALE * np.where(x > 0, 1.0, SELU_ALPHA * _exp_neg(x)),
+    ),
+    "softsign": (lambda x: x / (1.0 + np.abs(x)), lambda x: 1.0 / (1.0 + np.abs(x)) ** 2),
+    "identity": (lambda x: np.asarray(x, dtype=float), lambda x: np.ones_like(x, dtype=float)),
+}
+
+# Positively homogeneous activations: E[phi^2] = c2 q and E[phi'^2] = d2 exactly, so no quadrature.
+# relu: 1/2 of the mass is on each side; leaky relu adds slope^2 times the other half.
+_HOMOGENEOUS: dict[str, tuple[float, float]] = {
+    "relu": (0.5, 0.5),
+    "leaky_relu": ((1.0 + LEAKY_SLOPE**2) / 2, (1.0 + LEAKY_SLOPE**2) / 2),
+    "identity": (1.0, 1.0),
+}
+
+# ----------------------------------------------------------------------------------------- quadrature
+
+_HALF_LINE = 12.0  # in standard deviations: the Gaussian mass beyond is ~2e-33
+_PANELS = 18  # panel edges 0, 12 / 2^17, ..., 6, 12: the smallest panel is ~1e-4 wide
+_POINTS_PER_PANEL = 16
+
+
+@lru_cache(maxsize=1)
+def _half_line_rule() -> tuple[np.ndarray, np.ndarray]:
+    """Nodes u > 0 and weights w (each (288,)) with sum w g(u) = E[g(|u|) 1{u > 0}] for u ~ N(0, 1)."""
+    x, w = leggauss(_POINTS_PER_PANEL)
+    edges = np.concatenate([[0.0], _HALF_LINE * 2.0 ** -np.arange(_PANELS - 1, -1, -1)])
+    a, b = edges[:-1, None], edges[1:, None]  # (panels, 1)
+    u = (a + b) / 2 + (b - a) / 2 * x  # (panels, points)
+    weights = (b - a) / 2 * w * np.exp(-0.5 * u * u) / math.sqrt(2.0 * math.pi)
+    return u.ravel(), weights.ravel()
+
+
+def gaussian_expectation(f: Fn, q: float | np.ndarray) -> float | np.ndarray:
+    """E_{u ~ N(0,1)}[f(sqrt(q) u)] for a scalar q >= 0 or an array of them (one value per q).
+
+    Graded composite Gauss-Legendre on each half line, split at 0. Why not plain Gauss-Hermite
+    (hermegauss): it is exact for polynomials and fine at q ~ 1, but for tanh at q = 10 a 100-point
+    rule is 2% off E[phi'^2] (7.5% at q = 30 with 200 points), because phi'(sqrt(q) u) narrows to a
+    width 1/sqrt(q) in u that the Hermite nodes, ~0.2 apart near 0, do not resolve; and the kinks of
+    relu, elu, selu and softsign at 0 slow it to algebraic convergence. Splitting at 0 makes every
+    piece smooth, and panels halving in width towards 0 resolve features of any width down to 1e-4
+    (q up to ~1e6 at machine precision for tanh).
+    """
+    u, w = _half_line_rule()
+    s = np.sqrt(np.asarray(q, dtype=float))[..., None]  # (..., 1) against the (nodes,) rule
+    out = (f(s * u) + f(-s * u)) @ w
+    return float(out) if np.ndim(out) == 0 else out
+
+
+def second_moments(activation: str, q: float | np.ndarray) -> tuple[float | np.ndarray, float | np.ndarray]:
+    """(E[phi(z)^2], E[phi'(z)^2]) for z ~ N(0, q): closed forms for relu, leaky_relu, identity."""
+    if activation in _HOMOGENEOUS:
+        c2, d2 = _HOMOGENEOUS[activation]
+        q = np.asarray(q, dtype=float)
+        m2, d = c2 * q, np.full_like(q, d2)
+        return (float(m2), float(d)) if q.ndim == 0 else (m2, d)
+    phi, dphi = ACTIVATION_FNS[activation]
+    return gaussian_expectation(lambda x: phi(x) ** 2, q), gaussian_expectation(lambda x: dphi(x) ** 2, q)
+
+
+def length_map(activation: str, q: float | np.ndarray, sigma_w2: float, sigma_b2: float) -> float | np.ndarray:
+    """q^(l+1) = sigma_w2 * E[phi(sqrt(q^l) u)^2] + sigma_b2: the next layer's pre-activation variance."""
+    return sigma_w2 * second_moments(activation, q)[0] + sigma_b2
+
+
+def chi(activation: str, q: float | np.ndarray, sigma_w2: float) -> float | np.ndarray:
+    """sigma_w2 * E[phi'(sqrt(q) u)^2]: the factor E||delta^l||^2 / E||delta^(l+1)||^2 when q = q^l."""
+    return sigma_w2 * second_moments(activation, q)[1]
+
+
+# ---------------------------------------------------------------------------------------------- inits
+
+def _kaiming_variance(activation: str, fan_in: int, fan_out: int) -> float:
+    # layers.py uses the ReLU gain sqrt(2) for every activation but leaky_relu (slope 0.01).
+    return 2.0 / (1.0 + LEAKY_SLOPE**2) if activation == "leaky_relu" else 2.0
+
+
+def _orthogonal_variance(activation: str, fan_in: int, fan_out: int) -> float:
+    # Orthonormal rows (fan_out <= fan_in) have unit norm: Var = 1/fan_in. Orthonormal columns
+    # (fan_out > fan_in) spread fan_in units of squared norm over fan_out rows: Var = 1/fan_out.
+    return min(1.0, fan_in / fan_out)
+
+
+# init name -> fn(activation, fan_in, fan_out) -> fan_in * Var(W_ij) at gain 1 (the keys of layers.INITS).
+WEIGHT_VARIANCES: dict[str, Callable[[str, int, int], float]] = {
+    # nn.Linear's own init, kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    "default": lambda act, fan_in, fan_out: 1.0 / 3.0,
+    "xavier_uniform": lambda act, fan_in, fan_out: 2.0 * fan_in / (fan_in + fan_out),
+    "xavier_normal": lambda act, fan_in, fan_out: 2.0 * fan_in / (fan_in + fan_out),
+    "kaiming_uniform": _kaiming_variance,
+    "kaiming_normal": _kaiming_variance,
+    "orthogonal": _orthogonal_variance,
+    "normal": lambda act, fan_in, fan_out: 1.0,
+}
+
+# bias_init name -> fn(fan_in) -> Var(b_i). "default" keeps nn.Linear's U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+# whatever the weight scheme, and init_gain does not scale it.
+BIAS_VARIANCES: dict[str, Callable[[int], float]] = {
+    "default": lambda fan_in: 1.0 / (3.0 * fan_in),
+    "zero": lambda fan_in: 0.0,
+}
+
+
+def effective_variances(
+    init: str,
+    activation: str,
+    init_gain: float,
+    bias_init: str,
+    fan_in: int,
+    fan_out: int | None = None,
+) -> tuple[float, float]:
+    """(sigma_w2, sigma_b2) of one Linear layer as gradexp.layers.init_weight_layer leaves it.
+
+    Var(W_ij) = sigma_w2 / fan_in and Var(b_i) = sigma_b2. The scheme runs at gain 1 and the weights
+    are then multiplied by `init_gain`, so sigma_w2 carries init_gain^2; the bias is never rescaled.
+    `fan_out` defaults to `fan_in` (a square hidden layer), where default gives 1/3, xavier 1,
+    kaiming 2 (leaky_relu 2 / (1 + 0.01^2)), orthogonal and normal 1, each times init_gain^2.
+    For "orthogonal" this is the second moment only; see the module docstring.
+    """
+    fan_out = fan_in if fan_out is None else fan_out
+    sigma_w2 = WEIGHT_VARIANCES[init](activation, fan_in, fan_out) * init_gain**2
+    return sigma_w2, BIAS_VARIANCES[bias_init](fan_in)
+
+
+# ------------------------------------------------------------------------------------- fixed points
+
+def fixed_point(
+    activation: str,
+    sigma_w2: float,
+    sigma_b2: float,
+    q0: float = 1.0,
+    tol: float = 1e-12,
+    max_iter: int = 2000,
+) -> float:
+    """q* reached by iterating the length map from q0; inf when q grows without bound.
+
+    Iteration (rather than root finding) picks the fixed point a deep network actually approaches
+    from q0. Where the map is marginal (tanh at sigma_w2 = 1, sigma_b2 = 0: q ~ 1 / (2 l)), the
+    result after max_iter steps is small but not 0.
+    """
+    q = float(q0)
+    for _ in range(max_iter):
+        nxt = float(length_map(activation, q, sigma_w2, sigma_b2))
+        if not math.isfinite(nxt) or nxt > 1e12:
+            return math.inf
+        if nxt < 1e-30:  # converging to the zero fixed point; stop before denormals slow every step
+            return 0.0
+        if abs(nxt - q) <= tol * max(q, 1e-300):
+            return nxt
+        q = nxt
+    return q
+
+
+def chi_1(activation: str, sigma_w2: float, sigma_b2: float, q0: float = 1.0) -> float:
+    """chi at the fixed point reached from q0, chi(q*). Where q* is infinite (relu with sigma_w2 > 2,
+    say) this is the limit of chi as q grows, evaluated at a large q (exact for relu, leaky_relu,
+    identity)."""
+    return _chi_at_fixed_point(activation, fixed_point(activation, sigma_w2, sigma_b2, q0), sigma_w2)
+
+
+def _chi_at_fixed_point(activation: str, q_star: float, sigma_w2: float) -> float:
+    return float(chi(activation, 1e12 if math.isinf(q_star) else q_star, sigma_w2))
+
+
+def depth_scale(chi1: float) -> float:
+    """xi = -1 / ln(chi_1): ||delta||^2 changes by a factor e every |xi| layers.
+
+    Positive when gradients vanish towards the input (chi_1 < 1), negative when they explode
+    (chi_1 > 1), inf at the critical chi_1 = 1, and 0 for chi_1 = 0.
+    """
+    if chi1 <= 0.0:
+        return 0.0
+    if chi1 == 1.0:
+        return math.inf
+    return -1.0 / math.log(chi1)
+
+
+def critical_sigma_w2(
+    activation: str,
+    sigma_b2: float,
+    sigma_w2_max: float = 64.0,
+    q0: float = 1.0,
+) -> float | None:
+    """The smallest sigma_w2 <= sigma_w2_max with chi_1 = 1 (the order/chaos boundary), or None.
+
+    relu gives 2, leaky_relu 2 / (1 + 0.01^2) and identity 1, whatever sigma_b2 (chi does not depend
+    on q for them); tanh gives 1 at sigma_b2 = 0, 1.76 at 0.05, 1.99 at 0.1. sigmoid gives None: its
+    slope is at most 1/4, so chi_1 = 1 needs sigma_w2 >= 16, where q* is large and phi' mostly
+    saturated; chi_1 only climbs back to 1 near sigma_w2 ~ 100 (raise sigma_w2_max to see it), not a
+    useful init. None also where chi_1 jumps across 1 without taking the value: for gelu, q* jumps
+    to infinity near sigma_w2 = 2.3 (chi_1 ~ 0.6-0.7 below, sigma_w2 / 2 > 1.15 above); at
+    sigma_b2 = 0 its only fixed points are 0 (chi_1 = sigma_w2 / 4) and infinity.
+
+    Scanning sigma_w2 would need a converged fixed point at each step, and convergence is very slow
+    near the boundary when sigma_b2 = 0 (q ~ 1 / (2 l) for tanh). Instead, parametrise the boundary
+    by q: chi(q) = 1 gives sigma_w2 = 1 / E[phi'^2](q), and q being a fixed point then reads
+    h(q) = E[phi^2](q) / E[phi'^2](q) + sigma_b2 - q = 0. Each root q_c of h (and q_c -> 0 when
+    sigma_b2 = 0 and phi(0) = 0, where the zero fixed point loses stability) gives a candidate; it
+    counts when iterating the length map from q0 actually reaches q_c.
+    """
+    if activation in _HOMOGENEOUS:
+        critical = 1.0 / _HOMOGENEOUS[activation][1]
+        return critical if critical <= sigma_w2_max else None
+    phi = ACTIVATION_FNS[activation][0]
+
+    def h(q: float | np.ndarray) -> float | np.ndarray:
+        m2, d2 = second_moments(activation, q)
+        return m2 / d2 + sigma_b2 - q
+
+    roots: list[float] = []
+    if sigma_b2 == 0.0 and float(phi(np.zeros(1))[0]) == 0.0:
+        roots.append(0.0)
+    grid = np.geomspace(1e-6, 1e8, 1401)  # 100 points a decade; h is smooth in log q
+    values = h(grid)
+    for i in np.flatnonzero(np.sign(values[:-1]) * np.sign(values[1:]) < 0):
+        lo, hi, h_lo = float(grid[i]), float(grid[i + 1]), float(values[i])
+        for _ in range(60):  # bisection to machine precision on a bracket 2.3% wide
+            mid = 0.5 * (lo + hi)
+            h_mid = float(h(mid))
+            if np.sign(h_mid) == np.sign(h_lo):
+                lo, h_lo = mid, h_mid
+            else:
+                hi = mid
+        roots.append(0.5 * (lo + hi))
+
+    # q_c = 0 stands for the limit q -> 0+: at q = 0 itself the quadrature would see phi'(0) from one
+    # side only, and selu's slope jumps there.
+    candidates = sorted((1.0 / float(second_moments(activation, max(q_c, 1e-24))[1]), q_c) for q_c in roots)
+    for sigma_w2, q_c in candidates:
+        if sigma_w2 > sigma_w2_max:
+            break
+        reached = fixed_point(activation, sigma_w2, sigma_b2, q0)
+        # At q_c = 0 the approach is algebraic (~1 / (2 l)), so allow a loose absolute tolerance.
+        if abs(reached - q_c) <= max(1e-6 * q_c, 1e-2 if q_c == 0.0 else 1e-9):
+            return sigma_w2
+    return None
+
+
+# ------------------------------------------------------------------------------------- predictions
+
+@dataclass
+class Prediction:
+    """Mean-field predictions for one plain MLP; lists have one entry per hidden layer 0..depth-1.
+
+    q[l]: Var(z^l_i), the variance of layer l's pre-activations (z^l = weight layer l's output).
+    chi[l]: sigma_w2 * E[phi'(z^l)^2] = E||delta^l||^2 / E||delta^(l+1)||^2 with delta^l = dLoss/dz^l.
+        It uses q[l] (layer l's own pre-activation) and the sigma_w2 of the hidden weights W^(l+1);
+        chi[depth-1] is that of a further hidden layer and enters no ratio (the output layer's
+        weights have another shape, and every ratio is taken against the last hidden layer).
+    log10_delta_ratio[l]: log10(||delta^l|| / ||delta^(depth-1)||) = 1/2 sum_{k=l}^{depth-2} log10 chi[k]
+        (the square root of the ratio of expected squared norms; the width cancels in each factor
+        because fan_in = width for every hidden layer). The last entry is 0.
+    sigma_w2, sigma_b2: of the hidden layers 1..depth-1; sigma_w2_in, sigma_b2_in: of layer 0,
+        whose fan_in is the input size.
+    q_star, chi_1, depth_scale: at the fixed point of the hidden layers' length map.
+    caveats: why the numbers may be less exact for this configuration.
+    """
+
+    q: list[float]
+    chi: list[float]
+    log10_delta_ratio: list[float]
+    sigma_w2: float
+    sigma_b2: float
+    sigma_w2_in: float
+    sigma_b2_in: float
+    q_star: float
+    chi_1: float
+    depth_scale: float
+    caveats: list[str]
+
+
+def predict(
+    activation: str,
+    init: str,
+    init_gain: float,
+    bias_init: str,
+    depth: int,
+    width: int,
+    in_dim: int,
+    input_second_moment: float = 1.0,
+) -> Prediction:
+    """Predict q^l, chi and ||delta^l|| / ||delta^(depth-1)|| for gradexp's plain MLP at init.
+
+    The arguments are ModelConfig's fields; in_dim is the flattened input size and
+    input_second_moment is mean(x^2) over the input's entries (1 for standardised inputs).
+
+    delta^l = phi'(z^l) * (W^(l+1))^T delta^(l+1), so with W^(l+1) independent of delta^(l+1)
+    (the mean-field gradient independence assumption) E||delta^l||^2 = width * E[phi'(z^l)^2] *
+    width * Var(W^(l+1)) * E[delta^(l+1)_j^2] = sigma_w2 * E[phi'(z^l)^2] * E||delta^(l+1)||^2:
+    the factor between layers l+1 and l is chi(q^l), evaluated at layer l's pre-activation.
+    """
+    if depth < 1:
+        raise ValueError("depth must be at least 1")
+    sigma_w2_in, sigma_b2_in = effective_variances(init, activation, init_gain, bias_init, in_dim, width)
+    sigma_w2, sigma_b2 = effective_variances(init, activation, init_gain, bias_init, width, width)
+
+    q = [sigma_w2_in * input_second_moment + sigma_b2_in]
+    for _ in range(depth - 1):
+        q.append(float(length_map(activation, q[-1], sigma_w2, sigma_b2)))
+    chis = [float(c) for c in np.atleast_1d(chi(activation, np.array(q), sigma_w2))]
+
+    # Accumulate from the last hidden layer down: ratio[l] = ratio[l+1] + 1/2 log10 chi[l].
+    with np.errstate(divide="ignore"):
+        half_logs = 0.5 * np.log10(np.array(chis[:-1]))
+    ratio = np.concatenate([np.cumsum(half_logs[::-1])[::-1], [0.0]])
+
+    q_star = fixed_point(activation, sigma_w2, sigma_b2, q0=q[0])
+    chi1 = _chi_at_fixed_point(activation, q_star, sigma_w2)
+    caveats = []
+    if init == "orthogonal":
+        caveats.append(
+            "orthogonal init: only the weights' second moments enter; the mean norms hold, but the "
+            "layer-to-layer spread of gradient norms is smaller than for Gaussian weights"
+        )
+    if math.isinf(q_star):
+        caveats.append("q grows without bound with depth: the activations explode")
+    return Prediction(
+        q=q,
+        chi=chis,
+        log10_delta_ratio=[float(r) for r in ratio],
+        sigma_w2=sigma_w2,
+        sigma_b2=sigma_b2,
+        sigma_w2_in=sigma_w2_in,
+        sigma_b2_in=sigma_b2_in,
+        q_star=q_star,
+        chi_1=chi1,
+        depth_scale=depth_scale(chi1),
+        caveats=caveats,
+    )
+
+
+def applies(norm: str, residual: bool, kind: str) -> tuple[bool, str]:
+    """Whether this theory describes the model; when it does not, the reason, for the user."""
+    reasons = []
+    if kind != "mlp":
+        reasons.append(f"model.kind={kind}: the theory is for fully-connected layers, not convolutions")
+    if norm != "none":
+        reasons.append(
+            f"model.norm={norm}: normalisation resets each layer's pre-activation scale, which the length map does not"
+        )
+    if residual:
+        reasons.append("model.residual=true: skip connections add the input's signal and gradient to every layer's")
+    if reasons:
+        return False, "; ".join(reasons)
+    return True, "plain MLP: mean-field theory applies (exact as the width grows)"
