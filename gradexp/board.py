@@ -8,13 +8,17 @@ padded), `grad_norm/total`, `loss/train`, `loss/eval`, `acc/train`, `acc/eval`, 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
+from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboard.plugins.hparams.api_pb2 import Status
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 from .probes import ACT_HIST, GRAD_HIST, LAYER_PROBES, bucket_limits
+
+HIDDEN_ONLY = ("act_mean", "act_std", "act_deriv", "saturation")  # the output layer has no activation
 
 # The HParams dashboard's metrics, as scalar tags written at the end of the run.
 FINAL_METRICS = ("final/loss_train", "final/acc_train", "final/loss_eval", "final/acc_eval",
@@ -48,12 +52,13 @@ class Board:
             self.writer.add_scalar(tag, v, step)
 
     def layers(self, step: int, stats: dict[str, list[float]]) -> None:
-        for probe in LAYER_PROBES:
-            for i, v in enumerate(stats.get(probe, [])):
-                if not math.isnan(v) or probe not in ("act_mean", "act_std", "act_deriv", "saturation"):
-                    self.writer.add_scalar(layer_tag(probe, i), v, step)
+        """Every per-layer value of a step as one event (one add_scalar each would cost ~200 events)."""
+        values = [Summary.Value(tag=layer_tag(probe, i), simple_value=v)
+                  for probe in LAYER_PROBES for i, v in enumerate(stats.get(probe, []))
+                  if not (probe in HIDDEN_ONLY and i == self.n_layers - 1)]
         if "grad_norm_total" in stats:
-            self.writer.add_scalar("grad_norm/total", stats["grad_norm_total"][0], step)
+            values.append(Summary.Value(tag="grad_norm/total", simple_value=stats["grad_norm_total"][0]))
+        self.writer.file_writer.add_summary(Summary(value=values), step)
 
     def histograms(self, step: int, rows: dict[str, list[list[float]]]) -> None:
         for name, spec in (("grad_log10", GRAD_HIST), ("act", ACT_HIST)):
@@ -66,10 +71,18 @@ class Board:
                     f"hist/{name}/layer_{i:02d}", lo, hi, num, total, total_sq, limits, counts, global_step=step
                 )
 
-    def hparams(self, params: dict[str, Any], metrics: dict[str, float], step: int) -> None:
-        """Write the HParams session into this run's own event file (not a sub-run, unlike add_hparams)."""
-        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in params.items()}
-        for summary in hparams(clean, metrics):
+    def hparams(self, params: dict[str, Any], metrics: dict[str, float], step: int, status: str) -> None:
+        """Write the HParams session into this run's own event file (not a sub-run, unlike add_hparams).
+
+        Values: numbers stay numbers, booleans become "true"/"false" (torch would write 1.0/0.0), None
+        is left out. A run that did not complete ends its session with STATUS_FAILURE (torch's
+        hparams() always writes success)."""
+        clean = {k: (str(v).lower() if isinstance(v, bool) else v if isinstance(v, (int, float, str)) else str(v))
+                 for k, v in params.items() if v is not None}
+        experiment, start, end = hparams(clean, metrics)
+        if status != "completed":
+            end = _session_end(Status.Value("STATUS_FAILURE"))
+        for summary in (experiment, start, end):
             self.writer.file_writer.add_summary(summary)
         for tag, v in metrics.items():
             self.writer.add_scalar(tag, v, step)
@@ -77,3 +90,10 @@ class Board:
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()
+
+
+def _session_end(status: int) -> Summary:
+    content = HParamsPluginData(session_end_info=SessionEndInfo(status=status), version=0)
+    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="hparams",
+                                                                  content=content.SerializeToString()))
+    return Summary(value=[Summary.Value(tag="_hparams_/session_end_info", metadata=meta)])

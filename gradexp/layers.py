@@ -24,6 +24,8 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "identity": nn.Identity,
 }
 
+_SELU_ALPHA, _SELU_SCALE = 1.6732632423543772, 1.0507009873554805
+
 # The largest |phi'(x)| over all x: a unit whose |phi'| is below 1% of it counts as saturated (or dead).
 # sigmoid 1/4 at 0; gelu 1.129 at x ~ 0.75; selu scale*alpha just left of 0; the rest 1.
 MAX_SLOPE: dict[str, float] = {
@@ -33,9 +35,29 @@ MAX_SLOPE: dict[str, float] = {
     "leaky_relu": 1.0,
     "elu": 1.0,
     "gelu": 1.1289,
-    "selu": 1.0507009873554805 * 1.6732632423543772,
+    "selu": _SELU_SCALE * _SELU_ALPHA,
     "softsign": 1.0,
     "identity": 1.0,
+}
+
+
+def _gelu_derivative(a: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    # d/da [a * Phi(a)] = Phi(a) + a * phi(a), with the exact (erf) GELU that nn.GELU uses
+    return 0.5 * (1 + torch.erf(a * 0.7071067811865476)) + a * torch.exp(-0.5 * a * a) * 0.3989422804014327
+
+
+# name -> phi'(a), given the activation's input a and its output h = phi(a) (cheaper than autograd;
+# the tests check each one against autograd through the module).
+DERIVATIVES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "sigmoid": lambda a, h: h * (1 - h),
+    "tanh": lambda a, h: 1 - h * h,
+    "relu": lambda a, h: (a > 0).to(a.dtype),
+    "leaky_relu": lambda a, h: (a > 0).to(a.dtype) * 0.99 + 0.01,
+    "elu": lambda a, h: torch.where(a > 0, 1.0, h + 1),
+    "gelu": _gelu_derivative,
+    "selu": lambda a, h: torch.where(a > 0, _SELU_SCALE, h + _SELU_SCALE * _SELU_ALPHA),
+    "softsign": lambda a, h: 1 / (1 + a.abs()) ** 2,
+    "identity": lambda a, h: torch.ones_like(a),
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .layers import ACTIVATIONS, MAX_SLOPE
+from .layers import DERIVATIVES, MAX_SLOPE
 from .models import Net, Record
 
 SATURATION_FRACTION = 0.01  # |phi'(a)| below 1% of phi's largest slope counts as saturated / dead
@@ -25,10 +25,15 @@ GRAD_HIST = (-45.0, 5.0, 100)  # log10 |dLoss/dW|: float32's smallest denormal i
 ACT_HIST = (-5.0, 5.0, 100)  # activation values; outliers land in the edge bins
 
 
-def _norms(tensors: list[torch.Tensor], tiny: bool = True) -> torch.Tensor:
-    """L2 norm of each tensor. `tiny`: accumulate in float64, since the squares of float32 gradients
-    around 1e-20 (a deep sigmoid net's first layers) underflow float32 and the norm would read 0."""
-    return torch.stack(torch._foreach_norm([t.double() for t in tensors] if tiny else tensors)).double()
+def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of each tensor, accumulated in float64: the squares of float32 gradients around 1e-20
+    (a deep sigmoid net's first layers) underflow float32, and the norm would read 0."""
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))
+
+
+def _per_layer(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """(layers, batch * units): one reduction kernel serves every hidden layer (they share a shape)."""
+    return torch.stack(tensors).flatten(1)
 
 
 def _pad(values: torch.Tensor, n: int) -> torch.Tensor:
@@ -44,37 +49,29 @@ class Probes:
         self.weights = [layer.weight for layer in model.weight_layers]
         self.n = len(self.weights)
         self.initial = [w.detach().clone() for w in self.weights]
-        self.initial_norm = _norms(self.initial, tiny=False)
-        self.act = ACTIVATIONS[activation]()
+        self.initial_norm = _norms(self.initial)
+        self.derivative = DERIVATIVES[activation]
         self.max_slope = MAX_SLOPE[activation]
-
-    def derivative(self, a: torch.Tensor) -> torch.Tensor:
-        """phi'(a) elementwise, by autograd through the activation module itself."""
-        with torch.enable_grad():
-            a = a.detach().requires_grad_(True)
-            (d,) = torch.autograd.grad(self.act(a).sum(), a)
-        return d
 
     def gradients(self, records: list[Record]) -> dict[str, torch.Tensor]:
         """After backward, before clipping: gradient and activation statistics, one value per layer."""
         grads = [w.grad for w in self.weights]
         all_grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         hidden = records[:-1]
-        hs = [r.h.detach() for r in hidden]
-        derivs = [self.derivative(r.a) for r in hidden]
+        a = _per_layer([r.a.detach() for r in hidden])  # (hidden layers, batch * units)
+        h = _per_layer([r.h.detach() for r in hidden])
+        d = self.derivative(a, h)
         stats = {
             "grad_norm": _norms(grads),
             "grad_norm_total": torch.linalg.vector_norm(_norms(all_grads)).reshape(1),
             "act_grad_norm": _norms([r.z.grad for r in records]),
+            "act_mean": h.mean(1),
+            "act_std": h.std(1) if h.shape[1] > 1 else torch.zeros_like(h[:, 0]),
+            "act_deriv": d.mean(1),
+            "saturation": (d.abs() < SATURATION_FRACTION * self.max_slope).float().mean(1),
         }
-        if hidden:
-            stats["act_mean"] = torch.stack([h.mean() for h in hs])
-            stats["act_std"] = torch.stack([h.std() if h.numel() > 1 else h.new_zeros(()) for h in hs])
-            stats["act_deriv"] = torch.stack([d.mean() for d in derivs])
-            limit = SATURATION_FRACTION * self.max_slope
-            stats["saturation"] = torch.stack([(d.abs() < limit).float().mean() for d in derivs])
         for k in ("act_mean", "act_std", "act_deriv", "saturation"):
-            stats[k] = _pad(stats.get(k, grads[0].new_empty(0)), self.n)
+            stats[k] = _pad(stats[k], self.n)
         return stats
 
     def snapshot(self) -> list[torch.Tensor]:
@@ -84,9 +81,9 @@ class Probes:
     def weights_after(self, before: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """After the optimizer step: weight norm, ||dW|| / ||W||, and ||W - W0|| / ||W0||."""
         now = [w.detach() for w in self.weights]
-        before_norm = _norms(before, tiny=False)
+        before_norm = _norms(before)
         return {
-            "weight_norm": _norms(now, tiny=False),
+            "weight_norm": _norms(now),
             "update_ratio": _norms(torch._foreach_sub(now, before)) / before_norm,
             "dist_from_init": _norms(torch._foreach_sub(now, self.initial)) / self.initial_norm,
         }

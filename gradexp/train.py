@@ -250,7 +250,7 @@ def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Exper
             result = train(exp, board, update)
         summary = summarize(cfg, exp, result, time.time() - started)
         board.hparams({**flat(cfg), "status": summary["status"], "verdict": summary["diagnosis"]["verdict"]},
-                      hparam_metrics(summary), result["steps_done"])
+                      hparam_metrics(summary), max(result["steps_done"] - 1, 0), summary["status"])
         write_json(folder / "summary.json", summary)
         first, last = summary["layers"]["first"], summary["layers"]["last"]
         if first is not None:

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from gradexp.config import ACTIVATION_NAMES, INIT_NAMES, NORM_NAMES, ModelConfig
-from gradexp.layers import ACTIVATIONS, INITS, MAX_SLOPE, NORMS
+from gradexp.layers import ACTIVATIONS, DERIVATIVES, INITS, MAX_SLOPE, NORMS
 from gradexp.models import MODELS, build_model
 
 
 def test_registries_cover_the_config_contract():
-    assert set(ACTIVATIONS) == set(ACTIVATION_NAMES) == set(MAX_SLOPE)
+    assert set(ACTIVATIONS) == set(ACTIVATION_NAMES) == set(MAX_SLOPE) == set(DERIVATIVES)
     assert set(NORMS) == set(NORM_NAMES)
     assert set(INITS) == set(INIT_NAMES)
 
@@ -25,6 +25,16 @@ def test_max_slope_is_the_largest_derivative(name):
     x = torch.linspace(-8, 8, 160_001, dtype=torch.float64, requires_grad=True)
     (d,) = torch.autograd.grad(ACTIVATIONS[name]()(x).sum(), x)
     assert d.abs().max().item() == pytest.approx(MAX_SLOPE[name], rel=2e-3)
+
+
+@pytest.mark.parametrize("name", ACTIVATION_NAMES)
+def test_closed_form_derivative_matches_autograd(name):
+    a = torch.linspace(-6, 6, 2001, dtype=torch.float64, requires_grad=True)
+    h = ACTIVATIONS[name]()(a)
+    (expected,) = torch.autograd.grad(h.sum(), a)
+    got = DERIVATIVES[name](a.detach(), h.detach())
+    nonzero = a.detach() != 0  # the kinked ones (relu, leaky_relu, elu, selu) differ at exactly 0 by convention
+    torch.testing.assert_close(got[nonzero], expected[nonzero], rtol=1e-9, atol=1e-12)
 
 
 SHAPES = {"mlp": (1, 8, 8), "cnn": (1, 8, 8)}

@@ -1,0 +1,416 @@
+"""End to end: what `gradexp run` writes to TensorBoard, read back by TensorBoard itself.
+
+Two layers of checks, both on real runs of the CLI with a tiny budget:
+- the event file, read with TensorBoard's own readers (EventAccumulator, EventFileLoader);
+- a real `tensorboard` server on 127.0.0.1, queried over its HTTP API (runs, scalar tags,
+  custom-scalars layout and regex queries, the HParams experiment and session groups).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.plugins.hparams import api_pb2, metadata as hparams_metadata
+from typer.testing import CliRunner
+
+from gradexp.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "deep_sigmoid.yaml"
+RUN_NAME = "deep_sigmoid"  # `name:` in that config: runs land in <out>/deep_sigmoid/<stamp>/
+
+# The budget: 12 steps; probes at 0, 5, 10 and the last step (11); histograms at 0, 10, 11.
+DEPTH, STEPS, LOG_EVERY, HIST_EVERY, EVAL_EVERY = 4, 12, 5, 10, 5
+N_LAYERS = DEPTH + 1  # hidden layers + the output layer
+LOG_STEPS = [0, 5, 10, 11]
+HIST_STEPS = [0, 10, 11]
+OTHER_DEPTH = 3  # a second run in the same --out folder, for the HParams comparison
+
+# digits: 8x8 = 64 inputs, 10 classes; the config's width is 64 and its batch size 128.
+IN_FEATURES, WIDTH, CLASSES, BATCH = 64, 64, 10, 128
+
+EVERY_LAYER_PROBES = ("grad_norm", "act_grad_norm", "weight_norm", "update_ratio", "dist_from_init")
+HIDDEN_ONLY_PROBES = ("act_mean", "act_std", "act_deriv", "saturation")
+TRAINING_TAGS = ("loss/train", "acc/train", "lr")
+EVAL_TAGS = ("loss/eval", "acc/eval")
+FINAL_METRICS = ("final/loss_train", "final/acc_train", "final/loss_eval", "final/acc_eval",
+                 "final/grad_ratio", "final/log10_grad_ratio")
+HPARAMS_TAGS = {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"}
+
+SERVER_START_TIMEOUT_S = 40.0
+HTTP_TIMEOUT_S = 10.0
+
+
+def layer(i: int) -> str:
+    return f"layer_{i:02d}"
+
+
+def expected_scalar_tags(depth: int = DEPTH) -> set[str]:
+    tags = {f"{p}/{layer(i)}" for p in EVERY_LAYER_PROBES for i in range(depth + 1)}
+    tags |= {f"{p}/{layer(i)}" for p in HIDDEN_ONLY_PROBES for i in range(depth)}
+    return tags | {"grad_norm/total", *TRAINING_TAGS, *EVAL_TAGS, *FINAL_METRICS}
+
+
+def close(a: float, b: float, rel: float = 1e-5) -> bool:
+    return math.isclose(a, b, rel_tol=rel, abs_tol=0.0)
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+def gradexp_run(out: Path, *overrides: str) -> Path:
+    """`gradexp run configs/deep_sigmoid.yaml --out OUT --quiet ...` in process; returns the new run folder."""
+    before = set((out / RUN_NAME).glob("*")) if (out / RUN_NAME).exists() else set()
+    args = ["run", str(CONFIG), "--out", str(out), "--quiet", f"train.steps={STEPS}",
+            f"train.log_every={LOG_EVERY}", f"train.hist_every={HIST_EVERY}",
+            f"train.eval_every={EVAL_EVERY}", *overrides]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    new = set((out / RUN_NAME).glob("*")) - before
+    assert len(new) == 1, f"expected one new run folder, got {sorted(new)}"
+    return new.pop()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Two runs in one --out folder: the main one (depth 4) and one with depth 3."""
+    out = tmp_path_factory.mktemp("out")
+    main = gradexp_run(out, f"model.depth={DEPTH}")
+    other = gradexp_run(out, f"model.depth={OTHER_DEPTH}")
+    return {"out": out, "main": main, "other": other}
+
+
+@pytest.fixture(scope="module")
+def accumulator(runs) -> event_accumulator.EventAccumulator:
+    acc = event_accumulator.EventAccumulator(
+        str(runs["main"]),
+        size_guidance={event_accumulator.SCALARS: 0, event_accumulator.HISTOGRAMS: 0,
+                       event_accumulator.TENSORS: 0},
+    )
+    acc.Reload()
+    return acc
+
+
+def summary_of(folder: Path) -> dict:
+    return json.loads((folder / "summary.json").read_text())
+
+
+# ------------------------------------------------------------------------- the event file itself
+
+def test_run_folder_holds_one_event_file_and_no_sub_runs(runs):
+    folder = runs["main"]
+    events = sorted(folder.glob("events.out.tfevents.*"))
+    assert len(events) == 1, events
+    assert events[0].stat().st_size > 0
+    # add_hparams() would have made a sub-folder (a second run in TensorBoard); gradexp must not.
+    assert [p for p in folder.iterdir() if p.is_dir()] == []
+
+
+def test_scalar_tags_cover_every_layer(accumulator):
+    tags = set(accumulator.Tags()[event_accumulator.SCALARS])
+    missing = expected_scalar_tags() - tags
+    assert not missing, f"missing scalar tags: {sorted(missing)}"
+    # Per-layer tags: two-digit index, only existing layers, activation probes for hidden layers only.
+    for tag in tags:
+        m = re.fullmatch(r"([a-z_]+)/layer_(\d+)", tag)
+        if m is None:
+            continue
+        probe, index = m.group(1), m.group(2)
+        assert len(index) == 2, f"{tag}: layer index is not zero padded to 2 digits"
+        assert int(index) < N_LAYERS, f"{tag}: there are only {N_LAYERS} weight layers"
+        if probe in HIDDEN_ONLY_PROBES:
+            assert int(index) < DEPTH, f"{tag}: the output layer has no activation"
+
+
+def test_scalars_are_logged_at_init_every_log_every_and_the_last_step(accumulator):
+    per_step_tags = [f"{p}/{layer(i)}" for p in EVERY_LAYER_PROBES for i in range(N_LAYERS)]
+    per_step_tags += [f"{p}/{layer(i)}" for p in HIDDEN_ONLY_PROBES for i in range(DEPTH)]
+    per_step_tags += ["grad_norm/total", *TRAINING_TAGS, *EVAL_TAGS]  # eval_every == log_every here
+    for tag in per_step_tags:
+        events = accumulator.Scalars(tag)
+        assert [e.step for e in events] == LOG_STEPS, tag
+        assert all(math.isfinite(e.value) for e in events), (tag, [e.value for e in events])
+    assert all(close(e.value, 0.1) for e in accumulator.Scalars("lr"))  # optim.lr in the config
+    for tag in ("acc/train", "acc/eval", *(f"saturation/{layer(i)}" for i in range(DEPTH))):
+        assert all(0.0 <= e.value <= 1.0 for e in accumulator.Scalars(tag)), tag
+    for tag in ("grad_norm/total", *(f"grad_norm/{layer(i)}" for i in range(N_LAYERS))):
+        assert all(e.value > 0 for e in accumulator.Scalars(tag)), tag
+    # The HParams metrics are written once, at the end.
+    for tag in FINAL_METRICS:
+        assert len(accumulator.Scalars(tag)) == 1, tag
+
+
+def test_scalars_agree_with_summary_json(runs, accumulator):
+    summary = summary_of(runs["main"])
+    first, last = summary["layers"]["first"], summary["layers"]["last"]
+    assert (first["step"], last["step"]) == (0, STEPS - 1)
+    assert summary["layers"]["names"] == [layer(i) for i in range(N_LAYERS)]
+    for snap, pos in ((first, 0), (last, -1)):
+        assert len(snap["grad_norm"]) == N_LAYERS
+        for i, expected in enumerate(snap["grad_norm"]):
+            logged = accumulator.Scalars(f"grad_norm/{layer(i)}")[pos]
+            assert logged.step == snap["step"]
+            assert close(logged.value, expected), (i, logged.value, expected)
+        for i in range(N_LAYERS):
+            for probe in ("act_grad_norm", "weight_norm", "dist_from_init"):
+                logged = accumulator.Scalars(f"{probe}/{layer(i)}")[pos].value
+                assert close(logged, snap[probe][i]) or logged == snap[probe][i] == 0, (probe, i)
+        assert close(accumulator.Scalars("grad_norm/total")[pos].value, snap["grad_norm_total"])
+        assert close(accumulator.Scalars("loss/train")[pos].value, snap["loss_train"])
+        # The output layer's activation statistics do not exist: null in JSON, no tag in TensorBoard.
+        assert snap["act_mean"][-1] is None and snap["saturation"][-1] is None
+    for key, value in summary["final"].items():
+        assert close(accumulator.Scalars(f"final/{key}")[0].value, value), key
+
+
+def test_histograms_for_weight_gradients_and_hidden_activations(accumulator):
+    tags = set(accumulator.Tags()[event_accumulator.HISTOGRAMS])
+    grad_tags = {f"hist/grad_log10/{layer(i)}" for i in range(N_LAYERS)}
+    act_tags = {f"hist/act/{layer(i)}" for i in range(DEPTH)}
+    assert grad_tags | act_tags <= tags, sorted(grad_tags | act_tags - tags)
+    assert f"hist/act/{layer(DEPTH)}" not in tags  # the output layer has no activation
+    fan_in = [IN_FEATURES] + [WIDTH] * DEPTH
+    fan_out = [WIDTH] * DEPTH + [CLASSES]
+    for tag in sorted(grad_tags | act_tags):
+        events = accumulator.Histograms(tag)
+        assert [e.step for e in events] == HIST_STEPS, tag
+        i = int(tag[-2:])
+        expected_num = fan_in[i] * fan_out[i] if "grad_log10" in tag else BATCH * WIDTH
+        for e in events:
+            h = e.histogram_value
+            assert h.num == expected_num, (tag, e.step, h.num, expected_num)
+            assert sum(h.bucket) == h.num, (tag, e.step)  # every value in exactly one bin
+            assert len(h.bucket) == len(h.bucket_limit) == 100
+            assert list(h.bucket_limit) == sorted(h.bucket_limit)
+            assert h.min <= h.max
+
+
+def test_hparams_session_is_in_the_runs_own_event_file(runs):
+    """The HParams summaries sit in the run's own event file, with the config's values."""
+    (events,) = runs["main"].glob("events.out.tfevents.*")
+    found = {}
+    for event in EventFileLoader(str(events)).Load():
+        for value in event.summary.value:
+            if value.metadata.plugin_data.plugin_name == hparams_metadata.PLUGIN_NAME:
+                found[value.tag] = value.metadata.plugin_data.content
+    assert set(found) == HPARAMS_TAGS
+    experiment = hparams_metadata.parse_experiment_plugin_data(found["_hparams_/experiment"])
+    assert {m.name.tag for m in experiment.metric_infos} == set(FINAL_METRICS)
+    start = hparams_metadata.parse_session_start_info_plugin_data(found["_hparams_/session_start_info"])
+    hp = start.hparams
+    assert hp["model.depth"].number_value == DEPTH
+    assert hp["train.steps"].number_value == STEPS
+    assert hp["model.activation"].string_value == "sigmoid"
+    assert hp["status"].string_value == "completed"
+    assert hp["verdict"].string_value == summary_of(runs["main"])["diagnosis"]["verdict"]
+    assert hp["model.residual"].string_value == "false"  # booleans read as words, not 0.0
+    assert "data.n_train" not in hp  # None is left out, not written as "None"
+    end = hparams_metadata.parse_session_end_info_plugin_data(found["_hparams_/session_end_info"])
+    assert api_pb2.Status.Name(end.status) == "STATUS_SUCCESS"
+
+
+def test_a_diverged_run_ends_its_hparams_session_as_a_failure(tmp_path):
+    folder = gradexp_run(tmp_path, "model.activation=relu", "model.init=normal", "model.init_gain=30", "optim.lr=10")
+    assert summary_of(folder)["status"] == "diverged"
+    (events,) = folder.glob("events.out.tfevents.*")
+    ends = [v.metadata.plugin_data.content for e in EventFileLoader(str(events)).Load() for v in e.summary.value
+            if v.tag == "_hparams_/session_end_info"]
+    assert len(ends) == 1
+    status = hparams_metadata.parse_session_end_info_plugin_data(ends[0]).status
+    assert api_pb2.Status.Name(status) == "STATUS_FAILURE"
+
+
+# ---------------------------------------------------------------------- the TensorBoard server
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Loopback only, and never through a proxy that the environment may name.
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class Server:
+    def __init__(self, port: int, proc: subprocess.Popen, log: Path):
+        self.base = f"http://127.0.0.1:{port}"
+        self.proc, self.log = proc, log
+
+    def get(self, path: str, **params) -> object:
+        url = self.base + path + ("?" + urllib.parse.urlencode(params) if params else "")
+        with _opener.open(url, timeout=HTTP_TIMEOUT_S) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: dict) -> object:
+        req = urllib.request.Request(self.base + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with _opener.open(req, timeout=HTTP_TIMEOUT_S) as r:
+            return json.loads(r.read())
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+
+def _start(logdir: Path, log: Path) -> Server:
+    port = free_port()
+    # Load everything once, before serving (blocking reload): once it answers, all data is in.
+    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1",
+           "--port", str(port), "--load_fast=false", "--reload_interval", "0", "--reload_task", "blocking"]
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
+    return Server(port, proc, log)
+
+
+def _stop(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.terminate()
+        try:
+            server.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait(timeout=10)
+
+
+def _ready(server: Server) -> bool:
+    try:
+        server.get("/data/runs")
+        return True
+    except (urllib.error.URLError, ConnectionError, OSError, ValueError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(runs, tmp_path_factory):
+    """`tensorboard --logdir <out>` on a free loopback port, up and loaded; always stopped."""
+    out = runs["out"]
+    logs = tmp_path_factory.mktemp("tensorboard")
+    for attempt in range(3):  # another process may take the free port before the server binds it
+        srv = _start(out, logs / f"server{attempt}.log")
+        try:
+            deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+            while srv.proc.poll() is None and time.monotonic() < deadline:
+                if _ready(srv):
+                    break
+                time.sleep(0.25)
+            else:
+                if srv.proc.poll() is None:
+                    pytest.fail(f"tensorboard did not answer within {SERVER_START_TIMEOUT_S:.0f} s:\n"
+                                f"{srv.log_tail()}")
+                continue  # it exited (port taken?): try another port
+            yield srv
+            return
+        finally:
+            _stop(srv)
+    pytest.fail(f"tensorboard exited before serving:\n{srv.log_tail()}")
+
+
+def run_names(runs) -> tuple[str, str]:
+    return tuple(runs[k].relative_to(runs["out"]).as_posix() for k in ("main", "other"))
+
+
+def test_server_lists_each_run_folder_as_one_run(server, runs):
+    main, other = run_names(runs)
+    assert main.startswith(f"{RUN_NAME}/") and other.startswith(f"{RUN_NAME}/")
+    assert sorted(server.get("/data/runs")) == sorted([main, other])
+
+
+def test_server_scalar_tags_per_layer(server, runs):
+    main, other = run_names(runs)
+    tags = server.get("/data/plugin/scalars/tags")
+    assert expected_scalar_tags(DEPTH) <= set(tags[main]), sorted(expected_scalar_tags(DEPTH) - set(tags[main]))
+    assert expected_scalar_tags(OTHER_DEPTH) <= set(tags[other])
+    assert f"grad_norm/{layer(OTHER_DEPTH + 1)}" not in tags[other]
+    assert f"act_mean/{layer(DEPTH)}" not in tags[main]
+    series = server.get("/data/plugin/scalars/scalars", run=main, tag=f"grad_norm/{layer(0)}")
+    assert [step for _, step, _ in series] == LOG_STEPS
+    first = summary_of(runs["main"])["layers"]["first"]["grad_norm"][0]
+    assert close(series[0][2], first)
+
+
+def test_server_custom_scalars_layout_has_one_chart_per_probe_over_all_layers(server, runs):
+    main, _ = run_names(runs)
+    layout = server.get("/data/plugin/custom_scalars/layout")
+    charts = {c["title"]: c for cat in layout["category"] for c in cat["chart"]}
+    all_tags = set(server.get("/data/plugin/scalars/tags")[main])
+    for probe in EVERY_LAYER_PROBES + HIDDEN_ONLY_PROBES:
+        assert probe in charts, f"no custom-scalars chart for {probe}: {sorted(charts)}"
+        regexes = charts[probe]["multiline"]["tag"]
+        # Ask the server the way the dashboard does: one query per regex, for the run.
+        matched = set()
+        for rx in regexes:
+            reply = server.get("/data/plugin/custom_scalars/scalars", run=main, tag=rx)
+            assert reply["regex_valid"], rx
+            matched |= set(reply["tag_to_events"])
+            for tag, events in reply["tag_to_events"].items():
+                assert [step for _, step, _ in events] == LOG_STEPS, tag
+        layers = {t for t in all_tags if re.fullmatch(rf"{probe}/layer_\d\d", t)}
+        n = N_LAYERS if probe in EVERY_LAYER_PROBES else DEPTH
+        assert len(layers) == n
+        extra = {"grad_norm/total"} if probe == "grad_norm" else set()
+        assert matched == layers | extra, (probe, regexes, sorted(matched))
+    # The grad_norm chart holds every layer through one regex (not a fixed list of tags).
+    assert any(re.fullmatch(rx, f"grad_norm/{layer(i)}") for rx in charts["grad_norm"]["multiline"]["tag"]
+               for i in range(N_LAYERS))
+    assert len(charts["grad_norm"]["multiline"]["tag"]) < N_LAYERS
+    for title, tag in (("loss", "loss/train"), ("accuracy", "acc/eval"), ("learning rate", "lr")):
+        assert title in charts
+        hits = set()
+        for rx in charts[title]["multiline"]["tag"]:
+            hits |= set(server.get("/data/plugin/custom_scalars/scalars", run=main, tag=rx)["tag_to_events"])
+        assert tag in hits, (title, hits)
+
+
+ALL_STATUSES = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
+
+
+def test_server_hparams_experiment_lists_config_and_final_metrics(server):
+    experiment = server.post("/data/plugin/hparams/experiment", {"experimentName": ""})
+    names = {h["name"] for h in experiment["hparamInfos"]}
+    assert {"model.depth", "model.activation", "optim.lr", "train.steps", "seed", "status", "verdict"} <= names
+    assert {m["name"]["tag"] for m in experiment["metricInfos"]} == set(FINAL_METRICS)
+
+
+def test_server_hparams_session_per_run_with_config_values_and_metrics(server, runs):
+    # As the dashboard asks: one column per hparam and metric of the experiment, sorted by model.depth.
+    experiment = server.post("/data/plugin/hparams/experiment", {"experimentName": ""})
+    cols = [{"hparam": h["name"], "includeInResult": True} for h in experiment["hparamInfos"]]
+    cols += [{"metric": m["name"], "includeInResult": True} for m in experiment["metricInfos"]]
+    for col in cols:
+        if col.get("hparam") == "model.depth":
+            col["order"] = "ORDER_ASC"
+    body = {"experimentName": "", "allowedStatuses": ALL_STATUSES, "startIndex": 0, "sliceSize": 100,
+            "colParams": cols}
+    reply = server.post("/data/plugin/hparams/session_groups", body)
+    groups = {g["name"]: g for g in reply["sessionGroups"]}
+    main, other = run_names(runs)
+    # The session is the run folder itself, not a sub-run of it.
+    assert set(groups) == {main, other}
+    assert reply["totalSize"] == 2
+    assert [g["name"] for g in reply["sessionGroups"]] == [other, main]  # sorted by model.depth ascending
+    for key, name, depth in (("main", main, DEPTH), ("other", other, OTHER_DEPTH)):
+        group = groups[name]
+        assert [s["name"] for s in group["sessions"]] == [name]
+        assert group["sessions"][0]["status"] == "STATUS_SUCCESS"  # both runs completed
+        hp = group["hparams"]
+        assert hp["model.depth"] == depth
+        assert hp["train.steps"] == STEPS and hp["model.activation"] == "sigmoid"
+        assert hp["status"] == "completed"
+        summary = summary_of(runs[key])
+        metrics = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
+        assert set(metrics) == set(FINAL_METRICS)
+        for k, v in summary["final"].items():
+            assert close(metrics[f"final/{k}"], v), (key, k, metrics[f"final/{k}"], v)
+        assert close(metrics["final/grad_ratio"], summary["diagnosis"]["ratio"])
