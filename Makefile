@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # pip's choice of torch: set TORCH='torch==2.13.0' (a CPU wheel here) to skip the multi-GB CUDA build.
 TORCH  ?=
 
-.PHONY: demo test bench tensorboard clean
+.PHONY: demo test bench configs-table tensorboard clean
 
 $(BIN)/gradexp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,6 @@ tensorboard: $(BIN)/gradexp
 
 clean:
 	rm -rf $(VENV) *.egg-info
+
+configs-table: $(BIN)/gradexp
+	$(BIN)/python bench/configs.py

@@ -25,10 +25,24 @@ GRAD_HIST = (-45.0, 5.0, 100)  # log10 |dLoss/dW|: float32's smallest denormal i
 ACT_HIST = (-5.0, 5.0, 100)  # activation values; outliers land in the edge bins
 
 
-def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """L2 norm of each tensor, accumulated in float64: the squares of float32 gradients around 1e-20
-    (a deep sigmoid net's first layers) underflow float32, and the norm would read 0."""
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))
+# A float32 norm below this may have lost elements whose squares underflow float32 (elements below
+# ~1e-19, as in a deep sigmoid net's first layers): such gradient norms are recomputed in float64.
+TINY_NORM = 1e-12
+
+
+def _norms(tensors: list[torch.Tensor], exact: bool = False) -> torch.Tensor:
+    """L2 norm of each tensor in one batched call, as float64.
+
+    `exact` (gradients): a norm must not read 0 where the gradient is not. On a GPU the reduction
+    accumulates in float64 (bandwidth-bound, so nearly free); on the CPU float64 is ~10x slower,
+    so float32 norms are taken and only tiny ones recomputed in float64 (reading them back is free
+    there: the CPU has nothing to synchronise with). Weights need no such care."""
+    if not exact or tensors[0].is_cuda:
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64 if exact else None)).double()
+    norms = torch.stack(torch._foreach_norm(tensors)).double()
+    for i in (norms < TINY_NORM).nonzero().flatten().tolist():
+        norms[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
+    return norms
 
 
 def _per_layer(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -55,18 +69,22 @@ class Probes:
 
     def gradients(self, records: list[Record]) -> dict[str, torch.Tensor]:
         """After backward, before clipping: gradient and activation statistics, one value per layer."""
-        grads = [w.grad for w in self.weights]
-        all_grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        hidden = records[:-1]
-        a = _per_layer([r.a.detach() for r in hidden])  # (hidden layers, batch * units)
-        h = _per_layer([r.h.detach() for r in hidden])
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norms = _norms([p.grad for p in params], exact=True)
+        index = {id(p): i for i, p in enumerate(params)}
+        a = _per_layer([r.a.detach() for r in records[:-1]])  # (hidden layers, batch * units)
+        h = _per_layer([r.h.detach() for r in records[:-1]])
         d = self.derivative(a, h)
+        n = h.shape[1]
+        mean = h.mean(1)
+        # std from the mean square: a norm along dim 1 is ~30x faster than Tensor.std on the CPU
+        var = (torch.linalg.vector_norm(h, dim=1) ** 2 / n - mean * mean).clamp_min(0) * (n / max(n - 1, 1))
         stats = {
-            "grad_norm": _norms(grads),
-            "grad_norm_total": torch.linalg.vector_norm(_norms(all_grads)).reshape(1),
-            "act_grad_norm": _norms([r.z.grad for r in records]),
-            "act_mean": h.mean(1),
-            "act_std": h.std(1) if h.shape[1] > 1 else torch.zeros_like(h[:, 0]),
+            "grad_norm": norms[[index[id(w)] for w in self.weights]],
+            "grad_norm_total": torch.linalg.vector_norm(norms).reshape(1),
+            "act_grad_norm": _norms([r.z.grad for r in records], exact=True),
+            "act_mean": mean,
+            "act_std": var.sqrt(),
             "act_deriv": d.mean(1),
             "saturation": (d.abs() < SATURATION_FRACTION * self.max_slope).float().mean(1),
         }

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .board import Board
-from .config import Config, ConfigError, flat, to_yaml
+from .config import Config, ConfigError, TrainConfig, flat, to_yaml
 from .data import Batches, Dataset, load_dataset
 from .diagnosis import diagnose
 from .models import Net, build_model
@@ -87,10 +87,11 @@ def evaluate(model: Net, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) ->
     return loss / len(x), correct / len(x)
 
 
-def l1_penalty(model: Net, strength: float) -> torch.Tensor | float:
-    if strength == 0:
-        return 0.0
-    return strength * sum(layer.weight.abs().sum() for layer in model.weight_layers)
+def objective(loss: torch.Tensor, model: Net, l1: float) -> torch.Tensor:
+    """The loss that is differentiated: the data loss plus the L1 penalty on the weights, if any."""
+    if l1 == 0:
+        return loss
+    return loss + l1 * sum(layer.weight.abs().sum() for layer in model.weight_layers)
 
 
 def first_nonfinite_layer(model: Net) -> int | None:
@@ -116,6 +117,13 @@ class Outcome:
 def due(every: int, step: int, last: int) -> bool:
     """Log at step 0 (initialisation), every `every` steps, and at the last step; never when 0."""
     return every > 0 and (step % every == 0 or step == last)
+
+
+def host_sync(t: TrainConfig, step: int) -> bool:
+    """The steps on which the loop talks to the host, and so checks for divergence: logged, histogram
+    and evaluation steps, the last step, and every 100th (so a run with probes off still stops)."""
+    last = t.steps - 1
+    return step % 100 == 0 or step == last or any(due(e, step, last) for e in (t.log_every, t.hist_every, t.eval_every))
 
 
 def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) -> dict:
@@ -144,7 +152,7 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
                     r.z.retain_grad()
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
-            (loss + l1_penalty(model, cfg.optim.l1)).backward()
+            objective(loss, model, cfg.optim.l1).backward()
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step_t, bad_step)
             step_t += 1
             # --- probes (gradients before clipping), clipping, the step
@@ -169,10 +177,9 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
                 loss_ev, acc_ev = evaluate(model, data.x_eval, data.y_eval)
                 board.scalars(step, {"loss/eval": loss_ev, "acc/eval": acc_ev})
             # --- divergence is a result: stop here and say where
-            if log or due(t.eval_every, step, last) or step % 100 == 0 or step == last:
-                if int(bad_step) >= 0:
-                    status = "diverged"
-                    break
+            if host_sync(t, step) and int(bad_step) >= 0:
+                status = "diverged"
+                break
             progress(step + 1, logged[-1] if log else {})
     except KeyboardInterrupt:
         status = "interrupted"

@@ -1,0 +1,299 @@
+"""What gradexp's probes cost: steps per second against a bare PyTorch loop and peer-style monitors.
+
+    python bench/overhead.py                  # CPU, the README's table (a few minutes on 2 cores)
+    python bench/overhead.py --device cuda    # the same on a GPU (bench/gpu.sh adds the sync check)
+    python bench/overhead.py --tiny           # seconds: every row, tiny models (the test suite's smoke run)
+
+In one process, for each model, every variant trains the same model on the same data with the same
+optimizer; variants are interleaved (the order rotates each repeat) after a warm-up, and the
+median over repeats is compared with the bare loop's. Peak resident memory comes from a fresh child
+process per variant (ru_maxrss), since a process's peak cannot be reset.
+
+Peer-style monitors are written minimal and fair, and keep what they measure in memory (writing
+nothing to disk, which favours them over gradexp, which writes TensorBoard events):
+- wandb-style: what wandb.watch(model, log="gradients") does per parameter in a tensor hook on every
+  backward it logs: NaN/Inf counts, min and max read on the host, a 64-bin histc, copied to the host.
+- lightning-style: Lightning's grad_norm(module, 2) every step: a norm per parameter, the total via
+  torch.tensor(list of norms), and every value turned into a Python float for log_dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from gradexp.board import Board
+from gradexp.config import load_config
+from gradexp.data import Batches
+from gradexp.train import OPTIMIZERS, Experiment, prepare, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASE = ["data.name=digits", "data.batch_size=128", "model.activation=relu", "model.init=kaiming_normal",
+        "model.bias_init=zero", "optim.name=sgd", "optim.lr=0.001", "train.eval_every=0", "train.hist_every=0"]
+# name -> (overrides, steps per timed call). A gradexp run logs at step 0, every k and at its last
+# step, so a call of 10m+1 steps logs m+1 times with probes every 10: slightly more than 1 in 10.
+CASES = {
+    "mlp20x256": (["model.kind=mlp", "model.depth=20", "model.width=256"], 101),
+    "mlp50x1024": (["model.kind=mlp", "model.depth=50", "model.width=1024"], 11),
+    "cnn8x32": (["model.kind=cnn", "model.depth=8", "model.width=32"], 41),
+}
+TINY_CASES = {"mlp3x16": (["model.kind=mlp", "model.depth=3", "model.width=16"], 3)}
+# Float32 denormals: a 40-layer sigmoid net's first-layer gradients fall below 1.2e-38.
+DENORMAL_CASES = {
+    "sigmoid40": (["model.kind=mlp", "model.depth=40", "model.width=256", "model.activation=sigmoid",
+                   "model.init=default", "model.bias_init=default"], 31),
+    "relu40": (["model.kind=mlp", "model.depth=40", "model.width=256"], 31),
+}
+TARGETS = {"gradexp, probes every 10": 1.03, "gradexp, probes every step": 1.15, "gradexp, probes off": 1.02}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def experiment(overrides: list[str], device: str) -> Experiment:
+    return prepare(load_config(None, BASE + overrides + [f"device={device}"]))
+
+
+# ------------------------------------------------------------------------------------ the variants
+
+def bare_loop(exp: Experiment, steps: int, after_backward: Callable[[], None] | None = None) -> None:
+    """The limit: the same model, data and optimizer, nothing else."""
+    model, cfg = exp.model, exp.cfg
+    opt = OPTIMIZERS[cfg.optim.name](model.parameters(), cfg.optim)
+    batches = Batches(exp.data.x_train, exp.data.y_train, cfg.data.batch_size, cfg.seed)
+    for _ in range(steps):
+        x, y = batches.next()
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        opt.step()
+
+
+def gradexp_loop(log_every: int) -> Callable[[Experiment, int, Board], None]:
+    def run(exp: Experiment, steps: int, board: Board) -> None:
+        t = exp.cfg.train.model_copy(update={"steps": steps, "log_every": log_every})
+        result = train(exp.__class__(exp.cfg.model_copy(update={"train": t}), exp.device, exp.data, exp.model),
+                       board, lambda step, stats: None)
+        assert result["status"] == "completed", result["status"]
+    return run
+
+
+def wandb_style(every: int) -> Callable[[Experiment, int], None]:
+    def run(exp: Experiment, steps: int) -> None:
+        calls = {"n": 0}
+        logged: list = []
+
+        def hook(name: str):
+            def stats(grad: torch.Tensor) -> None:
+                if calls["n"] % every:
+                    return
+                flat = grad.detach().reshape(-1).float()
+                nan, inf = torch.isnan(flat).sum().item(), torch.isinf(flat).sum().item()
+                lo, hi = flat.min().item(), flat.max().item()
+                counts = flat.histc(bins=64, min=lo, max=hi).cpu().tolist()
+                logged.append((name, nan, inf, lo, hi, counts))
+            return stats
+
+        handles = [p.register_hook(hook(n)) for n, p in exp.model.named_parameters()]
+        try:
+            bare_loop(exp, steps, after_backward=lambda: calls.__setitem__("n", calls["n"] + 1))
+        finally:
+            for h in handles:
+                h.remove()
+    return run
+
+
+def lightning_style(exp: Experiment, steps: int) -> None:
+    logged: list = []
+
+    def grad_norm() -> None:
+        norms = {f"grad_2.0_norm/{n}": p.grad.norm(2) for n, p in exp.model.named_parameters() if p.grad is not None}
+        norms["grad_2.0_norm_total"] = torch.tensor(list(norms.values())).norm(2)
+        logged.append({k: float(v) for k, v in norms.items()})
+
+    bare_loop(exp, steps, after_backward=grad_norm)
+
+
+VARIANTS: dict[str, Callable] = {
+    "bare PyTorch loop": lambda exp, steps, board: bare_loop(exp, steps),
+    "gradexp, probes off": gradexp_loop(0),
+    "gradexp, probes every 10": gradexp_loop(10),
+    "gradexp, probes every step": gradexp_loop(1),
+    "wandb-style hooks, every 10": lambda exp, steps, board: wandb_style(10)(exp, steps),
+    "wandb-style hooks, every step": lambda exp, steps, board: wandb_style(1)(exp, steps),
+    "lightning-style grad_norm, every step": lambda exp, steps, board: lightning_style(exp, steps),
+}
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+def time_variants(exp: Experiment, steps: int, repeats: int, variants: list[str], tmp: str) -> dict[str, float]:
+    """Median seconds per step of each variant, interleaved, after one warm-up call each."""
+    boards = {v: Board(os.path.join(tmp, v.replace(" ", "_").replace(",", "")), len(exp.model.weight_layers))
+              for v in variants}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for v in variants:  # warm-up
+        VARIANTS[v](exp, max(2, steps // 4), boards[v])
+    for r in range(repeats):
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for v in order:
+            sync(exp.device)
+            t0 = time.perf_counter()
+            VARIANTS[v](exp, steps, boards[v])
+            sync(exp.device)
+            times[v].append((time.perf_counter() - t0) / steps)
+    for b in boards.values():
+        b.close()
+    return {v: statistics.median(ts) for v, ts in times.items()}
+
+
+def peak_memory_mb(case: str, variant: str, device: str, tiny: bool) -> float:
+    """Peak RSS (MB) of a fresh process that builds the case and trains it with one variant."""
+    cmd = [sys.executable, __file__, "--child", case, variant, "--device", device] + (["--tiny"] if tiny else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    return json.loads(out.strip().splitlines()[-1])["maxrss_mb"]
+
+
+def child(case: str, variant: str, device: str, tiny: bool) -> None:
+    torch.set_flush_denormal(device == "cpu")
+    overrides, steps = (TINY_CASES if tiny else CASES)[case]
+    exp = experiment(overrides, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        board = Board(tmp, len(exp.model.weight_layers))
+        VARIANTS[variant](exp, steps, board)
+        board.close()
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
+    hwm = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
+    print(json.dumps({"maxrss_mb": int(hwm.split()[1]) / 1024}))
+
+
+def denormals(device: str, repeats: int, tiny: bool) -> list[dict]:
+    """gradexp's loop (probes off) on 40-layer sigmoid and ReLU nets, denormals flushed and kept.
+    Without flushing, the sigmoid net's first layers compute on denormals in backward."""
+    rows = []
+    cases = {k: (o[:2] + ["model.depth=4"] + o[3:], 2) for k, o in ((k, v[0]) for k, v in DENORMAL_CASES.items())} \
+        if tiny else DENORMAL_CASES
+    with tempfile.TemporaryDirectory() as tmp:
+        for flush in (True, False):
+            torch.set_flush_denormal(flush)
+            per_step = {}
+            for name, (overrides, steps) in cases.items():
+                exp = experiment(overrides, device)
+                per_step[name] = time_variants(exp, steps, repeats, ["gradexp, probes off"], tmp)["gradexp, probes off"]
+            rows.append({"flush_denormal": flush, "sigmoid_ms": per_step["sigmoid40"] * 1e3,
+                         "relu_ms": per_step["relu40"] * 1e3, "ratio": per_step["sigmoid40"] / per_step["relu40"]})
+        torch.set_flush_denormal(False)
+    return rows
+
+
+def check_no_sync(device: str) -> str:
+    """On CUDA: train with probes every 10 steps, with torch's sync debug mode set to "error" on every
+    step on which the loop is not meant to talk to the host; any synchronisation there raises."""
+    from gradexp.train import host_sync
+
+    exp = experiment(CASES["mlp20x256"][0] + ["train.log_every=10", "train.steps=60"], device)
+    t = exp.cfg.train
+
+    def progress(next_step: int, stats: dict) -> None:  # called at the end of each step
+        quiet = next_step < t.steps and not host_sync(t, next_step)
+        torch.cuda.set_sync_debug_mode("error" if quiet else "default")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        board = Board(tmp, len(exp.model.weight_layers))
+        torch.cuda.set_sync_debug_mode("default")  # step 0 logs
+        try:
+            result = train(exp, board, progress)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            board.close()
+    quiet_steps = sum(not host_sync(t, s) for s in range(t.steps))
+    return f"no host synchronisation on the {quiet_steps} of {t.steps} steps that log nothing ({result['status']})"
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()}-core {cpu}, torch {torch.__version__} (threads {torch.get_num_threads()})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per variant (3 for the 50x1024 MLP)")
+    ap.add_argument("--tiny", action="store_true", help="tiny models and budgets: checks that every row is produced")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--check-sync", action="store_true", help="CUDA: fail if a step that logs nothing syncs")
+    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "overhead.json"))
+    ap.add_argument("--child", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(*args.child, args.device, args.tiny)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if args.check_sync:
+        console.print(check_no_sync(args.device))
+    cases = TINY_CASES if args.tiny else CASES
+    repeats = 2 if args.tiny else args.repeats
+    variants = list(VARIANTS)
+    results = {"machine": machine(args.device), "device": args.device, "repeats": repeats, "cases": {}}
+    console.print(f"[bold]gradexp overhead benchmark[/bold] on {results['machine']}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for case, (overrides, steps) in cases.items():
+            console.print(f"timing {case} ({steps} steps x {repeats} repeats per variant)...")
+            exp = experiment(overrides, args.device)
+            # gradexp flushes denormals on the CPU by default: every variant runs under the same setting
+            torch.set_flush_denormal(args.device == "cpu")
+            per_step = time_variants(exp, steps, min(repeats, 3) if case == "mlp50x1024" else repeats, variants, tmp)
+            rows = {}
+            for v in variants:
+                rows[v] = {"ms_per_step": per_step[v] * 1e3, "ratio": per_step[v] / per_step["bare PyTorch loop"]}
+                if not args.no_memory:
+                    rows[v]["peak_rss_mb"] = peak_memory_mb(case, v, args.device, args.tiny)
+            results["cases"][case] = rows
+    results["denormals"] = denormals(args.device, repeats, args.tiny) if args.device == "cpu" else []
+
+    table = Table(title=f"steps/s relative to a bare PyTorch loop (median of {repeats}); {results['machine']}")
+    for col in ("model", "variant", "ms/step", "x bare", "target", "peak RSS MB"):
+        table.add_column(col, justify="left" if col in ("model", "variant") else "right")
+    for case, rows in results["cases"].items():
+        for v, r in rows.items():
+            target = TARGETS.get(v) if case in ("mlp20x256", "mlp3x16") else None
+            mark = "" if target is None else (f"<= {target} " + ("ok" if r["ratio"] <= target else "MISSED"))
+            mem = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
+            table.add_row(case, v, f"{r['ms_per_step']:.2f}", f"{r['ratio']:.3f}", mark, mem)
+    console.print(table)
+    for d in results["denormals"]:
+        console.print(f"denormals {'flushed' if d['flush_denormal'] else 'kept   '}: 40-layer sigmoid "
+                      f"{d['sigmoid_ms']:.2f} ms/step, ReLU {d['relu_ms']:.2f} ms/step: {d['ratio']:.2f}x")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    console.print(f"written: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
