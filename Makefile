@@ -17,7 +17,8 @@ demo: $(BIN)/gradexp
 	$(BIN)/gradexp run configs/deep_sigmoid.yaml
 
 test: $(BIN)/gradexp
-	$(BIN)/python -m pytest -n 2 -q
+	# two workers on two cores, one thread each: two OpenMP teams on two cores spin-wait on each other
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q
 
 bench: $(BIN)/gradexp
 	$(BIN)/python bench/overhead.py

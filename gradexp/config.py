@@ -95,6 +95,7 @@ class Config(_Section):
     name: str = "experiment"
     seed: int = 0
     device: str = "auto"
+    precision: Literal["float32", "float64"] = "float32"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()

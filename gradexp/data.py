@@ -29,9 +29,9 @@ class Dataset:
     def in_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
-    def to(self, device: torch.device) -> "Dataset":
-        t = [v.to(device) for v in (self.x_train, self.y_train, self.x_eval, self.y_eval)]
-        return Dataset(*t, self.classes)
+    def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> "Dataset":
+        return Dataset(self.x_train.to(device, dtype), self.y_train.to(device), self.x_eval.to(device, dtype),
+                       self.y_eval.to(device), self.classes)
 
 
 def _standardize(x_train: torch.Tensor, x_eval: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

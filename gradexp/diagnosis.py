@@ -1,4 +1,5 @@
-"""Turn measured per-layer statistics into a verdict: vanishing, exploding or healthy.
+"""Turn measured per-layer statistics into a verdict (vanishing, exploding, healthy), its cause and
+the next thing to try.
 
 The measure is the first-to-last gradient ratio: ||dLoss/dz|| (the back-propagated gradient at a
 weight layer's output) of layer 0, next to the input, over that of the last hidden layer, at the
@@ -16,7 +17,19 @@ from __future__ import annotations
 
 import math
 
-from .config import DiagnosisConfig
+from .config import Config
+
+SATURATED = 0.5  # a hidden layer with more than half its units saturated (or dead) is named
+AT_INIT = 1e-3  # a layer whose weights moved less than 0.1% from their init is "still at its init"
+RELU_FAMILY = ("relu", "leaky_relu", "elu", "gelu", "selu")
+
+# What to try next, by verdict (the article's remedies, in the order a student would try them).
+ADVICE = {
+    "vanishing": "try model.activation=relu with model.init=kaiming_normal, model.norm=batchnorm, "
+                 "or model.residual=true",
+    "exploding": "try a smaller model.init_gain, clip.mode=norm, or optim.weight_decay",
+    "diverged": "try clip.mode=norm, a smaller optim.lr, or a smaller model.init_gain",
+}
 
 
 def _ranges(idx: list[int]) -> str:
@@ -36,14 +49,50 @@ def grad_ratio(norms: list[float]) -> float:
     0 when layer 0 underflows, NaN when undefined."""
     hidden = norms[:-1] if len(norms) > 1 else norms
     first, last = hidden[0], hidden[-1]
-    if not (math.isfinite(first) and math.isfinite(last)) or last == 0:
+    if first is None or last is None or not (math.isfinite(first) and math.isfinite(last)) or last == 0:
         return float("nan")
     return first / last
 
 
-def diagnose(first: dict | None, last: dict | None, cfg: DiagnosisConfig,
-             diverged: dict | None = None) -> dict:
-    """A verdict with the numbers behind it; `message` is the one-line explanation for the terminal."""
+def _cause(verdict: str, factor: float | None, cfg: Config, theory: dict | None) -> str:
+    """'(it shrinks ~7.1x per layer; predicted 7.1x: sigmoid with default init, chi_1 = 0.02)'."""
+    if factor is None or verdict == "healthy":
+        return ""
+    change = "shrinks" if factor < 1 else "grows"
+    text = f" (it {change} ~{max(factor, 1 / factor):.3g}x per layer"
+    if theory and theory.get("applies") and theory.get("predicted_factor"):
+        per_layer = math.sqrt(theory["predicted_factor"])  # chi is the factor of ||delta||^2
+        m = cfg.model
+        regime = "ordered" if theory["chi_1"] < 1 else "chaotic"
+        text += (f"; predicted {max(per_layer, 1 / per_layer):.3g}x: {m.activation} with {m.init} init"
+                 f"{'' if m.init_gain == 1 else f' x{m.init_gain:g}'}, chi_1 = {theory['chi_1']:.3g}, {regime} regime")
+    return text + ")"
+
+
+def _findings(first: dict, last: dict | None, cfg: Config, steps_done: int) -> list[str]:
+    """Underflow, saturated or dead layers, and layers that never left their init."""
+    found = []
+    underflow = [i for i, v in enumerate(first["grad_norm"]) if v == 0.0]
+    if underflow:
+        hint = "; precision=float64 shows their true size" if cfg.precision == "float32" else ""
+        found.append(f"layers {_ranges(underflow)} get exactly 0 gradient ({cfg.precision} underflow{hint})")
+    if last is not None:
+        sat = [i for i, v in enumerate(last["saturation"]) if v is not None and v == v and v > SATURATED]
+        if sat:
+            what = "dead" if cfg.model.activation in RELU_FAMILY else "saturated"
+            found.append(f"layers {_ranges(sat)} are {what} (over {SATURATED:.0%} of units with |phi'| below 1% "
+                         f"of its largest slope at step {last['step']})")
+        frozen = [i for i, v in enumerate(last["dist_from_init"]) if v is not None and v < AT_INIT]
+        if frozen and steps_done > 1:
+            found.append(f"layers {_ranges(frozen)} are still at their init (moved less than {AT_INIT:.1%} "
+                         f"in {steps_done} steps)")
+    return found
+
+
+def diagnose(first: dict | None, last: dict | None, cfg: Config, diverged: dict | None = None,
+             theory: dict | None = None, steps_done: int = 0) -> dict:
+    """A verdict with the numbers behind it; `message` is the explanation for the terminal."""
+    thresholds = cfg.diagnosis
     if diverged is not None:
         layer = diverged.get("first_nonfinite_layer")
         where = f"; first non-finite layer: layer_{layer:02d}" if layer is not None else ""
@@ -52,46 +101,50 @@ def diagnose(first: dict | None, last: dict | None, cfg: DiagnosisConfig,
             "diverged_step": diverged["step"],
             "first_nonfinite_layer": layer,
             "ratio": grad_ratio(first["act_grad_norm"]) if first else None,
-            "message": f"exploding: loss or gradients became non-finite at step {diverged['step']}{where}",
+            "findings": [],
+            "advice": ADVICE["diverged"],
+            "message": f"exploding: loss or gradients became non-finite at step {diverged['step']}{where}; "
+                       f"{ADVICE['diverged']}",
         }
     if first is None:
-        return {"verdict": "unknown", "ratio": None,
+        return {"verdict": "unknown", "ratio": None, "findings": [], "advice": None,
                 "message": "unknown: probes are off (train.log_every=0), nothing was measured"}
 
     delta = first["act_grad_norm"]
     ratio = grad_ratio(delta)
     hops = len(delta) - 2  # hidden layers 0 .. L-1
     factor = ratio ** (1.0 / hops) if hops > 0 and ratio > 0 and math.isfinite(ratio) else None
-    underflow = [i for i, v in enumerate(first["grad_norm"]) if v == 0.0]
     if math.isnan(ratio):
         verdict = "unknown"
-    elif ratio < cfg.vanishing_below:
+    elif ratio < thresholds.vanishing_below:
         verdict = "vanishing"
-    elif ratio > cfg.exploding_above:
+    elif ratio > thresholds.exploding_above:
         verdict = "exploding"
     else:
         verdict = "healthy"
 
-    last_hidden = len(delta) - 2
     msg = (f"{verdict}: at step {first['step']} layer 0's back-propagated gradient ||dL/dz|| is "
-           f"{ratio:.3g}x layer {last_hidden}'s")
-    if factor is not None and verdict != "healthy":
-        change = "shrinks" if factor < 1 else "grows"
-        msg += f" (it {change} ~{max(factor, 1 / factor):.3g}x per layer)"
-    msg += f"; thresholds {cfg.vanishing_below:g} / {cfg.exploding_above:g}"
-    if underflow:
-        msg += f"; layers {_ranges(underflow)} get exactly 0 (float32 underflow)"
+           f"{ratio:.3g}x layer {len(delta) - 2}'s{_cause(verdict, factor, cfg, theory)}; "
+           f"thresholds {thresholds.vanishing_below:g} / {thresholds.exploding_above:g}")
     if last is not None and last["step"] != first["step"]:
         msg += f"; at step {last['step']}: {grad_ratio(last['act_grad_norm']):.3g}x"
+    findings = _findings(first, last, cfg, steps_done)
+    advice = ADVICE.get(verdict)
+    for line in findings:
+        msg += f"\n  - {line}"
+    if advice:
+        msg += f"\n  {advice}"
     result = {
         "verdict": verdict,
         "ratio": ratio,
         "per_layer_factor": factor,
-        "underflow_layers": underflow,
+        "underflow_layers": [i for i, v in enumerate(first["grad_norm"]) if v == 0.0],
+        "findings": findings,
+        "advice": advice,
+        "weight_grad_ratio": grad_ratio(first["grad_norm"]),
         "message": msg,
     }
     if last is not None:
         result["ratio_last"] = grad_ratio(last["act_grad_norm"])
         result["weight_grad_ratio_last"] = grad_ratio(last["grad_norm"])
-    result["weight_grad_ratio"] = grad_ratio(first["grad_norm"])
     return result

@@ -13,7 +13,7 @@ import torch
 from .layers import DERIVATIVES, MAX_SLOPE
 from .models import Net, Record
 
-SATURATION_FRACTION = 0.01  # |phi'(a)| below 1% of phi's largest slope counts as saturated / dead
+SATURATION_FRACTION = 0.01  # |phi'(a)| below 1% of phi's largest slope on every example: saturated / dead
 
 # Probe names as logged: the TensorBoard tag is f"{name}/layer_XX".
 GRADIENT_PROBES = ("grad_norm", "act_grad_norm", "act_mean", "act_std", "act_deriv", "saturation")
@@ -46,8 +46,9 @@ def _norms(tensors: list[torch.Tensor], exact: bool = False) -> torch.Tensor:
 
 
 def _per_layer(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """(layers, batch * units): one reduction kernel serves every hidden layer (they share a shape)."""
-    return torch.stack(tensors).flatten(1)
+    """(layers, batch, units): one reduction kernel serves every hidden layer (they share a shape).
+    A conv layer's units are its (channel, row, column) positions."""
+    return torch.stack(tensors).flatten(2)
 
 
 def _pad(values: torch.Tensor, n: int) -> torch.Tensor:
@@ -72,21 +73,22 @@ class Probes:
         params = [p for p in self.model.parameters() if p.grad is not None]
         norms = _norms([p.grad for p in params], exact=True)
         index = {id(p): i for i, p in enumerate(params)}
-        a = _per_layer([r.a.detach() for r in records[:-1]])  # (hidden layers, batch * units)
+        a = _per_layer([r.a.detach() for r in records[:-1]])  # (hidden layers, batch, units)
         h = _per_layer([r.h.detach() for r in records[:-1]])
         d = self.derivative(a, h)
-        n = h.shape[1]
-        mean = h.mean(1)
-        # std from the mean square: a norm along dim 1 is ~30x faster than Tensor.std on the CPU
-        var = (torch.linalg.vector_norm(h, dim=1) ** 2 / n - mean * mean).clamp_min(0) * (n / max(n - 1, 1))
+        n = h.shape[1] * h.shape[2]
+        mean = h.mean((1, 2))
+        # std from the mean square: a norm is ~30x faster than Tensor.std on the CPU
+        var = (torch.linalg.vector_norm(h, dim=(1, 2)) ** 2 / n - mean * mean).clamp_min(0) * (n / max(n - 1, 1))
         stats = {
             "grad_norm": norms[[index[id(w)] for w in self.weights]],
             "grad_norm_total": torch.linalg.vector_norm(norms).reshape(1),
             "act_grad_norm": _norms([r.z.grad for r in records], exact=True),
             "act_mean": mean,
             "act_std": var.sqrt(),
-            "act_deriv": d.mean(1),
-            "saturation": (d.abs() < SATURATION_FRACTION * self.max_slope).float().mean(1),
+            "act_deriv": d.mean((1, 2)),
+            # a unit is saturated (for the ReLU family: dead) when it is flat on every example
+            "saturation": (d.abs() < SATURATION_FRACTION * self.max_slope).all(1).float().mean(1),
         }
         for k in ("act_mean", "act_std", "act_deriv", "saturation"):
             stats[k] = _pad(stats[k], self.n)

@@ -32,24 +32,28 @@ def _log_bar(v: float, lo: float, hi: float, width: int = 14) -> str:
     return "█" * max(1, round(frac * width))
 
 
-def flow_table(first: dict, last: dict, layer_names: list[str]) -> Table:
-    """One row per layer: gradient norms at the first and last logged step, with a log-scale bar."""
+def flow_table(first: dict, last: dict, layer_names: list[str], predicted: list[float] | None = None) -> Table:
+    """One row per layer: the back-propagated gradient at init (and its mean-field prediction), the
+    weight gradient at the first and last logged step, and a log-scale bar of the first."""
     table = Table(title="gradient flow: layer 0 is next to the input, * the output layer", title_justify="left",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
+                  box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
     s0, s1 = first["step"], last["step"]
-    for header in ("layer", f"grad\n@{s0}", f"grad\n@{s1}", f"act-grad\n@{s0}", f"moved\n@{s1}", f"satur.\n@{s1}"):
+    headers = ["layer", f"act-grad\n@{s0}"] + (["predicted"] if predicted else []) + \
+        [f"grad\n@{s0}", f"grad\n@{s1}", f"moved\n@{s1}", f"satur.\n@{s1}"]
+    for header in headers:
         table.add_column(header, justify="left" if header == "layer" else "right", no_wrap=True)
-    table.add_column(f"log10 grad @{s0}", no_wrap=True, min_width=12)
-    g0 = first["grad_norm"]
-    logs = [math.log10(v) for v in g0 if v and math.isfinite(v) and v > 0]
+    table.add_column(f"act-grad @{s0}\n(log scale)", no_wrap=True, min_width=10)
+    delta = first["act_grad_norm"]
+    logs = [math.log10(v) for v in delta if v and math.isfinite(v) and v > 0]
     lo, hi = (min(logs), max(logs)) if logs else (0.0, 0.0)
     for i, name in enumerate(layer_names):
         sat = last["saturation"][i]
+        pred = [_fmt(predicted[i]) if i < len(predicted) else "-"] if predicted else []
         table.add_row(
-            name + ("*" if i == len(layer_names) - 1 else ""),
-            _fmt(g0[i]), _fmt(last["grad_norm"][i]), _fmt(first["act_grad_norm"][i]),
+            name + ("*" if i == len(layer_names) - 1 else ""), _fmt(delta[i]), *pred,
+            _fmt(first["grad_norm"][i]), _fmt(last["grad_norm"][i]),
             _fmt(last["dist_from_init"][i]), "-" if sat is None or math.isnan(sat) else f"{sat:.0%}",
-            _log_bar(g0[i], lo, hi),
+            _log_bar(delta[i], lo, hi, width=10 if predicted else 14),
         )
     return table
 
@@ -60,7 +64,8 @@ def print_report(console: Console, summary: dict, folder: Path, quiet: bool) -> 
     if not quiet:
         layers = summary["layers"]
         if layers["first"] is not None:
-            console.print(flow_table(layers["first"], layers["last"], layers["names"]))
+            predicted = (summary.get("theory") or {}).get("predicted_act_grad_norm")
+            console.print(flow_table(layers["first"], layers["last"], layers["names"], predicted))
         f = summary["final"]
         if f:
             console.print(f"final: loss/train {f['loss_train']:.4f}  acc/train {f['acc_train']:.3f}  "
@@ -132,3 +137,82 @@ def _plot_log(ax, values: list[float], label: str, style: dict) -> None:
         floor = min((p[1] for p in pos), default=1e-30) / 10
         ax.scatter(zeros, [floor] * len(zeros), marker="x", color=style.get("color"),
                    label=f"{label}: exactly 0 (underflow)")
+
+
+# What the article says about each activation, beside the numbers `gradexp explain` prints.
+ARTICLE = {
+    "sigmoid": "sigmoid'(x) <= 0.25: the chain rule multiplies the gradient by at most 1/4 at every layer, "
+               "so it vanishes with depth (the article's section 3).",
+    "tanh": "tanh'(x) <= 1, equal to 1 only at 0: better than sigmoid, but still below 1 away from 0.",
+    "relu": "relu'(x) is 1 for active units: with He init (kaiming, sigma_w^2 = 2) the squared gradient is "
+            "preserved on average, the article's remedy 3.",
+    "leaky_relu": "leaky ReLU keeps a small slope for negative inputs, so no unit dies; with He init it is critical.",
+    "elu": "ELU: slope 1 for positive inputs and a smooth exponential below, a ReLU-family remedy.",
+    "gelu": "GELU: a smooth ReLU; its slope exceeds 1 just right of 0.",
+    "selu": "SELU: scaled so that activations keep zero mean and unit variance under normal(1/fan_in) init.",
+    "softsign": "softsign: like tanh, slope at most 1, but it saturates polynomially, more slowly.",
+    "identity": "identity: a linear network; the gradient changes by exactly sigma_w^2 per layer in ||delta||^2.",
+}
+
+
+def print_explanation(console: Console, model, info: dict) -> None:
+    """The mean-field prediction for a config, in words and a per-layer table."""
+    console.print(f"[bold]{model.kind}[/bold], depth {model.depth}, width {model.width}, {model.activation}, "
+                  f"{model.init} init x{model.init_gain:g}, bias {model.bias_init}, norm {model.norm}, "
+                  f"residual {str(model.residual).lower()}")
+    if not info["applies"]:
+        console.print(f"mean-field theory does not apply here: {info['reason']}.")
+        console.print("Run it (`gradexp run`) to measure the gradient flow instead.")
+        console.print(f"the article: {ARTICLE[model.activation]}")
+        return
+    p = info["prediction"]
+    change = "shrinks" if info["per_layer"] < 1 else "grows"
+    console.print(f"sigma_w^2 = {p.sigma_w2:.4g}, sigma_b^2 = {p.sigma_b2:.3g} (Var(W) = sigma_w^2 / fan_in)")
+    console.print(f"per-layer factor: chi = {info['chi_mid']:.4g} for ||dL/dz||^2 in the middle layers: "
+                  f"the back-propagated gradient {change} ~{max(info['per_layer'], 1 / info['per_layer']):.3g}x "
+                  f"per layer")
+    console.print(f"whole network: ||dL/dz|| of layer 0 is predicted {info['whole']:.3g}x that of layer "
+                  f"{model.depth - 1} (the last hidden layer)")
+    regime = "ordered: vanishing" if p.chi_1 < 1 else ("critical" if p.chi_1 == 1 else "chaotic: exploding")
+    scale = "infinite" if math.isinf(p.depth_scale) else f"{abs(p.depth_scale):.3g} layers"
+    console.print(f"fixed point: q* = {p.q_star:.4g}, chi_1 = {p.chi_1:.4g} ({regime}); depth scale {scale}")
+    if info["critical_gain"] is None:
+        console.print(f"critical init: no init_gain up to sigma_w^2 = 64 puts {model.activation} at chi_1 = 1 "
+                      f"with this bias; change the activation instead")
+    else:
+        console.print(f"critical init: chi_1 = 1 at init_gain ~{info['critical_gain']:.3g} for {model.init} init "
+                      f"(sigma_w^2 = {info['critical_gain'] ** 2 * p.sigma_w2 / model.init_gain ** 2:.3g})")
+    for caveat in p.caveats:
+        console.print(f"caveat: {caveat}")
+    console.print(f"the article: {ARTICLE[model.activation]}")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for header in ("layer", "q (pre-act. variance)", "chi(q)", "predicted ||dL/dz|| ratio"):
+        table.add_column(header, justify="left" if header == "layer" else "right")
+    for i, (q, c, r) in enumerate(zip(p.q, p.chi, p.log10_delta_ratio)):
+        table.add_row(f"layer_{i:02d}", _fmt(q), _fmt(c), _fmt(10 ** r))
+    console.print(table)
+
+
+def theory_figure(path: Path, model, info: dict) -> None:
+    """The predicted ||dL/dz|| profile (relative to the last hidden layer) against layer index."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    p = info["prediction"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.plot(range(len(p.log10_delta_ratio)), [10 ** r for r in p.log10_delta_ratio], ls="--", marker="o",
+            color="gray", label=f"predicted, chi_1 = {p.chi_1:.3g}")
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer (0 = next to the input)")
+    ax.set_ylabel(f"||dL/dz|| / ||dL/dz|| of layer {len(p.q) - 1}")
+    ax.set_title(f"mean-field prediction at init: {model.activation}, {model.init} x{model.init_gain:g}, "
+                 f"depth {model.depth}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

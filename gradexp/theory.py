@@ -426,3 +426,79 @@ def applies(norm: str, residual: bool, kind: str) -> tuple[bool, str]:
     if reasons:
         return False, "; ".join(reasons)
     return True, "plain MLP: mean-field theory applies (exact as the width grows)"
+
+
+# ------------------------------------------------------------------ theory beside a run's measurement
+
+def for_model(model, in_shape: tuple[int, ...], input_second_moment: float) -> tuple[Prediction | None, str]:
+    """The prediction for a ModelConfig at initialisation, or None and the reason it does not apply."""
+    ok, reason = applies(model.norm, model.residual, model.kind)
+    if not ok:
+        return None, reason
+    in_dim = int(np.prod(in_shape))
+    return predict(model.activation, model.init, model.init_gain, model.bias_init, model.depth, model.width,
+                   in_dim, input_second_moment), reason
+
+
+def middle_layers(depth: int) -> range:
+    """The hidden layers a per-layer factor is fitted over: away from the input layer (whose fan-in
+    differs) and the last hidden layer (next to the head), the middle half where depth allows."""
+    lo, hi = max(1, depth // 4), max(2, depth - depth // 4)
+    return range(lo, min(hi, depth - 1))
+
+
+def compare(pred: Prediction, act_grad_norm: list[float]) -> dict:
+    """Measured ||delta^l|| (hidden layers, step 0) beside the prediction, anchored at the last
+    hidden layer, and the fitted per-layer factor of ||delta||^2 against the mean chi(q^l)."""
+    depth = len(pred.q)
+    measured = act_grad_norm[:depth]
+    anchor = measured[-1]
+    predicted = [anchor * 10 ** r for r in pred.log10_delta_ratio]
+    layers = middle_layers(depth)
+    fitted = chi_mean = None
+    pairs = [(measured[l], measured[l + 1]) for l in layers]
+    if layers and all(a > 0 and b > 0 and math.isfinite(a) and math.isfinite(b) for a, b in pairs):
+        # geometric mean of ||delta^l||^2 / ||delta^(l+1)||^2 over the middle layers
+        fitted = 10 ** (2 * sum(math.log10(a / b) for a, b in pairs) / len(pairs))
+        chi_mean = 10 ** (sum(math.log10(pred.chi[l]) for l in layers) / len(layers)) \
+            if all(pred.chi[l] > 0 for l in layers) else 0.0
+    return {
+        "applies": True,
+        "sigma_w2": pred.sigma_w2, "sigma_b2": pred.sigma_b2, "q_star": pred.q_star, "chi_1": pred.chi_1,
+        "depth_scale": pred.depth_scale, "q": pred.q, "chi": pred.chi,
+        "predicted_log10_ratio": pred.log10_delta_ratio,
+        "predicted_act_grad_norm": predicted,
+        "measured_act_grad_norm": measured,
+        "fit_layers": [layers.start, layers.stop - 1] if layers else None,
+        "measured_factor": fitted,
+        "predicted_factor": chi_mean,
+        "caveats": pred.caveats,
+    }
+
+
+def critical_gain(model) -> float | None:
+    """The init_gain that puts this activation and init on the order/chaos boundary (chi_1 = 1)."""
+    width = model.width
+    w1, b2 = effective_variances(model.init, model.activation, 1.0, model.bias_init, width, width)
+    crit = critical_sigma_w2(model.activation, b2)
+    if crit is None or w1 <= 0:
+        return None
+    return math.sqrt(crit / w1)
+
+
+def explain(model, in_shape: tuple[int, ...], input_second_moment: float) -> dict:
+    """Everything `gradexp explain` shows: the prediction, its summary numbers and the critical init."""
+    pred, reason = for_model(model, in_shape, input_second_moment)
+    if pred is None:
+        return {"applies": False, "reason": reason}
+    layers = middle_layers(model.depth) or range(model.depth)
+    chi_mid = 10 ** float(np.mean([math.log10(max(pred.chi[l], 1e-300)) for l in layers]))
+    return {
+        "applies": True,
+        "reason": reason,
+        "prediction": pred,
+        "chi_mid": chi_mid,  # geometric mean of chi(q^l) over the middle layers
+        "per_layer": math.sqrt(chi_mid),  # the factor of ||delta|| per layer
+        "whole": 10 ** pred.log10_delta_ratio[0],  # ||delta^0|| / ||delta^(depth-1)||
+        "critical_gain": critical_gain(model),
+    }

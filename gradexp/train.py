@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import __version__
+from . import __version__, theory
 from .board import Board
 from .config import Config, ConfigError, TrainConfig, flat, to_yaml
 from .data import Batches, Dataset, load_dataset
@@ -70,7 +70,8 @@ def prepare(cfg: Config) -> Experiment:
         model = build_model(cfg.model, data.in_shape, data.classes)
     except ValueError as e:
         raise ConfigError(f"model.kind: {e}; use model.kind=mlp for this dataset") from None
-    return Experiment(cfg, device, data.to(device), model.to(device))
+    dtype = getattr(torch, cfg.precision)  # float64 shows the true size of gradients float32 rounds to 0
+    return Experiment(cfg, device, data.to(device, dtype), model.to(device, dtype))
 
 
 @torch.no_grad()
@@ -215,17 +216,30 @@ def summarize(cfg: Config, exp: Experiment, result: dict, wall_time: float) -> d
     first = layer_snapshot(logged[0] if logged else None)
     last = layer_snapshot(logged[-1] if logged else None)
     n_layers = len(exp.model.weight_layers)
+    theory = theory_beside(cfg, exp, first)
     return {
         "status": result["status"],
         "name": cfg.name,
         "steps": {"planned": cfg.train.steps, "done": result["steps_done"]},
         "final": final,
         "layers": {"names": [f"layer_{i:02d}" for i in range(n_layers)], "first": first, "last": last},
-        "diagnosis": diagnose(first, last, cfg.diagnosis, result["diverged"]),
+        "theory": theory,
+        "diagnosis": diagnose(first, last, cfg, result["diverged"], theory, result["steps_done"]),
         "versions": {"gradexp": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "device": str(exp.device),
         "wall_time_s": round(wall_time, 3),
     }
+
+
+def theory_beside(cfg: Config, exp: Experiment, first: dict | None) -> dict:
+    """Mean-field prediction for this network at init beside what step 0 measured (plain MLPs only)."""
+    x2 = float(exp.data.x_train.double().pow(2).mean())  # the inputs' second moment sets q^0
+    pred, reason = theory.for_model(cfg.model, exp.data.in_shape, x2)
+    if pred is None:
+        return {"applies": False, "reason": reason}
+    if first is None or first["step"] != 0:
+        return {"applies": False, "reason": "nothing was measured at initialisation (train.log_every=0)"}
+    return theory.compare(pred, first["act_grad_norm"])
 
 
 def hparam_metrics(summary: dict) -> dict[str, float]:
@@ -263,7 +277,9 @@ def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Exper
         if first is not None:
             from .report import gradient_flow_figure  # matplotlib is imported only when drawing
 
-            gradient_flow_figure(folder / "gradient_flow.png", first, last, title=cfg.name)
+            predicted = summary["theory"].get("predicted_act_grad_norm")
+            extra = [("predicted at init (mean-field)", predicted, dict(ls="--", color="gray"))] if predicted else None
+            gradient_flow_figure(folder / "gradient_flow.png", first, last, title=cfg.name, extra=extra)
     except Exception as e:
         write_json(folder / "summary.json", {"status": "failed", "name": cfg.name, "error": f"{type(e).__name__}: {e}"})
         raise

@@ -68,8 +68,24 @@ def test_gradient_probes_match_autograd(activation, residual):
     assert stats["act_mean"][:-1] == pytest.approx([h.mean().item() for h in hs], rel=1e-5, abs=1e-7)
     assert stats["act_std"][:-1] == pytest.approx([h.std().item() for h in hs], rel=1e-5)
     assert stats["act_deriv"][:-1] == pytest.approx([deriv(z).mean().item() for z in hidden], rel=1e-5)
-    assert stats["saturation"][:-1] == pytest.approx([(deriv(z) < limit).float().mean().item() for z in hidden])
+    # a unit is saturated (dead) when it is flat on every example of the batch
+    assert stats["saturation"][:-1] == pytest.approx([(deriv(z) < limit).all(0).float().mean().item() for z in hidden])
     assert all(v != v for v in (stats["act_mean"][-1], stats["saturation"][-1])), "output layer has no activation"
+
+
+def test_saturation_counts_units_flat_on_every_example():
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(depth=2, width=8, activation="relu", bias_init="zero"), (4,), 3)
+    with torch.no_grad():  # kill 3 units of layer 0: zero weights and a negative bias
+        net.blocks[0].weight.weight[:3] = 0
+        net.blocks[0].weight.bias[:3] = -1
+        net.blocks[0].weight.bias[3:] = 10  # and keep the others alive on every example
+    logits = net(torch.randn(64, 4), record=True)
+    for r in net.records:
+        r.z.retain_grad()
+    logits.sum().backward()
+    stats = to_host(Probes(net, "relu").gradients(net.records))
+    assert stats["saturation"][0] == 3 / 8
 
 
 def test_tiny_gradients_are_not_lost_to_float32_underflow():
