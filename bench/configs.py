@@ -24,6 +24,7 @@ SHOWS = {
     "deep_relu": "remedy: ReLU with He init",
     "batchnorm": "remedy: batch norm on the sigmoid net",
     "residual": "remedy: residual connections on the sigmoid net",
+    "pretrain_sigmoid": "remedy: greedy layer-wise pre-training (Adam autoencoders)",
     "exploding": "exploding: ReLU, init 1.5x too large",
     "exploding_clipped": "remedy: gradient-norm clipping",
     "weight_decay": "remedy: L2 weight decay (with clipping)",

@@ -51,6 +51,11 @@ class Board:
         for tag, v in values.items():
             self.writer.add_scalar(tag, v, step)
 
+    def scalars_series(self, tag: str, values: list[float], first_step: int = 0) -> None:
+        """A whole series of one tag at consecutive steps (e.g. one pre-training phase)."""
+        for k, v in enumerate(values):
+            self.writer.add_scalar(tag, v, first_step + k)
+
     def layers(self, step: int, stats: dict[str, list[float]]) -> None:
         """Every per-layer value of a step as one event (one add_scalar each would cost ~200 events)."""
         values = [Summary.Value(tag=layer_tag(probe, i), simple_value=v)

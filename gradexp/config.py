@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ACTIVATION_NAMES = ("sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "selu", "softsign", "identity")
 NORM_NAMES = ("none", "batchnorm", "layernorm")
@@ -83,6 +83,17 @@ class TrainConfig(_Section):
     flush_denormal: bool = Field(True, description="CPU: flush float32 denormals to 0 (they are many times slower)")
 
 
+class PretrainConfig(_Section):
+    """Greedy layer-wise pre-training (Bengio et al. 2007): each hidden layer an autoencoder."""
+    enabled: bool = False
+    method: Literal["autoencoder", "denoising"] = "autoencoder"
+    noise: float = Field(0.3, ge=0, lt=1, description="denoising: fraction of input entries set to 0")
+    steps: int = Field(300, ge=1, description="optimizer steps per hidden layer")
+    optim: Literal[OPTIMIZER_NAMES] = "adam"  # type: ignore[valid-type]
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int | None = Field(None, ge=1, description="None: data.batch_size")
+
+
 class DiagnosisConfig(_Section):
     vanishing_below: float = Field(1e-2, gt=0, lt=1, description="first/last gradient ratio under this: vanishing")
     exploding_above: float = Field(1e2, gt=1, description="first/last gradient ratio over this: exploding")
@@ -101,7 +112,15 @@ class Config(_Section):
     optim: OptimConfig = OptimConfig()
     clip: ClipConfig = ClipConfig()
     train: TrainConfig = TrainConfig()
+    pretrain: PretrainConfig = PretrainConfig()
     diagnosis: DiagnosisConfig = DiagnosisConfig()
+
+    @model_validator(mode="after")
+    def _pretrain_needs_mlp(self) -> "Config":
+        if self.pretrain.enabled and self.model.kind != "mlp":
+            raise ValueError("pretrain.enabled: greedy layer-wise pre-training is for model.kind=mlp; "
+                             f"got model.kind={self.model.kind}")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -176,7 +195,9 @@ def _describe(err: dict) -> str:
     path = tuple(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         return _unknown_key(path)
-    where = ".".join(path) or "config"
+    where = ".".join(path)
+    if not where:  # a check across sections: its message names the keys
+        return err["msg"].removeprefix("Value error, ")
     got = err.get("input")
     msg = err["msg"].removeprefix("Value error, ")
     if isinstance(got, (dict, list)):

@@ -77,9 +77,9 @@ def print_report(console: Console, summary: dict, folder: Path, quiet: bool) -> 
 
 
 @contextmanager
-def progress_bar(console: Console, total: int):
+def progress_bar(console: Console, total: int, label: str = "training"):
     """A rich progress bar over optimizer steps; yields update(step, logged_stats)."""
-    columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+    columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("train", total=total, info="")

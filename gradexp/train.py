@@ -22,6 +22,7 @@ from .config import Config, ConfigError, TrainConfig, flat, to_yaml
 from .data import Batches, Dataset, load_dataset
 from .diagnosis import diagnose
 from .models import Net, build_model
+from .pretrain import pretrain
 from .probes import Probes, to_host
 from .rundir import new_run_dir, write_atomic, write_json
 
@@ -233,6 +234,9 @@ def summarize(cfg: Config, exp: Experiment, result: dict, wall_time: float) -> d
 
 def theory_beside(cfg: Config, exp: Experiment, first: dict | None) -> dict:
     """Mean-field prediction for this network at init beside what step 0 measured (plain MLPs only)."""
+    if cfg.pretrain.enabled:
+        return {"applies": False, "reason": "pretrain.enabled: the theory is for random weights at init, "
+                                            "and step 0 is measured on pre-trained ones"}
     x2 = float(exp.data.x_train.double().pow(2).mean())  # the inputs' second moment sets q^0
     pred, reason = theory.for_model(cfg.model, exp.data.in_shape, x2)
     if pred is None:
@@ -265,11 +269,23 @@ def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Exper
     # Denormal floats (below ~1.2e-38: a deep sigmoid net's first-layer gradients) make x86 CPU
     # arithmetic many times slower; flushing them to 0 is the default, restored afterwards.
     flushed = exp.device.type == "cpu" and cfg.train.flush_denormal and torch.set_flush_denormal(True)
-    bar = progress_factory(cfg.train.steps) if progress_factory else nullcontext(lambda step, stats: None)
+    bars = progress_factory or (lambda total, label="training": nullcontext(lambda step, stats: None))
     try:
-        with bar as update:
-            result = train(exp, board, update)
+        phases = None
+        if cfg.pretrain.enabled:
+            try:
+                with bars(cfg.model.depth * cfg.pretrain.steps, "pre-training") as update:
+                    phases = pretrain(exp.model, exp.data.x_train, cfg.pretrain, cfg.model.activation,
+                                      cfg.data.batch_size, cfg.seed, board, update)
+            except KeyboardInterrupt:
+                phases = []
+        if phases == []:  # interrupted while pre-training: nothing was fine-tuned
+            result = {"status": "interrupted", "steps_done": 0, "logged": [], "diverged": None}
+        else:
+            with bars(cfg.train.steps) as update:
+                result = train(exp, board, update)
         summary = summarize(cfg, exp, result, time.time() - started)
+        summary["pretrain"] = phases
         board.hparams({**flat(cfg), "status": summary["status"], "verdict": summary["diagnosis"]["verdict"]},
                       hparam_metrics(summary), max(result["steps_done"] - 1, 0), summary["status"])
         write_json(folder / "summary.json", summary)
