@@ -120,7 +120,8 @@ def gradient_flow_figure(path: Path, first: dict, last: dict, title: str = "",
         ax.set_xlabel("layer (0 = next to the input)")
         ax.set_title(label, fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a diverged run may have nothing finite to draw
+            ax.legend(fontsize=8)
     fig.suptitle(f"gradient flow: {title}" if title else "gradient flow")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -159,18 +159,21 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
             step_t += 1
             # --- probes (gradients before clipping), clipping, the step
             stats = probes.gradients(model.records) if log else {}
-            if hist:
-                board.histograms(step, to_host(probes.histograms(model.records)))
+            hists = probes.histograms(model.records) if hist else {}
             if clip is not None:
                 clip(model.parameters(), cfg.clip.max)
             before = probes.snapshot() if log else None
             optimizer.step()
             # --- logging: one host transfer for everything this step measured
+            if hist and not log:
+                board.histograms(step, to_host(hists))
             if log:
                 stats.update(probes.weights_after(before))
                 stats["loss"] = loss.detach().reshape(1)
                 stats["acc"] = (logits.argmax(1) == y).float().mean().reshape(1)
-                host = to_host(stats)
+                host = to_host({**stats, **hists})
+                if hist:
+                    board.histograms(step, host)
                 board.layers(step, host)
                 board.scalars(step, {"loss/train": host["loss"][0], "acc/train": host["acc"][0],
                                      "lr": optimizer.param_groups[0]["lr"]})
