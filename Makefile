@@ -7,27 +7,35 @@ TORCH  ?=
 
 .PHONY: demo test bench configs-table tensorboard clean
 
-$(BIN)/gradexp: pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[dev]'
+
+# gradexp itself (what the demo needs)
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet $(TORCH) -e .
 	@touch $@
 
-demo: $(BIN)/gradexp
+# plus pytest and Ray (the sweep's cluster executor is tested against a local instance)
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[dev,ray]'
+	@touch $@
+
+demo: $(VENV)/.installed
 	$(BIN)/gradexp run configs/deep_sigmoid.yaml
 
-test: $(BIN)/gradexp
+test: $(VENV)/.installed-dev
 	# two workers on two cores, one thread each: two OpenMP teams on two cores spin-wait on each other
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q
 
-bench: $(BIN)/gradexp
+bench: $(VENV)/.installed
 	$(BIN)/python bench/overhead.py
 
-tensorboard: $(BIN)/gradexp
+configs-table: $(VENV)/.installed
+	$(BIN)/python bench/configs.py
+
+tensorboard: $(VENV)/.installed
 	$(BIN)/tensorboard --logdir runs
 
 clean:
 	rm -rf $(VENV) *.egg-info
-
-configs-table: $(BIN)/gradexp
-	$(BIN)/python bench/configs.py

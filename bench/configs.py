@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 
 from gradexp.config import load_config
+from gradexp.config import read_yaml
+from gradexp.sweep import is_sweep_file
 from gradexp.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    paths = sorted(ROOT.glob("configs/*.yaml"), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else 99, p.stem))
+    paths = sorted((p for p in ROOT.glob("configs/*.yaml") if not is_sweep_file(read_yaml(p))), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else 99, p.stem))
     with tempfile.TemporaryDirectory() as out:
         rows = []
         for p in paths:

@@ -254,7 +254,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=max(Console().width, 120))  # the table's rows must not wrap
     if args.check_sync:
         console.print(check_no_sync(args.device))
     cases = TINY_CASES if args.tiny else CASES

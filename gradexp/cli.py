@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -25,6 +26,17 @@ def fail(e: ConfigError) -> typer.Exit:
     return typer.Exit(2)
 
 
+def load_experiment(config: Path, overrides: list[str] | None):
+    """Config, overrides and everything only the machine can check (device, data), or exit 2."""
+    from .train import prepare
+
+    try:
+        cfg = load_config(config, overrides or [])
+        return cfg, prepare(cfg)
+    except ConfigError as e:
+        raise fail(e)
+
+
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="YAML config file, e.g. configs/deep_sigmoid.yaml")],
@@ -34,16 +46,12 @@ def run(
 ) -> None:
     """Train one network and log its per-layer gradient flow to TensorBoard."""
     from .report import print_report, progress_bar
-    from .train import prepare, run as run_experiment
+    from .train import run as run_experiment
 
-    try:
-        cfg = load_config(config, overrides or [])
-        exp = prepare(cfg)
-    except ConfigError as e:
-        raise fail(e)
+    cfg, exp = load_experiment(config, overrides)
     if not quiet:
         console.print(Syntax(to_yaml(cfg), "yaml", theme="ansi_dark", background_color="default"))
-    bars = None if quiet else (lambda total: progress_bar(console, total))
+    bars = None if quiet else (lambda total, label="training": progress_bar(console, total, label))
     outcome = run_experiment(cfg, out, progress_factory=bars, exp=exp)
     print_report(console, outcome.summary, outcome.folder, quiet)
     if outcome.exit_code:
@@ -54,11 +62,13 @@ def run(
 def validate(
     configs: Annotated[list[Path], typer.Argument(help="config files to check")],
 ) -> None:
-    """Check config files without running them; exit 2 if any is invalid."""
+    """Check config files (and sweep files: every point) without running them; exit 2 if any is invalid."""
+    from .sweep import check_file
+
     bad = 0
     for path in configs:
         try:
-            load_config(path)
+            check_file(path)
             console.print(f"[green]ok[/green] {path}")
         except ConfigError as e:
             bad += 1
@@ -67,6 +77,82 @@ def validate(
                 err_console.print(f"  - {line}", highlight=False, soft_wrap=True)
     if bad:
         raise typer.Exit(2)
+
+
+class Executor(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+@app.command()
+def sweep(
+    sweep_file: Annotated[Optional[Path], typer.Argument(
+        metavar="[SWEEP_OR_CONFIG]", help="sweep file, or a plain config as the base",
+        show_default="configs/sweep.yaml")] = None,
+    grid: Annotated[Optional[list[str]], typer.Option(
+        help="key.path=v1,v2,...: values to cross with the others (repeat for more keys)")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="repeat every point with these seeds, e.g. 0,1,2")] = None,
+    out: Annotated[Path, typer.Option(help="folder that holds the sweep folders")] = Path("runs"),
+    workers: Annotated[Optional[int], typer.Option(
+        help="local worker processes", show_default="the number of cores")] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        help="a sweep folder: run only its points that did not complete")] = None,
+    executor: Annotated[Executor, typer.Option(help="local processes, or tasks on a Ray cluster")] = Executor.local,
+    address: Annotated[Optional[str], typer.Option(
+        help="ray: the cluster to join", show_default="RAY_ADDRESS, else a new local instance")] = None,
+    cpus_per_run: Annotated[Optional[float], typer.Option(help="ray: CPUs each run asks for", show_default="1")] = None,
+    gpus_per_run: Annotated[Optional[float], typer.Option(
+        help="ray: GPUs each run asks for, may be fractional", show_default="0")] = None,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="print only the sweep folder and the status counts")] = False,
+) -> None:
+    """Run a set of experiments (a grid, named runs, seeds) side by side, in parallel, and compare them."""
+    from . import sweep as sweeps
+
+    try:
+        if resume is not None and (sweep_file is not None or grid or seeds is not None):
+            raise ConfigError("--resume: runs the plan saved in that folder; give no sweep file, --grid or --seeds")
+        plan = sweeps.resume_plan(resume) if resume is not None else sweeps.load_plan(sweep_file, grid or [], seeds)
+        job = sweeps.prepare(plan, out, resume, executor.value, workers, address, cpus_per_run, gpus_per_run)
+    except ConfigError as e:
+        raise fail(e)
+    if not quiet:
+        console.print(f"sweep [bold]{plan.name}[/bold]: {len(job.todo)} of {len(plan.points)} runs to do, "
+                      f"{job.describe()}", highlight=False)
+    bars = None if quiet else (lambda total, done: sweeps.progress_bar(console, total, done))
+    outcome = sweeps.run(job, progress_factory=bars)
+    if not quiet:
+        console.print(sweeps.results_table(outcome.rows))
+        for r in outcome.rows:
+            if r["error"]:
+                err_console.print(f"[red]{r['name']}[/red]: {r['error']}", highlight=False, soft_wrap=True)
+    counts = ", ".join(f"{n} {status}" for status, n in sweeps.status_counts(outcome.rows).items())
+    console.print(f"sweep folder: {outcome.folder}", soft_wrap=True, highlight=False)
+    console.print(f"{len(outcome.rows)} runs: {counts}", highlight=False)
+    if outcome.interrupted:
+        console.print(f"interrupted: finish it with  gradexp sweep --resume {outcome.folder}", soft_wrap=True,
+                      highlight=False)
+    if outcome.exit_code:
+        raise typer.Exit(outcome.exit_code)
+
+
+@app.command()
+def explain(
+    config: Annotated[Path, typer.Argument(help="YAML config file, e.g. configs/deep_tanh.yaml")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="write the predicted curve to this PNG")] = None,
+) -> None:
+    """Predict the gradient flow at initialisation from mean-field theory, without training."""
+    from .report import print_explanation, theory_figure
+    from .theory import explain as predict_flow
+
+    cfg, exp = load_experiment(config, overrides)
+    x2 = float(exp.data.x_train.double().pow(2).mean())
+    info = predict_flow(cfg.model, exp.data.in_shape, x2)
+    print_explanation(console, cfg.model, info)
+    if plot is not None and info["applies"]:
+        theory_figure(plot, cfg.model, info)
+        console.print(f"written: {plot}")
 
 
 def main() -> None:

@@ -1,0 +1,765 @@
+"""A sweep: many experiments side by side, each one the same run as `gradexp run`.
+
+A sweep file names a `base` config (a path relative to the file, or an inline mapping), a `grid`
+(dotted keys to lists of values, crossed), named `runs` (override sets, for comparisons that are not
+a grid) and `seeds` (every point repeated with each). `load_plan` expands it into points, each a
+name and an ordered dict of overrides; `prepare` validates every point before anything is written;
+`run` makes the sweep folder, hands each point to a worker (local processes, or Ray tasks) that
+calls `gradexp.train.run`, and reads the results back from the run folders into `summary.csv`,
+`summary.json` and `gradient_flow.png` in the sweep folder.
+
+Layout: `<out>/<sweep name>/<YYYYmmdd-HHMMSS>-<id>/` is the sweep folder; a point's runs are the
+ordinary run folders that `gradexp.train.run` makes under it, `<sweep folder>/<point>/<stamp-id>/`
+(one per attempt: a resumed point keeps its interrupted attempt beside the new one).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import difflib
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import re
+import signal
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from . import __version__
+from .config import Config, ConfigError, flat, load_config, read_yaml, validate
+from .rundir import new_run_dir, write_atomic, write_json
+
+DEFAULT_SWEEP = Path("configs/sweep.yaml")
+SWEEP_KEYS = ("name", "base", "grid", "runs", "seeds")
+DONE = ("completed", "diverged")  # a point with one of these needs no rerun; `failed`/`interrupted` do
+EXECUTORS = ("local", "ray")
+
+
+@dataclass
+class Point:
+    """One experiment of a sweep: `overrides` (dotted key -> value) applied in order over the base."""
+    name: str
+    overrides: dict[str, Any]
+    run: str | None = None  # the `runs:` entry it comes from, if any
+
+
+@dataclass
+class Plan:
+    """A sweep expanded: the base config (a nested dict) and every point, in order."""
+    name: str
+    base: dict
+    points: list[Point]
+    spec: dict = field(default_factory=dict)  # grid, runs, seeds as given (saved as sweep.yaml)
+
+
+# ------------------------------------------------------------------------------------------ the plan
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _safe(text: str) -> str:
+    """Folder-safe and valid as a config name: letters, digits, '.', '_', '-', starting with one of the first two."""
+    return _UNSAFE.sub("-", text).lstrip("._-") or "x"
+
+
+def _value_text(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return "null" if v is None else str(v)
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{'model': {'depth': [5, 20]}} and {'model.depth': [5, 20]} both -> {'model.depth': [5, 20]}."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _set(raw: dict, key: str, value: Any) -> None:
+    node = raw
+    *path, leaf = key.split(".")
+    for part in path:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[leaf] = value
+
+
+def _labels(keys: list[str]) -> dict[str, str]:
+    """The name part for each varying grid key: its last component, or the whole key where two share one."""
+    leaves = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: leaf if leaves.count(leaf) == 1 else k for k, leaf in zip(keys, leaves)}
+
+
+def _unique(names: list[str], overrides: list[dict]) -> list[str]:
+    """Names fit a config name (at most 100 characters) and are unique: a long one is cut and gets a hash
+    of its overrides, a repeated one gets -2, -3, ..."""
+    out, seen = [], set()
+    for name, ov in zip(names, overrides):
+        if len(name) > 94:
+            digest = hashlib.sha1(json.dumps(ov, sort_keys=True, default=str).encode()).hexdigest()[:6]
+            name = f"{name[:87]}-{digest}"
+        base, n = name, 1
+        while name in seen:
+            n += 1
+            name = f"{base}-{n}"
+        seen.add(name)
+        out.append(name)
+    return out
+
+
+def expand(name: str, base: dict, grid: dict[str, list] | None = None, runs: dict[str, dict] | None = None,
+           seeds: list[int] | None = None) -> Plan:
+    """Cross runs x grid x seeds into points (that order: a run's points sit together).
+
+    A point's overrides are its run's, its grid values and its seed; a key set in two of these places
+    is refused (ConfigError), since a point could take it from only one. Its name is made of what
+    varies: the run's name, `<key>-<value>` for each grid key with several values, `seed-<n>` when
+    there are several seeds; `_` between parts, e.g. `relu_depth-20`.
+    """
+    grid, runs = dict(grid or {}), dict(runs or {})
+    clashes = {k: [r for r, ov in runs.items() if k in (ov or {})] for k in [*grid, *(["seed"] if seeds else [])]}
+    problems = [f"{k}: set by {'the grid' if k in grid else 'seeds'} and by runs {', '.join(names)}; "
+                "a point can take it from one place only" for k, names in clashes.items() if names]
+    if seeds and "seed" in grid:
+        problems.append("seed: set by the grid and by seeds; a point can take it from one place only")
+    if problems:
+        raise ConfigError(problems)
+    varying = [k for k, values in grid.items() if len(values) > 1]
+    labels = _labels(varying)
+    named_runs = list(runs.items()) or [(None, {})]
+    combos = list(itertools.product(*grid.values())) if grid else [()]
+    seed_list = list(seeds) if seeds else [None]
+    points, names = [], []
+    for (run_name, run_ov), combo, seed in itertools.product(named_runs, combos, seed_list):
+        ov = dict(run_ov or {})
+        ov.update(zip(grid.keys(), combo))
+        parts = [_safe(run_name)] if run_name is not None else []
+        parts += [f"{labels[k]}-{_safe(_value_text(v))}" for k, v in zip(grid.keys(), combo) if k in labels]
+        if seed is not None:
+            ov["seed"] = seed
+            if len(seed_list) > 1:
+                parts.append(f"seed-{seed}")
+        names.append("_".join(parts) or _safe(str(base.get("name") or name)))
+        points.append(Point("", ov, run_name))
+    for p, n in zip(points, _unique(names, [p.overrides for p in points])):
+        p.name = n
+    spec = {"grid": grid, "runs": runs, "seeds": list(seeds) if seeds else None}
+    return Plan(_safe(name), base, points, {k: v for k, v in spec.items() if v})
+
+
+def _parse_grid_option(item: str) -> tuple[str, list]:
+    if "=" not in item or not item.split("=", 1)[0].strip():
+        raise ConfigError(f"--grid '{item}': expected key.path=value1,value2,..., e.g. model.depth=5,20")
+    key, values = item.split("=", 1)
+    return key.strip(), [_scalar(v.strip()) for v in values.split(",")]
+
+
+def _scalar(text: str) -> Any:
+    # Values parse as YAML scalars, as for `gradexp run key=value`: 5 -> int, true -> bool, relu -> str.
+    try:
+        return yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds '{text}': expected integers separated by commas, e.g. 0,1,2") from None
+
+
+def load_plan(path: str | Path | None = None, grid: list[str] = (), seeds: str | None = None) -> Plan:
+    """Read a sweep file, or a plain config (no base/grid/runs/seeds keys: it is the base), add the
+    command line's `--grid key=v1,v2` and `--seeds`, and expand. Raises ConfigError, listing every problem."""
+    path = Path(path) if path is not None else DEFAULT_SWEEP
+    if not path.is_file() and path == DEFAULT_SWEEP:
+        raise ConfigError(f"no sweep given and {DEFAULT_SWEEP} is not here; run from the gradexp folder or "
+                          "name a sweep file or config")
+    raw = read_yaml(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    problems: list[str] = []
+    if not is_sweep_file(raw):
+        name, base, grid_spec, runs, seed_list = raw.get("name") or path.stem, raw, {}, {}, None
+    else:
+        problems += [_unknown_sweep_key(path, k) for k in raw if k not in SWEEP_KEYS]
+        name = raw.get("name") or path.stem
+        base = raw.get("base") or {}
+        if isinstance(base, str):
+            try:
+                base = read_yaml(path.parent / base) or {}
+            except ConfigError as e:
+                problems += [f"base: {p}" for p in e.problems]
+                base = {}
+        if not isinstance(base, dict):
+            problems.append("base: expected a config file path or a mapping of config keys")
+            base = {}
+        grid_spec = _flatten(raw.get("grid") or {})
+        runs = {}
+        run_spec = raw.get("runs") or {}
+        if not isinstance(run_spec, dict):
+            problems.append("runs: expected a mapping of run names to overrides, e.g. relu: {model.activation: relu}")
+            run_spec = {}
+        for run_name, ov in run_spec.items():
+            if ov is not None and not isinstance(ov, dict):
+                problems.append(f"runs.{run_name}: expected a mapping of overrides, e.g. {{model.depth: 5}}")
+                continue
+            runs[str(run_name)] = _flatten(ov or {})
+        seed_list = raw.get("seeds")
+        if seed_list is not None and (not isinstance(seed_list, list) or not seed_list
+                                      or not all(isinstance(s, int) and not isinstance(s, bool) for s in seed_list)):
+            problems.append(f"seeds: expected a list of integers, e.g. [0, 1, 2] (got {seed_list!r})")
+            seed_list = None
+    for item in grid:
+        try:
+            key, values = _parse_grid_option(item)
+            grid_spec[key] = values
+        except ConfigError as e:
+            problems += e.problems
+    if seeds is not None:
+        try:
+            seed_list = _parse_seeds(seeds)
+        except ConfigError as e:
+            problems += e.problems
+    for key, values in grid_spec.items():
+        if not isinstance(values, list) or not values:
+            problems.append(f"grid.{key}: expected a non-empty list of values, e.g. [5, 20] (got {values!r})")
+    if problems:
+        raise ConfigError(problems)
+    return expand(str(name), copy.deepcopy(base), grid_spec, runs, seed_list)
+
+
+def _unknown_sweep_key(path: Path, key: str) -> str:
+    hint = difflib.get_close_matches(str(key), SWEEP_KEYS, n=1)
+    return (f"{path}: unknown sweep key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+            + f"; a sweep file has {', '.join(SWEEP_KEYS)} (config keys go under base:)")
+
+
+def point_config(base: dict, point: Point) -> Config:
+    """The validated config of one point: base, then its overrides, named after the point."""
+    raw = copy.deepcopy(base)
+    for key, value in point.overrides.items():
+        _set(raw, key, value)
+    raw["name"] = point.name
+    return validate(raw)
+
+
+def check(plan: Plan) -> dict[str, Config]:
+    """Validate every point. Raises one ConfigError with every problem of every point; a problem
+    that several points share is listed once, with the points it concerns (all: none named)."""
+    configs: dict[str, Config] = {}
+    where: dict[str, list[str]] = {}
+    for p in plan.points:
+        try:
+            configs[p.name] = point_config(plan.base, p)
+        except ConfigError as e:
+            for line in e.problems:
+                where.setdefault(line, []).append(p.name)
+    if where:
+        n = len(plan.points)
+        problems = []
+        for line, names in where.items():
+            if len(names) == n and n > 1:
+                problems.append(f"{line} (at every point)")
+            elif n > 1:
+                shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+                problems.append(f"{line} (at {shown})")
+            else:
+                problems.append(line)
+        raise ConfigError(problems)
+    return configs
+
+
+def is_sweep_file(raw: Any) -> bool:
+    """A sweep file has base, grid, runs or seeds at the top; anything else is a plain config."""
+    return isinstance(raw, dict) and any(k in raw for k in SWEEP_KEYS[1:])
+
+
+def check_file(path: str | Path) -> None:
+    """`gradexp validate`: a sweep file is checked at every point, a plain config as `gradexp run` would."""
+    if is_sweep_file(read_yaml(path)):
+        check(load_plan(path))
+    else:
+        load_config(path)
+
+
+def save_plan(plan: Plan, root: Path) -> None:
+    """plan.json (the points, what --resume reads) and sweep.yaml (the sweep, runnable again as is)."""
+    write_json(root / "plan.json", {"name": plan.name, "gradexp": __version__, "base": plan.base,
+                                    "spec": plan.spec, "points": [asdict(p) for p in plan.points]})
+    write_atomic(root / "sweep.yaml", yaml.safe_dump({"name": plan.name, "base": plan.base, **plan.spec},
+                                                     sort_keys=False))
+
+
+def resume_plan(folder: str | Path) -> Plan:
+    """The plan a sweep folder was started with."""
+    path = Path(folder) / "plan.json"
+    if not path.is_file():
+        raise ConfigError(f"--resume {folder}: no plan.json there; expected a sweep folder "
+                          "(<out>/<sweep name>/<stamp>/)")
+    saved = json.loads(path.read_text())
+    return Plan(saved["name"], saved["base"], [Point(**p) for p in saved["points"]], saved.get("spec", {}))
+
+
+# -------------------------------------------------------------------------------------------- a worker
+
+_STOP = None  # in a local worker process: the sweep's stop event, set by the parent on Ctrl-C
+
+
+def _init_worker(threads: int, stop) -> None:
+    global _STOP
+    # Ctrl-C reaches every process of the terminal's group; the parent alone handles it, by setting
+    # `stop`, which each run checks at every step (and then ends as `interrupted`, files written).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _STOP = stop
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+@contextmanager
+def _stop_check(total: int, label: str = "training"):
+    """A run's progress callback (one per phase: pre-training, training): raises KeyboardInterrupt
+    inside the loop once the sweep is stopped."""
+    def update(step: int, stats: dict) -> None:
+        if _STOP is not None and _STOP.is_set():
+            raise KeyboardInterrupt
+
+    yield update
+
+
+def run_point(base: dict, point: Point, root: str, threads: int | None = None) -> dict:
+    """Run one point exactly as `gradexp run` does, into `<root>/<point name>/<stamp-id>/`.
+
+    Never raises for a failing run: returns {"name", "error"} (error None when the run ended, whatever
+    its status); the results themselves are read back from the run folder.
+    """
+    if _STOP is not None and _STOP.is_set():  # stopped before this point started
+        return {"name": point.name, "error": None}
+    import torch
+
+    from .train import prepare, run
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        cfg = point_config(base, point)
+        # What only this machine can tell (device, dataset files, shapes) fails here, for this point alone.
+        exp = prepare(cfg)
+        run(cfg, root, progress_factory=_stop_check, exp=exp)
+        return {"name": point.name, "error": None}
+    except ConfigError as e:
+        return {"name": point.name, "error": "; ".join(e.problems)}
+    except Exception as e:  # run() has written summary.json with status failed
+        return {"name": point.name, "error": f"{type(e).__name__}: {e}"}
+
+
+# ------------------------------------------------------------------------------------------ executors
+
+def cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# What every run imports, imported once by the fork server rather than again by each worker: seconds
+# each (torch; torch._dynamo, which torch.optim imports on first use; scikit-learn's datasets;
+# matplotlib for the figures). Two workers importing them side by side on two cores take about as
+# long again as one.
+PRELOAD = ["gradexp.train", "torch._dynamo", "sklearn.datasets", "matplotlib.pyplot"]
+
+
+def _mp_context():
+    """'forkserver' where there is one (POSIX): a clean process, started once, that imports PRELOAD and
+    forks each worker from there; else 'spawn'. Never plain 'fork' of this process (threads, CUDA)."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def run_local(plan: Plan, root: Path, todo: list[Point], workers: int, threads: int,
+              on_done: Callable[[dict], None]) -> bool:
+    """Each point in a worker process of a pool. Returns True when stopped by Ctrl-C.
+
+    A script that calls this needs the `if __name__ == "__main__":` guard, as for any process pool."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    ctx = _mp_context()
+    stop = ctx.Event()
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, stop))
+    futures = {}
+    try:
+        futures = {pool.submit(run_point, plan.base, p, str(root)): p for p in todo}
+        for fut in as_completed(futures):
+            on_done(_result(fut, futures[fut]))
+        return False
+    except KeyboardInterrupt:
+        stop.set()  # running points end as `interrupted` at their next step
+        for fut in futures:
+            fut.cancel()
+        return True
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _result(fut, point: Point) -> dict:
+    try:
+        return fut.result()
+    except Exception as e:  # the worker process itself died (e.g. out of memory)
+        return {"name": point.name, "error": f"{type(e).__name__}: {e}"}
+
+
+def run_ray(plan: Plan, root: Path, todo: list[Point], address: str | None, cpus: float, gpus: float,
+            on_done: Callable[[dict], None]) -> bool:
+    """Each point a plain Ray task asking for `cpus` CPUs and `gpus` GPUs. Connects to `address` (or
+    RAY_ADDRESS, or starts a local instance) unless Ray is already initialised. True when stopped by Ctrl-C."""
+    import logging
+
+    import ray  # optional: pip install 'gradexp[ray]'
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, logging_level=logging.WARNING,
+                 **({} if address else {"include_dashboard": False}))
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(run_point)
+    refs = {task.remote(plan.base, p, str(root), max(1, int(cpus))): p for p in todo}
+    waiting = list(refs)
+    try:
+        while waiting:
+            done, waiting = ray.wait(waiting, num_returns=1)
+            try:
+                result = ray.get(done[0])
+            except Exception as e:  # the task or its worker died
+                result = {"name": refs[done[0]].name, "error": f"{type(e).__name__}: {e}"}
+            on_done(result)
+        return False
+    except KeyboardInterrupt:
+        for ref in waiting:  # a running task gets a KeyboardInterrupt and ends as `interrupted`
+            ray.cancel(ref)
+        if waiting:
+            ray.wait(waiting, num_returns=len(waiting), timeout=60)
+        return True
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------------- the sweep
+
+@dataclass
+class Job:
+    """A checked sweep, ready to run: nothing has been written yet (unless it resumes a folder)."""
+    plan: Plan
+    configs: dict[str, Config]
+    out: Path
+    resume: Path | None
+    todo: list[Point]
+    executor: str = "local"
+    workers: int = 1
+    threads: int = 1
+    address: str | None = None
+    cpus_per_run: float = 1.0
+    gpus_per_run: float = 0.0
+
+    def describe(self) -> str:
+        """How the points will run, for the terminal."""
+        if self.executor == "ray":
+            where = self.address or os.environ.get("RAY_ADDRESS") or "the running or a new local instance"
+            return f"Ray tasks on {where}, {self.cpus_per_run:g} CPU and {self.gpus_per_run:g} GPU each"
+        return f"{self.workers} worker process{'es' if self.workers > 1 else ''} x {self.threads} thread" + \
+            ("s" if self.threads > 1 else "")
+
+
+@dataclass
+class SweepOutcome:
+    """What a sweep ended with: its folder, one row per point (as in summary.json), and whether Ctrl-C stopped it."""
+    folder: Path
+    rows: list[dict]
+    interrupted: bool
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 1 if any(r["status"] == "failed" for r in self.rows) else 0
+
+
+def prepare(plan: Plan, out: str | Path = "runs", resume: str | Path | None = None, executor: str = "local",
+            workers: int | None = None, address: str | None = None, cpus_per_run: float | None = None,
+            gpus_per_run: float | None = None) -> Job:
+    """Check every point and the options before anything is written; ConfigError lists every problem."""
+    problems = []
+    try:
+        configs = check(plan)
+    except ConfigError as e:
+        problems += e.problems
+        configs = {}
+    if executor not in EXECUTORS:
+        problems.append(f"--executor: '{executor}' is not one of {', '.join(EXECUTORS)}")
+    if executor == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            problems.append("--executor ray: ray is not installed here (pip install 'gradexp[ray]')")
+        if workers is not None:
+            problems.append("--workers: local only; with --executor ray give --cpus-per-run (and --gpus-per-run)")
+    else:
+        if address is not None or cpus_per_run is not None or gpus_per_run is not None:
+            problems.append("--address, --cpus-per-run, --gpus-per-run: only with --executor ray")
+        if workers is not None and workers < 1:
+            problems.append(f"--workers: must be at least 1 (got {workers})")
+    if (cpus_per_run is not None and cpus_per_run <= 0) or (gpus_per_run is not None and gpus_per_run < 0):
+        problems.append("--cpus-per-run must be > 0 and --gpus-per-run >= 0")
+    if problems:
+        raise ConfigError(problems)
+    root = Path(resume) if resume is not None else None
+    todo = [p for p in plan.points if root is None or attempt(root, p)[1].get("status") not in DONE]
+    n = cores()
+    procs = max(1, min(workers or n, len(todo) or 1))
+    return Job(plan, configs, Path(out), root, todo, executor, procs, max(1, n // procs), address,
+               cpus_per_run or 1.0, gpus_per_run or 0.0)
+
+
+def run(job: Job, progress_factory=None) -> SweepOutcome:
+    """Make (or reuse) the sweep folder, run every point still to do, read the results back and write
+    summary.csv, summary.json and gradient_flow.png. Ctrl-C stops it cleanly (finished runs kept)."""
+    plan = job.plan
+    if job.resume is None:
+        root = new_run_dir(job.out, plan.name)
+        save_plan(plan, root)
+    else:
+        root = job.resume
+    # Ray tasks may run on other nodes: they get the absolute path (which every node must reach).
+    root = root.resolve()
+    errors: dict[str, str] = {}
+    bar = progress_factory(len(plan.points), len(plan.points) - len(job.todo)) if progress_factory \
+        else nullcontext(lambda result, status: None)
+    interrupted = False
+    with bar as advance:
+        def on_done(result: dict) -> None:
+            if result.get("error"):
+                errors[result["name"]] = result["error"]
+            _, summary = attempt(root, _point(plan, result["name"]))
+            advance(result["name"], "failed" if result.get("error") else summary.get("status", "not run"))
+
+        if job.todo:
+            try:
+                if job.executor == "ray":
+                    interrupted = run_ray(plan, root, job.todo, job.address, job.cpus_per_run,
+                                          job.gpus_per_run, on_done)
+                else:
+                    interrupted = run_local(plan, root, job.todo, job.workers, job.threads, on_done)
+            except KeyboardInterrupt:  # between starting the executor and waiting on it
+                interrupted = True
+    rows = collect(plan, job.configs, root, errors)
+    write_summaries(root, plan, rows)
+    return SweepOutcome(root, rows, interrupted)
+
+
+def _point(plan: Plan, name: str) -> Point:
+    return next(p for p in plan.points if p.name == name)
+
+
+# ------------------------------------------------------------------------------------- reading back
+
+def attempt(root: Path, point: Point) -> tuple[Path | None, dict]:
+    """The run folder that stands for a point: its latest completed or diverged run, else its latest
+    run of any status; (None, {}) when it has none."""
+    found = []
+    for path in (root / point.name).glob("*/summary.json"):
+        try:
+            s = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        found.append((s.get("status") in DONE, path.stat().st_mtime, path.parent, s))
+    if not found:
+        return None, {}
+    *_, folder, summary = max(found, key=lambda f: f[:2])
+    return folder, summary
+
+
+RESULT_KEYS = ("status", "loss_train", "acc_train", "loss_eval", "acc_eval", "ratio_first", "ratio_last",
+               "verdict", "steps_done", "wall_time_s", "folder", "error", "diagnosis")
+
+
+def collect(plan: Plan, configs: dict[str, Config], root: Path, errors: dict[str, str]) -> list[dict]:
+    """One row per point, from its run folder (status `not run` where it has none and no error)."""
+    rows = []
+    for p in plan.points:
+        folder, s = attempt(root, p)
+        if p.name in errors and s.get("status") != "failed":
+            folder, s = None, {}  # it failed before making a run folder: an older attempt does not stand for it
+        final, d = s.get("final") or {}, s.get("diagnosis") or {}
+        status = s.get("status") or ("failed" if p.name in errors else "not run")
+        error = errors.get(p.name) or s.get("error")
+        rows.append({
+            "name": p.name, "run": p.run, "overrides": p.overrides, "status": status,
+            **{k: final.get(k) for k in ("loss_train", "acc_train", "loss_eval", "acc_eval")},
+            "ratio_first": d.get("ratio"), "ratio_last": d.get("ratio_last"), "verdict": d.get("verdict"),
+            "steps_done": (s.get("steps") or {}).get("done"), "wall_time_s": s.get("wall_time_s"),
+            "folder": str(folder.relative_to(root)) if folder else None, "error": error,
+            "diagnosis": d.get("message"),
+            "_params": flat(configs[p.name]) if p.name in configs else {},
+            "_flow": [((s.get("layers") or {}).get(at) or {}).get("act_grad_norm") for at in ("first", "last")],
+        })
+    return rows
+
+
+def status_counts(rows: list[dict]) -> dict[str, int]:
+    """{'completed': 20, 'diverged': 2, ...} in the order the statuses first appear."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return counts
+
+
+def swept_keys(plan: Plan) -> list[str]:
+    """Every key that some point overrides, in the order they first appear (summary.csv's columns)."""
+    keys: list[str] = []
+    for p in plan.points:
+        keys += [k for k in p.overrides if k not in keys]
+    return keys
+
+
+def write_summaries(root: Path, plan: Plan, rows: list[dict]) -> None:
+    """summary.json (every row, with its overrides), summary.csv (one column per swept key, holding each
+    run's resolved value) and gradient_flow.png."""
+    public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    write_json(root / "summary.json", {"name": plan.name, "folder": str(root), "counts": status_counts(rows),
+                                       "runs": public})
+    keys = swept_keys(plan)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["name", *keys, *RESULT_KEYS])
+    for r in rows:
+        writer.writerow([r["name"], *(r["_params"].get(k, r["overrides"].get(k)) for k in keys),
+                         *("" if r[k] is None else r[k] for k in RESULT_KEYS)])
+    write_atomic(root / "summary.csv", buf.getvalue())
+    flow_figure(root / "gradient_flow.png", rows, plan.name)
+
+
+# ------------------------------------------------------------------------------------ what is shown
+
+_STYLE = {"completed": "green", "diverged": "red", "failed": "bold red", "interrupted": "yellow", "not run": "dim"}
+_VERDICT = {"vanishing": "yellow", "exploding": "red", "healthy": "green"}
+
+
+def _fmt(v: float | None) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    if v == 0:
+        return "0"
+    return f"{v:.3g}" if 1e-3 <= abs(v) < 1e3 else f"{v:.1e}"
+
+
+def results_table(rows: list[dict]):
+    """One row per run: its name (made of its overrides), status, final loss and accuracy, the
+    first/last gradient ratio and the diagnosis."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="runs (ratio: ||dL/dz|| of layer 0 / of the last hidden layer)",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+    table.add_column("run", no_wrap=True, min_width=max((len(r["name"]) for r in rows), default=3))
+    table.add_column("status", no_wrap=True)
+    for header in ("loss\ntrain", "acc\neval", "ratio\nfirst", "ratio\nlast"):
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_column("diagnosis", no_wrap=True)
+    for r in rows:
+        verdict = r["verdict"] or "-"
+        table.add_row(r["name"], Text(r["status"], style=_STYLE.get(r["status"], "")), _fmt(r["loss_train"]),
+                      _fmt(r["acc_eval"]), _fmt(r["ratio_first"]), _fmt(r["ratio_last"]),
+                      Text(verdict, style=_VERDICT.get(verdict, "")))
+    return table
+
+
+@contextmanager
+def progress_bar(console, total: int, done: int = 0):
+    """A rich progress bar over the sweep's runs; yields advance(name, status)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("sweep", total=total, completed=done, info="")
+
+        def advance(name: str, status: str) -> None:
+            bar.update(task, advance=1, info=f"{name}: {status}")
+
+        yield advance
+
+
+def flow_figure(path: Path, rows: list[dict], title: str) -> None:
+    """Every run's ||dL/dz|| against layer index on one log-scale chart, at initialisation (left) and
+    at the last logged step (right: where clipping and weight decay show).
+
+    One colour per named run (or per value of the first swept key), one line style per variant
+    within it; exact zeros (float32 underflow) are drawn as 'x' on the bottom edge."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    def group(r: dict) -> str:
+        return r["run"] if r["run"] is not None else str(next(iter(r["overrides"].values()), ""))
+
+    drawn = [r for r in rows if r["_flow"][0]]
+    groups = list(dict.fromkeys(group(r) for r in drawn))
+    colors = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
+    styles = ("-", "--", ":", "-.")
+    variant = {}
+    for r in drawn:
+        variant[r["name"]] = sum(group(q) == group(r) for q in drawn[:drawn.index(r)])
+    positive = [v for r in drawn for flow in r["_flow"] for v in flow or []
+                if v is not None and math.isfinite(v) and v > 0]
+    floor = min(positive, default=1e-30) / 10
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5), sharey=True)
+    for ax, at, label in ((axes[0], 0, "at the first logged step (initialisation)"),
+                          (axes[1], 1, "at the last logged step")):
+        for r in drawn:
+            values = r["_flow"][at] or []
+            pts = [(i, v) for i, v in enumerate(values) if v is not None and math.isfinite(v) and v > 0]
+            zeros = [i for i, v in enumerate(values) if v == 0]
+            color = colors(groups.index(group(r)) % colors.N)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=styles[variant[r["name"]] % len(styles)],
+                    marker=".", color=color,
+                    label=r["name"] + ("" if r["status"] == "completed" else f" ({r['status']})"))
+            if zeros:
+                ax.scatter(zeros, [floor] * len(zeros), marker="x", color=color)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("layer (0 = next to the input; each line ends at its output layer)")
+        ax.set_title(f"||dLoss/dz|| {label}", fontsize=10)
+        ax.grid(True, which="major", alpha=0.3)
+    if drawn:
+        axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), ncol=1 if len(drawn) <= 30 else 2,
+                       frameon=False)
+    else:
+        axes[0].text(0.5, 0.5, "no run logged its first step", transform=axes[0].transAxes, ha="center")
+    fig.suptitle(f"sweep {title}: the back-propagated gradient of every run (x: exactly 0, float32 underflow)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,78 @@
+"""Theory beside measurement, end to end: `gradexp run` on wide plain nets at init agrees with
+mean-field chi; `gradexp explain` predicts without training; the diagnosis explains itself."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import CONFIGS, TINY, only_run, summary_of
+
+WIDE = ["data.name=gaussian", "data.dim=512", "model.width=512", "model.depth=12", "model.bias_init=zero",
+        "data.batch_size=256", "data.n_train=256", "train.steps=1", "train.log_every=1", "train.hist_every=0",
+        "train.eval_every=0"]
+
+
+@pytest.mark.parametrize("case", [
+    "model.activation=tanh model.init=normal model.init_gain=0.9",  # ordered: sigma_w^2 = 0.81
+    "model.activation=tanh model.init=normal model.init_gain=2",  # chaotic: sigma_w^2 = 4, chi_1 = 1.36
+    "model.activation=sigmoid model.init=xavier_normal",  # chi_1 = 0.056
+    "model.activation=relu model.init=kaiming_normal",  # He init: chi = 1
+])
+def test_measured_per_layer_factor_agrees_with_chi_within_5_percent(cli, tmp_path, case):
+    result = cli("run", CONFIGS / "deep_relu.yaml", *WIDE, *case.split(), "--out", tmp_path, "-q")
+    assert result.exit_code == 0, result.output
+    theory = summary_of(only_run(tmp_path))["theory"]
+    assert theory["applies"] and theory["fit_layers"] == [3, 8]
+    assert theory["measured_factor"] == pytest.approx(theory["predicted_factor"], rel=0.05)
+    # and the whole predicted profile, anchored at the last hidden layer, follows the measurement
+    for measured, predicted in zip(theory["measured_act_grad_norm"], theory["predicted_act_grad_norm"]):
+        assert measured == pytest.approx(predicted, rel=0.25)
+
+
+def test_run_shows_the_prediction_and_explains_the_cause(cli, tmp_path):
+    result = cli("run", CONFIGS / "deep_sigmoid.yaml", *TINY, "--out", tmp_path)
+    assert result.exit_code == 0
+    assert "predicted" in result.output  # the table's column
+    s = summary_of(only_run(tmp_path))
+    d, t = s["diagnosis"], s["theory"]
+    assert t["applies"] and t["chi_1"] < 0.1
+    assert "predicted" in d["message"] and "sigmoid with default init" in d["message"]
+    assert "kaiming_normal" in d["advice"]
+    assert any("still at their init" in f for f in d["findings"])
+
+
+def test_theory_says_when_it_does_not_apply(cli, tmp_path):
+    result = cli("run", CONFIGS / "batchnorm.yaml", *TINY, "--out", tmp_path, "-q")
+    assert result.exit_code == 0
+    theory = summary_of(only_run(tmp_path))["theory"]
+    assert theory == {"applies": False, "reason": theory["reason"]} and "model.norm=batchnorm" in theory["reason"]
+
+
+def test_explain_predicts_without_training(cli, tmp_path):
+    png = tmp_path / "flow.png"
+    result = cli("explain", CONFIGS / "deep_tanh.yaml", "--plot", png)
+    assert result.exit_code == 0, result.output
+    assert "per-layer factor" in result.output and "critical init" in result.output
+    assert "tanh'(x) <= 1" in result.output and "layer_19" in result.output
+    assert png.stat().st_size > 10_000
+    assert not (tmp_path / "runs").exists()
+
+
+def test_explain_names_the_critical_line_and_when_theory_does_not_apply(cli):
+    result = cli("explain", CONFIGS / "deep_relu.yaml")
+    assert "chi_1 = 1 (critical)" in result.output or "chi_1 = 1 " in result.output
+    result = cli("explain", CONFIGS / "residual.yaml")
+    assert result.exit_code == 0 and "does not apply" in result.output and "model.residual" in result.output
+    result = cli("explain", CONFIGS / "deep_tanh.yaml", "model.depth=-1")
+    assert result.exit_code == 2
+
+
+def test_float64_measures_what_float32_rounds_to_zero(cli, tmp_path):
+    args = [CONFIGS / "deep_sigmoid.yaml", "model.depth=60", *TINY, "train.steps=2", "train.log_every=1"]
+    assert cli("run", *args, "--out", tmp_path / "f32", "-q").exit_code == 0
+    assert cli("run", *args, "precision=float64", "--out", tmp_path / "f64", "-q").exit_code == 0
+    f32, f64 = (summary_of(only_run(tmp_path / p)) for p in ("f32", "f64"))
+    assert f32["layers"]["first"]["grad_norm"][0] == 0.0
+    assert any("underflow" in f and "precision=float64" in f for f in f32["diagnosis"]["findings"])
+    g = f64["layers"]["first"]["grad_norm"][0]
+    assert 0 < g < 1e-38  # far below float32's smallest normal number

@@ -1,0 +1,291 @@
+"""`gradexp sweep`: expansion and naming, the whole sweep validated up front, real sweeps on tiny budgets
+(two worker processes; a failing and a diverging point among completing ones; Ctrl-C then --resume),
+and the Ray executor on a local instance."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import CONFIGS, TINY, summary_of
+from gradexp import sweep as sweeps
+from gradexp.config import ConfigError, flat, load_config
+
+# TINY budgets as single-valued grid keys: set for every point, and left out of the points' names.
+TINY_GRID = [arg for o in TINY for arg in ("--grid", o)]
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def sweep_folder(out: Path) -> Path:
+    """The one sweep folder under an --out folder (<out>/<sweep name>/<stamp-id>/)."""
+    (folder,) = [p for p in out.glob("*/*") if p.is_dir()]
+    return folder
+
+
+def attempts(root: Path, point: str) -> list[Path]:
+    """A point's run folders (<sweep folder>/<point>/<stamp-id>/), one per attempt."""
+    return sorted(p for p in (root / point).glob("*") if p.is_dir())
+
+
+def rows_of(root: Path) -> dict[str, dict]:
+    return {r["name"]: r for r in json.loads((root / "summary.json").read_text())["runs"]}
+
+
+# ------------------------------------------------------------------------------- expansion and naming
+
+def test_grid_is_crossed_and_points_are_named_from_what_varies():
+    plan = sweeps.expand("s", {}, grid={"model.activation": ["sigmoid", "leaky_relu"], "model.depth": [5, 20],
+                                        "train.steps": [10]})
+    assert [p.name for p in plan.points] == ["activation-sigmoid_depth-5", "activation-sigmoid_depth-20",
+                                             "activation-leaky_relu_depth-5", "activation-leaky_relu_depth-20"]
+    assert plan.points[1].overrides == {"model.activation": "sigmoid", "model.depth": 20, "train.steps": 10}
+    cfg = sweeps.point_config({"optim": {"lr": 0.5}}, plan.points[3])
+    assert (cfg.name, cfg.model.activation, cfg.model.depth, cfg.train.steps, cfg.optim.lr) == \
+        ("activation-leaky_relu_depth-20", "leaky_relu", 20, 10, 0.5)
+
+
+def test_runs_times_grid_times_seeds_in_that_order():
+    plan = sweeps.expand("s", {}, grid={"model.depth": [5, 20]}, seeds=[0, 1],
+                         runs={"sigmoid": {}, "relu": {"model.activation": "relu", "model.init": "kaiming_normal"}})
+    assert [p.name for p in plan.points] == [
+        "sigmoid_depth-5_seed-0", "sigmoid_depth-5_seed-1", "sigmoid_depth-20_seed-0", "sigmoid_depth-20_seed-1",
+        "relu_depth-5_seed-0", "relu_depth-5_seed-1", "relu_depth-20_seed-0", "relu_depth-20_seed-1"]
+    assert plan.points[5].overrides == {"model.activation": "relu", "model.init": "kaiming_normal",
+                                        "model.depth": 5, "seed": 1}
+    assert plan.points[5].run == "relu"
+    # one seed: set, but not in the name; nothing varies at all: the base's name
+    assert [p.name for p in sweeps.expand("s", {}, seeds=[3]).points] == ["s"]
+    assert [p.name for p in sweeps.expand("s", {"name": "deep"}, seeds=[3]).points] == ["deep"]
+
+
+def test_names_are_filesystem_safe_unique_and_valid_config_names():
+    grid = {"data.name": ["digits", "gaussian"], "optim.name": ["sgd"], "optim.lr": [0.1, 1e-3],
+            "model.residual": [True, False]}
+    names = [p.name for p in sweeps.expand("s", {}, grid=grid).points]
+    # the two `name` keys vary in one case only: a key keeps its full path where leaves would clash
+    assert names[0] == "name-digits_lr-0.1_residual-true"
+    grid = {"data.name": ["digits", "gaussian"], "optim.name": ["sgd", "adam"]}
+    assert sweeps.expand("s", {}, grid=grid).points[1].name == "data.name-digits_optim.name-adam"
+    odd = sweeps.expand("s", {}, grid={"device": ["cuda:0", "cuda/0", "x" * 200]},
+                        runs={"relu + He init": {}, "../up": {}})
+    names = [p.name for p in odd.points]
+    assert names[:2] == ["relu-He-init_device-cuda-0", "relu-He-init_device-cuda-0-2"]
+    assert names[3] == "up_device-cuda-0"
+    assert len(set(names)) == len(names)
+    assert all(NAME.match(n) and len(n) <= 100 for n in names), names
+
+
+def test_a_key_set_in_two_places_is_refused():
+    with pytest.raises(ConfigError) as e:
+        sweeps.expand("s", {}, grid={"model.depth": [5, 20]}, runs={"deep": {"model.depth": 50}, "b": {}})
+    assert "model.depth: set by the grid and by runs deep" in str(e.value)
+    with pytest.raises(ConfigError, match="seed: set by seeds and by runs a"):
+        sweeps.expand("s", {}, runs={"a": {"seed": 1}}, seeds=[0, 1])
+
+
+def test_sweep_file_base_path_nested_grid_runs_seeds_and_the_command_line(tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "base.yaml").write_text("name: b\nmodel: {depth: 7, activation: tanh}\n")
+    (tmp_path / "my.yaml").write_text(yaml.safe_dump({
+        "base": "configs/base.yaml",  # relative to the sweep file
+        "grid": {"model": {"width": [8, 16]}},  # nested or dotted, the same
+        "runs": {"plain": None, "lr": {"optim": {"lr": 0.01}}},
+        "seeds": [1, 2],
+    }, sort_keys=False))
+    plan = sweeps.load_plan(tmp_path / "my.yaml", ["model.depth=3,4", "train.steps=5"])
+    assert plan.name == "my" and len(plan.points) == 2 * 2 * 2 * 2
+    assert plan.points[0].name == "plain_width-8_depth-3_seed-1"
+    configs = sweeps.check(plan)
+    cfg = configs["lr_width-16_depth-4_seed-2"]
+    assert (cfg.model.activation, cfg.model.width, cfg.model.depth, cfg.optim.lr, cfg.seed, cfg.train.steps) == \
+        ("tanh", 16, 4, 0.01, 2, 5)
+    # a plain config is the base; --seeds replaces the file's seeds
+    plan = sweeps.load_plan(CONFIGS / "deep_sigmoid.yaml", ["model.activation=sigmoid,relu"], seeds="0,1")
+    assert plan.name == "deep_sigmoid" and [p.overrides["seed"] for p in plan.points] == [0, 1, 0, 1]
+    assert sweeps.check(plan)["activation-relu_seed-1"].model.depth == 20
+
+
+def test_the_default_sweep_is_the_article():
+    plan = sweeps.load_plan(CONFIGS / "sweep.yaml")
+    configs = sweeps.check(plan)
+    runs = {p.run for p in plan.points}
+    assert {"sigmoid", "pretraining", "relu", "batchnorm", "residual", "exploding", "clipping", "weight_decay"} <= runs
+    assert runs & {"leaky_relu", "elu"}
+    depths = {c.model.depth for c in configs.values()}
+    assert len(depths) >= 2 and max(depths) >= 20
+    assert all(c.data.name == "digits" and c.model.width <= 64 and c.train.steps <= 500 for c in configs.values())
+    # at depth 20 a run is the shipped config of the same idea, as the sweep file says
+    for run, shipped in (("sigmoid", "deep_sigmoid"), ("pretraining", "pretrain_sigmoid"), ("relu", "deep_relu"),
+                         ("batchnorm", "batchnorm"),
+                         ("residual", "residual"), ("exploding", "exploding"), ("clipping", "exploding_clipped"),
+                         ("weight_decay", "weight_decay")):
+        assert flat(configs[f"{run}_depth-20"]) == {**flat(load_config(CONFIGS / f"{shipped}.yaml")),
+                                                    "name": f"{run}_depth-20"}, run
+
+
+# --------------------------------------------------------------------------------- refused up front
+
+def test_bad_grid_is_refused_with_every_problem_and_nothing_runs(cli, tmp_path):
+    result = cli("sweep", CONFIGS / "deep_sigmoid.yaml", "--grid", "model.activaton=relu,tanh",
+                 "--grid", "model.depth=5,0", "--grid", "optim.lr=0.1,fast", "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    out = result.output
+    assert "model.activaton: unknown key (did you mean 'model.activation'?)" in out and "(at every point)" in out
+    assert "model.depth" in out and "depth-0" in out  # names the points where the value fails
+    assert "optim.lr" in out and "'fast'" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_sweep_file_and_options_are_refused(cli, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: {model: {depth: 3}}\ngrid: {model.depth: 5}\nrunz: {}\nseeds: [a]\n")
+    result = cli("sweep", bad, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    for text in ("unknown sweep key 'runz' (did you mean 'runs'?)", "grid.model.depth: expected a non-empty list",
+                 "seeds: expected"):
+        assert text in result.output, (text, result.output)
+    assert cli("validate", bad).exit_code == 2
+    assert cli("validate", CONFIGS / "sweep.yaml", CONFIGS / "deep_relu.yaml").exit_code == 0
+    for args, text in ((["--address", "auto"], "only with --executor ray"),
+                       (["--workers", "0"], "--workers: must be at least 1"),
+                       (["--grid", "model.depth"], "expected key.path=value1,value2"),
+                       (["--resume", tmp_path], "give no sweep file")):
+        result = cli("sweep", CONFIGS / "deep_relu.yaml", *args, "--out", tmp_path / "out")
+        assert result.exit_code == 2 and text in result.output, (args, result.output)
+    result = cli("sweep", "--resume", tmp_path)
+    assert result.exit_code == 2 and "no plan.json" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------- real sweeps
+
+def test_two_workers_make_every_run_folder_the_summaries_and_the_figure(cli, tmp_path):
+    result = cli("sweep", CONFIGS / "deep_relu.yaml", "--grid", "model.activation=relu,tanh",
+                 "--grid", "model.depth=2,3", *TINY_GRID, "--workers", "2", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    root = sweep_folder(tmp_path)
+    assert root.parent.name == "deep_relu"
+    names = ["activation-relu_depth-2", "activation-relu_depth-3", "activation-tanh_depth-2", "activation-tanh_depth-3"]
+    rows = rows_of(root)
+    assert list(rows) == names
+    for name in names:
+        (folder,) = attempts(root, name)  # an ordinary run folder, as `gradexp run` makes it
+        assert {"config.yaml", "summary.json", "gradient_flow.png"} <= {p.name for p in folder.iterdir()}
+        assert any(p.name.startswith("events.out.tfevents") for p in folder.iterdir())
+        s = summary_of(folder)
+        assert s["status"] == "completed" and s["name"] == name and s["steps"]["done"] == 12
+        saved = yaml.safe_load((folder / "config.yaml").read_text())
+        assert saved["model"]["depth"] == int(name[-1]) and saved["model"]["activation"] in name
+        row = rows[name]
+        assert row["status"] == "completed" and row["error"] is None
+        assert row["folder"] == str(folder.relative_to(root)) and row["verdict"] == s["diagnosis"]["verdict"]
+        assert row["ratio_first"] == s["diagnosis"]["ratio"] and row["ratio_last"] == s["diagnosis"]["ratio_last"]
+        assert row["loss_train"] == s["final"]["loss_train"] and row["acc_eval"] == s["final"]["acc_eval"]
+        assert row["overrides"]["model.depth"] == int(name[-1]) and row["overrides"]["train.steps"] == 12
+    with open(root / "summary.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["name"] for r in table] == names
+    assert {"model.activation", "model.depth", "status", "ratio_first", "ratio_last", "verdict", "error"} \
+        <= set(table[0])
+    assert table[2]["model.activation"] == "tanh" and table[2]["model.depth"] == "2"
+    assert (root / "gradient_flow.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the plan is saved: sweep.yaml runs again as it is
+    again = sweeps.load_plan(root / "sweep.yaml")
+    assert [p.name for p in again.points] == names and again.name == "deep_relu"
+    assert flat(sweeps.check(again)[names[0]]) == flat(sweeps.point_config(again.base, again.points[0]))
+    # the terminal: the header, one table row per run, the folder and the counts
+    assert "4 of 4 runs to do, 2 worker processes" in result.output
+    assert all(n in result.output for n in names) and "healthy" in result.output
+    assert f"sweep folder: {root}" in result.output.replace("\n", "") and "4 runs: 4 completed" in result.output
+
+
+def test_a_failing_point_and_a_diverging_one_do_not_stop_the_others(cli, tmp_path):
+    sweep_file = tmp_path / "mixed.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "base": str(CONFIGS / "deep_relu.yaml"),
+        "runs": {
+            "relu": {"model.depth": 2},
+            # diverging is a result: ReLU with its init 1.5x too large, 20 layers
+            "exploding": {"model.depth": 20, "model.init_gain": 1.5},
+            # a failure only the machine can tell: the dataset's files are not there (valid config)
+            "missing_data": {"model.depth": 2, "data.name": "mnist", "data.root": str(tmp_path / "no-data")},
+            "tanh": {"model.depth": 2, "model.activation": "tanh"},
+        },
+    }, sort_keys=False))
+    result = cli("sweep", sweep_file, *TINY_GRID, "--workers", "2", "--out", tmp_path / "out")
+    assert result.exit_code == 1, result.output  # a point failed; all the others ran
+    root = sweep_folder(tmp_path / "out")
+    rows = rows_of(root)
+    assert {n: r["status"] for n, r in rows.items()} == \
+        {"relu": "completed", "exploding": "diverged", "missing_data": "failed", "tanh": "completed"}
+    assert "mnist" in rows["missing_data"]["error"] and rows["missing_data"]["folder"] is None
+    assert rows["exploding"]["verdict"] == "exploding" and rows["exploding"]["loss_train"] is None
+    assert rows["relu"]["error"] is None and summary_of(attempts(root, "tanh")[0])["status"] == "completed"
+    assert "missing_data: data." in result.output.replace("\n", "")  # the error is shown under the table
+    assert json.loads((root / "summary.json").read_text())["counts"] == {"completed": 2, "diverged": 1, "failed": 1}
+    assert (root / "gradient_flow.png").stat().st_size > 0
+
+
+def test_ctrl_c_stops_cleanly_and_resume_runs_only_the_missing_points(cli, tmp_path):
+    # Long enough (hundreds of steps) that the second point is still running when Ctrl-C comes.
+    plan = sweeps.load_plan(CONFIGS / "deep_relu.yaml", ["optim.lr=0.01,0.02,0.03", "model.depth=2", "model.width=16",
+                                                         "train.steps=400", "train.log_every=50",
+                                                         "train.hist_every=0", "train.eval_every=0"])
+    job = sweeps.prepare(plan, tmp_path, workers=1)
+
+    @contextmanager
+    def ctrl_c_after_the_first_run(total, done):
+        def advance(name, status):
+            raise KeyboardInterrupt  # what Ctrl-C raises in the parent while it waits
+
+        yield advance
+
+    outcome = sweeps.run(job, progress_factory=ctrl_c_after_the_first_run)
+    assert outcome.interrupted and outcome.exit_code == 130
+    root = outcome.folder
+    before = {r["name"]: r["status"] for r in outcome.rows}
+    assert before["lr-0.01"] == "completed"
+    assert before["lr-0.03"] in ("interrupted", "not run")  # stopped, never started or cut short
+    assert before == {n: r["status"] for n, r in rows_of(root).items()}  # summaries written for what is there
+    first = attempts(root, "lr-0.01")
+    stamp = (first[0] / "summary.json").stat().st_mtime_ns
+    interrupted = [n for n, s in before.items() if s == "interrupted"]
+    for name in interrupted:
+        assert summary_of(attempts(root, name)[0])["steps"]["done"] < 400
+
+    missing = [n for n, s in before.items() if s not in ("completed", "diverged")]
+    result = cli("sweep", "--resume", root, "--workers", "1")
+    assert result.exit_code == 0, result.output
+    assert f"{len(missing)} of 3 runs to do" in result.output
+    after = rows_of(root)
+    assert all(r["status"] == "completed" for r in after.values())
+    assert attempts(root, "lr-0.01") == first and (first[0] / "summary.json").stat().st_mtime_ns == stamp
+    for name in missing:  # a new run folder beside the interrupted one, which is kept
+        assert len(attempts(root, name)) == (2 if name in interrupted else 1)
+        assert summary_of(root / after[name]["folder"])["status"] == "completed"
+
+
+def test_ray_executor_on_a_local_instance(cli, tmp_path):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        result = cli("sweep", CONFIGS / "deep_relu.yaml", "--grid", "model.depth=2,3", *TINY_GRID,
+                     "--executor", "ray", "--cpus-per-run", "1", "--out", tmp_path)
+        assert result.exit_code == 0, result.output
+        assert "Ray tasks" in result.output
+    finally:
+        ray.shutdown()
+    root = sweep_folder(tmp_path)
+    rows = rows_of(root)
+    assert {n: r["status"] for n, r in rows.items()} == {"depth-2": "completed", "depth-3": "completed"}
+    for name in rows:
+        (folder,) = attempts(root, name)
+        assert summary_of(folder)["name"] == name
+    assert (root / "summary.csv").exists() and (root / "gradient_flow.png").exists()
+    assert cli("sweep", CONFIGS / "deep_relu.yaml", "--executor", "ray", "--workers", "2").exit_code == 2
