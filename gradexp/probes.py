@@ -45,12 +45,6 @@ def _norms(tensors: list[torch.Tensor], exact: bool = False) -> torch.Tensor:
     return norms
 
 
-def _per_layer(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """(layers, batch, units): one reduction kernel serves every hidden layer (they share a shape).
-    A conv layer's units are its (channel, row, column) positions."""
-    return torch.stack(tensors).flatten(2)
-
-
 def _pad(values: torch.Tensor, n: int) -> torch.Tensor:
     # Hidden-layer statistics get a NaN for the output layer so every probe has one value per layer.
     return torch.cat([values, values.new_full((n - len(values),), float("nan"))])
@@ -67,14 +61,28 @@ class Probes:
         self.initial_norm = _norms(self.initial)
         self.derivative = DERIVATIVES[activation]
         self.max_slope = MAX_SLOPE[activation]
+        # Buffers reused at every logged step: a fresh multi-MB tensor per step costs the CPU page
+        # faults that take longer than the arithmetic on it.
+        self.scratch = [torch.empty_like(w) for w in self.initial]
+        self.stacked: dict[str, torch.Tensor] = {}
+
+    def _stack(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """(layers, batch, units) in a reused buffer (hidden layers share a shape; conv units are
+        (channel, row, column) positions)."""
+        shape = (len(tensors), tensors[0].shape[0], tensors[0][0].numel())
+        buf = self.stacked.get(key)
+        if buf is None or buf.shape != shape or buf.dtype != tensors[0].dtype:
+            buf = self.stacked[key] = tensors[0].new_empty(shape)
+        torch.stack([t.reshape(shape[1:]) for t in tensors], out=buf)
+        return buf
 
     def gradients(self, records: list[Record]) -> dict[str, torch.Tensor]:
         """After backward, before clipping: gradient and activation statistics, one value per layer."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         norms = _norms([p.grad for p in params], exact=True)
         index = {id(p): i for i, p in enumerate(params)}
-        a = _per_layer([r.a.detach() for r in records[:-1]])  # (hidden layers, batch, units)
-        h = _per_layer([r.h.detach() for r in records[:-1]])
+        a = self._stack("a", [r.a.detach() for r in records[:-1]])  # (hidden layers, batch, units)
+        h = self._stack("h", [r.h.detach() for r in records[:-1]])
         d = self.derivative(a, h)
         n = h.shape[1] * h.shape[2]
         mean = h.mean((1, 2))
@@ -94,18 +102,23 @@ class Probes:
             stats[k] = _pad(stats[k], self.n)
         return stats
 
-    def snapshot(self) -> list[torch.Tensor]:
-        """The weights before the optimizer step (to measure the step actually applied)."""
-        return [w.detach().clone() for w in self.weights]
+    def snapshot(self) -> torch.Tensor:
+        """Before the optimizer step: keep the weights (to measure the step actually applied) and
+        return their norms."""
+        torch._foreach_copy_(self.scratch, [w.detach() for w in self.weights])
+        return _norms(self.scratch)
 
-    def weights_after(self, before: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def weights_after(self, before_norm: torch.Tensor) -> dict[str, torch.Tensor]:
         """After the optimizer step: weight norm, ||dW|| / ||W||, and ||W - W0|| / ||W0||."""
         now = [w.detach() for w in self.weights]
-        before_norm = _norms(before)
+        torch._foreach_sub_(self.scratch, now)  # scratch = W_before - W_after, in place
+        update = _norms(self.scratch)
+        torch._foreach_copy_(self.scratch, now)
+        torch._foreach_sub_(self.scratch, self.initial)  # scratch = W_after - W0
         return {
             "weight_norm": _norms(now),
-            "update_ratio": _norms(torch._foreach_sub(now, before)) / before_norm,
-            "dist_from_init": _norms(torch._foreach_sub(now, self.initial)) / self.initial_norm,
+            "update_ratio": update / before_norm,
+            "dist_from_init": _norms(self.scratch) / self.initial_norm,
         }
 
     def histograms(self, records: list[Record]) -> dict[str, torch.Tensor]:

@@ -114,10 +114,11 @@ def test_update_ratio_is_the_step_actually_applied(optim):
         net.parameters())
     F.cross_entropy(net(torch.randn(16, 5)), torch.randint(0, 3, (16,))).backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), 0.1)
-    before = probes.snapshot()
+    before = [l.weight.detach().clone() for l in net.weight_layers]  # the reference's own copy
     expected_sgd = [0.5 * l.weight.grad.norm().item() / l.weight.norm().item() for l in net.weight_layers]
+    before_norm = probes.snapshot()
     opt.step()
-    stats = to_host(probes.weights_after(before))
+    stats = to_host(probes.weights_after(before_norm))
     actual = [(l.weight - b).norm().item() / b.norm().item() for l, b in zip(net.weight_layers, before)]
     assert stats["update_ratio"] == pytest.approx(actual, rel=1e-4)
     if optim == "sgd":  # plain SGD's step is lr * (clipped) gradient
@@ -126,6 +127,13 @@ def test_update_ratio_is_the_step_actually_applied(optim):
     assert stats["dist_from_init"] == pytest.approx(
         [(l.weight - w0).norm().item() / w0.norm().item() for l, w0 in zip(net.weight_layers, init)], rel=1e-4)
     assert stats["weight_norm"] == pytest.approx([l.weight.norm().item() for l in net.weight_layers], rel=1e-5)
+    # a second logged step reuses the buffers and measures its own step, not the first one's
+    before = [l.weight.detach().clone() for l in net.weight_layers]
+    before_norm = probes.snapshot()
+    opt.step()
+    again = to_host(probes.weights_after(before_norm))
+    assert again["update_ratio"] == pytest.approx(
+        [(l.weight - b).norm().item() / b.norm().item() for l, b in zip(net.weight_layers, before)], rel=1e-4)
 
 
 def test_logged_step_zero_equals_autograd_on_the_first_batch(tmp_path):
