@@ -46,9 +46,10 @@ def row(path: Path, out: str) -> str:
     s = run(load_config(path), out).summary
     d = s["diagnosis"]
     ratio = "-" if d.get("ratio") is None else f"{d['ratio']:.2g}"
+    ratio_end = "-" if d.get("ratio_last") is None else f"{d['ratio_last']:.2g}"
     loss = f"{s['final']['loss_train']:.3f}" if s["final"] else "-"
     status = s["status"] + (f" at step {d['diverged_step']}" if s["status"] == "diverged" else "")
-    return (f"| [{path.stem}](configs/{path.name}) | {what_it_shows(path)} | {ratio} | {d['verdict']} | {status} "
+    return (f"| [{path.stem}](configs/{path.name}) | {what_it_shows(path)} | {ratio} | {ratio_end} | {d['verdict']} | {status} "
             f"| {loss} | {s['wall_time_s']:.1f} s |")
 
 
@@ -64,7 +65,8 @@ def main() -> None:
             print(rows[-1], flush=True)
     if not args.no_write:
         readme = ROOT / "README.md"
-        head = "| config | what it shows | ratio at init | diagnosis | status | final loss/train | wall time |\n|---|---|---|---|---|---|---|\n"
+        head = ("| config | what it shows | ratio at init | ratio at end | diagnosis | status | final loss/train "
+                "| wall time |\n|---|---|---|---|---|---|---|---|\n")
         text = re.sub(r"(<!-- configs-table:start -->\n).*?(<!-- configs-table:end -->)",
                       lambda m: m.group(1) + head + "\n".join(rows) + "\n" + m.group(2), readme.read_text(), flags=re.S)
         readme.write_text(text)
