@@ -24,8 +24,8 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/gradexp run configs/deep_sigmoid.yaml
 
+# two workers on two cores, one torch thread each: two OpenMP teams on two cores spin-wait on each other
 test: $(VENV)/.installed-dev
-	# two workers on two cores, one thread each: two OpenMP teams on two cores spin-wait on each other
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q
 
 bench: $(VENV)/.installed
