@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.syntax import Syntax
 
 from .config import ConfigError, load_config, to_yaml
@@ -22,7 +23,7 @@ def fail(e: ConfigError) -> typer.Exit:
     """Print every problem of a ConfigError and give exit code 2 (nothing was run or written)."""
     err_console.print("[bold red]error:[/bold red] invalid input, nothing was run", highlight=False)
     for line in e.problems:
-        err_console.print(f"  - {line}", highlight=False, soft_wrap=True)
+        err_console.print(f"  - {escape(line)}", highlight=False, soft_wrap=True)
     return typer.Exit(2)
 
 
@@ -48,6 +49,8 @@ def run(
     from .report import print_report, progress_bar
     from .train import run as run_experiment
 
+    if out.exists() and not out.is_dir():
+        raise fail(ConfigError(f"--out: '{out}' is a file; give a folder (it is created if missing)"))
     cfg, exp = load_experiment(config, overrides)
     if not quiet:
         console.print(Syntax(to_yaml(cfg), "yaml", theme="ansi_dark", background_color="default"))
@@ -69,12 +72,12 @@ def validate(
     for path in configs:
         try:
             check_file(path)
-            console.print(f"[green]ok[/green] {path}")
+            console.print(f"[green]ok[/green] {escape(str(path))}")
         except ConfigError as e:
             bad += 1
-            err_console.print(f"[red]invalid[/red] {path}")
+            err_console.print(f"[red]invalid[/red] {escape(str(path))}")
             for line in e.problems:
-                err_console.print(f"  - {line}", highlight=False, soft_wrap=True)
+                err_console.print(f"  - {escape(line)}", highlight=False, soft_wrap=True)
     if bad:
         raise typer.Exit(2)
 
@@ -125,7 +128,8 @@ def sweep(
         console.print(sweeps.results_table(outcome.rows))
         for r in outcome.rows:
             if r["error"]:
-                err_console.print(f"[red]{r['name']}[/red]: {r['error']}", highlight=False, soft_wrap=True)
+                err_console.print(f"[red]{escape(r['name'])}[/red]: {escape(str(r['error']))}", highlight=False,
+                                  soft_wrap=True)
     counts = ", ".join(f"{n} {status}" for status, n in sweeps.status_counts(outcome.rows).items())
     console.print(f"sweep folder: {outcome.folder}", soft_wrap=True, highlight=False)
     console.print(f"{len(outcome.rows)} runs: {counts}", highlight=False)
@@ -151,8 +155,11 @@ def explain(
     info = predict_flow(cfg.model, exp.data.in_shape, x2)
     print_explanation(console, cfg.model, info)
     if plot is not None and info["applies"]:
+        plot.parent.mkdir(parents=True, exist_ok=True)
         theory_figure(plot, cfg.model, info)
         console.print(f"written: {plot}")
+    elif plot is not None:
+        console.print(f"no plot written to {plot}: there is no prediction for this network")
 
 
 def main() -> None:

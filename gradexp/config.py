@@ -34,7 +34,19 @@ class ConfigError(Exception):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: optim.lr=.inf is a typo, not an experiment
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools_for_numbers(cls, data: Any) -> Any:
+        # pydantic's lax mode reads true as 1: model.depth=true must be refused, not run at depth 1
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key)
+                if isinstance(value, bool) and field is not None and field.annotation in (int, float, int | None):
+                    raise ValueError(f".{key}: expected a number (got {str(value).lower()})")
+        return data
 
 
 class DataConfig(_Section):
@@ -200,6 +212,8 @@ def _describe(err: dict) -> str:
         return err["msg"].removeprefix("Value error, ")
     got = err.get("input")
     msg = err["msg"].removeprefix("Value error, ")
+    if msg.startswith("."):  # a section's own check naming one of its keys: '.depth: ...'
+        return f"{where}{msg}"
     if isinstance(got, (dict, list)):
         return f"{where}: {msg}"
     return f"{where}: {msg} (got {got!r})"

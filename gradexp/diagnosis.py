@@ -103,7 +103,7 @@ def diagnose(first: dict | None, last: dict | None, cfg: Config, diverged: dict 
             "ratio": grad_ratio(first["act_grad_norm"]) if first else None,
             "findings": [],
             "advice": ADVICE["diverged"],
-            "message": f"exploding: loss or gradients became non-finite at step {diverged['step']}{where}; "
+            "message": f"exploding: training became non-finite at step {diverged['step']}{where}; "
                        f"{ADVICE['diverged']}",
         }
     if first is None:
@@ -114,7 +114,7 @@ def diagnose(first: dict | None, last: dict | None, cfg: Config, diverged: dict 
     ratio = grad_ratio(delta)
     hops = len(delta) - 2  # hidden layers 0 .. L-1
     factor = ratio ** (1.0 / hops) if hops > 0 and ratio > 0 and math.isfinite(ratio) else None
-    if math.isnan(ratio):
+    if math.isnan(ratio) or hops < 1:  # one hidden layer: nothing to compare it with
         verdict = "unknown"
     elif ratio < thresholds.vanishing_below:
         verdict = "vanishing"

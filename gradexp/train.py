@@ -71,6 +71,12 @@ def prepare(cfg: Config) -> Experiment:
         model = build_model(cfg.model, data.in_shape, data.classes)
     except ValueError as e:
         raise ConfigError(f"model.kind: {e}; use model.kind=mlp for this dataset") from None
+    if cfg.model.norm == "batchnorm":  # batch statistics of a single example are undefined
+        for key, size in (("data.batch_size", cfg.data.batch_size),
+                          ("pretrain.batch_size", cfg.pretrain.batch_size if cfg.pretrain.enabled else None)):
+            if size is not None and min(size, len(data.x_train)) < 2:
+                raise ConfigError(f"{key}: model.norm=batchnorm needs batches of at least 2 examples "
+                                  f"(got {min(size, len(data.x_train))})")
     dtype = getattr(torch, cfg.precision)  # float64 shows the true size of gradients float32 rounds to 0
     return Experiment(cfg, device, data.to(device, dtype), model.to(device, dtype))
 
@@ -155,13 +161,16 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             objective(loss, model, cfg.optim.l1).backward()
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step_t, bad_step)
-            step_t += 1
+            finite = torch.isfinite(loss)
             # --- probes (gradients before clipping), clipping, the step
             stats = probes.gradients(model.records) if log else {}
             hists = probes.histograms(model.records) if hist else {}
             if clip is not None:
-                clip(model.parameters(), cfg.clip.max)
+                total = clip(model.parameters(), cfg.clip.max)
+                if total is not None:  # norm clipping measured the gradient: check it for free
+                    finite = finite & torch.isfinite(total)
+            bad_step = torch.where((bad_step < 0) & ~finite, step_t, bad_step)
+            step_t += 1
             before = probes.snapshot() if log else None
             optimizer.step()
             # --- logging: one host transfer for everything this step measured
@@ -191,8 +200,12 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
     steps_done = int(step_t)
     diverged = None
     if status == "diverged" or (status == "interrupted" and int(bad_step) >= 0):
-        status = "diverged"
-        diverged = {"step": int(bad_step), "first_nonfinite_layer": first_nonfinite_layer(model)}
+        # the flag is read at the steps that sync anyway: report the run as stopped where it diverged,
+        # and keep only what was logged before (later steps trained on non-finite weights)
+        status, bad = "diverged", int(bad_step)
+        diverged = {"step": bad, "first_nonfinite_layer": first_nonfinite_layer(model)}
+        steps_done = bad + 1
+        logged = [e for e in logged if e["step"] < bad] or logged[:1]
     return {"status": status, "steps_done": steps_done, "logged": logged, "diverged": diverged}
 
 

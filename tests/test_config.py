@@ -66,6 +66,10 @@ def test_resolved_config_round_trips():
     (["device=tpu"], ["device", "auto, cpu, cuda or cuda:N"]),
     (["name=../../etc"], ["name", "letters, digits"]),
     (["model.depth"], ["expected key.path=value"]),
+    (["model.depth=true"], ["model.depth", "expected a number", "true"]),
+    (["optim.lr=.inf"], ["optim.lr", "finite number"]),
+    (["name=run[bold]1"], ["name", "'run[bold]1'"]),  # brackets shown as typed, not eaten as markup
+    (["model.norm=batchnorm", "data.batch_size=1"], ["data.batch_size", "at least 2 examples"]),
 ])
 def test_bad_override_is_refused_with_exit_2_and_nothing_written(cli, tmp_path, overrides, must_say):
     result = cli("run", CONFIGS / "deep_sigmoid.yaml", *overrides, *TINY, "--out", tmp_path)
@@ -139,3 +143,11 @@ def test_cnn_on_flat_data_is_refused(cli, tmp_path):
 def test_too_many_examples_asked_for(cli, tmp_path):
     result = cli("run", CONFIGS / "deep_sigmoid.yaml", "data.n_train=5000", *TINY, "--out", tmp_path)
     assert result.exit_code == 2 and "data.n_train" in result.output and "1797" in result.output
+
+
+def test_out_that_is_a_file_is_refused(cli, tmp_path):
+    target = tmp_path / "afile"
+    target.write_text("mine")
+    result = cli("run", CONFIGS / "deep_relu.yaml", *TINY, "--out", target)
+    assert result.exit_code == 2 and "is a file" in result.output
+    assert target.read_text() == "mine"

@@ -50,6 +50,7 @@ def test_exploding_diverges_as_a_result_and_clipping_completes(cli, tmp_path):
     assert s["diagnosis"]["diverged_step"] >= 0 and s["diagnosis"]["first_nonfinite_layer"] is not None
     assert "non-finite at step" in result.output
     assert s["layers"]["first"]["step"] == 0  # what was logged before diverging is kept
+    assert s["steps"]["done"] == s["diagnosis"]["diverged_step"] + 1  # it stops where it diverged
 
     result = cli("run", CONFIGS / "exploding_clipped.yaml", *TINY, "--out", tmp_path / "b", "--quiet")
     assert result.exit_code == 0
