@@ -23,13 +23,35 @@ SATURATED = 0.5  # a hidden layer with more than half its units saturated (or de
 AT_INIT = 1e-3  # a layer whose weights moved less than 0.1% from their init is "still at its init"
 RELU_FAMILY = ("relu", "leaky_relu", "elu", "gelu", "selu")
 
-# What to try next, by verdict (the article's remedies, in the order a student would try them).
-ADVICE = {
-    "vanishing": "try model.activation=relu with model.init=kaiming_normal, model.norm=batchnorm, "
-                 "or model.residual=true",
-    "exploding": "try a smaller model.init_gain, clip.mode=norm, or optim.weight_decay",
-    "diverged": "try clip.mode=norm, a smaller optim.lr, or a smaller model.init_gain",
+# What to try next, by verdict (the article's remedies, in the order a student would try them),
+# each with the test that says the config already uses it (then it is not suggested).
+REMEDIES = {
+    "vanishing": [
+        ("model.activation=relu with model.init=kaiming_normal",
+         lambda c: c.model.activation in RELU_FAMILY and c.model.init.startswith("kaiming")),
+        ("model.norm=batchnorm", lambda c: c.model.norm == "batchnorm"),
+        ("model.residual=true", lambda c: c.model.residual),
+        ("pretrain.enabled=true", lambda c: c.pretrain.enabled or c.model.kind != "mlp"),
+    ],
+    "exploding": [
+        ("a smaller model.init_gain", lambda c: False),
+        ("clip.mode=norm", lambda c: c.clip.mode == "norm"),
+        ("optim.weight_decay", lambda c: c.optim.weight_decay > 0),
+    ],
+    "diverged": [
+        ("clip.mode=norm", lambda c: c.clip.mode == "norm"),
+        ("a smaller optim.lr", lambda c: False),
+        ("a smaller model.init_gain", lambda c: False),
+    ],
 }
+
+
+def advice(kind: str, cfg: Config) -> str | None:
+    """'try A, B, or C' with the remedies this config does not use yet (None for a healthy run)."""
+    items = [text for text, in_use in REMEDIES.get(kind, []) if not in_use(cfg)]
+    if not items:
+        return None
+    return "try " + (items[0] if len(items) == 1 else ", ".join(items[:-1]) + ", or " + items[-1])
 
 
 def _ranges(idx: list[int]) -> str:
@@ -96,15 +118,16 @@ def diagnose(first: dict | None, last: dict | None, cfg: Config, diverged: dict 
     if diverged is not None:
         layer = diverged.get("first_nonfinite_layer")
         where = f"; first non-finite layer: layer_{layer:02d}" if layer is not None else ""
+        next_step = advice("diverged", cfg)
         return {
             "verdict": "exploding",
             "diverged_step": diverged["step"],
             "first_nonfinite_layer": layer,
             "ratio": grad_ratio(first["act_grad_norm"]) if first else None,
             "findings": [],
-            "advice": ADVICE["diverged"],
-            "message": f"exploding: training became non-finite at step {diverged['step']}{where}; "
-                       f"{ADVICE['diverged']}",
+            "advice": next_step,
+            "message": f"exploding: training became non-finite at step {diverged['step']}{where}"
+                       + (f"; {next_step}" if next_step else ""),
         }
     if first is None:
         return {"verdict": "unknown", "ratio": None, "findings": [], "advice": None,
@@ -129,18 +152,18 @@ def diagnose(first: dict | None, last: dict | None, cfg: Config, diverged: dict 
     if last is not None and last["step"] != first["step"]:
         msg += f"; at step {last['step']}: {grad_ratio(last['act_grad_norm']):.3g}x"
     findings = _findings(first, last, cfg, steps_done)
-    advice = ADVICE.get(verdict)
+    next_step = advice(verdict, cfg)
     for line in findings:
         msg += f"\n  - {line}"
-    if advice:
-        msg += f"\n  {advice}"
+    if next_step:
+        msg += f"\n  {next_step}"
     result = {
         "verdict": verdict,
         "ratio": ratio,
         "per_layer_factor": factor,
         "underflow_layers": [i for i, v in enumerate(first["grad_norm"]) if v == 0.0],
         "findings": findings,
-        "advice": advice,
+        "advice": next_step,
         "weight_grad_ratio": grad_ratio(first["grad_norm"]),
         "message": msg,
     }

@@ -76,3 +76,10 @@ def test_float64_measures_what_float32_rounds_to_zero(cli, tmp_path):
     assert any("underflow" in f and "precision=float64" in f for f in f32["diagnosis"]["findings"])
     g = f64["layers"]["first"]["grad_norm"][0]
     assert 0 < g < 1e-38  # far below float32's smallest normal number
+
+
+def test_advice_leaves_out_remedies_already_in_use(cli, tmp_path):
+    result = cli("run", CONFIGS / "weight_decay.yaml", *TINY, "--out", tmp_path, "-q")
+    d = summary_of(only_run(tmp_path))["diagnosis"]
+    assert d["verdict"] == "exploding" and "init_gain" in d["advice"]
+    assert "clip.mode" not in d["advice"] and "weight_decay" not in d["advice"]
