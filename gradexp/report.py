@@ -14,7 +14,8 @@ from rich.table import Table
 VERDICT_STYLE = {"vanishing": "bold yellow", "exploding": "bold red", "healthy": "bold green", "unknown": "bold"}
 
 
-def _fmt(v: float | None, digits: int = 2) -> str:
+def fmt_number(v: float | None, digits: int = 2) -> str:
+    """A number for a table cell: short, "-" when missing, "0" for an exact zero."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     if v == 0:
@@ -48,11 +49,11 @@ def flow_table(first: dict, last: dict, layer_names: list[str], predicted: list[
     lo, hi = (min(logs), max(logs)) if logs else (0.0, 0.0)
     for i, name in enumerate(layer_names):
         sat = last["saturation"][i]
-        pred = [_fmt(predicted[i]) if i < len(predicted) else "-"] if predicted else []
+        pred = [fmt_number(predicted[i]) if i < len(predicted) else "-"] if predicted else []
         table.add_row(
-            name + ("*" if i == len(layer_names) - 1 else ""), _fmt(delta[i]), *pred,
-            _fmt(first["grad_norm"][i]), _fmt(last["grad_norm"][i]),
-            _fmt(last["dist_from_init"][i]), "-" if sat is None or math.isnan(sat) else f"{sat:.0%}",
+            name + ("*" if i == len(layer_names) - 1 else ""), fmt_number(delta[i]), *pred,
+            fmt_number(first["grad_norm"][i]), fmt_number(last["grad_norm"][i]),
+            fmt_number(last["dist_from_init"][i]), "-" if sat is None or math.isnan(sat) else f"{sat:.0%}",
             _log_bar(delta[i], lo, hi, width=10 if predicted else 14),
         )
     return table
@@ -190,7 +191,7 @@ def print_explanation(console: Console, model, info: dict) -> None:
     for header in ("layer", "q (pre-act. variance)", "chi(q)", "predicted ||dL/dz|| ratio"):
         table.add_column(header, justify="left" if header == "layer" else "right")
     for i, (q, c, r) in enumerate(zip(p.q, p.chi, p.log10_delta_ratio)):
-        table.add_row(f"layer_{i:02d}", _fmt(q), _fmt(c), _fmt(10 ** r))
+        table.add_row(f"layer_{i:02d}", fmt_number(q), fmt_number(c), fmt_number(10 ** r))
     console.print(table)
 
 

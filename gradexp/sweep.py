@@ -665,20 +665,17 @@ _STYLE = {"completed": "green", "diverged": "red", "failed": "bold red", "interr
 _VERDICT = {"vanishing": "yellow", "exploding": "red", "healthy": "green"}
 
 
-def _fmt(v: float | None) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "-"
-    if v == 0:
-        return "0"
-    return f"{v:.3g}" if 1e-3 <= abs(v) < 1e3 else f"{v:.1e}"
-
-
 def results_table(rows: list[dict]):
     """One row per run: its name (made of its overrides), status, final loss and accuracy, the
     first/last gradient ratio and the diagnosis."""
     from rich import box
     from rich.table import Table
     from rich.text import Text
+
+    from .report import fmt_number
+
+    def _fmt(v: float | None) -> str:
+        return fmt_number(v, 3)
 
     table = Table(title="runs (ratio: ||dL/dz|| of layer 0 / of the last hidden layer)",
                   title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
