@@ -41,24 +41,41 @@ MAX_SLOPE: dict[str, float] = {
 }
 
 
-def _gelu_derivative(a: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def _into(out: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(like) if out is None else out
+
+
+def _gelu_derivative(a: torch.Tensor, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     # d/da [a * Phi(a)] = Phi(a) + a * phi(a), with the exact (erf) GELU that nn.GELU uses
-    return 0.5 * (1 + torch.erf(a * 0.7071067811865476)) + a * torch.exp(-0.5 * a * a) * 0.3989422804014327
+    d = torch.mul(a, 0.7071067811865476, out=_into(out, a)).erf_().mul_(0.5).add_(0.5)
+    return d.add_(a * torch.exp(-0.5 * a * a) * 0.3989422804014327)
 
 
-# name -> phi'(a), given the activation's input a and its output h = phi(a) (cheaper than autograd;
-# the tests check each one against autograd through the module).
-DERIVATIVES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "sigmoid": lambda a, h: h * (1 - h),
-    "tanh": lambda a, h: 1 - h * h,
-    "relu": lambda a, h: (a > 0).to(a.dtype),
-    "leaky_relu": lambda a, h: (a > 0).to(a.dtype) * 0.99 + 0.01,
-    "elu": lambda a, h: torch.where(a > 0, 1.0, h + 1),
+def _selu_derivative(a: torch.Tensor, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    # scale for a > 0 (h > 0), h + scale * alpha otherwise
+    positive = h.clamp(min=0).sign_()  # before `out` (which may be h) is written
+    d = torch.clamp(h, max=0, out=_into(out, h)).add_(_SELU_SCALE * _SELU_ALPHA)
+    return d.add_(positive, alpha=_SELU_SCALE - _SELU_SCALE * _SELU_ALPHA)
+
+
+# name -> phi'(a) as fn(a, h, out=None), given the activation's input a and its output h = phi(a).
+# Cheaper than autograd, and written with arithmetic rather than comparisons (a boolean mask costs
+# several times a float op on the CPU); all but GELU's need only h. `out`, when given, is a buffer
+# of h's shape that receives the result, and may be h itself. The tests check each one against autograd.
+DERIVATIVES: dict[str, Callable[..., torch.Tensor]] = {
+    "sigmoid": lambda a, h, out=None: torch.addcmul(h, h, h, value=-1, out=_into(out, h)),
+    "tanh": lambda a, h, out=None: torch.mul(h, h, out=_into(out, h)).neg_().add_(1),
+    "relu": lambda a, h, out=None: torch.sign(h, out=_into(out, h)),  # h > 0 exactly where a > 0
+    # (sign + 1) * 0.495 + 0.01: exactly 0.01 where a < 0, which is not below 1% of the slope 1
+    "leaky_relu": lambda a, h, out=None: torch.sign(h, out=_into(out, h)).add_(1).mul_(0.495).add_(0.01),
+    "elu": lambda a, h, out=None: torch.clamp(h, max=0, out=_into(out, h)).add_(1),
     "gelu": _gelu_derivative,
-    "selu": lambda a, h: torch.where(a > 0, _SELU_SCALE, h + _SELU_SCALE * _SELU_ALPHA),
-    "softsign": lambda a, h: 1 / (1 + a.abs()) ** 2,
-    "identity": lambda a, h: torch.ones_like(a),
+    "selu": _selu_derivative,
+    "softsign": lambda a, h, out=None: torch.abs(h, out=_into(out, h)).neg_().add_(1).square_(),  # 1/(1+|a|)^2
+    "identity": lambda a, h, out=None: _into(out, h).fill_(1),
 }
+NEEDS_INPUT = {"gelu"}  # derivatives that need a; the others are computed from h alone
+SIGNED_DERIVATIVE = {"gelu"}  # phi' < 0 somewhere; every other activation is non-decreasing
 
 
 def _layer_norm(num_features: int, spatial: bool) -> nn.Module:

@@ -5,12 +5,14 @@ and an output layer. "Layer i" is the i-th weight layer counted from the input: 
 then the output layer `depth`. `model.weight_layers[i]` is that layer everywhere (terminal,
 TensorBoard, summary.json).
 
-`forward(x, record=True)` keeps, for each block, the weight layer's output z (its gradient is the
-back-propagated dLoss/dz of the probes), the activation's input a and its output h.
+`forward(x, record=True)` keeps, for each block, the weight layer's output z, the activation's input
+a and its output h; backward then fills in dLoss/dz (a hook keeps the gradient autograd computes
+anyway, where `retain_grad` would copy it).
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,18 @@ class Record:
     z: torch.Tensor  # weight layer output, before norm and activation
     a: torch.Tensor | None = None  # activation input (z after norm); None for the output layer
     h: torch.Tensor | None = None  # activation output
+    dz: torch.Tensor | None = None  # dLoss/dz, set during backward
+
+    def keep(self) -> Record:
+        if self.z.requires_grad:  # through a weak reference: z must not keep its record alive
+            ref = weakref.ref(self)
+            self.z.register_hook(lambda grad: _set_dz(ref(), grad))
+        return self
+
+
+def _set_dz(record: Record | None, grad: torch.Tensor) -> None:
+    if record is not None:
+        record.dz = grad
 
 
 class Block(nn.Module):
@@ -39,7 +53,7 @@ class Block(nn.Module):
         a = self.norm(z)
         h = self.act(a)
         if records is not None:
-            records.append(Record(z, a, h))
+            records.append(Record(z, a, h).keep())
         return h if self.skip is None else h + self.skip(x)
 
 
@@ -65,7 +79,7 @@ class Net(nn.Module):
             x = block(x, records)
         z = self.head(self.pool(x))
         if records is not None:
-            records.append(Record(z))
+            records.append(Record(z).keep())
         self.records = records or []
         return z
 

@@ -9,8 +9,9 @@ hidden layers have (activations) are NaN for the output layer.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .layers import DERIVATIVES, MAX_SLOPE
+from .layers import DERIVATIVES, MAX_SLOPE, NEEDS_INPUT, SIGNED_DERIVATIVE
 from .models import Net, Record
 
 SATURATION_FRACTION = 0.01  # |phi'(a)| below 1% of phi's largest slope on every example: saturated / dead
@@ -30,6 +31,11 @@ ACT_HIST = (-5.0, 5.0, 100)  # activation values; outliers land in the edge bins
 TINY_NORM = 1e-12
 
 
+def _flat_norms(stacked: torch.Tensor) -> torch.Tensor:
+    """The norm of each tensor in a stack (layers, ...)."""
+    return torch.linalg.vector_norm(stacked.flatten(1), dim=1)
+
+
 def _norms(tensors: list[torch.Tensor], exact: bool = False) -> torch.Tensor:
     """L2 norm of each tensor in one batched call, as float64.
 
@@ -40,86 +46,112 @@ def _norms(tensors: list[torch.Tensor], exact: bool = False) -> torch.Tensor:
     if not exact or tensors[0].is_cuda:
         return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64 if exact else None)).double()
     norms = torch.stack(torch._foreach_norm(tensors)).double()
-    for i in (norms < TINY_NORM).nonzero().flatten().tolist():
-        norms[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
+    if norms.min() < TINY_NORM:
+        for i in (norms < TINY_NORM).nonzero().flatten().tolist():
+            norms[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
     return norms
 
 
-def _pad(values: torch.Tensor, n: int) -> torch.Tensor:
-    # Hidden-layer statistics get a NaN for the output layer so every probe has one value per layer.
-    return torch.cat([values, values.new_full((n - len(values),), float("nan"))])
+def _runs(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """[start, end) ranges of consecutive tensors of one shape and dtype (an MLP's hidden weights)."""
+    runs, start = [], 0
+    for i in range(1, len(tensors) + 1):
+        if i == len(tensors) or (tensors[i].shape, tensors[i].dtype) != (tensors[start].shape, tensors[start].dtype):
+            runs.append((start, i))
+            start = i
+    return runs
 
 
 class Probes:
-    """Holds the model's weights and their initial values; computes the statistics of one step."""
+    """Holds the model's weights and their initial values; computes the statistics of one step.
+
+    Cost is the design constraint: on the CPU a logged step must cost a fraction of a training
+    step, and there each tensor op costs several microseconds of dispatch and every fresh multi-MB
+    tensor costs page faults. So same-shaped layers are stacked into buffers kept from step to step
+    and reduced in one op each, and boolean masks (several times slower than float ops) are avoided.
+    """
 
     def __init__(self, model: Net, activation: str):
         self.model = model
         self.weights = [layer.weight for layer in model.weight_layers]
         self.n = len(self.weights)
-        self.initial = [w.detach().clone() for w in self.weights]
-        self.initial_norm = _norms(self.initial)
+        weight_ids = {id(w) for w in self.weights}
+        self.others = [p for p in model.parameters() if id(p) not in weight_ids]  # biases, norms, projections
+        self.runs = _runs(self.weights)
+        with torch.no_grad():
+            # per run of same-shaped layers: the initial weights, and buffers for before / after a step
+            self.initial = [torch.stack([w.detach() for w in self.weights[a:b]]) for a, b in self.runs]
+            self.scratch = [torch.empty_like(w0) for w0 in self.initial]
+            # the same buffers seen one layer at a time, for per-layer ops
+            self.initial_layers = [w0 for run in self.initial for w0 in run]
+            self.scratch_layers = [buf for run in self.scratch for buf in run]
+            self.initial_norm = torch.cat([_flat_norms(w0) for w0 in self.initial]).double()
         self.derivative = DERIVATIVES[activation]
+        self.needs_input = activation in NEEDS_INPUT
+        self.signed = activation in SIGNED_DERIVATIVE
         self.max_slope = MAX_SLOPE[activation]
-        # Buffers reused at every logged step: a fresh multi-MB tensor per step costs the CPU page
-        # faults that take longer than the arithmetic on it.
-        self.scratch = [torch.empty_like(w) for w in self.initial]
         self.stacked: dict[str, torch.Tensor] = {}
 
     def _stack(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         """(layers, batch, units) in a reused buffer (hidden layers share a shape; conv units are
         (channel, row, column) positions)."""
         shape = (len(tensors), tensors[0].shape[0], tensors[0][0].numel())
-        buf = self.stacked.get(key)
-        if buf is None or buf.shape != shape or buf.dtype != tensors[0].dtype:
-            buf = self.stacked[key] = tensors[0].new_empty(shape)
-        torch.stack([t.reshape(shape[1:]) for t in tensors], out=buf)
+        buf = self._buffer(key, shape, tensors[0])
+        torch.stack([t.detach().reshape(shape[1:]) for t in tensors], out=buf)
         return buf
 
+    def _buffer(self, key: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        buf = self.stacked.get(key)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self.stacked[key] = like.new_empty(shape)
+        return buf
+
+    @torch.no_grad()
     def gradients(self, records: list[Record]) -> dict[str, torch.Tensor]:
         """After backward, before clipping: gradient and activation statistics, one value per layer."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norms = _norms([p.grad for p in params], exact=True)
-        index = {id(p): i for i, p in enumerate(params)}
-        a = self._stack("a", [r.a.detach() for r in records[:-1]])  # (hidden layers, batch, units)
-        h = self._stack("h", [r.h.detach() for r in records[:-1]])
-        d = self.derivative(a, h)
+        grad_norm = _norms([w.grad for w in self.weights], exact=True)
+        others = [p.grad for p in self.others if p.grad is not None]
+        total_sq = grad_norm.square().sum()
+        if others:
+            total_sq = total_sq + _norms(others, exact=True).square().sum()
+        hidden = records[:-1]
+        h = self._stack("h", [r.h for r in hidden])  # (hidden layers, batch, units), a copy of our own
+        a = self._stack("a", [r.a for r in hidden]) if self.needs_input else None
         n = h.shape[1] * h.shape[2]
         mean = h.mean((1, 2))
         # std from the mean square: a norm is ~30x faster than Tensor.std on the CPU
-        var = (torch.linalg.vector_norm(h, dim=(1, 2)) ** 2 / n - mean * mean).clamp_min(0) * (n / max(n - 1, 1))
-        stats = {
-            "grad_norm": norms[[index[id(w)] for w in self.weights]],
-            "grad_norm_total": torch.linalg.vector_norm(norms).reshape(1),
-            "act_grad_norm": _norms([r.z.grad for r in records], exact=True),
-            "act_mean": mean,
-            "act_std": var.sqrt(),
-            "act_deriv": d.mean((1, 2)),
-            # a unit is saturated (for the ReLU family: dead) when it is flat on every example
-            "saturation": (d.abs() < SATURATION_FRACTION * self.max_slope).all(1).float().mean(1),
-        }
-        for k in ("act_mean", "act_std", "act_deriv", "saturation"):
-            stats[k] = _pad(stats[k], self.n)
-        return stats
-
-    def snapshot(self) -> torch.Tensor:
-        """Before the optimizer step: keep the weights (to measure the step actually applied) and
-        return their norms."""
-        torch._foreach_copy_(self.scratch, [w.detach() for w in self.weights])
-        return _norms(self.scratch)
-
-    def weights_after(self, before_norm: torch.Tensor) -> dict[str, torch.Tensor]:
-        """After the optimizer step: weight norm, ||dW|| / ||W||, and ||W - W0|| / ||W0||."""
-        now = [w.detach() for w in self.weights]
-        torch._foreach_sub_(self.scratch, now)  # scratch = W_before - W_after, in place
-        update = _norms(self.scratch)
-        torch._foreach_copy_(self.scratch, now)
-        torch._foreach_sub_(self.scratch, self.initial)  # scratch = W_after - W0
+        var = (torch.linalg.vector_norm(h, dim=(1, 2)).square_() / n - mean * mean).clamp_min_(0) * (n / max(n - 1, 1))
+        d = self.derivative(a, h, out=h)  # phi'(a) overwrites the copy of h: one buffer less to keep in cache
+        # a unit is saturated (for the ReLU family: dead) when it is flat on every example
+        steepest = (d.abs() if self.signed else d).amax(1)  # (layers, units)
+        saturated = (steepest < SATURATION_FRACTION * self.max_slope).to(h.dtype).mean(1)
+        # the output layer has no activation: NaN there, so that every probe has one value per layer
+        act = F.pad(torch.stack([mean, var.sqrt_(), d.mean((1, 2)), saturated]), (0, 1), value=float("nan"))
         return {
-            "weight_norm": _norms(now),
-            "update_ratio": update / before_norm,
-            "dist_from_init": _norms(self.scratch) / self.initial_norm,
+            "grad_norm": grad_norm,
+            "grad_norm_total": total_sq.sqrt().reshape(1),
+            "act_grad_norm": _norms([r.dz for r in records], exact=True),
+            "act_mean": act[0], "act_std": act[1], "act_deriv": act[2], "saturation": act[3],
         }
+
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        """Before the optimizer step: keep the weights, to measure the step actually applied."""
+        for (a, b), buf in zip(self.runs, self.scratch):
+            torch.stack([w.detach() for w in self.weights[a:b]], out=buf)
+
+    @torch.no_grad()
+    def weights_after(self) -> dict[str, torch.Tensor]:
+        """After the optimizer step: ||W||, ||W - W_before|| / ||W|| (the update ratio, against the
+        weights it produced), and ||W - W0|| / ||W0||. Four passes over the weights, in place."""
+        now = [w.detach() for w in self.weights]
+        norm = _norms(now)
+        torch._foreach_sub_(self.scratch_layers, now)  # scratch = W_before - W
+        update = torch.cat([_flat_norms(buf) for buf in self.scratch]).double()
+        for w, w0, buf in zip(now, self.initial_layers, self.scratch_layers):
+            torch.sub(w, w0, out=buf)
+        dist = torch.cat([_flat_norms(buf) for buf in self.scratch]).double()
+        return {"weight_norm": norm, "update_ratio": update / norm, "dist_from_init": dist / self.initial_norm}
 
     def histograms(self, records: list[Record]) -> dict[str, torch.Tensor]:
         """Fixed-edge histograms on the device: rows [min, max, num, sum, sum_sq, counts...] per layer."""
@@ -146,7 +178,7 @@ def bucket_limits(spec: tuple[float, float, int]) -> list[float]:
 def to_host(stats: dict[str, torch.Tensor]) -> dict[str, list]:
     """One device-to-host transfer for every statistic of a step."""
     keys = list(stats)
-    flat = torch.cat([stats[k].detach().double().flatten() for k in keys]).cpu().tolist()
+    flat = torch.cat([stats[k].detach().reshape(-1) for k in keys]).double().cpu().tolist()
     out, i = {}, 0
     for k in keys:
         t = stats[k]

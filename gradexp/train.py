@@ -142,10 +142,14 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
     clip = CLIPPERS[cfg.clip.mode]
     probes = Probes(model, cfg.model.activation)
     batches = Batches(data.x_train, data.y_train, cfg.data.batch_size, cfg.seed)
-    # Divergence is tracked on the device (no host sync per step) and read at the steps that sync anyway.
-    bad_step = torch.full((), -1, dtype=torch.long, device=exp.device)
-    step_t = torch.zeros((), dtype=torch.long, device=exp.device)
+    # Divergence is tracked on the device (no host sync per step) and read at the steps that sync
+    # anyway: `finite_so_far` turns false at the first non-finite loss (or clipped gradient norm),
+    # and `good_steps` counts the steps before it, which is the step that diverged.
+    finite_so_far = torch.ones((), dtype=torch.bool, device=exp.device)
+    good_steps = torch.zeros((), dtype=torch.long, device=exp.device)
+    # the first logged step and the two latest: all that the summary needs, whatever the run's length
     logged: list[dict] = []
+    steps_done = 0
     status, last = "completed", t.steps - 1
     model.train()
     try:
@@ -155,9 +159,6 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
             # --- forward and backward
             x, y = batches.next()
             logits = model(x, record=record)
-            if record:
-                for r in model.records:
-                    r.z.retain_grad()
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             objective(loss, model, cfg.optim.l1).backward()
@@ -169,40 +170,42 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
                 total = clip(model.parameters(), cfg.clip.max)
                 if total is not None:  # norm clipping measured the gradient: check it for free
                     finite = finite & torch.isfinite(total)
-            bad_step = torch.where((bad_step < 0) & ~finite, step_t, bad_step)
-            step_t += 1
-            before = probes.snapshot() if log else None
+            finite_so_far.logical_and_(finite)
+            good_steps += finite_so_far
+            if log:
+                probes.snapshot()
             optimizer.step()
             # --- logging: one host transfer for everything this step measured
             if hist and not log:
                 board.histograms(step, to_host(hists))
             if log:
-                stats.update(probes.weights_after(before))
+                stats.update(probes.weights_after())
                 stats["loss"] = loss.detach().reshape(1)
                 stats["acc"] = (logits.argmax(1) == y).float().mean().reshape(1)
                 host = to_host({**stats, **hists})
                 if hist:
                     board.histograms(step, host)
-                board.layers(step, host)
-                board.scalars(step, {"loss/train": host["loss"][0], "acc/train": host["acc"][0],
-                                     "lr": optimizer.param_groups[0]["lr"]})
+                board.layers(step, host, {"loss/train": host["loss"][0], "acc/train": host["acc"][0],
+                                          "lr": optimizer.param_groups[0]["lr"]})
                 logged.append({"step": step, **host})
+                if len(logged) > 3:
+                    del logged[1]
             if due(t.eval_every, step, last):
                 loss_ev, acc_ev = evaluate(model, data.x_eval, data.y_eval)
                 board.scalars(step, {"loss/eval": loss_ev, "acc/eval": acc_ev})
             # --- divergence is a result: stop here and say where
-            if host_sync(t, step) and int(bad_step) >= 0:
+            steps_done = step + 1
+            if host_sync(t, step) and not finite_so_far:
                 status = "diverged"
                 break
             progress(step + 1, logged[-1] if log else {})
     except KeyboardInterrupt:
         status = "interrupted"
-    steps_done = int(step_t)
     diverged = None
-    if status == "diverged" or (status == "interrupted" and int(bad_step) >= 0):
+    if status == "diverged" or (status == "interrupted" and not finite_so_far):
         # the flag is read at the steps that sync anyway: report the run as stopped where it diverged,
         # and keep only what was logged before (later steps trained on non-finite weights)
-        status, bad = "diverged", int(bad_step)
+        status, bad = "diverged", int(good_steps)
         diverged = {"step": bad, "first_nonfinite_layer": first_nonfinite_layer(model)}
         steps_done = bad + 1
         logged = [e for e in logged if e["step"] < bad] or logged[:1]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import CONFIGS
 from gradexp.config import load_config
 from gradexp.data import Batches
-from gradexp.layers import ACTIVATIONS
+from gradexp.layers import ACTIVATIONS, MAX_SLOPE
 from gradexp.models import build_model
 from gradexp.config import ModelConfig
 from gradexp.probes import Probes, to_host
@@ -42,8 +42,6 @@ def test_gradient_probes_match_autograd(activation, residual):
 
     # the probe path, as the training loop runs it
     logits = net(x, record=True)
-    for r in net.records:
-        r.z.retain_grad()
     F.cross_entropy(logits, y).backward()
     stats = to_host(Probes(net, activation).gradients(net.records))
 
@@ -73,6 +71,28 @@ def test_gradient_probes_match_autograd(activation, residual):
     assert all(v != v for v in (stats["act_mean"][-1], stats["saturation"][-1])), "output layer has no activation"
 
 
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("norm", ["none", "batchnorm"])
+def test_activation_probes_of_every_activation_match_autograd(activation, norm):
+    """act_deriv and saturation from the closed forms the probes use (most from h alone, in place)
+    against phi'(a) by autograd, with a norm between z and a so that a != z."""
+    torch.manual_seed(2)
+    net = build_model(ModelConfig(depth=3, width=16, activation=activation, norm=norm), (12,), 4)
+    with torch.no_grad():  # push some units far into saturation, so that the count is not trivially 0
+        net.blocks[0].weight.bias[:5] = -30.0
+    logits = net(torch.randn(64, 12) * 3, record=True)
+    F.cross_entropy(logits, torch.randint(0, 4, (64,))).backward()
+    stats = to_host(Probes(net, activation).gradients(net.records))
+    limit = 0.01 * MAX_SLOPE[activation]
+    for i, r in enumerate(net.records[:-1]):
+        a = r.a.detach().double().requires_grad_()
+        (d,) = torch.autograd.grad(ACTIVATIONS[activation]()(a).sum(), a)
+        assert stats["act_deriv"][i] == pytest.approx(d.mean().item(), rel=1e-5, abs=1e-7), (activation, i)
+        assert stats["saturation"][i] == pytest.approx((d.abs() < limit).all(0).double().mean().item()), (activation, i)
+        assert stats["act_mean"][i] == pytest.approx(r.h.double().mean().item(), rel=1e-5, abs=1e-6)
+    assert r.h.abs().sum() > 0, "the probes work on a copy: the recorded activations are left as they were"
+
+
 def test_saturation_counts_units_flat_on_every_example():
     torch.manual_seed(0)
     net = build_model(ModelConfig(depth=2, width=8, activation="relu", bias_init="zero"), (4,), 3)
@@ -81,8 +101,6 @@ def test_saturation_counts_units_flat_on_every_example():
         net.blocks[0].weight.bias[:3] = -1
         net.blocks[0].weight.bias[3:] = 10  # and keep the others alive on every example
     logits = net(torch.randn(64, 4), record=True)
-    for r in net.records:
-        r.z.retain_grad()
     logits.sum().backward()
     stats = to_host(Probes(net, "relu").gradients(net.records))
     assert stats["saturation"][0] == 3 / 8
@@ -93,16 +111,14 @@ def test_tiny_gradients_are_not_lost_to_float32_underflow():
     torch.manual_seed(0)
     net = build_model(ModelConfig(depth=2, width=100), (10,), 3)
     logits = net(torch.randn(4, 10), record=True)
-    for r in net.records:
-        r.z.retain_grad()
     logits.sum().backward()
     for layer in net.weight_layers:
         layer.weight.grad.fill_(1e-22)
     for r in net.records:
-        r.z.grad.fill_(1e-22)
+        r.dz.fill_(1e-22)
     stats = to_host(Probes(net, "sigmoid").gradients(net.records))
     assert stats["grad_norm"] == pytest.approx([1e-22 * l.weight.numel() ** 0.5 for l in net.weight_layers], rel=1e-5)
-    assert stats["act_grad_norm"] == pytest.approx([1e-22 * r.z.numel() ** 0.5 for r in net.records], rel=1e-5)
+    assert stats["act_grad_norm"] == pytest.approx([1e-22 * r.dz.numel() ** 0.5 for r in net.records], rel=1e-5)
 
 
 @pytest.mark.parametrize("optim", ["sgd", "adam"])
@@ -115,25 +131,27 @@ def test_update_ratio_is_the_step_actually_applied(optim):
     F.cross_entropy(net(torch.randn(16, 5)), torch.randint(0, 3, (16,))).backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), 0.1)
     before = [l.weight.detach().clone() for l in net.weight_layers]  # the reference's own copy
-    expected_sgd = [0.5 * l.weight.grad.norm().item() / l.weight.norm().item() for l in net.weight_layers]
-    before_norm = probes.snapshot()
+    step_sgd = [0.5 * l.weight.grad.norm().item() for l in net.weight_layers]
+    probes.snapshot()
     opt.step()
-    stats = to_host(probes.weights_after(before_norm))
-    actual = [(l.weight - b).norm().item() / b.norm().item() for l, b in zip(net.weight_layers, before)]
+    stats = to_host(probes.weights_after())
+    # the update ratio is ||W_after - W_before|| / ||W_after||
+    actual = [(l.weight - b).norm().item() / l.weight.norm().item() for l, b in zip(net.weight_layers, before)]
+    expected_sgd = [s / l.weight.norm().item() for s, l in zip(step_sgd, net.weight_layers)]
     assert stats["update_ratio"] == pytest.approx(actual, rel=1e-4)
     if optim == "sgd":  # plain SGD's step is lr * (clipped) gradient
         assert stats["update_ratio"] == pytest.approx(expected_sgd, rel=1e-4)
-    init = probes.initial
+    init = [w0 for run in probes.initial for w0 in run]
     assert stats["dist_from_init"] == pytest.approx(
         [(l.weight - w0).norm().item() / w0.norm().item() for l, w0 in zip(net.weight_layers, init)], rel=1e-4)
     assert stats["weight_norm"] == pytest.approx([l.weight.norm().item() for l in net.weight_layers], rel=1e-5)
     # a second logged step reuses the buffers and measures its own step, not the first one's
     before = [l.weight.detach().clone() for l in net.weight_layers]
-    before_norm = probes.snapshot()
+    probes.snapshot()
     opt.step()
-    again = to_host(probes.weights_after(before_norm))
+    again = to_host(probes.weights_after())
     assert again["update_ratio"] == pytest.approx(
-        [(l.weight - b).norm().item() / b.norm().item() for l, b in zip(net.weight_layers, before)], rel=1e-4)
+        [(l.weight - b).norm().item() / l.weight.norm().item() for l, b in zip(net.weight_layers, before)], rel=1e-4)
 
 
 def test_logged_step_zero_equals_autograd_on_the_first_batch(tmp_path):
@@ -155,5 +173,5 @@ def test_logged_step_zero_equals_autograd_on_the_first_batch(tmp_path):
     # applies it (steps of ~1e-7 relative are rounded to float32's resolution, in the run and here)
     lr = cfg.optim.lr
     with torch.no_grad():
-        applied = [((w - lr * g) - w).norm().item() / w.norm().item() for g, w in zip(grads, weights)]
+        applied = [((w - lr * g) - w).norm().item() / (w - lr * g).norm().item() for g, w in zip(grads, weights)]
     assert first["update_ratio"] == pytest.approx(applied, rel=1e-4)
