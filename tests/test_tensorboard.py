@@ -109,6 +109,34 @@ def summary_of(folder: Path) -> dict:
 
 # ------------------------------------------------------------------------- the event file itself
 
+def test_fast_checksum_is_tensorboards_and_every_record_passes_its_check(runs):
+    """gradexp swaps TensorBoard's pure-Python CRC-32C for google-crc32c's C code: same values, and
+    the pure-Python reader, which checks every record's checksums, reads the whole file."""
+    import random
+
+    from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
+    from tensorboard.summary.writer import record_writer
+
+    from gradexp.board import masked_crc32c
+
+    assert record_writer.masked_crc32c is masked_crc32c, "runs write with the fast checksum"
+    rng = random.Random(0)
+    for n in (0, 1, 7, 64, 6000):
+        data = bytes(rng.randrange(256) for _ in range(n))
+        assert masked_crc32c(data) == pywrap_tensorflow.masked_crc32c(data)
+    (events,) = runs["main"].glob("events.out.tfevents.*")
+    reader = pywrap_tensorflow.PyRecordReader_New(str(events))
+    records = 0
+    while True:
+        try:
+            reader.GetNext()
+        except Exception as e:  # OutOfRangeError at the end; a checksum failure is a DataLossError
+            assert type(e).__name__ == "OutOfRangeError", e
+            break
+        records += 1
+    assert records > 10
+
+
 def test_run_folder_holds_one_event_file_and_no_sub_runs(runs):
     folder = runs["main"]
     events = sorted(folder.glob("events.out.tfevents.*"))
