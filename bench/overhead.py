@@ -5,8 +5,9 @@
     python bench/overhead.py --tiny           # seconds: every row, tiny models (the test suite's smoke run)
 
 In one process, for each model, every variant trains the same model on the same data with the same
-optimizer; variants are interleaved (the order rotates each repeat) after a warm-up, and the
-median over repeats is compared with the bare loop's. Peak resident memory comes from a fresh child
+optimizer, after a warm-up; each timed call of a variant is paired with a call of the bare loop
+just before it (the order of the variants rotates each repeat), and a variant's figure is the
+median over repeats of the ratio within its pairs, so that the machine's drift cancels. Peak resident memory comes from a fresh child
 process per variant (ru_maxrss), since a process's peak cannot be reset.
 
 Peer-style monitors are written minimal and fair, and keep what they measure in memory (writing
@@ -43,19 +44,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 BASE = ["data.name=digits", "data.batch_size=128", "model.activation=relu", "model.init=kaiming_normal",
         "model.bias_init=zero", "optim.name=sgd", "optim.lr=0.001", "train.eval_every=0", "train.hist_every=0"]
-# name -> (overrides, steps per timed call). A gradexp run logs at step 0, every k and at its last
-# step, so a call of 10m+1 steps logs m+1 times with probes every 10: slightly more than 1 in 10.
+# name -> (overrides, timed steps per call: a multiple of 10, see WARM_STEPS)
 CASES = {
-    "mlp20x256": (["model.kind=mlp", "model.depth=20", "model.width=256"], 101),
-    "mlp50x1024": (["model.kind=mlp", "model.depth=50", "model.width=1024"], 11),
-    "cnn8x32": (["model.kind=cnn", "model.depth=8", "model.width=32"], 41),
+    "mlp20x256": (["model.kind=mlp", "model.depth=20", "model.width=256"], 100),
+    "mlp50x1024": (["model.kind=mlp", "model.depth=50", "model.width=1024"], 10),
+    "cnn8x32": (["model.kind=cnn", "model.depth=8", "model.width=32"], 40),
 }
 TINY_CASES = {"mlp3x16": (["model.kind=mlp", "model.depth=3", "model.width=16"], 3)}
 # Float32 denormals: a 40-layer sigmoid net's first-layer gradients fall below 1.2e-38.
 DENORMAL_CASES = {
     "sigmoid40": (["model.kind=mlp", "model.depth=40", "model.width=256", "model.activation=sigmoid",
-                   "model.init=default", "model.bias_init=default"], 31),
-    "relu40": (["model.kind=mlp", "model.depth=40", "model.width=256"], 31),
+                   "model.init=default", "model.bias_init=default"], 30),
+    "relu40": (["model.kind=mlp", "model.depth=40", "model.width=256"], 30),
 }
 TARGETS = {"gradexp, probes every 10": 1.03, "gradexp, probes every step": 1.15, "gradexp, probes off": 1.02}
 
@@ -71,12 +71,13 @@ def experiment(overrides: list[str], device: str) -> Experiment:
 
 # ------------------------------------------------------------------------------------ the variants
 
-def bare_loop(exp: Experiment, steps: int, after_backward: Callable[[], None] | None = None) -> None:
+def bare_loop(exp: Experiment, steps: int, on_step: Callable[[int], None],
+              after_backward: Callable[[], None] | None = None) -> None:
     """The limit: the same model, data and optimizer, nothing else."""
     model, cfg = exp.model, exp.cfg
     opt = OPTIMIZERS[cfg.optim.name](model.parameters(), cfg.optim)
     batches = Batches(exp.data.x_train, exp.data.y_train, cfg.data.batch_size, cfg.seed)
-    for _ in range(steps):
+    for k in range(steps):
         x, y = batches.next()
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
@@ -84,19 +85,20 @@ def bare_loop(exp: Experiment, steps: int, after_backward: Callable[[], None] | 
         if after_backward is not None:
             after_backward()
         opt.step()
+        on_step(k + 1)
 
 
-def gradexp_loop(log_every: int) -> Callable[[Experiment, int, Board], None]:
-    def run(exp: Experiment, steps: int, board: Board) -> None:
+def gradexp_loop(log_every: int) -> Callable[[Experiment, int, Board, Callable], None]:
+    def run(exp: Experiment, steps: int, board: Board, on_step: Callable[[int], None]) -> None:
         t = exp.cfg.train.model_copy(update={"steps": steps, "log_every": log_every})
         result = train(exp.__class__(exp.cfg.model_copy(update={"train": t}), exp.device, exp.data, exp.model),
-                       board, lambda step, stats: None)
+                       board, lambda step, stats: on_step(step))
         assert result["status"] == "completed", result["status"]
     return run
 
 
-def wandb_style(every: int) -> Callable[[Experiment, int], None]:
-    def run(exp: Experiment, steps: int) -> None:
+def wandb_style(every: int) -> Callable[[Experiment, int, Callable], None]:
+    def run(exp: Experiment, steps: int, on_step: Callable[[int], None]) -> None:
         calls = {"n": 0}
         logged: list = []
 
@@ -113,14 +115,14 @@ def wandb_style(every: int) -> Callable[[Experiment, int], None]:
 
         handles = [p.register_hook(hook(n)) for n, p in exp.model.named_parameters()]
         try:
-            bare_loop(exp, steps, after_backward=lambda: calls.__setitem__("n", calls["n"] + 1))
+            bare_loop(exp, steps, on_step, after_backward=lambda: calls.__setitem__("n", calls["n"] + 1))
         finally:
             for h in handles:
                 h.remove()
     return run
 
 
-def lightning_style(exp: Experiment, steps: int) -> None:
+def lightning_style(exp: Experiment, steps: int, on_step: Callable[[int], None]) -> None:
     logged: list = []
 
     def grad_norm() -> None:
@@ -128,40 +130,63 @@ def lightning_style(exp: Experiment, steps: int) -> None:
         norms["grad_2.0_norm_total"] = torch.tensor(list(norms.values())).norm(2)
         logged.append({k: float(v) for k, v in norms.items()})
 
-    bare_loop(exp, steps, after_backward=grad_norm)
+    bare_loop(exp, steps, on_step, after_backward=grad_norm)
 
 
 VARIANTS: dict[str, Callable] = {
-    "bare PyTorch loop": lambda exp, steps, board: bare_loop(exp, steps),
+    "bare PyTorch loop": lambda exp, steps, board, on_step: bare_loop(exp, steps, on_step),
     "gradexp, probes off": gradexp_loop(0),
     "gradexp, probes every 10": gradexp_loop(10),
     "gradexp, probes every step": gradexp_loop(1),
-    "wandb-style hooks, every 10": lambda exp, steps, board: wandb_style(10)(exp, steps),
-    "wandb-style hooks, every step": lambda exp, steps, board: wandb_style(1)(exp, steps),
-    "lightning-style grad_norm, every step": lambda exp, steps, board: lightning_style(exp, steps),
+    "wandb-style hooks, every 10": lambda exp, steps, board, on_step: wandb_style(10)(exp, steps, on_step),
+    "wandb-style hooks, every step": lambda exp, steps, board, on_step: wandb_style(1)(exp, steps, on_step),
+    "lightning-style grad_norm, every step": lambda exp, steps, board, on_step: lightning_style(exp, steps, on_step),
 }
+# Steps run before the timed window: setting a loop up (optimizer, probe buffers, the first logged
+# step) happens once per run and is not what steps per second measure. With 10, a window of 10m
+# steps holds exactly m logged steps at probes every 10 (a run also logs its last step: after the window).
+WARM_STEPS = 10
 
 
 # ------------------------------------------------------------------------------------ measuring
 
-def time_variants(exp: Experiment, steps: int, repeats: int, variants: list[str], tmp: str) -> dict[str, float]:
-    """Median seconds per step of each variant, interleaved, after one warm-up call each."""
+def time_variants(exp: Experiment, steps: int, repeats: int, variants: list[str], tmp: str) -> dict[str, dict]:
+    """Seconds per step and ratio to the bare loop of each variant, after one warm-up call each.
+
+    The machine's speed drifts (10-30% between minutes on a shared VM), so every call of a variant
+    is paired with a call of the bare loop just before it, and the ratio is the median over repeats
+    of the ratio within each pair; the order of the variants rotates from one repeat to the next."""
     boards = {v: Board(os.path.join(tmp, v.replace(" ", "_").replace(",", "")), len(exp.model.weight_layers))
               for v in variants}
+    bare, others = variants[0], variants[1:]
     times: dict[str, list[float]] = {v: [] for v in variants}
+    ratios: dict[str, list[float]] = {v: [] for v in variants}
+
+    def timed(v: str) -> float:
+        marks: dict[int, float] = {}
+
+        def on_step(k: int) -> None:  # called after the k-th step
+            if k in (WARM_STEPS, WARM_STEPS + steps):
+                sync(exp.device)
+                marks[k] = time.perf_counter()
+
+        VARIANTS[v](exp, WARM_STEPS + steps + 1, boards[v], on_step)
+        times[v].append((marks[WARM_STEPS + steps] - marks[WARM_STEPS]) / steps)
+        return times[v][-1]
+
     for v in variants:  # warm-up
-        VARIANTS[v](exp, max(2, steps // 4), boards[v])
+        VARIANTS[v](exp, WARM_STEPS + 2, boards[v], lambda k: None)
     for r in range(repeats):
-        order = variants[r % len(variants):] + variants[:r % len(variants)]
-        for v in order:
-            sync(exp.device)
-            t0 = time.perf_counter()
-            VARIANTS[v](exp, steps, boards[v])
-            sync(exp.device)
-            times[v].append((time.perf_counter() - t0) / steps)
+        k = r % max(len(others), 1)
+        for v in others[k:] + others[:k]:
+            t_bare = timed(bare)
+            ratios[v].append(timed(v) / t_bare)
+        if not others:
+            timed(bare)
     for b in boards.values():
         b.close()
-    return {v: statistics.median(ts) for v, ts in times.items()}
+    ratios[bare] = [1.0]
+    return {v: {"s_per_step": statistics.median(times[v]), "ratio": statistics.median(ratios[v])} for v in variants}
 
 
 def peak_memory_mb(case: str, variant: str, device: str, tiny: bool) -> float:
@@ -177,7 +202,7 @@ def child(case: str, variant: str, device: str, tiny: bool) -> None:
     exp = experiment(overrides, device)
     with tempfile.TemporaryDirectory() as tmp:
         board = Board(tmp, len(exp.model.weight_layers))
-        VARIANTS[variant](exp, steps, board)
+        VARIANTS[variant](exp, steps, board, lambda k: None)
         board.close()
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
     hwm = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
@@ -196,7 +221,7 @@ def denormals(device: str, repeats: int, tiny: bool) -> list[dict]:
             per_step = {}
             for name, (overrides, steps) in cases.items():
                 exp = experiment(overrides, device)
-                per_step[name] = time_variants(exp, steps, repeats, ["gradexp, probes off"], tmp)["gradexp, probes off"]
+                per_step[name] = time_variants(exp, steps, repeats, ["gradexp, probes off"], tmp)["gradexp, probes off"]["s_per_step"]
             rows.append({"flush_denormal": flush, "sigmoid_ms": per_step["sigmoid40"] * 1e3,
                          "relu_ms": per_step["relu40"] * 1e3, "ratio": per_step["sigmoid40"] / per_step["relu40"]})
         torch.set_flush_denormal(False)
@@ -243,6 +268,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per variant (3 for the 50x1024 MLP)")
     ap.add_argument("--tiny", action="store_true", help="tiny models and budgets: checks that every row is produced")
+    ap.add_argument("--cases", nargs="+", metavar="CASE", help=f"a subset of {', '.join(CASES)}")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--check-sync", action="store_true", help="CUDA: fail if a step that logs nothing syncs")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "overhead.json"))
@@ -258,6 +284,11 @@ def main() -> None:
     if args.check_sync:
         console.print(check_no_sync(args.device))
     cases = TINY_CASES if args.tiny else CASES
+    if args.cases:
+        unknown = sorted(set(args.cases) - set(cases))
+        if unknown:
+            ap.error(f"unknown case(s) {', '.join(unknown)}; allowed: {', '.join(cases)}")
+        cases = {c: cases[c] for c in args.cases}
     repeats = 2 if args.tiny else args.repeats
     variants = list(VARIANTS)
     results = {"machine": machine(args.device), "device": args.device, "repeats": repeats, "cases": {}}
@@ -268,10 +299,10 @@ def main() -> None:
             exp = experiment(overrides, args.device)
             # gradexp flushes denormals on the CPU by default: every variant runs under the same setting
             torch.set_flush_denormal(args.device == "cpu")
-            per_step = time_variants(exp, steps, min(repeats, 3) if case == "mlp50x1024" else repeats, variants, tmp)
+            timed = time_variants(exp, steps, min(repeats, 3) if case == "mlp50x1024" else repeats, variants, tmp)
             rows = {}
             for v in variants:
-                rows[v] = {"ms_per_step": per_step[v] * 1e3, "ratio": per_step[v] / per_step["bare PyTorch loop"]}
+                rows[v] = {"ms_per_step": timed[v]["s_per_step"] * 1e3, "ratio": timed[v]["ratio"]}
                 if not args.no_memory:
                     rows[v]["peak_rss_mb"] = peak_memory_mb(case, v, args.device, args.tiny)
             results["cases"][case] = rows
