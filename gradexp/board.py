@@ -71,11 +71,9 @@ class Board:
         self.writer = SummaryWriter(log_dir=folder)
         self.n_layers = n_layers
         self.writer.add_custom_scalars(custom_scalars_layout())
-        # Every logged step writes the same tags: build their protos once and only set the values.
-        self.slots = [(probe, i) for probe in LAYER_PROBES for i in range(n_layers)
-                      if not (probe in HIDDEN_ONLY and i == n_layers - 1)]
-        self.template = Summary(value=[Summary.Value(tag=layer_tag(p, i)) for p, i in self.slots])
-        self.template.value.add(tag="grad_norm/total")
+        # Logged steps write the same tags again and again: their protos are built once per set of
+        # probes (gradient probes, weight probes or both) and only the values are set.
+        self.templates: dict[tuple[str, ...], tuple[Summary, list[tuple[str, int]]]] = {}
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for tag, v in values.items():
@@ -86,15 +84,25 @@ class Board:
         for k, v in enumerate(values):
             self.writer.add_scalar(tag, v, first_step + k)
 
+    def _template(self, probes: tuple[str, ...]) -> tuple[Summary, list[tuple[str, int]]]:
+        if probes not in self.templates:
+            slots = [(p, i) for p in probes for i in range(self.n_layers)
+                     if not (p in HIDDEN_ONLY and i == self.n_layers - 1)]
+            tags = [layer_tag(p, i) for p, i in slots]
+            if "grad_norm" in probes:
+                slots.append(("grad_norm_total", 0))
+                tags.append("grad_norm/total")
+            self.templates[probes] = Summary(value=[Summary.Value(tag=tag) for tag in tags]), slots
+        return self.templates[probes]
+
     def layers(self, step: int, stats: dict[str, list[float]], scalars: dict[str, float] | None = None) -> None:
-        """Every per-layer value of a step (and `scalars`, tag -> value) as one event: one add_scalar
+        """The per-layer probes in `stats` (and `scalars`, tag -> value) as one event: one add_scalar
         each would cost ~200 events."""
-        values = self.template.value
-        for v, (probe, i) in zip(values, self.slots):
+        template, slots = self._template(tuple(p for p in LAYER_PROBES if p in stats))
+        for v, (probe, i) in zip(template.value, slots):
             v.simple_value = stats[probe][i]
-        values[len(self.slots)].simple_value = stats["grad_norm_total"][0]
         summary = Summary()
-        summary.CopyFrom(self.template)
+        summary.CopyFrom(template)
         for tag, x in (scalars or {}).items():
             summary.value.add(tag=tag, simple_value=x)
         self.writer.file_writer.add_summary(summary, step)

@@ -90,7 +90,9 @@ class ClipConfig(_Section):
 class TrainConfig(_Section):
     steps: int = Field(300, ge=1, description="optimizer steps")
     eval_every: int = Field(100, ge=0)
-    log_every: int = Field(10, ge=0, description="scalar probes every N steps; 0 turns them off")
+    log_every: int = Field(10, ge=0, description="gradient and activation probes every N steps; 0 turns them off")
+    weight_every: int = Field(100, ge=0, description="weight probes (weight_norm, update_ratio, dist_from_init) every "
+                                                     "N steps: they copy the weights, the costliest probes; 0: off")
     hist_every: int = Field(100, ge=0, description="histograms every N steps; 0 turns them off")
     flush_denormal: bool = Field(True, description="CPU: flush float32 denormals to 0 (they are many times slower)")
 

@@ -104,10 +104,10 @@ def _findings(first: dict, last: dict | None, cfg: Config, steps_done: int) -> l
             what = "dead" if cfg.model.activation in RELU_FAMILY else "saturated"
             found.append(f"layers {_ranges(sat)} are {what} (over {SATURATED:.0%} of units with |phi'| below 1% "
                          f"of its largest slope at step {last['step']})")
-        frozen = [i for i, v in enumerate(last["dist_from_init"]) if v is not None and v < AT_INIT]
-        if frozen and steps_done > 1:
+        frozen = [i for i, v in enumerate(last["dist_from_init"] or []) if v is not None and v < AT_INIT]
+        if frozen and last["weight_step"]:
             found.append(f"layers {_ranges(frozen)} are still at their init (moved less than {AT_INIT:.1%} "
-                         f"in {steps_done} steps)")
+                         f"in {last['weight_step'] + 1} steps)")
     return found
 
 

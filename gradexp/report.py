@@ -38,9 +38,10 @@ def flow_table(first: dict, last: dict, layer_names: list[str], predicted: list[
     weight gradient at the first and last logged step, and a log-scale bar of the first."""
     table = Table(title="gradient flow: layer 0 is next to the input, * the output layer", title_justify="left",
                   box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
-    s0, s1 = first["step"], last["step"]
+    s0, s1, sw = first["step"], last["step"], last.get("weight_step")
+    moved = last.get("dist_from_init") or [None] * len(layer_names)
     headers = ["layer", f"act-grad\n@{s0}"] + (["predicted"] if predicted else []) + \
-        [f"grad\n@{s0}", f"grad\n@{s1}", f"moved\n@{s1}", f"satur.\n@{s1}"]
+        [f"grad\n@{s0}", f"grad\n@{s1}", f"moved\n@{'-' if sw is None else sw}", f"satur.\n@{s1}"]
     for header in headers:
         table.add_column(header, justify="left" if header == "layer" else "right", no_wrap=True)
     table.add_column(f"act-grad @{s0}\n(log scale)", no_wrap=True, min_width=10)
@@ -53,7 +54,7 @@ def flow_table(first: dict, last: dict, layer_names: list[str], predicted: list[
         table.add_row(
             name + ("*" if i == len(layer_names) - 1 else ""), fmt_number(delta[i]), *pred,
             fmt_number(first["grad_norm"][i]), fmt_number(last["grad_norm"][i]),
-            fmt_number(last["dist_from_init"][i]), "-" if sat is None or math.isnan(sat) else f"{sat:.0%}",
+            "-" if moved[i] is None else fmt_number(moved[i]), "-" if sat is None or math.isnan(sat) else f"{sat:.0%}",
             _log_bar(delta[i], lo, hi, width=10 if predicted else 14),
         )
     return table

@@ -23,7 +23,7 @@ from .data import Batches, Dataset, load_dataset
 from .diagnosis import diagnose
 from .models import Net, build_model
 from .pretrain import pretrain
-from .probes import Probes, to_host
+from .probes import GRADIENT_PROBES, WEIGHT_PROBES, Probes, to_host
 from .rundir import new_run_dir, write_atomic, write_json
 
 OPTIMIZERS: dict[str, Callable] = {
@@ -131,7 +131,8 @@ def host_sync(t: TrainConfig, step: int) -> bool:
     """The steps on which the loop talks to the host, and so checks for divergence: logged, histogram
     and evaluation steps, the last step, and every 100th (so a run with probes off still stops)."""
     last = t.steps - 1
-    return step % 100 == 0 or step == last or any(due(e, step, last) for e in (t.log_every, t.hist_every, t.eval_every))
+    return step % 100 == 0 or step == last or \
+        any(due(e, step, last) for e in (t.log_every, t.weight_every, t.hist_every, t.eval_every))
 
 
 def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) -> dict:
@@ -147,14 +148,15 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
     # and `good_steps` counts the steps before it, which is the step that diverged.
     finite_so_far = torch.ones((), dtype=torch.bool, device=exp.device)
     good_steps = torch.zeros((), dtype=torch.long, device=exp.device)
-    # the first logged step and the two latest: all that the summary needs, whatever the run's length
-    logged: list[dict] = []
+    # per group of probes, the first logged step and the two latest: all that the summary needs,
+    # whatever the run's length
+    logged: dict[str, list[dict]] = {"gradients": [], "weights": []}
     steps_done = 0
     status, last = "completed", t.steps - 1
     model.train()
     try:
         for step in range(t.steps):
-            log, hist = due(t.log_every, step, last), due(t.hist_every, step, last)
+            log, weigh, hist = (due(every, step, last) for every in (t.log_every, t.weight_every, t.hist_every))
             record = log or hist
             # --- forward and backward
             x, y = batches.next()
@@ -166,30 +168,36 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
             # --- probes (gradients before clipping), clipping, the step
             stats = probes.gradients(model.records) if log else {}
             hists = probes.histograms(model.records) if hist else {}
+            model.records = []  # the recorded activations are not needed past here: free them now
             if clip is not None:
                 total = clip(model.parameters(), cfg.clip.max)
                 if total is not None:  # norm clipping measured the gradient: check it for free
                     finite = finite & torch.isfinite(total)
             finite_so_far.logical_and_(finite)
             good_steps += finite_so_far
-            if log:
+            if weigh:
                 probes.snapshot()
             optimizer.step()
             # --- logging: one host transfer for everything this step measured
-            if hist and not log:
-                board.histograms(step, to_host(hists))
-            if log:
+            if weigh:
                 stats.update(probes.weights_after())
+            if log:
                 stats["loss"] = loss.detach().reshape(1)
                 stats["acc"] = (logits.argmax(1) == y).float().mean().reshape(1)
+            if stats or hists:
                 host = to_host({**stats, **hists})
                 if hist:
                     board.histograms(step, host)
-                board.layers(step, host, {"loss/train": host["loss"][0], "acc/train": host["acc"][0],
-                                          "lr": optimizer.param_groups[0]["lr"]})
-                logged.append({"step": step, **host})
-                if len(logged) > 3:
-                    del logged[1]
+                if stats:
+                    scalars = {"loss/train": host["loss"][0], "acc/train": host["acc"][0],
+                               "lr": optimizer.param_groups[0]["lr"]} if log else None
+                    board.layers(step, host, scalars)
+                for group, keys, now in (("gradients", GRADIENT_KEYS, log), ("weights", WEIGHT_PROBES, weigh)):
+                    if now:
+                        kept = logged[group]
+                        kept.append({"step": step, **{k: host[k] for k in keys}})
+                        if len(kept) > 3:
+                            del kept[1]
             if due(t.eval_every, step, last):
                 loss_ev, acc_ev = evaluate(model, data.x_eval, data.y_eval)
                 board.scalars(step, {"loss/eval": loss_ev, "acc/eval": acc_ev})
@@ -198,7 +206,7 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
             if host_sync(t, step) and not finite_so_far:
                 status = "diverged"
                 break
-            progress(step + 1, logged[-1] if log else {})
+            progress(step + 1, logged["gradients"][-1] if log else {})
     except KeyboardInterrupt:
         status = "interrupted"
     diverged = None
@@ -208,20 +216,24 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
         status, bad = "diverged", int(good_steps)
         diverged = {"step": bad, "first_nonfinite_layer": first_nonfinite_layer(model)}
         steps_done = bad + 1
-        logged = [e for e in logged if e["step"] < bad] or logged[:1]
+        logged = {group: [e for e in kept if e["step"] < bad] or kept[:1] for group, kept in logged.items()}
     return {"status": status, "steps_done": steps_done, "logged": logged, "diverged": diverged}
 
 
-LAYER_KEYS = ("grad_norm", "act_grad_norm", "weight_norm", "update_ratio", "dist_from_init",
-              "act_mean", "act_std", "act_deriv", "saturation")
+GRADIENT_KEYS = GRADIENT_PROBES + ("grad_norm_total", "loss", "acc")
 
 
-def layer_snapshot(entry: dict | None) -> dict | None:
-    if entry is None:
+def layer_snapshot(gradients: dict | None, weights: list[dict]) -> dict | None:
+    """The per-layer probes of one gradient-logged step, with the weight probes of the latest step at
+    or before it that measured them (`weight_step`; None where none did)."""
+    if gradients is None:
         return None
-    snap = {"step": entry["step"], **{k: entry[k] for k in LAYER_KEYS}}
-    snap["grad_norm_total"] = entry["grad_norm_total"][0]
-    snap["loss_train"] = entry["loss"][0]
+    snap = {"step": gradients["step"], **{k: gradients[k] for k in GRADIENT_PROBES}}
+    snap["grad_norm_total"] = gradients["grad_norm_total"][0]
+    snap["loss_train"] = gradients["loss"][0]
+    weighed = [w for w in weights if w["step"] <= gradients["step"]]
+    snap["weight_step"] = weighed[-1]["step"] if weighed else None
+    snap.update({k: weighed[-1][k] if weighed else None for k in WEIGHT_PROBES})
     return snap
 
 
@@ -232,9 +244,9 @@ def summarize(cfg: Config, exp: Experiment, result: dict, wall_time: float) -> d
         n = min(len(exp.data.x_train), 10_000)
         final["loss_train"], final["acc_train"] = evaluate(exp.model, exp.data.x_train[:n], exp.data.y_train[:n])
         final["loss_eval"], final["acc_eval"] = evaluate(exp.model, exp.data.x_eval, exp.data.y_eval)
-    logged = result["logged"]
-    first = layer_snapshot(logged[0] if logged else None)
-    last = layer_snapshot(logged[-1] if logged else None)
+    grads, weights = result["logged"]["gradients"], result["logged"]["weights"]
+    first = layer_snapshot(grads[0] if grads else None, weights)
+    last = layer_snapshot(grads[-1] if grads else None, weights)
     n_layers = len(exp.model.weight_layers)
     theory = theory_beside(cfg, exp, first)
     return {

@@ -9,7 +9,8 @@ import yaml
 
 from conftest import CONFIGS, TINY, only_run, run_folders, summary_of
 from gradexp.config import load_config
-from gradexp.train import run
+from gradexp.probes import GRADIENT_PROBES, WEIGHT_PROBES
+from gradexp.train import layer_snapshot, run
 
 
 def test_deep_sigmoid_shows_vanishing(cli, tmp_path):
@@ -101,6 +102,30 @@ def test_probes_off_still_runs(cli, tmp_path):
     s = summary_of(only_run(tmp_path))
     assert s["status"] == "completed" and s["diagnosis"]["verdict"] == "unknown"
     assert not (only_run(tmp_path) / "gradient_flow.png").exists()
+
+
+def test_weight_probes_have_their_own_cadence(cli, tmp_path):
+    """weight_every=0: gradient probes and the diagnosis as usual, no weight probe anywhere."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = cli("run", CONFIGS / "deep_relu.yaml", *TINY, "train.weight_every=0", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    folder = only_run(tmp_path)
+    s = summary_of(folder)
+    assert s["status"] == "completed" and s["diagnosis"]["verdict"] == "healthy"
+    last = s["layers"]["last"]
+    assert last["weight_step"] is None and last["dist_from_init"] is None and last["grad_norm"][0] > 0
+    tags = EventAccumulator(str(folder)).Reload().Tags()["scalars"]
+    assert "grad_norm/layer_00" in tags and not [t for t in tags if t.split("/")[0] in WEIGHT_PROBES]
+    assert "moved" in result.output  # the table keeps its column, with "-" in it
+
+
+def test_snapshot_takes_the_latest_weight_probes_at_or_before_its_step():
+    grads = {"step": 7, "grad_norm_total": [1.0], "loss": [2.0], **{k: [float(k == "grad_norm")] for k in GRADIENT_PROBES}}
+    weights = [{"step": s, **{k: [float(s)] for k in WEIGHT_PROBES}} for s in (0, 5, 10)]
+    snap = layer_snapshot(grads, weights)
+    assert snap["step"] == 7 and snap["weight_step"] == 5 and snap["dist_from_init"] == [5.0]
+    assert layer_snapshot(grads, [])["update_ratio"] is None and layer_snapshot(None, weights) is None
 
 
 def test_synthetic_datasets_and_python_m(tmp_path):

@@ -32,17 +32,19 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "deep_sigmoid.yaml"
 RUN_NAME = "deep_sigmoid"  # `name:` in that config: runs land in <out>/deep_sigmoid/<stamp>/
 
-# The budget: 12 steps; probes at 0, 5, 10 and the last step (11); histograms at 0, 10, 11.
-DEPTH, STEPS, LOG_EVERY, HIST_EVERY, EVAL_EVERY = 4, 12, 5, 10, 5
+# The budget: 12 steps; probes at 0, 5, 10 and the last step (11); weight probes and histograms at
+# 0, 10, 11.
+DEPTH, STEPS, LOG_EVERY, WEIGHT_EVERY, HIST_EVERY, EVAL_EVERY = 4, 12, 5, 10, 10, 5
 N_LAYERS = DEPTH + 1  # hidden layers + the output layer
 LOG_STEPS = [0, 5, 10, 11]
-HIST_STEPS = [0, 10, 11]
+WEIGHT_STEPS = HIST_STEPS = [0, 10, 11]
 OTHER_DEPTH = 3  # a second run in the same --out folder, for the HParams comparison
 
 # digits: 8x8 = 64 inputs, 10 classes; the config's width is 64 and its batch size 128.
 IN_FEATURES, WIDTH, CLASSES, BATCH = 64, 64, 10, 128
 
-EVERY_LAYER_PROBES = ("grad_norm", "act_grad_norm", "weight_norm", "update_ratio", "dist_from_init")
+WEIGHT_PROBES = ("weight_norm", "update_ratio", "dist_from_init")
+EVERY_LAYER_PROBES = ("grad_norm", "act_grad_norm", *WEIGHT_PROBES)
 HIDDEN_ONLY_PROBES = ("act_mean", "act_std", "act_deriv", "saturation")
 TRAINING_TAGS = ("loss/train", "acc/train", "lr")
 EVAL_TAGS = ("loss/eval", "acc/eval")
@@ -74,7 +76,7 @@ def gradexp_run(out: Path, *overrides: str) -> Path:
     """`gradexp run configs/deep_sigmoid.yaml --out OUT --quiet ...` in process; returns the new run folder."""
     before = set((out / RUN_NAME).glob("*")) if (out / RUN_NAME).exists() else set()
     args = ["run", str(CONFIG), "--out", str(out), "--quiet", f"train.steps={STEPS}",
-            f"train.log_every={LOG_EVERY}", f"train.hist_every={HIST_EVERY}",
+            f"train.log_every={LOG_EVERY}", f"train.weight_every={WEIGHT_EVERY}", f"train.hist_every={HIST_EVERY}",
             f"train.eval_every={EVAL_EVERY}", *overrides]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
@@ -162,13 +164,17 @@ def test_scalar_tags_cover_every_layer(accumulator):
             assert int(index) < DEPTH, f"{tag}: the output layer has no activation"
 
 
+def probe_steps(probe: str) -> list[int]:
+    return WEIGHT_STEPS if probe in WEIGHT_PROBES else LOG_STEPS
+
+
 def test_scalars_are_logged_at_init_every_log_every_and_the_last_step(accumulator):
     per_step_tags = [f"{p}/{layer(i)}" for p in EVERY_LAYER_PROBES for i in range(N_LAYERS)]
     per_step_tags += [f"{p}/{layer(i)}" for p in HIDDEN_ONLY_PROBES for i in range(DEPTH)]
     per_step_tags += ["grad_norm/total", *TRAINING_TAGS, *EVAL_TAGS]  # eval_every == log_every here
     for tag in per_step_tags:
         events = accumulator.Scalars(tag)
-        assert [e.step for e in events] == LOG_STEPS, tag
+        assert [e.step for e in events] == probe_steps(tag.split("/")[0]), tag
         assert all(math.isfinite(e.value) for e in events), (tag, [e.value for e in events])
     assert all(close(e.value, 0.1) for e in accumulator.Scalars("lr"))  # optim.lr in the config
     for tag in ("acc/train", "acc/eval", *(f"saturation/{layer(i)}" for i in range(DEPTH))):
@@ -184,6 +190,7 @@ def test_scalars_agree_with_summary_json(runs, accumulator):
     summary = summary_of(runs["main"])
     first, last = summary["layers"]["first"], summary["layers"]["last"]
     assert (first["step"], last["step"]) == (0, STEPS - 1)
+    assert (first["weight_step"], last["weight_step"]) == (0, STEPS - 1)
     assert summary["layers"]["names"] == [layer(i) for i in range(N_LAYERS)]
     for snap, pos in ((first, 0), (last, -1)):
         assert len(snap["grad_norm"]) == N_LAYERS
@@ -383,7 +390,7 @@ def test_server_custom_scalars_layout_has_one_chart_per_probe_over_all_layers(se
             assert reply["regex_valid"], rx
             matched |= set(reply["tag_to_events"])
             for tag, events in reply["tag_to_events"].items():
-                assert [step for _, step, _ in events] == LOG_STEPS, tag
+                assert [step for _, step, _ in events] == probe_steps(probe), tag
         layers = {t for t in all_tags if re.fullmatch(rf"{probe}/layer_\d\d", t)}
         n = N_LAYERS if probe in EVERY_LAYER_PROBES else DEPTH
         assert len(layers) == n
