@@ -88,9 +88,9 @@ def bare_loop(exp: Experiment, steps: int, on_step: Callable[[int], None],
         on_step(k + 1)
 
 
-def gradexp_loop(log_every: int) -> Callable[[Experiment, int, Board, Callable], None]:
+def gradexp_loop(log_every: int, weight_every: int) -> Callable[[Experiment, int, Board, Callable], None]:
     def run(exp: Experiment, steps: int, board: Board, on_step: Callable[[int], None]) -> None:
-        t = exp.cfg.train.model_copy(update={"steps": steps, "log_every": log_every})
+        t = exp.cfg.train.model_copy(update={"steps": steps, "log_every": log_every, "weight_every": weight_every})
         result = train(exp.__class__(exp.cfg.model_copy(update={"train": t}), exp.device, exp.data, exp.model),
                        board, lambda step, stats: on_step(step))
         assert result["status"] == "completed", result["status"]
@@ -135,9 +135,11 @@ def lightning_style(exp: Experiment, steps: int, on_step: Callable[[int], None])
 
 VARIANTS: dict[str, Callable] = {
     "bare PyTorch loop": lambda exp, steps, board, on_step: bare_loop(exp, steps, on_step),
-    "gradexp, probes off": gradexp_loop(0),
-    "gradexp, probes every 10": gradexp_loop(10),
-    "gradexp, probes every step": gradexp_loop(1),
+    "gradexp, probes off": gradexp_loop(0, 0),
+    # log_every as named; weight probes at their default cadence (train.weight_every=100)
+    "gradexp, probes every 10": gradexp_loop(10, 100),
+    "gradexp, probes every step": gradexp_loop(1, 100),
+    "gradexp, weight probes too every step": gradexp_loop(1, 1),
     "wandb-style hooks, every 10": lambda exp, steps, board, on_step: wandb_style(10)(exp, steps, on_step),
     "wandb-style hooks, every step": lambda exp, steps, board, on_step: wandb_style(1)(exp, steps, on_step),
     "lightning-style grad_norm, every step": lambda exp, steps, board, on_step: lightning_style(exp, steps, on_step),
