@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
-# The overhead benchmark on a GPU, plus the check that steps which log nothing never synchronise
-# with the host (torch.cuda sync debug mode "error" around them). Run from the repository root on a
-# machine with CUDA, after `make .venv/bin/gradexp` (or any environment with gradexp installed):
-#   bash bench/gpu.sh            # writes bench/results/overhead-cuda.json
+# The GPU checks in one go, for a machine with CUDA: the CUDA tests (probes on the GPU against the
+# CPU, a run end to end, no host synchronisation on steps that log nothing), then the overhead
+# benchmark on the GPU with its own sync check. From the repository root:
+#   bash bench/gpu.sh                   # logs and JSON in bench/results/
+#   RESULTS=/some/dir bash bench/gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
-"$PY" bench/overhead.py --device cuda --check-sync --json bench/results/overhead-cuda.json "$@"
+RESULTS=${RESULTS:-bench/results}
+mkdir -p "$RESULTS"
+export PYTHONUNBUFFERED=1
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0), 'torch', torch.__version__)"
+status=0  # a failing test does not stop the benchmark; the script fails at the end
+"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$RESULTS/test_cuda.log" || status=1
+"$PY" bench/overhead.py --device cuda --check-sync --json "$RESULTS/overhead-cuda.json" "$@" 2>&1 \
+    | tee "$RESULTS/overhead-cuda.log" || status=1
+exit $status

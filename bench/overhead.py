@@ -7,8 +7,9 @@
 In one process, for each model, every variant trains the same model on the same data with the same
 optimizer, after a warm-up; each timed call of a variant is paired with a call of the bare loop
 just before it (the order of the variants rotates each repeat), and a variant's figure is the
-median over repeats of the ratio within its pairs, so that the machine's drift cancels. Peak resident memory comes from a fresh child
-process per variant (ru_maxrss), since a process's peak cannot be reset.
+median over repeats of the ratio within its pairs, so that the machine's drift cancels. Peak
+memory: on the CPU the peak resident memory of a fresh child process per variant (a process's peak
+cannot be reset); on CUDA the peak memory allocated on the device during one call of the variant.
 
 Peer-style monitors are written minimal and fair, and keep what they measure in memory (writing
 nothing to disk, which favours them over gradexp, which writes TensorBoard events):
@@ -198,6 +199,18 @@ def peak_memory_mb(case: str, variant: str, device: str, tiny: bool) -> float:
     return json.loads(out.strip().splitlines()[-1])["maxrss_mb"]
 
 
+def peak_cuda_mb(exp: Experiment, variant: str, steps: int, tmp: str) -> float:
+    """Peak CUDA memory allocated (MB) while one variant trains: the model and data, which every
+    variant shares, plus whatever the variant allocates."""
+    board = Board(os.path.join(tmp, "memory"), len(exp.model.weight_layers))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    VARIANTS[variant](exp, WARM_STEPS + steps + 1, board, lambda k: None)
+    torch.cuda.synchronize()
+    board.close()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
 def child(case: str, variant: str, device: str, tiny: bool) -> None:
     torch.set_flush_denormal(device == "cpu")
     overrides, steps = (TINY_CASES if tiny else CASES)[case]
@@ -305,19 +318,23 @@ def main() -> None:
             rows = {}
             for v in variants:
                 rows[v] = {"ms_per_step": timed[v]["s_per_step"] * 1e3, "ratio": timed[v]["ratio"]}
-                if not args.no_memory:
+                if not args.no_memory and args.device == "cpu":
                     rows[v]["peak_rss_mb"] = peak_memory_mb(case, v, args.device, args.tiny)
+                elif not args.no_memory:
+                    rows[v]["peak_cuda_mb"] = peak_cuda_mb(exp, v, steps, tmp)
             results["cases"][case] = rows
     results["denormals"] = denormals(args.device, repeats, args.tiny) if args.device == "cpu" else []
 
     table = Table(title=f"steps/s relative to a bare PyTorch loop (median of {repeats}); {results['machine']}")
-    for col in ("model", "variant", "ms/step", "x bare", "target", "peak RSS MB"):
+    memory = "peak RSS MB" if args.device == "cpu" else "peak CUDA MB"
+    for col in ("model", "variant", "ms/step", "x bare", "target", memory):
         table.add_column(col, justify="left" if col in ("model", "variant") else "right")
     for case, rows in results["cases"].items():
         for v, r in rows.items():
             target = TARGETS.get(v) if case in ("mlp20x256", "mlp3x16") else None
             mark = "" if target is None else (f"<= {target} " + ("ok" if r["ratio"] <= target else "MISSED"))
-            mem = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
+            mem = r.get("peak_rss_mb", r.get("peak_cuda_mb"))
+            mem = "-" if mem is None else f"{mem:.0f}"
             table.add_row(case, v, f"{r['ms_per_step']:.2f}", f"{r['ratio']:.3f}", mark, mem)
     console.print(table)
     for d in results["denormals"]:
