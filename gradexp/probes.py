@@ -71,21 +71,24 @@ class Probes:
     and reduced in one op each, and boolean masks (several times slower than float ops) are avoided.
     """
 
-    def __init__(self, model: Net, activation: str):
+    def __init__(self, model: Net, activation: str, weights: bool = True):
+        """`weights`: the weight probes will be asked for, so keep a copy of the initial weights
+        (and a second weight-sized buffer, made at the first snapshot); without them the probes
+        hold no copy of anything weight-sized."""
         self.model = model
         self.weights = [layer.weight for layer in model.weight_layers]
         self.n = len(self.weights)
         weight_ids = {id(w) for w in self.weights}
         self.others = [p for p in model.parameters() if id(p) not in weight_ids]  # biases, norms, projections
         self.runs = _runs(self.weights)
-        with torch.no_grad():
-            # per run of same-shaped layers: the initial weights, and buffers for before / after a step
-            self.initial = [torch.stack([w.detach() for w in self.weights[a:b]]) for a, b in self.runs]
-            self.scratch = [torch.empty_like(w0) for w0 in self.initial]
-            # the same buffers seen one layer at a time, for per-layer ops
-            self.initial_layers = [w0 for run in self.initial for w0 in run]
-            self.scratch_layers = [buf for run in self.scratch for buf in run]
-            self.initial_norm = torch.cat([_flat_norms(w0) for w0 in self.initial]).double()
+        self.initial: list[torch.Tensor] = []  # per run of same-shaped layers, stacked
+        self.scratch: list[torch.Tensor] = []  # the weights before a step, then differences
+        if weights:
+            with torch.no_grad():
+                self.initial = [torch.stack([w.detach() for w in self.weights[a:b]]) for a, b in self.runs]
+                self.initial_norm = torch.cat([_flat_norms(w0) for w0 in self.initial]).double()
+        # the same buffers seen one layer at a time, for per-layer ops
+        self.initial_layers = [w0 for run in self.initial for w0 in run]
         self.derivative = DERIVATIVES[activation]
         self.needs_input = activation in NEEDS_INPUT
         self.signed = activation in SIGNED_DERIVATIVE
@@ -137,6 +140,11 @@ class Probes:
     @torch.no_grad()
     def snapshot(self) -> None:
         """Before the optimizer step: keep the weights, to measure the step actually applied."""
+        if not self.initial:
+            raise RuntimeError("weight probes asked of Probes(..., weights=False)")
+        if not self.scratch:
+            self.scratch = [torch.empty_like(w0) for w0 in self.initial]
+            self.scratch_layers = [buf for run in self.scratch for buf in run]
         for (a, b), buf in zip(self.runs, self.scratch):
             torch.stack([w.detach() for w in self.weights[a:b]], out=buf)
 

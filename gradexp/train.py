@@ -141,7 +141,7 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
     t = cfg.train
     optimizer = OPTIMIZERS[cfg.optim.name](model.parameters(), cfg.optim)
     clip = CLIPPERS[cfg.clip.mode]
-    probes = Probes(model, cfg.model.activation)
+    probes = Probes(model, cfg.model.activation, weights=t.weight_every > 0)
     batches = Batches(data.x_train, data.y_train, cfg.data.batch_size, cfg.seed)
     # Divergence is tracked on the device (no host sync per step) and read at the steps that sync
     # anyway: `finite_so_far` turns false at the first non-finite loss (or clipped gradient norm),

@@ -175,3 +175,18 @@ def test_logged_step_zero_equals_autograd_on_the_first_batch(tmp_path):
     with torch.no_grad():
         applied = [((w - lr * g) - w).norm().item() / (w - lr * g).norm().item() for g, w in zip(grads, weights)]
     assert first["update_ratio"] == pytest.approx(applied, rel=1e-4)
+
+
+def test_without_weight_probes_no_copy_of_the_weights_is_kept():
+    """Probes off (or weight probes off): gradexp holds nothing weight-sized beside the model."""
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(depth=3, width=8), (5,), 3)
+    probes = Probes(net, "sigmoid", weights=False)
+    assert probes.initial == [] and probes.scratch == []
+    F.cross_entropy(net(torch.randn(16, 5), record=True), torch.randint(0, 3, (16,))).backward()
+    assert len(to_host(probes.gradients(net.records))["grad_norm"]) == 4
+    with pytest.raises(RuntimeError, match="weights=False"):
+        probes.snapshot()
+    with_weights = Probes(net, "sigmoid")
+    assert sum(w0.numel() for w0 in with_weights.initial) == sum(l.weight.numel() for l in net.weight_layers)
+    assert with_weights.scratch == []  # made at the first snapshot
