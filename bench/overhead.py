@@ -153,6 +153,19 @@ WARM_STEPS = 10
 
 # ------------------------------------------------------------------------------------ measuring
 
+def time_call(exp: Experiment, variant: str, steps: int, board: Board) -> float:
+    """Seconds per step of one call of a variant, over `steps` steps after WARM_STEPS."""
+    marks: dict[int, float] = {}
+
+    def on_step(k: int) -> None:  # called after the k-th step
+        if k in (WARM_STEPS, WARM_STEPS + steps):
+            sync(exp.device)
+            marks[k] = time.perf_counter()
+
+    VARIANTS[variant](exp, WARM_STEPS + steps + 1, board, on_step)
+    return (marks[WARM_STEPS + steps] - marks[WARM_STEPS]) / steps
+
+
 def time_variants(exp: Experiment, steps: int, repeats: int, variants: list[str], tmp: str) -> dict[str, dict]:
     """Seconds per step and ratio to the bare loop of each variant, after one warm-up call each.
 
@@ -166,15 +179,7 @@ def time_variants(exp: Experiment, steps: int, repeats: int, variants: list[str]
     ratios: dict[str, list[float]] = {v: [] for v in variants}
 
     def timed(v: str) -> float:
-        marks: dict[int, float] = {}
-
-        def on_step(k: int) -> None:  # called after the k-th step
-            if k in (WARM_STEPS, WARM_STEPS + steps):
-                sync(exp.device)
-                marks[k] = time.perf_counter()
-
-        VARIANTS[v](exp, WARM_STEPS + steps + 1, boards[v], on_step)
-        times[v].append((marks[WARM_STEPS + steps] - marks[WARM_STEPS]) / steps)
+        times[v].append(time_call(exp, v, steps, boards[v]))
         return times[v][-1]
 
     for v in variants:  # warm-up
@@ -226,19 +231,30 @@ def child(case: str, variant: str, device: str, tiny: bool) -> None:
 
 def denormals(device: str, repeats: int, tiny: bool) -> list[dict]:
     """gradexp's loop (probes off) on 40-layer sigmoid and ReLU nets, denormals flushed and kept.
-    Without flushing, the sigmoid net's first layers compute on denormals in backward."""
+    Without flushing, the sigmoid net's first layers compute on denormals in backward. The two nets
+    alternate call by call and the figure is the median ratio within pairs, as for the variants."""
     rows = []
     cases = {k: (o[:2] + ["model.depth=4"] + o[3:], 2) for k, o in ((k, v[0]) for k, v in DENORMAL_CASES.items())} \
         if tiny else DENORMAL_CASES
+    variant = "gradexp, probes off"
     with tempfile.TemporaryDirectory() as tmp:
         for flush in (True, False):
             torch.set_flush_denormal(flush)
-            per_step = {}
-            for name, (overrides, steps) in cases.items():
-                exp = experiment(overrides, device)
-                per_step[name] = time_variants(exp, steps, repeats, ["gradexp, probes off"], tmp)["gradexp, probes off"]["s_per_step"]
-            rows.append({"flush_denormal": flush, "sigmoid_ms": per_step["sigmoid40"] * 1e3,
-                         "relu_ms": per_step["relu40"] * 1e3, "ratio": per_step["sigmoid40"] / per_step["relu40"]})
+            exps = {name: experiment(overrides, device) for name, (overrides, _) in cases.items()}
+            boards = {name: Board(os.path.join(tmp, f"{name}-{flush}"), len(e.model.weight_layers))
+                      for name, e in exps.items()}
+            times: dict[str, list[float]] = {name: [] for name in cases}
+            for name, exp in exps.items():  # warm-up
+                VARIANTS[variant](exp, WARM_STEPS + 2, boards[name], lambda k: None)
+            ratios = []
+            for r in range(repeats):
+                for name in (("sigmoid40", "relu40") if r % 2 else ("relu40", "sigmoid40")):
+                    times[name].append(time_call(exps[name], variant, cases[name][1], boards[name]))
+                ratios.append(times["sigmoid40"][-1] / times["relu40"][-1])
+            for b in boards.values():
+                b.close()
+            rows.append({"flush_denormal": flush, "sigmoid_ms": statistics.median(times["sigmoid40"]) * 1e3,
+                         "relu_ms": statistics.median(times["relu40"]) * 1e3, "ratio": statistics.median(ratios)})
         torch.set_flush_denormal(False)
     return rows
 
@@ -281,7 +297,7 @@ def machine(device: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeats", type=int, default=5, help="timed calls per variant (3 for the 50x1024 MLP)")
+    ap.add_argument("--repeats", type=int, default=9, help="timed calls per variant (at most 3 for the 50x1024 MLP on the CPU)")
     ap.add_argument("--tiny", action="store_true", help="tiny models and budgets: checks that every row is produced")
     ap.add_argument("--cases", nargs="+", metavar="CASE", help=f"a subset of {', '.join(CASES)}")
     ap.add_argument("--no-memory", action="store_true")
@@ -314,7 +330,7 @@ def main() -> None:
             exp = experiment(overrides, args.device)
             # gradexp flushes denormals on the CPU by default: every variant runs under the same setting
             torch.set_flush_denormal(args.device == "cpu")
-            timed = time_variants(exp, steps, min(repeats, 3) if case == "mlp50x1024" else repeats, variants, tmp)
+            timed = time_variants(exp, steps, min(repeats, 3) if case == "mlp50x1024" and args.device == "cpu" else repeats, variants, tmp)
             rows = {}
             for v in variants:
                 rows[v] = {"ms_per_step": timed[v]["s_per_step"] * 1e3, "ratio": timed[v]["ratio"]}
