@@ -8,13 +8,18 @@ padded), `grad_norm/total`, `loss/train`, `loss/eval`, `acc/train`, `acc/eval`, 
 
 from __future__ import annotations
 
+import itertools
+import os
+import socket
+import struct
+import time
 from typing import Any
 
 from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
 from tensorboard.plugins.hparams.api_pb2 import Status
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
-from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams
+from tensorboard.compat.proto.event_pb2 import Event
+from torch.utils.tensorboard.summary import custom_scalars, histogram_raw, hparams
 
 from .probes import ACT_HIST, GRAD_HIST, LAYER_PROBES, bucket_limits
 
@@ -42,47 +47,74 @@ def custom_scalars_layout() -> dict:
 
 
 def masked_crc32c(data: bytes) -> int:
-    """The masked CRC-32C that TFRecord files put after each record's length and data."""
+    """The masked CRC-32C that TFRecord files put after each record's length and data: with the C
+    code of google-crc32c (TensorBoard's own is pure Python, ~0.7 ms for a logged step's event)."""
     import google_crc32c
 
     x = google_crc32c.value(data)
     return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-def use_fast_checksums() -> bool:
-    """TensorBoard's event writer computes every record's checksum in pure Python, on its writer
-    thread and holding the GIL: ~0.7 ms for a logged step's ~6 KB event, more than the rest of
-    writing it. Swap in the C implementation of google-crc32c where it is installed as compiled code."""
-    try:
-        import google_crc32c
-    except ImportError:
-        return False
-    if google_crc32c.implementation != "c":
-        return False
-    from tensorboard.summary.writer import record_writer
+class EventFile:
+    """One TensorBoard event file, written in the calling thread through one open, buffered file.
 
-    record_writer.masked_crc32c = masked_crc32c
-    return True
+    torch's SummaryWriter hands every event to a writer thread, which opens the file, appends and
+    closes it again per record, and computes the checksums in pure Python: on a 2-core machine that
+    thread competes with training for the cores and the GIL. Records here are framed and checked as
+    TFRecords (length, masked CRC of the length, data, masked CRC of the data) and flushed every
+    `flush_secs`, at `flush()` and at `close()`."""
+
+    def __init__(self, folder: str, flush_secs: float = 5.0):
+        os.makedirs(folder, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_file_ids)}"
+        self.path = os.path.join(folder, name)
+        self.file = open(self.path, "xb", buffering=1 << 16)  # "x": never append to another run's file
+        self.flush_secs, self.flushed = flush_secs, time.time()
+        self.write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+        self.flush()
+
+    def write(self, event: Event) -> None:
+        data = event.SerializeToString()
+        header = struct.pack("<Q", len(data))
+        self.file.write(header + struct.pack("<I", masked_crc32c(header)) + data
+                        + struct.pack("<I", masked_crc32c(data)))
+        if time.time() - self.flushed >= self.flush_secs:
+            self.flush()
+
+    def add(self, summary: Summary, step: int | None = None) -> None:
+        event = Event(wall_time=time.time(), summary=summary)
+        if step is not None:
+            event.step = step
+        self.write(event)
+
+    def flush(self) -> None:
+        self.file.flush()
+        self.flushed = time.time()
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+
+
+_file_ids = itertools.count()
 
 
 class Board:
     def __init__(self, folder: str, n_layers: int):
-        use_fast_checksums()
-        self.writer = SummaryWriter(log_dir=folder)
+        self.events = EventFile(folder)
         self.n_layers = n_layers
-        self.writer.add_custom_scalars(custom_scalars_layout())
+        self.events.add(custom_scalars(custom_scalars_layout()))
         # Logged steps write the same tags again and again: their protos are built once per set of
         # probes (gradient probes, weight probes or both) and only the values are set.
         self.templates: dict[tuple[str, ...], tuple[Summary, list[tuple[str, int]]]] = {}
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        for tag, v in values.items():
-            self.writer.add_scalar(tag, v, step)
+        self.events.add(Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in values.items()]), step)
 
     def scalars_series(self, tag: str, values: list[float], first_step: int = 0) -> None:
         """A whole series of one tag at consecutive steps (e.g. one pre-training phase)."""
         for k, v in enumerate(values):
-            self.writer.add_scalar(tag, v, first_step + k)
+            self.scalars(first_step + k, {tag: v})
 
     def _template(self, probes: tuple[str, ...]) -> tuple[Summary, list[tuple[str, int]]]:
         if probes not in self.templates:
@@ -105,18 +137,19 @@ class Board:
         summary.CopyFrom(template)
         for tag, x in (scalars or {}).items():
             summary.value.add(tag=tag, simple_value=x)
-        self.writer.file_writer.add_summary(summary, step)
+        self.events.add(summary, step)
 
     def histograms(self, step: int, rows: dict[str, list[list[float]]]) -> None:
+        values = []
         for name, spec in (("grad_log10", GRAD_HIST), ("act", ACT_HIST)):
             limits = bucket_limits(spec)
             for i, row in enumerate(rows.get(name, [])):
                 lo, hi, num, total, total_sq, *counts = row
-                if num == 0:
-                    continue
-                self.writer.add_histogram_raw(
-                    f"hist/{name}/layer_{i:02d}", lo, hi, num, total, total_sq, limits, counts, global_step=step
-                )
+                if num > 0:
+                    values += histogram_raw(f"hist/{name}/layer_{i:02d}", lo, hi, num, total, total_sq,
+                                            limits, counts).value
+        if values:
+            self.events.add(Summary(value=values), step)
 
     def hparams(self, params: dict[str, Any], metrics: dict[str, float], step: int, status: str) -> None:
         """Write the HParams session into this run's own event file (not a sub-run, unlike add_hparams).
@@ -130,13 +163,13 @@ class Board:
         if status != "completed":
             end = _session_end(Status.Value("STATUS_FAILURE"))
         for summary in (experiment, start, end):
-            self.writer.file_writer.add_summary(summary)
+            self.events.add(summary)
         for tag, v in metrics.items():
-            self.writer.add_scalar(tag, v, step)
+            self.scalars(step, {tag: v})
 
     def close(self) -> None:
-        self.writer.flush()
-        self.writer.close()
+        self.events.flush()
+        self.events.close()
 
 
 def _session_end(status: int) -> Summary:

@@ -168,7 +168,8 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
             # --- probes (gradients before clipping), clipping, the step
             stats = probes.gradients(model.records) if log else {}
             hists = probes.histograms(model.records) if hist else {}
-            model.records = []  # the recorded activations are not needed past here: free them now
+            if record:
+                model.records = []  # the recorded activations are not needed past here: free them now
             if clip is not None:
                 total = clip(model.parameters(), cfg.clip.max)
                 if total is not None:  # norm clipping measured the gradient: check it for free
