@@ -91,7 +91,7 @@ def _cause(verdict: str, factor: float | None, cfg: Config, theory: dict | None)
     return text + ")"
 
 
-def _findings(first: dict, last: dict | None, cfg: Config, steps_done: int) -> list[str]:
+def _findings(first: dict, last: dict | None, cfg: Config) -> list[str]:
     """Underflow, saturated or dead layers, and layers that never left their init."""
     found = []
     underflow = [i for i, v in enumerate(first["grad_norm"]) if v == 0.0]
@@ -112,7 +112,7 @@ def _findings(first: dict, last: dict | None, cfg: Config, steps_done: int) -> l
 
 
 def diagnose(first: dict | None, last: dict | None, cfg: Config, diverged: dict | None = None,
-             theory: dict | None = None, steps_done: int = 0) -> dict:
+             theory: dict | None = None) -> dict:
     """A verdict with the numbers behind it; `message` is the explanation for the terminal."""
     thresholds = cfg.diagnosis
     if diverged is not None:
@@ -151,7 +151,7 @@ def diagnose(first: dict | None, last: dict | None, cfg: Config, diverged: dict 
            f"thresholds {thresholds.vanishing_below:g} / {thresholds.exploding_above:g}")
     if last is not None and last["step"] != first["step"]:
         msg += f"; at step {last['step']}: {grad_ratio(last['act_grad_norm']):.3g}x"
-    findings = _findings(first, last, cfg, steps_done)
+    findings = _findings(first, last, cfg)
     next_step = advice(verdict, cfg)
     for line in findings:
         msg += f"\n  - {line}"

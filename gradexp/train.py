@@ -127,6 +127,9 @@ def due(every: int, step: int, last: int) -> bool:
     return every > 0 and (step % every == 0 or step == last)
 
 
+GRADIENT_KEYS = GRADIENT_PROBES + ("grad_norm_total", "loss")  # what a logged entry keeps
+
+
 def host_sync(t: TrainConfig, step: int) -> bool:
     """The steps on which the loop talks to the host, and so checks for divergence: logged, histogram
     and evaluation steps, the last step, and every 100th (so a run with probes off still stops)."""
@@ -148,9 +151,10 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
     # and `good_steps` counts the steps before it, which is the step that diverged.
     finite_so_far = torch.ones((), dtype=torch.bool, device=exp.device)
     good_steps = torch.zeros((), dtype=torch.long, device=exp.device)
-    # per group of probes, the first logged step and the two latest: all that the summary needs,
-    # whatever the run's length
-    logged: dict[str, list[dict]] = {"gradients": [], "weights": []}
+    # the first gradient-logged step and the two latest, each with the latest weight probes at or
+    # before it: all that the summary needs, whatever the run's length
+    logged: list[dict] = []
+    weights: dict | None = None
     steps_done = 0
     status, last = "completed", t.steps - 1
     model.train()
@@ -179,6 +183,7 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
             if weigh:
                 probes.snapshot()
             optimizer.step()
+            steps_done = step + 1
             # --- logging: one host transfer for everything this step measured
             if weigh:
                 stats.update(probes.weights_after())
@@ -193,21 +198,20 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
                     scalars = {"loss/train": host["loss"][0], "acc/train": host["acc"][0],
                                "lr": optimizer.param_groups[0]["lr"]} if log else None
                     board.layers(step, host, scalars)
-                for group, keys, now in (("gradients", GRADIENT_KEYS, log), ("weights", WEIGHT_PROBES, weigh)):
-                    if now:
-                        kept = logged[group]
-                        kept.append({"step": step, **{k: host[k] for k in keys}})
-                        if len(kept) > 3:
-                            del kept[1]
+                if weigh:
+                    weights = {"step": step, **{k: host[k] for k in WEIGHT_PROBES}}
+                if log:
+                    logged.append({"step": step, **{k: host[k] for k in GRADIENT_KEYS}, "weights": weights})
+                    if len(logged) > 3:
+                        del logged[1]
             if due(t.eval_every, step, last):
                 loss_ev, acc_ev = evaluate(model, data.x_eval, data.y_eval)
                 board.scalars(step, {"loss/eval": loss_ev, "acc/eval": acc_ev})
             # --- divergence is a result: stop here and say where
-            steps_done = step + 1
             if host_sync(t, step) and not finite_so_far:
                 status = "diverged"
                 break
-            progress(step + 1, logged["gradients"][-1] if log else {})
+            progress(step + 1, logged[-1] if log else {})
     except KeyboardInterrupt:
         status = "interrupted"
     diverged = None
@@ -217,24 +221,21 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
         status, bad = "diverged", int(good_steps)
         diverged = {"step": bad, "first_nonfinite_layer": first_nonfinite_layer(model)}
         steps_done = bad + 1
-        logged = {group: [e for e in kept if e["step"] < bad] or kept[:1] for group, kept in logged.items()}
+        logged = [e for e in logged if e["step"] < bad] or logged[:1]
     return {"status": status, "steps_done": steps_done, "logged": logged, "diverged": diverged}
 
 
-GRADIENT_KEYS = GRADIENT_PROBES + ("grad_norm_total", "loss", "acc")
-
-
-def layer_snapshot(gradients: dict | None, weights: list[dict]) -> dict | None:
+def layer_snapshot(entry: dict | None) -> dict | None:
     """The per-layer probes of one gradient-logged step, with the weight probes of the latest step at
     or before it that measured them (`weight_step`; None where none did)."""
-    if gradients is None:
+    if entry is None:
         return None
-    snap = {"step": gradients["step"], **{k: gradients[k] for k in GRADIENT_PROBES}}
-    snap["grad_norm_total"] = gradients["grad_norm_total"][0]
-    snap["loss_train"] = gradients["loss"][0]
-    weighed = [w for w in weights if w["step"] <= gradients["step"]]
-    snap["weight_step"] = weighed[-1]["step"] if weighed else None
-    snap.update({k: weighed[-1][k] if weighed else None for k in WEIGHT_PROBES})
+    snap = {"step": entry["step"], **{k: entry[k] for k in GRADIENT_PROBES}}
+    snap["grad_norm_total"] = entry["grad_norm_total"][0]
+    snap["loss_train"] = entry["loss"][0]
+    weights = entry["weights"]
+    snap["weight_step"] = weights["step"] if weights else None
+    snap.update({k: weights[k] if weights else None for k in WEIGHT_PROBES})
     return snap
 
 
@@ -245,9 +246,9 @@ def summarize(cfg: Config, exp: Experiment, result: dict, wall_time: float) -> d
         n = min(len(exp.data.x_train), 10_000)
         final["loss_train"], final["acc_train"] = evaluate(exp.model, exp.data.x_train[:n], exp.data.y_train[:n])
         final["loss_eval"], final["acc_eval"] = evaluate(exp.model, exp.data.x_eval, exp.data.y_eval)
-    grads, weights = result["logged"]["gradients"], result["logged"]["weights"]
-    first = layer_snapshot(grads[0] if grads else None, weights)
-    last = layer_snapshot(grads[-1] if grads else None, weights)
+    logged = result["logged"]
+    first = layer_snapshot(logged[0] if logged else None)
+    last = layer_snapshot(logged[-1] if logged else None)
     n_layers = len(exp.model.weight_layers)
     theory = theory_beside(cfg, exp, first)
     return {
@@ -257,7 +258,7 @@ def summarize(cfg: Config, exp: Experiment, result: dict, wall_time: float) -> d
         "final": final,
         "layers": {"names": [f"layer_{i:02d}" for i in range(n_layers)], "first": first, "last": last},
         "theory": theory,
-        "diagnosis": diagnose(first, last, cfg, result["diverged"], theory, result["steps_done"]),
+        "diagnosis": diagnose(first, last, cfg, result["diverged"], theory),
         "versions": {"gradexp": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "device": str(exp.device),
         "wall_time_s": round(wall_time, 3),

@@ -9,8 +9,8 @@ import yaml
 
 from conftest import CONFIGS, TINY, only_run, run_folders, summary_of
 from gradexp.config import load_config
-from gradexp.probes import GRADIENT_PROBES, WEIGHT_PROBES
-from gradexp.train import layer_snapshot, run
+from gradexp.probes import WEIGHT_PROBES
+from gradexp.train import run
 
 
 def test_deep_sigmoid_shows_vanishing(cli, tmp_path):
@@ -120,12 +120,38 @@ def test_weight_probes_have_their_own_cadence(cli, tmp_path):
     assert "moved" in result.output  # the table keeps its column, with "-" in it
 
 
-def test_snapshot_takes_the_latest_weight_probes_at_or_before_its_step():
-    grads = {"step": 7, "grad_norm_total": [1.0], "loss": [2.0], **{k: [float(k == "grad_norm")] for k in GRADIENT_PROBES}}
-    weights = [{"step": s, **{k: [float(s)] for k in WEIGHT_PROBES}} for s in (0, 5, 10)]
-    snap = layer_snapshot(grads, weights)
-    assert snap["step"] == 7 and snap["weight_step"] == 5 and snap["dist_from_init"] == [5.0]
-    assert layer_snapshot(grads, [])["update_ratio"] is None and layer_snapshot(None, weights) is None
+def interrupt_at(step_to_stop: int, label: str = "training"):
+    """A progress factory whose bar raises KeyboardInterrupt (Ctrl-C) at a given step of a phase."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def bars(total, phase="training"):
+        def update(step, stats):
+            if phase == label and step == step_to_stop:
+                raise KeyboardInterrupt
+        yield update
+    return bars
+
+
+def test_the_summary_pairs_each_snapshot_with_the_weight_probes_at_or_before_it(tmp_path):
+    # weight probes every 2 steps, gradient probes every 10, Ctrl-C after step 46: the last gradient
+    # snapshot is step 40, and its weight probes are step 40's, not the latest ones (46)
+    cfg = load_config(CONFIGS / "deep_relu.yaml", ["train.steps=60", "train.log_every=10", "train.weight_every=2",
+                                                  "model.depth=3", "train.eval_every=0", "train.hist_every=0"])
+    outcome = run(cfg, tmp_path, progress_factory=interrupt_at(47))
+    s = json.loads((outcome.folder / "summary.json").read_text())
+    assert s["status"] == "interrupted" and s["steps"]["done"] == 47
+    first, last = s["layers"]["first"], s["layers"]["last"]
+    assert (first["step"], first["weight_step"]) == (0, 0) and (last["step"], last["weight_step"]) == (40, 40)
+    assert all(v > 0 for v in last["dist_from_init"])
+
+
+def test_ctrl_c_while_pre_training_is_an_interrupted_run(tmp_path):
+    cfg = load_config(CONFIGS / "pretrain_sigmoid.yaml", ["model.depth=3", "pretrain.steps=20", *TINY])
+    outcome = run(cfg, tmp_path, progress_factory=interrupt_at(5, "pre-training"))
+    assert outcome.status == "interrupted" and outcome.exit_code == 130
+    s = json.loads((outcome.folder / "summary.json").read_text())
+    assert s["status"] == "interrupted" and s["steps"]["done"] == 0 and s["layers"]["first"] is None
 
 
 def test_synthetic_datasets_and_python_m(tmp_path):
