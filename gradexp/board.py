@@ -15,6 +15,8 @@ import struct
 import time
 from typing import Any
 
+import google_crc32c
+
 from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
 from tensorboard.plugins.hparams.api_pb2 import Status
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
@@ -49,37 +51,32 @@ def custom_scalars_layout() -> dict:
 def masked_crc32c(data: bytes) -> int:
     """The masked CRC-32C that TFRecord files put after each record's length and data: with the C
     code of google-crc32c (TensorBoard's own is pure Python, ~0.7 ms for a logged step's event)."""
-    import google_crc32c
-
     x = google_crc32c.value(data)
     return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 class EventFile:
-    """One TensorBoard event file, written in the calling thread through one open, buffered file.
+    """One TensorBoard event file, written in the calling thread through one open file.
 
-    torch's SummaryWriter hands every event to a writer thread, which opens the file, appends and
-    closes it again per record, and computes the checksums in pure Python: on a 2-core machine that
-    thread competes with training for the cores and the GIL. Records here are framed and checked as
-    TFRecords (length, masked CRC of the length, data, masked CRC of the data) and flushed every
-    `flush_secs`, at `flush()` and at `close()`."""
+    torch's SummaryWriter hands every event to a writer thread, which reopens the file per record and
+    computes the checksums in pure Python, while the thread competes with training for the cores
+    and the GIL. Here each event is one TFRecord (length, masked CRC of the length, data, masked CRC
+    of the data), written and flushed at once: TensorBoard sees it live, and a killed run loses nothing
+    it logged. A logged step writes one event (two with histograms)."""
 
-    def __init__(self, folder: str, flush_secs: float = 5.0):
+    def __init__(self, folder: str):
         os.makedirs(folder, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_file_ids)}"
         self.path = os.path.join(folder, name)
-        self.file = open(self.path, "xb", buffering=1 << 16)  # "x": never append to another run's file
-        self.flush_secs, self.flushed = flush_secs, time.time()
+        self.file = open(self.path, "xb")  # "x": never append to another writer's file
         self.write(Event(wall_time=time.time(), file_version="brain.Event:2"))
-        self.flush()
 
     def write(self, event: Event) -> None:
         data = event.SerializeToString()
         header = struct.pack("<Q", len(data))
         self.file.write(header + struct.pack("<I", masked_crc32c(header)) + data
                         + struct.pack("<I", masked_crc32c(data)))
-        if time.time() - self.flushed >= self.flush_secs:
-            self.flush()
+        self.file.flush()
 
     def add(self, summary: Summary, step: int | None = None) -> None:
         event = Event(wall_time=time.time(), summary=summary)
@@ -87,13 +84,8 @@ class EventFile:
             event.step = step
         self.write(event)
 
-    def flush(self) -> None:
-        self.file.flush()
-        self.flushed = time.time()
-
     def close(self) -> None:
-        if not self.file.closed:
-            self.file.close()
+        self.file.close()
 
 
 _file_ids = itertools.count()
@@ -133,11 +125,10 @@ class Board:
         template, slots = self._template(tuple(p for p in LAYER_PROBES if p in stats))
         for v, (probe, i) in zip(template.value, slots):
             v.simple_value = stats[probe][i]
-        summary = Summary()
-        summary.CopyFrom(template)
+        event = Event(wall_time=time.time(), step=step, summary=template)  # a copy of the template
         for tag, x in (scalars or {}).items():
-            summary.value.add(tag=tag, simple_value=x)
-        self.events.add(summary, step)
+            event.summary.value.add(tag=tag, simple_value=x)
+        self.events.write(event)
 
     def histograms(self, step: int, rows: dict[str, list[list[float]]]) -> None:
         values = []
@@ -168,7 +159,6 @@ class Board:
             self.scalars(step, {tag: v})
 
     def close(self) -> None:
-        self.events.flush()
         self.events.close()
 
 

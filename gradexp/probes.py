@@ -87,8 +87,6 @@ class Probes:
             with torch.no_grad():
                 self.initial = [torch.stack([w.detach() for w in self.weights[a:b]]) for a, b in self.runs]
                 self.initial_norm = torch.cat([_flat_norms(w0) for w0 in self.initial]).double()
-        # the same buffers seen one layer at a time, for per-layer ops
-        self.initial_layers = [w0 for run in self.initial for w0 in run]
         self.derivative = DERIVATIVES[activation]
         self.needs_input = activation in NEEDS_INPUT
         self.signed = activation in SIGNED_DERIVATIVE
@@ -151,13 +149,14 @@ class Probes:
     @torch.no_grad()
     def weights_after(self) -> dict[str, torch.Tensor]:
         """After the optimizer step: ||W||, ||W - W_before|| / ||W|| (the update ratio, against the
-        weights it produced), and ||W - W0|| / ||W0||. Four passes over the weights, in place."""
+        weights it produced), and ||W - W0|| / ||W0||, in the scratch buffer (with the snapshot, ~11
+        passes over weight-sized buffers: why these probes have their own cadence)."""
         now = [w.detach() for w in self.weights]
         norm = _norms(now)
         torch._foreach_sub_(self.scratch_layers, now)  # scratch = W_before - W
         update = torch.cat([_flat_norms(buf) for buf in self.scratch]).double()
-        for w, w0, buf in zip(now, self.initial_layers, self.scratch_layers):
-            torch.sub(w, w0, out=buf)
+        for (a, b), w0, buf in zip(self.runs, self.initial, self.scratch):
+            torch.stack(now[a:b], out=buf).sub_(w0)  # scratch = W - W0
         dist = torch.cat([_flat_norms(buf) for buf in self.scratch]).double()
         return {"weight_norm": norm, "update_ratio": update / norm, "dist_from_init": dist / self.initial_norm}
 
