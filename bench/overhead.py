@@ -1,6 +1,6 @@
 """What gradexp's probes cost: steps per second against a bare PyTorch loop and peer-style monitors.
 
-    python bench/overhead.py                  # CPU, the README's table (a few minutes on 2 cores)
+    python bench/overhead.py                  # CPU, the README's table (about 20 minutes on 2 cores)
     python bench/overhead.py --device cuda    # the same on a GPU (bench/gpu.sh adds the sync check)
     python bench/overhead.py --tiny           # seconds: every row, tiny models (the test suite's smoke run)
 
@@ -234,8 +234,8 @@ def denormals(device: str, repeats: int, tiny: bool) -> list[dict]:
     Without flushing, the sigmoid net's first layers compute on denormals in backward. The two nets
     alternate call by call and the figure is the median ratio within pairs, as for the variants."""
     rows = []
-    cases = {k: (o[:2] + ["model.depth=4"] + o[3:], 2) for k, o in ((k, v[0]) for k, v in DENORMAL_CASES.items())} \
-        if tiny else DENORMAL_CASES
+    cases = {k: ([o for o in overrides if not o.startswith("model.depth=")] + ["model.depth=4"], 2)
+             for k, (overrides, _) in DENORMAL_CASES.items()} if tiny else DENORMAL_CASES
     variant = "gradexp, probes off"
     with tempfile.TemporaryDirectory() as tmp:
         for flush in (True, False):

@@ -36,8 +36,8 @@ def probe_step(net, x, y, activation: str) -> dict:
 
 
 @pytest.mark.parametrize("activation, norm", [("sigmoid", "none"), ("relu", "batchnorm"), ("gelu", "layernorm")])
-def test_probes_on_cuda_equal_the_cpu_computation(activation, norm):
-    torch.backends.cuda.matmul.allow_tf32 = False  # compare float32 with float32
+def test_probes_on_cuda_equal_the_cpu_computation(activation, norm, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # compare float32 with float32
     torch.manual_seed(0)
     cpu = build_model(ModelConfig(depth=6, width=32, activation=activation, norm=norm), (20,), 5)
     gpu = copy.deepcopy(cpu).cuda()
