@@ -1,15 +1,17 @@
 """Per-layer gradient, weight and activation statistics, computed on the device in batched ops.
 
 Nothing here runs on a step that logs nothing: the training loop calls these only on logged steps,
-and each call returns device tensors that `to_host` moves in one transfer. "Layer i" is
+and each call returns device tensors that `to_host` (or `Probes.host`, which also finishes the
+gradient probes) moves in one transfer. "Layer i" is
 `model.weight_layers[i]`, counted from the input; the output layer is last. Statistics that only
 hidden layers have (activations) are NaN for the output layer.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn.functional as F
 
 from .layers import DERIVATIVES, MAX_SLOPE, NEEDS_INPUT, SIGNED_DERIVATIVE
 from .models import Net, Record
@@ -37,17 +39,19 @@ def _flat_norms(stacked: torch.Tensor) -> torch.Tensor:
 
 
 def _norms(tensors: list[torch.Tensor], exact: bool = False) -> torch.Tensor:
-    """L2 norm of each tensor in one batched call, as float64.
+    """L2 norm of each tensor in one batched call.
 
     `exact` (gradients): a norm must not read 0 where the gradient is not. On a GPU the reduction
     accumulates in float64 (bandwidth-bound, so nearly free); on the CPU float64 is ~10x slower,
     so float32 norms are taken and only tiny ones recomputed in float64 (reading them back is free
     there: the CPU has nothing to synchronise with). Weights need no such care."""
-    if not exact or tensors[0].is_cuda:
-        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64 if exact else None)).double()
-    norms = torch.stack(torch._foreach_norm(tensors)).double()
-    if norms.min() < TINY_NORM:
-        for i in (norms < TINY_NORM).nonzero().flatten().tolist():
+    if tensors[0].is_cuda:
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64 if exact else None))
+    norms = torch.stack(torch._foreach_norm(tensors))
+    tiny = [i for i, v in enumerate(norms.tolist()) if v < TINY_NORM] if exact else []
+    if tiny:
+        norms = norms.double()
+        for i in tiny:
             norms[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
     return norms
 
@@ -109,31 +113,47 @@ class Probes:
 
     @torch.no_grad()
     def gradients(self, records: list[Record]) -> dict[str, torch.Tensor]:
-        """After backward, before clipping: gradient and activation statistics, one value per layer."""
-        grad_norm = _norms([w.grad for w in self.weights], exact=True)
+        """After backward, before clipping: the gradient and activation statistics of every layer,
+        as raw sums and norms on the device; `host` moves them and turns them into the probes (the
+        arithmetic on a few numbers per layer is done there: on the device each would be an op of
+        several microseconds, on a GPU a kernel launch)."""
+        grads = [w.grad for w in self.weights]
         others = [p.grad for p in self.others if p.grad is not None]
-        total_sq = grad_norm.square().sum()
-        if others:
-            total_sq = total_sq + _norms(others, exact=True).square().sum()
+        # the weights' gradients, dLoss/dz of every layer, then the other parameters' gradients
+        norms = _norms(grads + [r.dz for r in records] + others, exact=True)
         hidden = records[:-1]
         h = self._stack("h", [r.h for r in hidden])  # (hidden layers, batch, units), a copy of our own
         a = self._stack("a", [r.a for r in hidden]) if self.needs_input else None
-        n = h.shape[1] * h.shape[2]
+        self.act_shape = tuple(h.shape)
         mean = h.mean((1, 2))
-        # std from the mean square: a norm is ~30x faster than Tensor.std on the CPU
-        var = (torch.linalg.vector_norm(h, dim=(1, 2)).square_() / n - mean * mean).clamp_min_(0) * (n / max(n - 1, 1))
+        norm = torch.linalg.vector_norm(h, dim=(1, 2))  # the std from it: a norm is ~30x faster than Tensor.std
         d = self.derivative(a, h, out=h)  # phi'(a) overwrites the copy of h: one buffer less to keep in cache
         # a unit is saturated (for the ReLU family: dead) when it is flat on every example
         steepest = (d.abs() if self.signed else d).amax(1)  # (layers, units)
-        saturated = (steepest < SATURATION_FRACTION * self.max_slope).to(h.dtype).mean(1)
-        # the output layer has no activation: NaN there, so that every probe has one value per layer
-        act = F.pad(torch.stack([mean, var.sqrt_(), d.mean((1, 2)), saturated]), (0, 1), value=float("nan"))
-        return {
-            "grad_norm": grad_norm,
-            "grad_norm_total": total_sq.sqrt().reshape(1),
-            "act_grad_norm": _norms([r.dz for r in records], exact=True),
-            "act_mean": act[0], "act_std": act[1], "act_deriv": act[2], "saturation": act[3],
-        }
+        flat = (steepest < SATURATION_FRACTION * self.max_slope).sum(1)
+        return {"_norms": norms, "_act": torch.stack([mean, norm, d.mean((1, 2))]), "_flat_units": flat}
+
+    def host(self, stats: dict[str, torch.Tensor]) -> dict[str, list]:
+        """`to_host`, then the probes from what `gradients` measured: grad_norm, grad_norm_total,
+        act_grad_norm, and per hidden layer act_mean, act_std, act_deriv and saturation (NaN for the
+        output layer, which has no activation, so that every probe has one value per layer)."""
+        out = to_host(stats)
+        if "_norms" not in out:
+            return out
+        norms, n = out.pop("_norms"), self.n
+        (mean, norm, deriv), flat = out.pop("_act"), out.pop("_flat_units")
+        _, batch, units = self.act_shape
+        m = batch * units
+        nan = [math.nan]
+        out["grad_norm"], out["act_grad_norm"] = norms[:n], norms[n:2 * n]
+        out["grad_norm_total"] = [math.sqrt(sum(v * v for v in norms[:n] + norms[2 * n:]))]
+        out["act_mean"] = mean + nan
+        # sample std from the sum of squares, in float64
+        out["act_std"] = [math.sqrt(max(r * r / m - mu * mu, 0.0) * m / max(m - 1, 1))  # NaN stays NaN
+                          for mu, r in zip(mean, norm)] + nan
+        out["act_deriv"] = deriv + nan
+        out["saturation"] = [c / units for c in flat] + nan
+        return out
 
     @torch.no_grad()
     def snapshot(self) -> None:

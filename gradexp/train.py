@@ -23,7 +23,7 @@ from .data import Batches, Dataset, load_dataset
 from .diagnosis import diagnose
 from .models import Net, build_model
 from .pretrain import pretrain
-from .probes import GRADIENT_PROBES, WEIGHT_PROBES, Probes, to_host
+from .probes import GRADIENT_PROBES, WEIGHT_PROBES, Probes
 from .rundir import new_run_dir, write_atomic, write_json
 
 OPTIMIZERS: dict[str, Callable] = {
@@ -191,7 +191,7 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
                 stats["loss"] = loss.detach().reshape(1)
                 stats["acc"] = (logits.argmax(1) == y).float().mean().reshape(1)
             if stats or hists:
-                host = to_host({**stats, **hists})
+                host = probes.host({**stats, **hists})
                 if hist:
                     board.histograms(step, host)
                 if stats:

@@ -9,12 +9,19 @@ import pytest
 from typer.testing import CliRunner
 
 from gradexp.cli import app
+from gradexp.probes import Probes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 # Tiny budgets that keep a CLI run to a second or two on 2 cores.
 TINY = ["train.steps=12", "train.log_every=5", "train.eval_every=6", "train.hist_every=10"]
+
+
+def gradient_probes(net, activation: str) -> dict[str, list]:
+    """The gradient probes of the backward just run on `net`, as the training loop takes them."""
+    probes = Probes(net, activation)
+    return probes.host(probes.gradients(net.records))
 
 
 @pytest.fixture

@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CONFIGS
+from conftest import CONFIGS, gradient_probes
 from gradexp.board import Board
 from gradexp.config import ModelConfig, load_config
 from gradexp.models import build_model
-from gradexp.probes import Probes, to_host
+from gradexp.probes import Probes
 from gradexp.train import host_sync, prepare, run, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -32,7 +32,7 @@ def probe_step(net, x, y, activation: str) -> dict:
     probes.snapshot()
     opt.step()
     stats.update(probes.weights_after())
-    return to_host(stats)
+    return probes.host(stats)
 
 
 @pytest.mark.parametrize("activation, norm", [("sigmoid", "none"), ("relu", "batchnorm"), ("gelu", "layernorm")])
@@ -54,7 +54,7 @@ def test_tiny_gradients_on_cuda_are_not_lost_to_float32_underflow():
     net(torch.randn(4, 10, device="cuda"), record=True).sum().backward()
     for layer in net.weight_layers:
         layer.weight.grad.fill_(1e-22)
-    stats = to_host(Probes(net, "sigmoid").gradients(net.records))
+    stats = gradient_probes(net, "sigmoid")
     assert stats["grad_norm"] == pytest.approx([1e-22 * l.weight.numel() ** 0.5 for l in net.weight_layers], rel=1e-5)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CONFIGS
+from conftest import CONFIGS, gradient_probes
 from gradexp.config import load_config
 from gradexp.data import Batches
 from gradexp.layers import ACTIVATIONS, MAX_SLOPE
@@ -43,7 +43,7 @@ def test_gradient_probes_match_autograd(activation, residual):
     # the probe path, as the training loop runs it
     logits = net(x, record=True)
     F.cross_entropy(logits, y).backward()
-    stats = to_host(Probes(net, activation).gradients(net.records))
+    stats = gradient_probes(net, activation)
 
     # the reference: autograd w.r.t. weights and z of a hand-written forward pass
     ref_logits, zs = manual_forward(ref, x, activation, residual)
@@ -80,12 +80,17 @@ def test_activation_probes_of_every_activation_match_autograd(activation, norm):
     net = build_model(ModelConfig(depth=3, width=16, activation=activation, norm=norm), (12,), 4)
     with torch.no_grad():  # push some units far into saturation, so that the count is not trivially 0
         net.blocks[0].weight.bias[:5] = -30.0
+    inputs = []  # each activation's input a, seen by a forward hook (the records keep a only for GELU)
+    for block in net.blocks:
+        block.act.register_forward_hook(lambda module, args, out: inputs.append(args[0].detach().clone()))
     logits = net(torch.randn(64, 12) * 3, record=True)
     F.cross_entropy(logits, torch.randint(0, 4, (64,))).backward()
-    stats = to_host(Probes(net, activation).gradients(net.records))
+    stats = gradient_probes(net, activation)
     limit = 0.01 * MAX_SLOPE[activation]
     for i, r in enumerate(net.records[:-1]):
-        a = r.a.detach().double().requires_grad_()
+        if activation == "gelu":
+            assert torch.equal(r.a, inputs[i])
+        a = inputs[i].double().requires_grad_()
         (d,) = torch.autograd.grad(ACTIVATIONS[activation]()(a).sum(), a)
         assert stats["act_deriv"][i] == pytest.approx(d.mean().item(), rel=1e-5, abs=1e-7), (activation, i)
         assert stats["saturation"][i] == pytest.approx((d.abs() < limit).all(0).double().mean().item()), (activation, i)
@@ -102,7 +107,7 @@ def test_saturation_counts_units_flat_on_every_example():
         net.blocks[0].weight.bias[3:] = 10  # and keep the others alive on every example
     logits = net(torch.randn(64, 4), record=True)
     logits.sum().backward()
-    stats = to_host(Probes(net, "relu").gradients(net.records))
+    stats = gradient_probes(net, "relu")
     assert stats["saturation"][0] == 3 / 8
 
 
@@ -116,7 +121,7 @@ def test_tiny_gradients_are_not_lost_to_float32_underflow():
         layer.weight.grad.fill_(1e-22)
     for r in net.records:
         r.dz.fill_(1e-22)
-    stats = to_host(Probes(net, "sigmoid").gradients(net.records))
+    stats = gradient_probes(net, "sigmoid")
     assert stats["grad_norm"] == pytest.approx([1e-22 * l.weight.numel() ** 0.5 for l in net.weight_layers], rel=1e-5)
     assert stats["act_grad_norm"] == pytest.approx([1e-22 * r.dz.numel() ** 0.5 for r in net.records], rel=1e-5)
 
@@ -184,7 +189,7 @@ def test_without_weight_probes_no_copy_of_the_weights_is_kept():
     probes = Probes(net, "sigmoid", weights=False)
     assert probes.initial == [] and probes.scratch == []
     F.cross_entropy(net(torch.randn(16, 5), record=True), torch.randint(0, 3, (16,))).backward()
-    assert len(to_host(probes.gradients(net.records))["grad_norm"]) == 4
+    assert len(probes.host(probes.gradients(net.records))["grad_norm"]) == 4
     with pytest.raises(RuntimeError, match="weights=False"):
         probes.snapshot()
     with_weights = Probes(net, "sigmoid")
