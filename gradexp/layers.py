@@ -66,8 +66,9 @@ DERIVATIVES: dict[str, Callable[..., torch.Tensor]] = {
     "sigmoid": lambda a, h, out=None: torch.addcmul(h, h, h, value=-1, out=_into(out, h)),
     "tanh": lambda a, h, out=None: torch.mul(h, h, out=_into(out, h)).neg_().add_(1),
     "relu": lambda a, h, out=None: torch.sign(h, out=_into(out, h)),  # h > 0 exactly where a > 0
-    # (sign + 1) * 0.495 + 0.01: exactly 0.01 where a < 0, which is not below 1% of the slope 1
-    "leaky_relu": lambda a, h, out=None: torch.sign(h, out=_into(out, h)).add_(1).mul_(0.495).add_(0.01),
+    # max(sign, 0) * 0.99 + 0.01: 1 where a > 0; exactly 0.01 where a <= 0 (autograd's value at 0),
+    # which is not below 1% of the slope 1
+    "leaky_relu": lambda a, h, out=None: torch.sign(h, out=_into(out, h)).clamp_(min=0).mul_(0.99).add_(0.01),
     "elu": lambda a, h, out=None: torch.clamp(h, max=0, out=_into(out, h)).add_(1),
     "gelu": _gelu_derivative,
     "selu": _selu_derivative,
