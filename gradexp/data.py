@@ -97,6 +97,12 @@ def load_torchvision(cfg: DataConfig, g: torch.Generator) -> Dataset:
             f"data.name: '{cfg.name}' needs torchvision, which is not installed "
             "(pip install 'gradexp[vision]'); allowed without it: digits, gaussian, spirals"
         ) from None
+    except Exception as e:  # installed, but built for another torch (e.g. "operator torchvision::nms does not exist")
+        raise ConfigError(
+            f"data.name: '{cfg.name}' needs torchvision, which is installed but fails to import "
+            f"({type(e).__name__}: {e}); it must be the build made for this torch ({torch.__version__}): "
+            "reinstall it from the same index as torch; allowed without it: digits, gaussian, spirals"
+        ) from None
     cls = getattr(tvd, _TV_CLASSES[cfg.name])
     root = Path(cfg.root).expanduser()
     try:

@@ -3,6 +3,8 @@ message naming the key, the value and what is allowed, exit code 2, and no run f
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import yaml
@@ -122,15 +124,43 @@ def test_cuda_without_cuda_is_refused(cli, tmp_path, device):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_torchvision_dataset_without_torchvision_or_files(cli, tmp_path):
-    result = cli("run", CONFIGS / "deep_sigmoid.yaml", "data.name=mnist", f"data.root={tmp_path / 'none'}",
-                 *TINY, "--out", tmp_path / "out")
+def _mnist_run(cli, tmp_path):
+    return cli("run", CONFIGS / "deep_sigmoid.yaml", "data.name=mnist", f"data.root={tmp_path / 'none'}",
+               *TINY, "--out", tmp_path / "out")
+
+
+def test_torchvision_dataset_without_torchvision(cli, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # what Python does when it is not installed
+    result = _mnist_run(cli, tmp_path)
     assert result.exit_code == 2
+    assert "needs torchvision, which is not installed" in result.output and "digits" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_torchvision_that_fails_to_import_is_named(cli, tmp_path, monkeypatch):
+    """A torchvision built for another torch (the CUDA wheel beside a CPU torch) raises on import,
+    and not an ImportError: the user gets what failed and what to do, not a traceback."""
+    broken = tmp_path / "site" / "torchvision"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    result = _mnist_run(cli, tmp_path)
+    assert result.exit_code == 2
+    assert "fails to import" in result.output and "torchvision::nms" in result.output
+    assert torch.__version__ in result.output and "digits" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_torchvision_dataset_without_files(cli, tmp_path):
     try:
-        import torchvision  # noqa: F401
-        assert "no mnist files" in result.output and "data.download=true" in result.output
-    except ImportError:
-        assert "needs torchvision" in result.output and "digits" in result.output
+        import torchvision.datasets  # noqa: F401
+    except Exception:  # not installed, or not importable beside this torch (CI's CPU wheel)
+        pytest.skip("needs an importable torchvision")
+    result = _mnist_run(cli, tmp_path)
+    assert result.exit_code == 2
+    assert "no mnist files" in result.output and "data.download=true" in result.output
     assert not (tmp_path / "out").exists()
 
 
