@@ -120,6 +120,10 @@ def load_torchvision(cfg: DataConfig, g: torch.Generator) -> Dataset:
 
     x_tr, y_tr = tensors(train)
     x_ev, y_ev = tensors(test)
+    for key, asked, have in (("data.n_train", cfg.n_train, len(x_tr)), ("data.n_eval", cfg.n_eval, len(x_ev))):
+        if asked and asked > have:
+            raise ConfigError(f"{key}: {asked} is more than the {have} examples of {cfg.name}'s "
+                              f"{'training' if key == 'data.n_train' else 'test'} split")
     if cfg.n_train:
         x_tr, y_tr = x_tr[: cfg.n_train], y_tr[: cfg.n_train]
     if cfg.n_eval:
