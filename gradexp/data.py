@@ -86,22 +86,33 @@ def load_spirals(cfg: DataConfig, g: torch.Generator) -> Dataset:
     return Dataset(x[:n_tr], y[:n_tr], x[n_tr:], y[n_tr:], cfg.classes)
 
 
+def first(x: torch.Tensor, y: torch.Tensor, n: int | None, key: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `n` examples of a split (all of them when n is None); more than it has is refused."""
+    if n is None:
+        return x, y
+    if n > len(x):
+        raise ConfigError(f"{key}: {n} is more than the {len(x)} examples of {split}")
+    return x[:n], y[:n]
+
+
 _TV_CLASSES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
 
 
 def load_torchvision(cfg: DataConfig, g: torch.Generator) -> Dataset:
     try:
         import torchvision.datasets as tvd  # optional: pip install 'gradexp[vision]'
-    except ImportError:
-        raise ConfigError(
-            f"data.name: '{cfg.name}' needs torchvision, which is not installed "
-            "(pip install 'gradexp[vision]'); allowed without it: digits, gaussian, spirals"
-        ) from None
-    except Exception as e:  # installed, but built for another torch (e.g. "operator torchvision::nms does not exist")
+    except Exception as e:
+        if isinstance(e, ModuleNotFoundError) and e.name in ("torchvision", "torchvision.datasets"):
+            raise ConfigError(
+                f"data.name: '{cfg.name}' needs torchvision, which is not installed "
+                "(pip install 'gradexp[vision]'); allowed without it: digits, gaussian, spirals"
+            ) from None
+        # installed, but it fails: built for another torch ("operator torchvision::nms does not
+        # exist"), or one of its own dependencies (Pillow) is missing
         raise ConfigError(
             f"data.name: '{cfg.name}' needs torchvision, which is installed but fails to import "
-            f"({type(e).__name__}: {e}); it must be the build made for this torch ({torch.__version__}): "
-            "reinstall it from the same index as torch; allowed without it: digits, gaussian, spirals"
+            f"({type(e).__name__}: {e}); reinstall it, with its dependencies, as the build made for this "
+            f"torch ({torch.__version__}), from the same index as torch; allowed without it: digits, gaussian, spirals"
         ) from None
     cls = getattr(tvd, _TV_CLASSES[cfg.name])
     root = Path(cfg.root).expanduser()
@@ -118,16 +129,8 @@ def load_torchvision(cfg: DataConfig, g: torch.Generator) -> Dataset:
         x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x.unsqueeze(1)  # -> (N, C, H, W)
         return x.float() / 255.0, torch.as_tensor(ds.targets, dtype=torch.long)
 
-    x_tr, y_tr = tensors(train)
-    x_ev, y_ev = tensors(test)
-    for key, asked, have in (("data.n_train", cfg.n_train, len(x_tr)), ("data.n_eval", cfg.n_eval, len(x_ev))):
-        if asked and asked > have:
-            raise ConfigError(f"{key}: {asked} is more than the {have} examples of {cfg.name}'s "
-                              f"{'training' if key == 'data.n_train' else 'test'} split")
-    if cfg.n_train:
-        x_tr, y_tr = x_tr[: cfg.n_train], y_tr[: cfg.n_train]
-    if cfg.n_eval:
-        x_ev, y_ev = x_ev[: cfg.n_eval], y_ev[: cfg.n_eval]
+    x_tr, y_tr = first(*tensors(train), cfg.n_train, "data.n_train", f"{cfg.name}'s training split")
+    x_ev, y_ev = first(*tensors(test), cfg.n_eval, "data.n_eval", f"{cfg.name}'s test split")
     # Per-channel standardisation from the training split.
     mean = x_tr.mean((0, 2, 3), keepdim=True)
     std = x_tr.std((0, 2, 3), keepdim=True).clamp_min(1e-6)

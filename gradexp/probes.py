@@ -31,6 +31,9 @@ ACT_HIST = (-5.0, 5.0, 100)  # activation values; outliers land in the edge bins
 # A float32 norm below this may have lost elements whose squares underflow float32 (elements below
 # ~1e-19, as in a deep sigmoid net's first layers): such gradient norms are recomputed in float64.
 TINY_NORM = 1e-12
+# A layer whose variance is below this fraction of its mean square has its std measured around its
+# mean: from float32 sums, E[h^2] - E[h]^2 keeps ~1e-7 of E[h^2] at best.
+CANCELLATION = 1e-3
 
 
 def _flat_norms(stacked: torch.Tensor) -> torch.Tensor:
@@ -54,6 +57,23 @@ def _norms(tensors: list[torch.Tensor], exact: bool = False) -> torch.Tensor:
         for i in tiny:
             norms[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
     return norms
+
+
+def _centered(h: torch.Tensor, mean: torch.Tensor, norm: torch.Tensor) -> dict[int, float]:
+    """||h_i - mean_i|| of the layers whose std the sum of squares cannot give (CPU only).
+
+    var = E[h^2] - E[h]^2 cancels when a layer's spread is tiny beside its mean (every unit and
+    example near one value, as in a saturated sigmoid layer): with float32 sums the result is then
+    noise. On the CPU, where reading the sums back is free, such layers (var below 1e-3 of E[h^2])
+    are measured around their mean instead; on a GPU the sums accumulate in float64, which keeps
+    the formula exact enough."""
+    m = h.shape[1] * h.shape[2]
+    centered = {}
+    for i, (mu, r) in enumerate(zip(mean.tolist(), norm.tolist())):
+        square = r * r / m
+        if square - mu * mu < CANCELLATION * square:  # False for NaN: a diverged layer stays NaN
+            centered[i] = torch.linalg.vector_norm(h[i] - mean[i]).item()
+    return centered
 
 
 def _runs(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
@@ -96,6 +116,7 @@ class Probes:
         self.signed = activation in SIGNED_DERIVATIVE
         self.max_slope = MAX_SLOPE[activation]
         self.stacked: dict[str, torch.Tensor] = {}
+        self.centered: dict[int, float] = {}  # hidden layer -> ||h - mean||, where the std needs it
 
     def _stack(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         """(layers, batch, units) in a reused buffer (hidden layers share a shape; conv units are
@@ -125,8 +146,10 @@ class Probes:
         h = self._stack("h", [r.h for r in hidden])  # (hidden layers, batch, units), a copy of our own
         a = self._stack("a", [r.a for r in hidden]) if self.needs_input else None
         self.act_shape = tuple(h.shape)
-        mean = h.mean((1, 2))
-        norm = torch.linalg.vector_norm(h, dim=(1, 2))  # the std from it: a norm is ~30x faster than Tensor.std
+        wide = torch.float64 if h.is_cuda else None  # on a GPU float64 accumulation is nearly free
+        mean = h.mean((1, 2), dtype=wide)
+        norm = torch.linalg.vector_norm(h, dim=(1, 2), dtype=wide)  # the std from it: ~30x faster than Tensor.std
+        self.centered = {} if h.is_cuda else _centered(h, mean, norm)
         d = self.derivative(a, h, out=h)  # phi'(a) overwrites the copy of h: one buffer less to keep in cache
         # a unit is saturated (for the ReLU family: dead) when it is flat on every example
         steepest = (d.abs() if self.signed else d).amax(1)  # (layers, units)
@@ -148,9 +171,11 @@ class Probes:
         out["grad_norm"], out["act_grad_norm"] = norms[:n], norms[n:2 * n]
         out["grad_norm_total"] = [math.sqrt(sum(v * v for v in norms[:n] + norms[2 * n:]))]
         out["act_mean"] = mean + nan
-        # sample std from the sum of squares, in float64
-        out["act_std"] = [math.sqrt(max(r * r / m - mu * mu, 0.0) * m / max(m - 1, 1))  # NaN stays NaN
-                          for mu, r in zip(mean, norm)] + nan
+        # sample std from the sum of squares, in float64, or from the spread around the mean where
+        # `gradients` measured that instead
+        out["act_std"] = [self.centered[i] / math.sqrt(max(m - 1, 1)) if i in self.centered
+                          else math.sqrt(max(r * r / m - mu * mu, 0.0) * m / max(m - 1, 1))  # NaN stays NaN
+                          for i, (mu, r) in enumerate(zip(mean, norm))] + nan
         out["act_deriv"] = deriv + nan
         out["saturation"] = [c / units for c in flat] + nan
         return out

@@ -12,6 +12,7 @@ import yaml
 from conftest import CONFIGS, TINY, run_folders
 from gradexp.config import Config, ConfigError, load_config, to_yaml
 from gradexp.config import read_yaml
+from gradexp.data import first
 from gradexp.sweep import is_sweep_file
 
 SHIPPED = sorted(p for p in CONFIGS.glob("*.yaml") if not is_sweep_file(read_yaml(p)))
@@ -137,18 +138,23 @@ def test_torchvision_dataset_without_torchvision(cli, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_torchvision_that_fails_to_import_is_named(cli, tmp_path, monkeypatch):
-    """A torchvision built for another torch (the CUDA wheel beside a CPU torch) raises on import,
-    and not an ImportError: the user gets what failed and what to do, not a traceback."""
+@pytest.mark.parametrize("failure, shown", [
+    ('raise RuntimeError("operator torchvision::nms does not exist")', "torchvision::nms"),  # built for another torch
+    ("import PIL_not_here", "No module named 'PIL_not_here'"),  # a dependency of its own is missing
+])
+def test_torchvision_that_fails_to_import_is_named(cli, tmp_path, monkeypatch, failure, shown):
+    """An installed torchvision that raises on import (the CUDA wheel beside a CPU torch raises a
+    RuntimeError; a missing Pillow an ImportError): the user gets what failed and what to do, not a
+    traceback, and is not told that torchvision is missing."""
     broken = tmp_path / "site" / "torchvision"
     broken.mkdir(parents=True)
-    (broken / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    (broken / "__init__.py").write_text(failure + "\n")
     for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     result = _mnist_run(cli, tmp_path)
     assert result.exit_code == 2
-    assert "fails to import" in result.output and "torchvision::nms" in result.output
+    assert "fails to import" in result.output and shown in result.output and "not installed" not in result.output
     assert torch.__version__ in result.output and "digits" in result.output
     assert not (tmp_path / "out").exists()
 
@@ -162,6 +168,15 @@ def test_torchvision_dataset_without_files(cli, tmp_path):
     assert result.exit_code == 2
     assert "no mnist files" in result.output and "data.download=true" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_more_examples_than_a_split_has_is_refused():
+    """What the torchvision datasets do with data.n_train / data.n_eval (they take the first n)."""
+    x, y = torch.randn(40, 1, 28, 28), torch.arange(40) % 10
+    assert [t.shape[0] for t in first(x, y, 16, "data.n_train", "mnist's training split")] == [16, 16]
+    assert first(x, y, None, "data.n_train", "mnist's training split")[0] is x
+    with pytest.raises(ConfigError, match=r"data.n_eval: 41 is more than the 40 examples of mnist's test split"):
+        first(x, y, 41, "data.n_eval", "mnist's test split")
 
 
 def test_cnn_on_flat_data_is_refused(cli, tmp_path):

@@ -58,6 +58,20 @@ def test_tiny_gradients_on_cuda_are_not_lost_to_float32_underflow():
     assert stats["grad_norm"] == pytest.approx([1e-22 * l.weight.numel() ** 0.5 for l in net.weight_layers], rel=1e-5)
 
 
+def test_act_std_of_a_saturated_layer_on_cuda():
+    """Every unit near one value: on CUDA the sums accumulate in float64, so the std from E[h^2] - E[h]^2
+    does not cancel into noise (the CPU measures such a layer around its mean instead)."""
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(depth=2, width=64, activation="identity"), (12,), 3).cuda()
+    with torch.no_grad():
+        net.blocks[0].weight.weight.normal_(0, 1e-4)
+        net.blocks[0].weight.bias.fill_(0.999)
+    x, y = torch.randn(64, 12, device="cuda"), torch.randint(0, 3, (64,), device="cuda")
+    F.cross_entropy(net(x, record=True), y).backward()
+    expected = net.records[0].h.double().std().item()
+    assert gradient_probes(net, "identity")["act_std"][0] == pytest.approx(expected, rel=1e-3)
+
+
 def test_deep_sigmoid_on_cuda_end_to_end(tmp_path):
     cfg = load_config(CONFIGS / "deep_sigmoid.yaml", ["device=cuda", "train.steps=40"])
     outcome = run(cfg, tmp_path)

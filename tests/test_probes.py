@@ -111,6 +111,24 @@ def test_saturation_counts_units_flat_on_every_example():
     assert stats["saturation"][0] == 3 / 8
 
 
+@pytest.mark.parametrize("level", [0.9, 0.999, -40.0])
+def test_act_std_of_a_layer_whose_spread_is_tiny_beside_its_mean(level):
+    """Every unit near one value (a saturated layer): E[h^2] - E[h]^2 from float32 sums is noise
+    there (it read 1.7e-3 for a true 1e-4); the std must still match a float64 computation."""
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(depth=2, width=64, activation="identity"), (12,), 3)
+    with torch.no_grad():
+        net.blocks[0].weight.weight.normal_(0, 1e-4)
+        net.blocks[0].weight.bias.fill_(level)
+    h0 = []
+    net.blocks[0].act.register_forward_hook(lambda module, args, out: h0.append(out.detach().double()))
+    F.cross_entropy(net(torch.randn(64, 12), record=True), torch.randint(0, 3, (64,))).backward()
+    stats = gradient_probes(net, "identity")
+    assert stats["act_std"][0] == pytest.approx(h0[0].std().item(), rel=1e-3)
+    assert stats["act_mean"][0] == pytest.approx(level, rel=1e-4)
+    assert stats["act_std"][1] == pytest.approx(net.records[1].h.double().std().item(), rel=1e-5)
+
+
 def test_tiny_gradients_are_not_lost_to_float32_underflow():
     # Per-element gradients of 1e-22: their squares underflow float32; the norms must not read 0.
     torch.manual_seed(0)
