@@ -176,8 +176,9 @@ class Probes:
         out["act_std"] = [self.centered[i] / math.sqrt(max(m - 1, 1)) if i in self.centered
                           else math.sqrt(max(r * r / m - mu * mu, 0.0) * m / max(m - 1, 1))  # NaN stays NaN
                           for i, (mu, r) in enumerate(zip(mean, norm))] + nan
-        out["act_deriv"] = deriv + nan
-        out["saturation"] = [c / units for c in flat] + nan
+        # where activations are NaN (a diverged step) phi' means nothing (sign(NaN) reads 0: "dead")
+        out["act_deriv"] = [math.nan if math.isnan(mu) else v for mu, v in zip(mean, deriv)] + nan
+        out["saturation"] = [math.nan if math.isnan(mu) else c / units for mu, c in zip(mean, flat)] + nan
         return out
 
     @torch.no_grad()

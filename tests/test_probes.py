@@ -4,6 +4,7 @@ forward pass, analytic derivatives, and the step the optimizer actually applied.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -127,6 +128,17 @@ def test_act_std_of_a_layer_whose_spread_is_tiny_beside_its_mean(level):
     assert stats["act_std"][0] == pytest.approx(h0[0].std().item(), rel=1e-3)
     assert stats["act_mean"][0] == pytest.approx(level, rel=1e-4)
     assert stats["act_std"][1] == pytest.approx(net.records[1].h.double().std().item(), rel=1e-5)
+
+
+def test_a_layer_with_nan_activations_reports_nan_not_dead_units():
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(depth=3, width=8, activation="relu"), (5,), 3)
+    F.cross_entropy(net(torch.randn(16, 5), record=True), torch.randint(0, 3, (16,))).backward()
+    with torch.no_grad():
+        net.records[1].h[3, 2] = float("nan")  # as on the step a run diverges
+    stats = gradient_probes(net, "relu")
+    assert all(math.isnan(stats[k][1]) for k in ("act_mean", "act_std", "act_deriv", "saturation"))
+    assert not any(math.isnan(stats[k][0]) for k in ("act_mean", "act_std", "act_deriv", "saturation"))
 
 
 def test_tiny_gradients_are_not_lost_to_float32_underflow():
