@@ -380,10 +380,9 @@ def cores() -> int:
 
 
 # What every run imports, imported once by the fork server rather than again by each worker: seconds
-# each (torch; torch._dynamo, which torch.optim imports on first use; scikit-learn's datasets;
-# matplotlib for the figures). Two workers importing them side by side on two cores take about as
-# long again as one.
-PRELOAD = ["gradexp.train", "torch._dynamo", "sklearn.datasets", "matplotlib.pyplot"]
+# each (torch; torch._dynamo, which torch.optim imports on first use; matplotlib for the figures).
+# Two workers importing them side by side on two cores take about as long again as one.
+PRELOAD = ["gradexp.train", "torch._dynamo", "matplotlib.pyplot"]
 
 
 def _mp_context():

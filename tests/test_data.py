@@ -1,12 +1,14 @@
-"""The torchvision datasets, read from small files in torchvision's own on-disk format that the
-test writes itself (nothing is downloaded). Skipped where torchvision does not import (CI pins the
-CPU torch wheel, beside which PyPI's torchvision wheel does not load); `make test` with the plain
-torch from PyPI and `pip install torchvision` runs them."""
+"""The datasets. The torchvision ones are read from small files in torchvision's own on-disk format
+that the test writes itself (nothing is downloaded); they are skipped where torchvision does not
+import (CI pins the CPU torch wheel, beside which PyPI's torchvision wheel does not load): `make
+test` with the plain torch from PyPI and `pip install torchvision` runs them."""
 
 from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,15 +16,33 @@ import torch
 
 from conftest import CONFIGS, TINY, only_run
 from gradexp.config import ConfigError, DataConfig
-from gradexp.data import load_dataset
+from gradexp.data import digits, load_dataset
 
 
-@pytest.fixture(autouse=True)
-def _needs_torchvision():
+@pytest.fixture
+def torchvision_ok():
     try:
         import torchvision.datasets  # noqa: F401
     except Exception:  # not installed, or not importable beside this torch
         pytest.skip("needs an importable torchvision")
+
+
+def test_digits_are_scikit_learns_without_importing_it():
+    """gradexp reads scikit-learn's digits file itself (importing scikit-learn costs ~0.9 s a run)."""
+    from sklearn.datasets import load_digits  # the reference, imported here only
+
+    x, y = digits()
+    ref = load_digits()
+    assert x.shape == (1797, 1, 8, 8) and x.dtype == torch.float32
+    assert torch.equal(x[:, 0], torch.tensor(ref.images, dtype=torch.float32))
+    assert torch.equal(y, torch.tensor(ref.target, dtype=torch.long))
+
+
+def test_a_run_on_digits_does_not_import_scikit_learn(tmp_path):
+    code = ("import sys; from gradexp.config import load_config; from gradexp.train import prepare; "
+            "prepare(load_config(None, ['data.name=digits'])); print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert out.stdout.strip() == "False"
 
 
 def write_idx(path: Path, data: torch.Tensor) -> None:
@@ -46,7 +66,7 @@ def fake_mnist(root: Path, folder: str, n_train: int = 40, n_test: int = 12, see
 
 
 @pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
-def test_mnist_files_load_standardised_with_the_training_split(tmp_path, name, folder):
+def test_mnist_files_load_standardised_with_the_training_split(torchvision_ok, tmp_path, name, folder):
     split = fake_mnist(tmp_path, folder)
     data = load_dataset(DataConfig(name=name, root=str(tmp_path)), seed=0)
     images, labels = split["train"]
@@ -61,7 +81,7 @@ def test_mnist_files_load_standardised_with_the_training_split(tmp_path, name, f
         load_dataset(DataConfig(name=name, root=str(tmp_path), n_train=41), seed=0)
 
 
-def test_a_run_on_mnist_files_end_to_end(cli, tmp_path):
+def test_a_run_on_mnist_files_end_to_end(torchvision_ok, cli, tmp_path):
     fake_mnist(tmp_path / "data", "MNIST")
     for kind in ("mlp", "cnn"):
         out = tmp_path / f"out-{kind}"
