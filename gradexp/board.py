@@ -18,7 +18,8 @@ from typing import Any
 import google_crc32c
 
 from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
-from tensorboard.plugins.hparams.api_pb2 import Status
+from google.protobuf import struct_pb2
+from tensorboard.plugins.hparams.api_pb2 import DataType, Experiment, HParamInfo, MetricInfo, MetricName, Status
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
 from tensorboard.compat.proto.event_pb2 import Event
 from torch.utils.tensorboard.summary import custom_scalars, histogram_raw, hparams
@@ -142,24 +143,63 @@ class Board:
         if values:
             self.events.add(Summary(value=values), step)
 
-    def hparams(self, params: dict[str, Any], metrics: dict[str, float], step: int, status: str) -> None:
+    def hparams(self, params: dict[str, Any], metrics: dict[str, float], step: int, status: str,
+                experiment: bool = True) -> None:
         """Write the HParams session into this run's own event file (not a sub-run, unlike add_hparams).
 
-        Values: numbers stay numbers, booleans become "true"/"false" (torch would write 1.0/0.0), None
-        is left out. A run that did not complete ends its session with STATUS_FAILURE (torch's
-        hparams() always writes success)."""
-        clean = {k: (str(v).lower() if isinstance(v, bool) else v if isinstance(v, (int, float, str)) else str(v))
-                 for k, v in params.items() if v is not None}
-        experiment, start, end = hparams(clean, metrics)
+        Values as `hparam_values` makes them. A run that did not complete ends its session with
+        STATUS_FAILURE (torch's hparams() always writes success). `experiment=False` leaves out the
+        experiment summary (the list of hparams and metrics): a sweep writes one for all its runs at
+        its root, which TensorBoard reads only if no run has its own."""
+        summaries = list(hparams(hparam_values(params), metrics))
         if status != "completed":
-            end = _session_end(Status.Value("STATUS_FAILURE"))
-        for summary in (experiment, start, end):
+            summaries[2] = _session_end(Status.Value("STATUS_FAILURE"))
+        for summary in summaries[0 if experiment else 1:]:
             self.events.add(summary)
         for tag, v in metrics.items():
             self.scalars(step, {tag: v})
 
     def close(self) -> None:
         self.events.close()
+
+
+def hparam_values(params: dict[str, Any]) -> dict[str, float | str]:
+    """What the HParams dashboard shows of a run's parameters: numbers stay numbers, booleans become
+    "true"/"false" (torch would write 1.0/0.0), anything else its text, and None is left out."""
+    return {k: (str(v).lower() if isinstance(v, bool) else v if isinstance(v, (int, float, str)) else str(v))
+            for k, v in params.items() if v is not None}
+
+
+def write_experiment(folder: str, runs: list[dict[str, Any]]) -> str:
+    """The HParams experiment of many runs (a sweep), as its own event file in `folder`, their parent:
+    every hparam any run has, with the values the runs take (its domain) and whether they differ,
+    which TensorBoard's dashboard uses to pick the columns worth showing; the FINAL_METRICS as the
+    metrics. Earlier experiment files of the folder are removed once the new one is written.
+    `runs`: each run's parameters, as `Board.hparams` gets them. Returns the new file's path."""
+    values: dict[str, list] = {}
+    for params in runs:
+        for k, v in hparam_values(params).items():
+            if v not in values.setdefault(k, []):
+                values[k].append(v)
+    infos = []
+    for name, seen in values.items():
+        numeric = all(isinstance(v, (int, float)) for v in seen)
+        domain = struct_pb2.ListValue(values=[struct_pb2.Value(number_value=v) if numeric else
+                                              struct_pb2.Value(string_value=str(v))
+                                              for v in (sorted(seen) if numeric else seen)])
+        infos.append(HParamInfo(name=name, type=DataType.Value("DATA_TYPE_FLOAT64" if numeric else "DATA_TYPE_STRING"),
+                                domain_discrete=domain, differs=len(seen) > 1))
+    experiment = Experiment(hparam_infos=infos, metric_infos=[MetricInfo(name=MetricName(tag=t)) for t in FINAL_METRICS])
+    content = HParamsPluginData(experiment=experiment, version=0)
+    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="hparams",
+                                                                  content=content.SerializeToString()))
+    old = [os.path.join(folder, f) for f in os.listdir(folder) if f.startswith("events.out.tfevents.")]
+    events = EventFile(folder)
+    events.add(Summary(value=[Summary.Value(tag="_hparams_/experiment", metadata=meta)]))
+    events.close()
+    for path in old:
+        os.remove(path)
+    return events.path
 
 
 def _session_end(status: int) -> Summary:

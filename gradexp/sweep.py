@@ -361,7 +361,7 @@ def run_point(base: dict, point: Point, root: str, threads: int | None = None) -
         cfg = point_config(base, point)
         # What only this machine can tell (device, dataset files, shapes) fails here, for this point alone.
         exp = prepare(cfg)
-        run(cfg, root, progress_factory=_stop_check, exp=exp)
+        run(cfg, root, progress_factory=_stop_check, exp=exp, hparams_experiment=False)
         return {"name": point.name, "error": None}
     except ConfigError as e:
         return {"name": point.name, "error": "; ".join(e.problems)}
@@ -656,6 +656,11 @@ def write_summaries(root: Path, plan: Plan, rows: list[dict]) -> None:
                          *("" if r[k] is None else r[k] for k in RESULT_KEYS)])
     write_atomic(root / "summary.csv", buf.getvalue())
     flow_figure(root / "gradient_flow.png", rows, plan.name)
+    # TensorBoard's HParams dashboard: one experiment for every run (each wrote only its session)
+    from .board import write_experiment
+
+    write_experiment(str(root), [{**r["_params"], "status": r["status"], "verdict": r["verdict"]}
+                                 for r in rows if r["folder"] and r["_params"]])
 
 
 # ------------------------------------------------------------------------------------ what is shown

@@ -289,10 +289,13 @@ def hparam_metrics(summary: dict) -> dict[str, float]:
     return metrics
 
 
-def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Experiment | None = None) -> Outcome:
+def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Experiment | None = None,
+        hparams_experiment: bool = True) -> Outcome:
     """Run one experiment end to end. Bad input raises ConfigError before the run folder exists.
 
     A run that raises still leaves summary.json with status `failed` and the error, then re-raises.
+    `hparams_experiment=False`: the run's HParams session without an experiment summary of its own
+    (a sweep's runs: the sweep writes one for all of them).
     """
     exp = exp or prepare(cfg)
     folder = new_run_dir(out, cfg.name)
@@ -320,7 +323,8 @@ def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Exper
         summary = summarize(cfg, exp, result, time.time() - started)
         summary["pretrain"] = phases
         board.hparams({**flat(cfg), "status": summary["status"], "verdict": summary["diagnosis"]["verdict"]},
-                      hparam_metrics(summary), max(result["steps_done"] - 1, 0), summary["status"])
+                      hparam_metrics(summary), max(result["steps_done"] - 1, 0), summary["status"],
+                      experiment=hparams_experiment)
         write_json(folder / "summary.json", summary)
         first, last = summary["layers"]["first"], summary["layers"]["last"]
         if first is not None:

@@ -232,6 +232,18 @@ def test_a_failing_point_and_a_diverging_one_do_not_stop_the_others(cli, tmp_pat
     assert (root / "gradient_flow.png").stat().st_size > 0
 
 
+def experiment_in(events: Path):
+    """The HParams experiment summary of an event file."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import metadata
+
+    for event in EventFileLoader(str(events)).Load():
+        for value in event.summary.value:
+            if value.tag == metadata.EXPERIMENT_TAG:
+                return metadata.parse_experiment_plugin_data(value.metadata.plugin_data.content)
+    raise AssertionError(f"no HParams experiment in {events}")
+
+
 def test_ctrl_c_stops_cleanly_and_resume_runs_only_the_missing_points(cli, tmp_path):
     # Long enough (hundreds of steps) that the second point is still running when Ctrl-C comes.
     plan = sweeps.load_plan(CONFIGS / "deep_relu.yaml", ["optim.lr=0.01,0.02,0.03", "model.depth=2", "model.width=16",
@@ -269,6 +281,12 @@ def test_ctrl_c_stops_cleanly_and_resume_runs_only_the_missing_points(cli, tmp_p
     for name in missing:  # a new run folder beside the interrupted one, which is kept
         assert len(attempts(root, name)) == (2 if name in interrupted else 1)
         assert summary_of(root / after[name]["folder"])["status"] == "completed"
+    # the HParams experiment of the sweep, rewritten for the runs it now has: one file at the root
+    (events,) = root.glob("events.out.tfevents.*")
+    experiment = experiment_in(events)
+    statuses = next(h for h in experiment.hparam_infos if h.name == "status").domain_discrete.values
+    assert [v.string_value for v in statuses] == ["completed"]  # "interrupted" was the first write's
+    assert next(h for h in experiment.hparam_infos if h.name == "optim.lr").differs
 
 
 def test_ray_executor_on_a_local_instance(cli, tmp_path):

@@ -326,13 +326,10 @@ def _ready(server: Server) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def server(runs, tmp_path_factory):
-    """`tensorboard --logdir <out>` on a free loopback port, up and loaded; always stopped."""
-    out = runs["out"]
-    logs = tmp_path_factory.mktemp("tensorboard")
+def serve(logdir: Path, logs: Path):
+    """`tensorboard --logdir <logdir>` on a free loopback port, up and loaded; always stopped."""
     for attempt in range(3):  # another process may take the free port before the server binds it
-        srv = _start(out, logs / f"server{attempt}.log")
+        srv = _start(logdir, logs / f"server{attempt}.log")
         try:
             deadline = time.monotonic() + SERVER_START_TIMEOUT_S
             while srv.proc.poll() is None and time.monotonic() < deadline:
@@ -349,6 +346,12 @@ def server(runs, tmp_path_factory):
         finally:
             _stop(srv)
     pytest.fail(f"tensorboard exited before serving:\n{srv.log_tail()}")
+
+
+@pytest.fixture(scope="module")
+def server(runs, tmp_path_factory):
+    """`tensorboard --logdir <out>` over the two runs."""
+    yield from serve(runs["out"], tmp_path_factory.mktemp("tensorboard"))
 
 
 def run_names(runs) -> tuple[str, str]:
@@ -448,3 +451,36 @@ def test_server_hparams_session_per_run_with_config_values_and_metrics(server, r
         for k, v in summary["final"].items():
             assert close(metrics[f"final/{k}"], v), (key, k, metrics[f"final/{k}"], v)
         assert close(metrics["final/grad_ratio"], summary["diagnosis"]["ratio"])
+
+
+@pytest.fixture(scope="module")
+def sweep_server(tmp_path_factory):
+    """`tensorboard --logdir <sweep folder>` over a 2 x 2 sweep."""
+    out = tmp_path_factory.mktemp("sweep")
+    args = ["sweep", str(CONFIG), "--grid", "model.depth=2,3", "--grid", "model.activation=sigmoid,relu",
+            "--grid", f"train.steps={STEPS}", "--grid", f"train.log_every={LOG_EVERY}", "--workers", "2",
+            "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    (root,) = (out / RUN_NAME).iterdir()
+    yield from serve(root, tmp_path_factory.mktemp("tensorboard-sweep"))
+
+
+def test_server_hparams_of_a_sweep_mark_the_swept_keys(sweep_server):
+    """One experiment for the sweep (written at its root; its runs write only their sessions): the
+    swept hparams with the values they take, marked as differing, which the dashboard shows first."""
+    experiment = sweep_server.post("/data/plugin/hparams/experiment", {"experimentName": ""})
+    infos = {h["name"]: h for h in experiment["hparamInfos"]}
+    assert infos["model.depth"]["differs"] and infos["model.depth"]["domainDiscrete"] == [2, 3]
+    assert infos["model.activation"]["differs"]
+    assert sorted(infos["model.activation"]["domainDiscrete"]) == ["relu", "sigmoid"]
+    assert not infos["train.steps"].get("differs") and infos["train.steps"]["domainDiscrete"] == [STEPS]
+    assert not infos["model.width"].get("differs") and infos["status"]["domainDiscrete"] == ["completed"]
+    assert {m["name"]["tag"] for m in experiment["metricInfos"]} == set(FINAL_METRICS)
+    cols = [{"hparam": "model.depth", "includeInResult": True}, {"hparam": "model.activation", "includeInResult": True}]
+    body = {"experimentName": "", "allowedStatuses": ALL_STATUSES, "startIndex": 0, "sliceSize": 100,
+            "colParams": cols}
+    groups = sweep_server.post("/data/plugin/hparams/session_groups", body)["sessionGroups"]
+    seen = sorted((g["hparams"]["model.depth"], g["hparams"]["model.activation"]) for g in groups)
+    assert seen == [(2, "relu"), (2, "sigmoid"), (3, "relu"), (3, "sigmoid")]
+    assert all(len(g["sessions"]) == 1 and g["sessions"][0]["status"] == "STATUS_SUCCESS" for g in groups)
