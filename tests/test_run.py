@@ -164,3 +164,29 @@ def test_synthetic_datasets_and_python_m(tmp_path):
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert summary_of(only_run(tmp_path / data))["status"] == "completed"
+
+
+def test_train_threads_holds_for_the_run_and_is_restored(tmp_path):
+    import torch
+    from contextlib import contextmanager
+
+    seen = []
+
+    @contextmanager
+    def bars(total, label="training"):
+        yield lambda step, stats: seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    wanted = 1 if before > 1 else 2
+    cfg = load_config(CONFIGS / "deep_sigmoid.yaml", [*TINY, f"train.threads={wanted}"])
+    outcome = run(cfg, tmp_path, progress_factory=bars)
+    assert outcome.status == "completed" and set(seen) == {wanted}
+    assert torch.get_num_threads() == before
+    saved = yaml.safe_load((outcome.folder / "config.yaml").read_text())
+    assert saved["train"]["threads"] == wanted
+
+
+def test_train_threads_must_be_positive(cli, tmp_path):
+    result = cli("run", CONFIGS / "deep_sigmoid.yaml", "train.threads=0", *TINY, "--out", tmp_path)
+    assert result.exit_code == 2 and "train.threads" in result.output
+    assert list(tmp_path.iterdir()) == []
