@@ -65,9 +65,10 @@ class EventFile:
     of the data), written and flushed at once: TensorBoard sees it live, and a killed run loses nothing
     it logged. A logged step writes one event (two with histograms)."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, suffix: str = ""):
         os.makedirs(folder, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_file_ids)}"
+        name += suffix
         self.path = os.path.join(folder, name)
         self.file = open(self.path, "xb")  # "x": never append to another writer's file
         self.write(Event(wall_time=time.time(), file_version="brain.Event:2"))
@@ -170,31 +171,44 @@ def hparam_values(params: dict[str, Any]) -> dict[str, float | str]:
             for k, v in params.items() if v is not None}
 
 
-def write_experiment(folder: str, runs: list[dict[str, Any]]) -> str:
-    """The HParams experiment of many runs (a sweep), as its own event file in `folder`, their parent:
-    every hparam any run has, with the values the runs take (its domain) and whether they differ,
-    which TensorBoard's dashboard uses to pick the columns worth showing; the FINAL_METRICS as the
-    metrics. Earlier experiment files of the folder are removed once the new one is written.
-    `runs`: each run's parameters, as `Board.hparams` gets them. Returns the new file's path."""
-    values: dict[str, list] = {}
+EXPERIMENT_SUFFIX = ".gradexp-experiment"  # marks the event files write_experiment owns
+
+
+def write_experiment(folder: str, runs: list[dict[str, Any]], known: dict[str, tuple] | None = None) -> str:
+    """The HParams experiment of many runs (a sweep), as its own event file in `folder`, their parent.
+
+    Every hparam any run has, with the values the runs take (its domain) and whether they differ
+    (a key some runs lack differs too), which TensorBoard's dashboard uses to pick the columns worth
+    showing; the FINAL_METRICS as the metrics. `runs`: each run's parameters, as `Board.hparams` gets
+    them. `known`: keys whose every possible value is known beforehand (a run's status, its
+    verdict): their domain is all of those, so that any run's value is in it. Earlier files of
+    this kind in the folder are removed once the new one is written (nothing else is). Returns the
+    new file's path."""
+    known = known or {}
+    values: dict[str, list] = {k: [] for k in known}
+    present: dict[str, int] = {}
     for params in runs:
         for k, v in hparam_values(params).items():
+            present[k] = present.get(k, 0) + 1
             if v not in values.setdefault(k, []):
                 values[k].append(v)
     infos = []
     for name, seen in values.items():
-        numeric = all(isinstance(v, (int, float)) for v in seen)
-        domain = struct_pb2.ListValue(values=[struct_pb2.Value(number_value=v) if numeric else
+        domain = list(known.get(name, ())) or seen
+        numeric = all(isinstance(v, (int, float)) for v in domain)
+        listed = struct_pb2.ListValue(values=[struct_pb2.Value(number_value=v) if numeric else
                                               struct_pb2.Value(string_value=str(v))
-                                              for v in (sorted(seen) if numeric else seen)])
+                                              for v in (sorted(domain) if numeric else domain)])
+        differs = len(seen) > 1 or (name not in known and present.get(name, 0) < len(runs))
         infos.append(HParamInfo(name=name, type=DataType.Value("DATA_TYPE_FLOAT64" if numeric else "DATA_TYPE_STRING"),
-                                domain_discrete=domain, differs=len(seen) > 1))
+                                domain_discrete=listed, differs=differs))
     experiment = Experiment(hparam_infos=infos, metric_infos=[MetricInfo(name=MetricName(tag=t)) for t in FINAL_METRICS])
     content = HParamsPluginData(experiment=experiment, version=0)
     meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="hparams",
                                                                   content=content.SerializeToString()))
-    old = [os.path.join(folder, f) for f in os.listdir(folder) if f.startswith("events.out.tfevents.")]
-    events = EventFile(folder)
+    old = [os.path.join(folder, f) for f in os.listdir(folder)
+           if f.startswith("events.out.tfevents.") and f.endswith(EXPERIMENT_SUFFIX)]
+    events = EventFile(folder, EXPERIMENT_SUFFIX)
     events.add(Summary(value=[Summary.Value(tag="_hparams_/experiment", metadata=meta)]))
     events.close()
     for path in old:

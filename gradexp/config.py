@@ -95,8 +95,8 @@ class TrainConfig(_Section):
                                                      "N steps: they copy the weights, the costliest probes; 0: off")
     hist_every: int = Field(100, ge=0, description="histograms every N steps; 0 turns them off")
     flush_denormal: bool = Field(True, description="CPU: flush float32 denormals to 0 (they are many times slower)")
-    threads: int | None = Field(None, ge=1, description="CPU threads torch uses for this run (None: torch's "
-                                                        "default, one per core); small nets train faster on 1")
+    threads: int | None = Field(None, ge=1, description="CPU threads torch uses for this run (None: as the "
+                                                        "process has it); small nets train faster on 1")
 
 
 class PretrainConfig(_Section):

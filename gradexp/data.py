@@ -58,7 +58,10 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     Read from the file scikit-learn ships, as its load_digits does, without importing scikit-learn:
     that import (scipy and the rest) costs ~0.9 s, a third of the default run's wall time. Through
     scikit-learn itself if the file is not where it has always been."""
-    spec = importlib.util.find_spec("sklearn")
+    try:
+        spec = importlib.util.find_spec("sklearn")
+    except ValueError:  # imported already, without a spec
+        spec = None
     path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
     if path is not None and path.is_file():
         import numpy as np

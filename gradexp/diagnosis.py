@@ -22,6 +22,7 @@ from .config import Config
 SATURATED = 0.5  # a hidden layer with more than half its units saturated (or dead) is named
 AT_INIT = 1e-3  # a layer whose weights moved less than 0.1% from their init is "still at its init"
 RELU_FAMILY = ("relu", "leaky_relu", "elu", "gelu", "selu")
+VERDICTS = ("vanishing", "exploding", "healthy", "unknown")  # every verdict diagnose() gives
 
 # What to try next, by verdict (the article's remedies, in the order a student would try them),
 # each with the test that says the config already uses it (then it is not suggested).

@@ -551,6 +551,7 @@ def run(job: Job, progress_factory=None) -> SweepOutcome:
         root = job.resume
     # Ray tasks may run on other nodes: they get the absolute path (which every node must reach).
     root = root.resolve()
+    write_experiment(root, [flat(c) for c in job.configs.values()])
     errors: dict[str, str] = {}
     bar = progress_factory(len(plan.points), len(plan.points) - len(job.todo)) if progress_factory \
         else nullcontext(lambda result, status: None)
@@ -656,11 +657,19 @@ def write_summaries(root: Path, plan: Plan, rows: list[dict]) -> None:
                          *("" if r[k] is None else r[k] for k in RESULT_KEYS)])
     write_atomic(root / "summary.csv", buf.getvalue())
     flow_figure(root / "gradient_flow.png", rows, plan.name)
-    # TensorBoard's HParams dashboard: one experiment for every run (each wrote only its session)
-    from .board import write_experiment
+    write_experiment(root, [{**r["_params"], "status": r["status"], "verdict": r["verdict"]}
+                            for r in rows if r["folder"] and r["_params"]])
 
-    write_experiment(str(root), [{**r["_params"], "status": r["status"], "verdict": r["verdict"]}
-                                 for r in rows if r["folder"] and r["_params"]])
+
+def write_experiment(root: Path, runs: list[dict]) -> None:
+    """TensorBoard's HParams dashboard: one experiment for all the sweep's runs (each writes only its
+    session), at the sweep's root; written when the sweep starts, from the configs, and again at the
+    end with the statuses and verdicts. (A TensorBoard already running keeps the first one it read.)"""
+    from .board import write_experiment as write
+    from .diagnosis import VERDICTS
+    from .train import STATUSES
+
+    write(str(root), runs, known={"status": STATUSES, "verdict": VERDICTS})
 
 
 # ------------------------------------------------------------------------------------ what is shown

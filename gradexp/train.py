@@ -122,6 +122,9 @@ class Outcome:
         return 130 if self.status == "interrupted" else 0
 
 
+STATUSES = ("completed", "diverged", "interrupted", "failed")  # every status a run ends with
+
+
 def due(every: int, step: int, last: int) -> bool:
     """Log at step 0 (initialisation), every `every` steps, and at the last step; never when 0."""
     return every > 0 and (step % every == 0 or step == last)

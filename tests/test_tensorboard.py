@@ -27,6 +27,7 @@ from tensorboard.plugins.hparams import api_pb2, metadata as hparams_metadata
 from typer.testing import CliRunner
 
 from gradexp.cli import app
+from gradexp.train import STATUSES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "deep_sigmoid.yaml"
@@ -475,7 +476,8 @@ def test_server_hparams_of_a_sweep_mark_the_swept_keys(sweep_server):
     assert infos["model.activation"]["differs"]
     assert sorted(infos["model.activation"]["domainDiscrete"]) == ["relu", "sigmoid"]
     assert not infos["train.steps"].get("differs") and infos["train.steps"]["domainDiscrete"] == [STEPS]
-    assert not infos["model.width"].get("differs") and infos["status"]["domainDiscrete"] == ["completed"]
+    assert not infos["model.width"].get("differs")
+    assert infos["status"]["domainDiscrete"] == list(STATUSES)  # every status a run can end with
     assert {m["name"]["tag"] for m in experiment["metricInfos"]} == set(FINAL_METRICS)
     cols = [{"hparam": "model.depth", "includeInResult": True}, {"hparam": "model.activation", "includeInResult": True}]
     body = {"experimentName": "", "allowedStatuses": ALL_STATUSES, "startIndex": 0, "sliceSize": 100,
@@ -484,3 +486,23 @@ def test_server_hparams_of_a_sweep_mark_the_swept_keys(sweep_server):
     seen = sorted((g["hparams"]["model.depth"], g["hparams"]["model.activation"]) for g in groups)
     assert seen == [(2, "relu"), (2, "sigmoid"), (3, "relu"), (3, "sigmoid")]
     assert all(len(g["sessions"]) == 1 and g["sessions"][0]["status"] == "STATUS_SUCCESS" for g in groups)
+
+
+def test_sweep_experiment_marks_keys_some_runs_lack_and_keeps_other_event_files(tmp_path):
+    from gradexp.board import EventFile, write_experiment
+
+    foreign = EventFile(str(tmp_path))  # an event file gradexp's experiment writer does not own
+    foreign.close()
+    runs = [{"model.depth": 2, "data.n_train": None, "status": "completed"},
+            {"model.depth": 2, "data.n_train": 500, "status": "diverged"}]
+    first = write_experiment(str(tmp_path), runs, known={"status": STATUSES})
+    second = write_experiment(str(tmp_path), runs, known={"status": STATUSES})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([Path(foreign.path).name, Path(second).name])
+    assert not Path(first).exists()
+    (experiment,) = [v for e in EventFileLoader(second).Load() for v in e.summary.value]
+    infos = {h.name: h for h in hparams_metadata.parse_experiment_plugin_data(
+        experiment.metadata.plugin_data.content).hparam_infos}
+    assert infos["data.n_train"].differs  # null in one run, 500 in the other
+    assert [v.number_value for v in infos["data.n_train"].domain_discrete.values] == [500]
+    assert not infos["model.depth"].differs
+    assert infos["status"].differs and [v.string_value for v in infos["status"].domain_discrete.values] == list(STATUSES)
