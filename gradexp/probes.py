@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from . import native
 from .layers import DERIVATIVES, MAX_SLOPE, NEEDS_INPUT, SIGNED_DERIVATIVE
 from .models import Net, Record
 
@@ -111,12 +112,18 @@ class Probes:
             with torch.no_grad():
                 self.initial = [torch.stack([w.detach() for w in self.weights[a:b]]) for a, b in self.runs]
                 self.initial_norm = torch.cat([_flat_norms(w0) for w0 in self.initial]).double()
+        self.activation = activation
         self.derivative = DERIVATIVES[activation]
         self.needs_input = activation in NEEDS_INPUT
         self.signed = activation in SIGNED_DERIVATIVE
         self.max_slope = MAX_SLOPE[activation]
         self.stacked: dict[str, torch.Tensor] = {}
         self.centered: dict[int, float] = {}  # hidden layer -> ||h - mean||, where the std needs it
+        self.act_shape = (0, 0, 0)  # (hidden layers, batch, units) of the latest `gradients`
+        # On the CPU in float32 the C kernel computes all of `gradients` in one pass per tensor
+        w = self.weights[0]
+        self.kernel = native.kernel() if w.device.type == "cpu" and w.dtype == torch.float32 else None
+        self.used_kernel = False  # whether a step's statistics came from it (for the run's summary)
 
     def _stack(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         """(layers, batch, units) in a reused buffer (hidden layers share a shape; conv units are
@@ -141,8 +148,18 @@ class Probes:
         grads = [w.grad for w in self.weights]
         others = [p.grad for p in self.others if p.grad is not None]
         # the weights' gradients, dLoss/dz of every layer, then the other parameters' gradients
-        norms = _norms(grads + [r.dz for r in records] + others, exact=True)
+        tensors = grads + [r.dz for r in records] + others
         hidden = records[:-1]
+        if self.kernel is not None:
+            hs = [r.h for r in hidden]
+            inputs = [r.a for r in hidden] if self.needs_input else None
+            if native.usable(tensors + hs + (inputs or [])) and len({t.shape for t in hs}) == 1:
+                self.act_shape = (len(hs), hs[0].shape[0], hs[0][0].numel())
+                self.centered = {}  # double sums: E[h^2] - E[h]^2 does not cancel
+                self.used_kernel = True
+                return {"_sums": native.probe_sums(self.kernel, tensors, hs, inputs, self.activation,
+                                                   SATURATION_FRACTION * self.max_slope)}
+        norms = _norms(tensors, exact=True)
         h = self._stack("h", [r.h for r in hidden])  # (hidden layers, batch, units), a copy of our own
         a = self._stack("a", [r.a for r in hidden]) if self.needs_input else None
         self.act_shape = tuple(h.shape)
@@ -161,12 +178,20 @@ class Probes:
         act_grad_norm, and per hidden layer act_mean, act_std, act_deriv and saturation (NaN for the
         output layer, which has no activation, so that every probe has one value per layer)."""
         out = to_host(stats)
-        if "_norms" not in out:
-            return out
-        norms, n = out.pop("_norms"), self.n
-        (mean, norm, deriv), flat = out.pop("_act"), out.pop("_flat_units")
-        _, batch, units = self.act_shape
+        layers, batch, units = self.act_shape
         m = batch * units
+        if "_sums" in out:  # the C kernel's sums of squares, then (sum h, h^2, phi', flat units) per layer
+            sums = out.pop("_sums")
+            norms = [math.sqrt(v) for v in sums[:-4 * layers]]
+            layer = sums[-4 * layers:]
+            mean, norm = [v / m for v in layer[0::4]], [math.sqrt(v) for v in layer[1::4]]
+            deriv, flat = [v / m for v in layer[2::4]], layer[3::4]
+        elif "_norms" in out:
+            norms = out.pop("_norms")
+            (mean, norm, deriv), flat = out.pop("_act"), out.pop("_flat_units")
+        else:
+            return out
+        n = self.n
         nan = [math.nan]
         out["grad_norm"], out["act_grad_norm"] = norms[:n], norms[n:2 * n]
         out["grad_norm_total"] = [math.sqrt(sum(v * v for v in norms[:n] + norms[2 * n:]))]
@@ -229,8 +254,12 @@ def bucket_limits(spec: tuple[float, float, int]) -> list[float]:
 
 
 def to_host(stats: dict[str, torch.Tensor]) -> dict[str, list]:
-    """One device-to-host transfer for every statistic of a step."""
+    """The statistics of a step as lists of floats (a 2-D tensor as a list of rows): on a GPU in one
+    device-to-host transfer; on the CPU each is read as it is (a copy into one buffer would cost
+    more than it saves there)."""
     keys = list(stats)
+    if all(stats[k].device.type == "cpu" for k in keys):
+        return {k: (t if t.ndim == 2 else t.reshape(-1)).detach().double().tolist() for k, t in stats.items()}
     flat = torch.cat([stats[k].detach().reshape(-1) for k in keys]).double().cpu().tolist()
     out, i = {}, 0
     for k in keys:

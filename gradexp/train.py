@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import __version__, theory
+from . import __version__, native, theory
 from .board import Board
 from .config import Config, ConfigError, TrainConfig, flat, to_yaml
 from .data import Batches, Dataset, load_dataset
@@ -225,7 +225,8 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
         diverged = {"step": bad, "first_nonfinite_layer": first_nonfinite_layer(model)}
         steps_done = bad + 1
         logged = [e for e in logged if e["step"] < bad] or logged[:1]
-    return {"status": status, "steps_done": steps_done, "logged": logged, "diverged": diverged}
+    kernel = native.describe(probes.used_kernel) if exp.device.type == "cpu" else "torch"
+    return {"status": status, "steps_done": steps_done, "logged": logged, "diverged": diverged, "probe_kernel": kernel}
 
 
 def layer_snapshot(entry: dict | None) -> dict | None:
@@ -264,6 +265,7 @@ def summarize(cfg: Config, exp: Experiment, result: dict, wall_time: float) -> d
         "diagnosis": diagnose(first, last, cfg, result["diverged"], theory),
         "versions": {"gradexp": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "device": str(exp.device),
+        "probe_kernel": result.get("probe_kernel"),  # None: nothing was trained (interrupted pre-training)
         "wall_time_s": round(wall_time, 3),
     }
 

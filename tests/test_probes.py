@@ -1,5 +1,8 @@
 """Probe values against a reference computation done another way: plain autograd on a hand-written
-forward pass, analytic derivatives, and the step the optimizer actually applied."""
+forward pass, analytic derivatives, and the step the optimizer actually applied.
+
+Every test runs twice: with the C probe kernel (gradexp/_probes.c, which the CPU probes use where it
+builds) and with the torch version of the same statistics (GRADEXP_NATIVE=0)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import CONFIGS, gradient_probes
+from gradexp import native
 from gradexp.config import load_config
 from gradexp.data import Batches
 from gradexp.layers import ACTIVATIONS, MAX_SLOPE
@@ -18,6 +22,16 @@ from gradexp.models import build_model
 from gradexp.config import ModelConfig
 from gradexp.probes import Probes, to_host
 from gradexp.train import prepare, run
+
+
+@pytest.fixture(autouse=True, params=["kernel", "torch"])
+def backend(request, monkeypatch):
+    """Which version of the CPU probes the test's Probes objects use."""
+    if request.param == "torch":
+        monkeypatch.setenv("GRADEXP_NATIVE", "0")
+    elif native.kernel() is None:
+        pytest.skip(f"the C probe kernel does not build here: {native.describe(False)}")
+    return request.param
 
 
 def manual_forward(net, x, activation, residual):

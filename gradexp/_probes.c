@@ -1,0 +1,99 @@
+/* gradexp's probe kernel: every statistic a logged step takes, in one pass over each tensor.
+
+   Built by gradexp/native.py with the machine's C compiler, loaded with ctypes; no Python or torch
+   headers (so it builds in well under a second). On the CPU the torch version of these statistics
+   costs one op per statistic: a copy to stack the layers, then five passes over the stack, each op
+   with its dispatch cost; run right after backward, with cold caches, that was over half of a
+   logged step. Here each tensor is read once, and the sums are kept in double precision, so that
+   no gradient norm loses elements to float32 underflow and no std cancels.
+
+   The activation codes and the derivatives must match gradexp/layers.py (DERIVATIVES); the tests
+   compare this kernel with the torch version and with autograd for every activation. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+enum { SIGMOID, TANH, RELU, LEAKY_RELU, ELU, GELU, SELU, SOFTSIGN, IDENTITY };
+
+#define SELU_SCALE 1.0507009873554805
+#define SELU_SCALE_ALPHA 1.7580993408473766 /* scale * alpha */
+
+/* One hidden layer, (batch, units) row-major: sum h, sum h^2, sum phi'(a), and the number of units
+   whose largest |phi'(a)| over the batch is below `flat`. DERIV is phi' of x = h (or y = a). */
+#define LAYER(DERIV)                                                      \
+    for (int64_t b = 0; b < batch; b++) {                                 \
+        const float *hr = h + b * units, *ar = a + b * units;             \
+        _Pragma("omp simd reduction(+:s, s2, ds)")                        \
+        for (int64_t u = 0; u < units; u++) {                             \
+            float x = hr[u], y = ar[u];                                   \
+            (void)y;                                                      \
+            double d = (DERIV);                                           \
+            s += x;                                                       \
+            s2 += (double)x * x;                                          \
+            ds += d;                                                      \
+            double m = fabs(d);                                           \
+            steepest[u] = m > steepest[u] ? m : steepest[u];              \
+        }                                                                 \
+    }
+
+static void layer(const float *h, const float *a, int64_t batch, int64_t units, int activation,
+                  double flat, double *steepest, double *out) {
+    double s = 0, s2 = 0, ds = 0;
+    if (a == NULL) a = h;
+    for (int64_t u = 0; u < units; u++) steepest[u] = 0;
+    switch (activation) {
+    case SIGMOID: LAYER((double)x * (1.0 - (double)x)); break;
+    case TANH: LAYER(1.0 - (double)x * x); break;
+    case RELU: LAYER(x > 0.0f ? 1.0 : 0.0); break;
+    case LEAKY_RELU: LAYER(x > 0.0f ? 1.0 : 0.01); break;
+    case ELU: LAYER(x > 0.0f ? 1.0 : (double)x + 1.0); break;
+    case GELU: LAYER(0.5 + 0.5 * erf((double)y * 0.7071067811865476)
+                     + (double)y * exp(-0.5 * (double)y * y) * 0.3989422804014327); break;
+    case SELU: LAYER(x > 0.0f ? SELU_SCALE : (double)x + SELU_SCALE_ALPHA); break;
+    case SOFTSIGN: LAYER((1.0 - fabs((double)x)) * (1.0 - fabs((double)x))); break;
+    default: LAYER(1.0); break; /* identity */
+    }
+    double n = 0;
+    for (int64_t u = 0; u < units; u++) n += steepest[u] < flat; /* NaN is not flat */
+    out[0] = s;
+    out[1] = s2;
+    out[2] = ds;
+    out[3] = n;
+}
+
+static double squares(const float *p, int64_t n) {
+    double s = 0;
+    _Pragma("omp simd reduction(+:s)")
+    for (int64_t i = 0; i < n; i++) s += (double)p[i] * p[i];
+    return s;
+}
+
+/* squares[i]: the sum of squares of tensors[i] (sizes[i] floats), for i < n_tensors;
+   layer_sums[4 l .. 4 l + 3]: the sums of hidden layer l (see `layer`), for l < n_layers
+   (`a` NULL unless the derivative needs the activation's input).
+   The tensors and layers are shared among `threads` threads (torch's own OpenMP runtime, when built
+   with it). Returns 0, or -1 if memory ran out. */
+int gradexp_probe_sums(int n_tensors, const float *const *tensors, const int64_t *sizes, double *squares_out,
+                       int n_layers, const float *const *h, const float *const *a, int64_t batch,
+                       int64_t units, int activation, double flat, double *layer_sums, int threads) {
+    int next = 0, failed = 0;
+    (void)threads;
+#pragma omp parallel num_threads(threads)
+    {
+        double *steepest = n_layers ? malloc(sizeof(double) * (size_t)units) : NULL;
+        if (n_layers && steepest == NULL) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
+        for (;;) {
+            int k = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
+            if (k >= n_tensors + n_layers) break;
+            if (k < n_tensors) {
+                squares_out[k] = squares(tensors[k], sizes[k]);
+            } else if (steepest != NULL) {
+                int l = k - n_tensors;
+                layer(h[l], a ? a[l] : NULL, batch, units, activation, flat, steepest, layer_sums + 4 * l);
+            }
+        }
+        free(steepest);
+    }
+    return failed ? -1 : 0;
+}
