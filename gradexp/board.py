@@ -9,6 +9,7 @@ padded), `grad_norm/total`, `loss/train`, `loss/eval`, `acc/train`, `acc/eval`, 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import socket
 import struct
@@ -62,8 +63,13 @@ class EventFile:
     torch's SummaryWriter hands every event to a writer thread, which reopens the file per record and
     computes the checksums in pure Python, while the thread competes with training for the cores
     and the GIL. Here each event is one TFRecord (length, masked CRC of the length, data, masked CRC
-    of the data), written and flushed at once: TensorBoard sees it live, and a killed run loses nothing
-    it logged. A logged step writes one event (two with histograms)."""
+    of the data), kept in memory and written to the file at the first write FLUSH_SECONDS after the
+    previous one, and on close: TensorBoard, which reads every few seconds, sees it live, and a run
+    killed outright loses at most that last second. Writing each event to the file as it came cost
+    ~50 us of a logged step (the file's code path runs on cold caches right after training's
+    kernels), a twentieth of it. A logged step makes one event (two with histograms)."""
+
+    FLUSH_SECONDS = 1.0
 
     def __init__(self, folder: str, suffix: str = ""):
         os.makedirs(folder, exist_ok=True)
@@ -71,14 +77,26 @@ class EventFile:
         name += suffix
         self.path = os.path.join(folder, name)
         self.file = open(self.path, "xb")  # "x": never append to another writer's file
+        self.pending: list[bytes] = []  # records not yet in the file
+        self.flushed = -math.inf  # time.monotonic() of the latest write to the file
         self.write(Event(wall_time=time.time(), file_version="brain.Event:2"))
 
     def write(self, event: Event) -> None:
-        data = event.SerializeToString()
+        self.write_bytes(event.SerializeToString())
+
+    def write_bytes(self, data: bytes) -> None:
+        """One serialised Event as a record."""
         header = struct.pack("<Q", len(data))
-        self.file.write(header + struct.pack("<I", masked_crc32c(header)) + data
-                        + struct.pack("<I", masked_crc32c(data)))
+        self.pending.append(header + struct.pack("<I", masked_crc32c(header)) + data
+                            + struct.pack("<I", masked_crc32c(data)))
+        if time.monotonic() - self.flushed >= self.FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        self.file.write(b"".join(self.pending))
         self.file.flush()
+        self.pending.clear()
+        self.flushed = time.monotonic()
 
     def add(self, summary: Summary, step: int | None = None) -> None:
         event = Event(wall_time=time.time(), summary=summary)
@@ -87,10 +105,58 @@ class EventFile:
         self.write(event)
 
     def close(self) -> None:
+        self.flush()
         self.file.close()
 
 
 _file_ids = itertools.count()
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _float32(v: float) -> float:
+    """What a float32 field keeps of v: beyond float32's range, an infinity (as protobuf does)."""
+    return v if not abs(v) > FLOAT32_MAX else math.copysign(math.inf, v)
+
+
+class ScalarSummary:
+    """A Summary of float scalars under fixed tags, serialised by packing the values into precomputed
+    bytes: the protobuf encoding byte for byte (each Summary.Value: tag = 1, simple_value = 2), without
+    setting ~125 fields of a message on every logged step (~0.15 ms there)."""
+
+    def __init__(self, tags: list[str]):
+        prefixes = []
+        for tag in tags:
+            inner = b"\x0a" + _varint(len(tag.encode())) + tag.encode() + b"\x15"  # tag, then simple_value's key
+            prefixes.append(b"\x0a" + _varint(len(inner) + 4) + inner)  # a Summary.value entry of that length
+        self.struct = struct.Struct("<" + "".join(f"{len(prefix)}sf" for prefix in prefixes))
+        self.args: list = [None] * (2 * len(tags))
+        self.args[0::2] = prefixes
+
+    def encode(self, values: list[float]) -> bytes:
+        args = self.args
+        args[1::2] = values
+        try:
+            return self.struct.pack(*args)
+        except OverflowError:  # a value beyond float32's range (an exploding gradient's norm)
+            args[1::2] = [_float32(v) for v in values]
+            return self.struct.pack(*args)
+
+
+def scalar_event(wall_time: float, step: int, summary: bytes) -> bytes:
+    """A serialised Event (wall_time = 1, step = 2, summary = 5) holding a serialised Summary; a zero
+    step is left out, as protobuf leaves out a default value."""
+    return (b"\x09" + struct.pack("<d", wall_time) + (b"\x10" + _varint(step) if step else b"")
+            + b"\x2a" + _varint(len(summary)) + summary)
 
 
 class Board:
@@ -98,9 +164,10 @@ class Board:
         self.events = EventFile(folder)
         self.n_layers = n_layers
         self.events.add(custom_scalars(custom_scalars_layout()))
-        # Logged steps write the same tags again and again: their protos are built once per set of
-        # probes (gradient probes, weight probes or both) and only the values are set.
-        self.templates: dict[tuple[str, ...], tuple[Summary, list[tuple[str, int]]]] = {}
+        # Logged steps write the same tags again and again: their encoding is made once per set of
+        # probes (gradient probes, weight probes or both), and per set of extra scalars.
+        self.templates: dict[tuple[str, ...], tuple[ScalarSummary, list[tuple[str, int]]]] = {}
+        self.extras: dict[tuple[str, ...], ScalarSummary] = {}
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self.events.add(Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in values.items()]), step)
@@ -110,7 +177,7 @@ class Board:
         for k, v in enumerate(values):
             self.scalars(first_step + k, {tag: v})
 
-    def _template(self, probes: tuple[str, ...]) -> tuple[Summary, list[tuple[str, int]]]:
+    def _template(self, probes: tuple[str, ...]) -> tuple[ScalarSummary, list[tuple[str, int]]]:
         if probes not in self.templates:
             slots = [(p, i) for p in probes for i in range(self.n_layers)
                      if not (p in HIDDEN_ONLY and i == self.n_layers - 1)]
@@ -118,19 +185,20 @@ class Board:
             if "grad_norm" in probes:
                 slots.append(("grad_norm_total", 0))
                 tags.append("grad_norm/total")
-            self.templates[probes] = Summary(value=[Summary.Value(tag=tag) for tag in tags]), slots
+            self.templates[probes] = ScalarSummary(tags), slots
         return self.templates[probes]
 
     def layers(self, step: int, stats: dict[str, list[float]], scalars: dict[str, float] | None = None) -> None:
         """The per-layer probes in `stats` (and `scalars`, tag -> value) as one event: one add_scalar
         each would cost ~200 events."""
         template, slots = self._template(tuple(p for p in LAYER_PROBES if p in stats))
-        for v, (probe, i) in zip(template.value, slots):
-            v.simple_value = stats[probe][i]
-        event = Event(wall_time=time.time(), step=step, summary=template)  # a copy of the template
-        for tag, x in (scalars or {}).items():
-            event.summary.value.add(tag=tag, simple_value=x)
-        self.events.write(event)
+        summary = template.encode([stats[probe][i] for probe, i in slots])
+        if scalars:
+            tags = tuple(scalars)
+            if tags not in self.extras:
+                self.extras[tags] = ScalarSummary(list(tags))
+            summary += self.extras[tags].encode(list(scalars.values()))
+        self.events.write_bytes(scalar_event(time.time(), step, summary))
 
     def histograms(self, step: int, rows: dict[str, list[list[float]]]) -> None:
         values = []

@@ -506,3 +506,48 @@ def test_sweep_experiment_marks_keys_some_runs_lack_and_keeps_other_event_files(
     assert [v.number_value for v in infos["data.n_train"].domain_discrete.values] == [500]
     assert not infos["model.depth"].differs
     assert infos["status"].differs and [v.string_value for v in infos["status"].domain_discrete.values] == list(STATUSES)
+
+
+# --- the event encoding, against protobuf's own
+
+
+@pytest.mark.parametrize("step", [0, 1, 300, 10**12])
+def test_scalar_events_are_protobufs_own_bytes(step):
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    from gradexp.board import ScalarSummary, scalar_event
+
+    tags = [layer(i) for i in range(30)] + ["acc/train", "x" * 300]  # a tag longer than 127 bytes too
+    values = [0.5 * i - 3 for i in range(30)] + [math.nan, 1.0]
+    special = [math.inf, -math.inf, 1e300, -3.5e38, 1e-50, 0.0, 7]  # beyond float32, below it, an int
+    for vals in (values, special + values[len(special):]):
+        ours = scalar_event(1234.5, step, ScalarSummary(tags).encode(vals))
+        summary = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in zip(tags, vals)])
+        assert ours == Event(wall_time=1234.5, step=step, summary=summary).SerializeToString()
+
+
+def test_events_reach_the_file_within_a_second_and_all_of_them_on_close(tmp_path):
+    from gradexp.board import Board
+
+    board = Board(str(tmp_path), 3)
+    stats = {"grad_norm": [1.0, 2.0, 3.0], "grad_norm_total": [3.7]}
+
+    def logged_steps():
+        (events,) = tmp_path.glob("events.out.tfevents.*")
+        return [e.step for e in EventFileLoader(str(events)).Load() if e.summary.value][1:]  # after the layout
+
+    assert not logged_steps()  # the layout, just written, waits in memory
+    board.events.flushed -= board.events.FLUSH_SECONDS  # a second after the file was opened
+    board.layers(1, stats)
+    assert logged_steps() == [1]
+    board.events.flushed = time.monotonic()  # as if just written: the next events wait in memory
+    board.layers(2, stats)
+    board.layers(3, stats)
+    assert logged_steps() == [1]
+    board.events.flushed -= board.events.FLUSH_SECONDS  # a second later
+    board.layers(4, stats)
+    assert logged_steps() == [1, 2, 3, 4]
+    board.layers(5, stats)
+    board.close()
+    assert logged_steps() == [1, 2, 3, 4, 5]
