@@ -97,3 +97,29 @@ int gradexp_probe_sums(int n_tensors, const float *const *tensors, const int64_t
     }
     return failed ? -1 : 0;
 }
+
+/* The weight probes of n weight tensors (sizes[i] floats each), after an optimizer step: out[3 i ..
+   3 i + 2] = ||W||^2, ||W - W_before||^2 and ||W - W_0||^2, in one pass over the three. */
+int gradexp_weight_sums(int n, const float *const *now, const float *const *before, const float *const *initial,
+                        const int64_t *sizes, double *out, int threads) {
+    int next = 0;
+    (void)threads;
+#pragma omp parallel num_threads(threads)
+    for (;;) {
+        int k = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
+        if (k >= n) break;
+        const float *w = now[k], *b = before[k], *w0 = initial[k];
+        double s = 0, step = 0, dist = 0;
+        _Pragma("omp simd reduction(+:s, step, dist)")
+        for (int64_t i = 0; i < sizes[k]; i++) {
+            double x = w[i], d = x - b[i], e = x - w0[i];
+            s += x * x;
+            step += d * d;
+            dist += e * e;
+        }
+        out[3 * k] = s;
+        out[3 * k + 1] = step;
+        out[3 * k + 2] = dist;
+    }
+    return 0;
+}

@@ -93,6 +93,9 @@ def _build() -> ctypes.CDLL:
     f.argtypes = [ctypes.c_int, p, p, p, ctypes.c_int, p, p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
                   ctypes.c_double, p, ctypes.c_int]
     f.restype = ctypes.c_int
+    g = lib.gradexp_weight_sums
+    g.argtypes = [ctypes.c_int, p, p, p, p, p, ctypes.c_int]
+    g.restype = ctypes.c_int
     return lib
 
 
@@ -134,6 +137,19 @@ def probe_sums(lib: ctypes.CDLL, tensors: list[torch.Tensor], h: list[torch.Tens
         batch, units, CODES[activation], flat, base + 8 * nt, torch.get_num_threads())
     if status != 0:
         raise MemoryError("the probe kernel ran out of memory")
+    return out
+
+
+def weight_sums(lib: ctypes.CDLL, now: list[torch.Tensor], before: list[torch.Tensor],
+                initial: list[torch.Tensor]) -> torch.Tensor:
+    """float64 (len(now), 3): ||W||^2, ||W - W_before||^2, ||W - W_0||^2 of each weight tensor (each
+    a contiguous float32 CPU tensor, the three lists alike in shapes)."""
+    n = len(now)
+    out = torch.empty(n, 3, dtype=torch.float64)
+    pointers = ctypes.c_void_p * n
+    lib.gradexp_weight_sums(n, pointers(*[t.data_ptr() for t in now]), pointers(*[t.data_ptr() for t in before]),
+                            pointers(*[t.data_ptr() for t in initial]), (ctypes.c_int64 * n)(*[t.numel() for t in now]),
+                            out.data_ptr(), torch.get_num_threads())
     return out
 
 

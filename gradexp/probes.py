@@ -220,9 +220,15 @@ class Probes:
     @torch.no_grad()
     def weights_after(self) -> dict[str, torch.Tensor]:
         """After the optimizer step: ||W||, ||W - W_before|| / ||W|| (the update ratio, against the
-        weights it produced), and ||W - W0|| / ||W0||, in the scratch buffer (with the snapshot, ~11
-        passes over weight-sized buffers: why these probes have their own cadence)."""
+        weights it produced), and ||W - W0|| / ||W0||: with the C kernel in one pass over the three;
+        else in the scratch buffer (with the snapshot, ~11 passes over weight-sized buffers: why
+        these probes have their own cadence)."""
         now = [w.detach() for w in self.weights]
+        if self.kernel is not None and native.usable(now):  # one pass over W, W_before and W_0
+            initial = [w0 for run in self.initial for w0 in run]
+            sums = native.weight_sums(self.kernel, now, self.scratch_layers, initial).sqrt_()
+            norm = sums[:, 0]
+            return {"weight_norm": norm, "update_ratio": sums[:, 1] / norm, "dist_from_init": sums[:, 2] / self.initial_norm}
         norm = _norms(now)
         torch._foreach_sub_(self.scratch_layers, now)  # scratch = W_before - W
         update = torch.cat([_flat_norms(buf) for buf in self.scratch]).double()
