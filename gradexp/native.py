@@ -18,6 +18,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from array import array
 from pathlib import Path
 
 import torch
@@ -121,20 +122,25 @@ def describe(used: bool) -> str:
     return f"torch ({_why_not})" if _why_not else "torch"
 
 
+def _addresses(tensors: list[torch.Tensor]) -> array:
+    return array("q", [t.data_ptr() for t in tensors])  # C's int64_t[] (ctypes arrays cost ~2x more)
+
+
 def probe_sums(lib: ctypes.CDLL, tensors: list[torch.Tensor], h: list[torch.Tensor], a: list[torch.Tensor] | None,
                activation: str, flat: float) -> torch.Tensor:
     """float64 (len(tensors) + 4 * len(h)): the sum of squares of each tensor, then per hidden layer
     (batch, units...) the sum of h, of h^2, of phi'(a), and the count of units flat on every example.
-    Every tensor must be a contiguous float32 CPU tensor, and the layers of one shape."""
+    Every tensor must be `usable`, and the layers of one shape."""
     nt, nl = len(tensors), len(h)
     batch, units = (h[0].shape[0], h[0][0].numel()) if h else (0, 0)
     out = torch.empty(nt + 4 * nl, dtype=torch.float64)
     base = out.data_ptr()
-    pointers = ctypes.c_void_p * max(nt, nl, 1)
+    pointers, sizes, layers = _addresses(tensors), array("q", [t.numel() for t in tensors]), _addresses(h)
+    inputs = _addresses(a) if a else None
     status = lib.gradexp_probe_sums(
-        nt, pointers(*[t.data_ptr() for t in tensors]), (ctypes.c_int64 * max(nt, 1))(*[t.numel() for t in tensors]),
-        base, nl, pointers(*[t.data_ptr() for t in h]), pointers(*[t.data_ptr() for t in a]) if a else None,
-        batch, units, CODES[activation], flat, base + 8 * nt, torch.get_num_threads())
+        nt, pointers.buffer_info()[0], sizes.buffer_info()[0], base, nl, layers.buffer_info()[0],
+        inputs.buffer_info()[0] if inputs else None, batch, units, CODES[activation], flat, base + 8 * nt,
+        torch.get_num_threads())
     if status != 0:
         raise MemoryError("the probe kernel ran out of memory")
     return out
@@ -146,12 +152,11 @@ def weight_sums(lib: ctypes.CDLL, now: list[torch.Tensor], before: list[torch.Te
     a contiguous float32 CPU tensor, the three lists alike in shapes)."""
     n = len(now)
     out = torch.empty(n, 3, dtype=torch.float64)
-    pointers = ctypes.c_void_p * n
-    lib.gradexp_weight_sums(n, pointers(*[t.data_ptr() for t in now]), pointers(*[t.data_ptr() for t in before]),
-                            pointers(*[t.data_ptr() for t in initial]), (ctypes.c_int64 * n)(*[t.numel() for t in now]),
-                            out.data_ptr(), torch.get_num_threads())
+    arrays = [_addresses(now), _addresses(before), _addresses(initial), array("q", [t.numel() for t in now])]
+    lib.gradexp_weight_sums(n, *[x.buffer_info()[0] for x in arrays], out.data_ptr(), torch.get_num_threads())
     return out
 
 
 def usable(tensors: list[torch.Tensor]) -> bool:
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+    """Contiguous float32 CPU tensors (written with the cheapest checks: this runs on every logged step)."""
+    return all(t.is_contiguous() and t.dtype is torch.float32 and t.is_cpu for t in tensors)
