@@ -190,3 +190,56 @@ def test_train_threads_must_be_positive(cli, tmp_path):
     result = cli("run", CONFIGS / "deep_sigmoid.yaml", "train.threads=0", *TINY, "--out", tmp_path)
     assert result.exit_code == 2 and "train.threads" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_diverged_step_is_the_first_non_finite_loss_of_a_plain_loop(tmp_path):
+    """Divergence is read only at the steps that sync (here every 100th and the last): the step it
+    reports must still be the first whose loss is not finite, as a plain loop on the same model,
+    data, batches and optimizer finds it step by step."""
+    import torch
+    import torch.nn.functional as F
+
+    from gradexp.data import Batches
+    from gradexp.train import OPTIMIZERS, prepare
+
+    overrides = ["optim.lr=0.05", "train.steps=150", "train.log_every=0", "train.weight_every=0",
+                 "train.hist_every=0", "train.eval_every=0"]
+    cfg = load_config(CONFIGS / "exploding.yaml", overrides)
+    exp = prepare(cfg)  # the same seed: the same init and batches as the run's own
+    opt = OPTIMIZERS[cfg.optim.name](exp.model.parameters(), cfg.optim)
+    batches = Batches(exp.data.x_train, exp.data.y_train, cfg.data.batch_size, cfg.seed)
+    first_bad = None
+    torch.set_flush_denormal(True)  # as the run does
+    try:
+        for step in range(cfg.train.steps):
+            x, y = batches.next()
+            loss = F.cross_entropy(exp.model(x), y)
+            if not torch.isfinite(loss):
+                first_bad = step
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_flush_denormal(False)
+    assert first_bad is not None and first_bad % 100 != 0, "the case must diverge between two syncs"
+    s = run(cfg, tmp_path).summary
+    assert s["status"] == "diverged" and s["diagnosis"]["diverged_step"] == first_bad
+    assert s["steps"]["done"] == first_bad + 1
+
+
+def test_watch_finds_the_first_non_finite_value_across_reads():
+    import torch
+
+    from gradexp.train import Watch
+
+    watch = Watch()
+    for step, v in enumerate([1.0, 2.0, 3.0]):
+        watch.add(step, torch.tensor(v))
+    assert watch.check() is None and not watch.pending
+    for step, v in [(3, 1.0), (3, math.inf), (4, math.nan), (5, 2.0)]:  # step 3 twice: loss, then norm
+        watch.add(step, torch.tensor(v))
+    watch.read(watch.values().tolist())  # as a logged step reads them with its statistics
+    assert watch.check() == 3
+    watch.add(6, torch.tensor(math.nan))
+    assert watch.check() == 3  # the first one stays
