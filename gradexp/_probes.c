@@ -5,7 +5,9 @@
    costs one op per statistic: a copy to stack the layers, then five passes over the stack, each op
    with its dispatch cost; run right after backward, with cold caches, that was over half of a
    logged step. Here each tensor is read once, and the sums are kept in double precision, so that
-   no gradient norm loses elements to float32 underflow and no std cancels.
+   no gradient norm loses elements to float32 underflow; the activations are summed around a pivot
+   (the layer's first value), so that the std of a layer whose spread is tiny beside its mean (a
+   saturated sigmoid layer, every value near 1) does not cancel in E[h^2] - E[h]^2.
 
    The activation codes and the derivatives must match gradexp/layers.py (DERIVATIVES); the tests
    compare this kernel with the torch version and with autograd for every activation. */
@@ -19,8 +21,10 @@ enum { SIGMOID, TANH, RELU, LEAKY_RELU, ELU, GELU, SELU, SOFTSIGN, IDENTITY };
 #define SELU_SCALE 1.0507009873554805
 #define SELU_SCALE_ALPHA 1.7580993408473766 /* scale * alpha */
 
-/* One hidden layer, (batch, units) row-major: sum h, sum h^2, sum phi'(a), and the number of units
-   whose largest |phi'(a)| over the batch is below `flat`. DERIV is phi' of x = h (or y = a). */
+/* One hidden layer, (batch, units) row-major: the pivot p = h[0], sum (h - p), sum (h - p)^2,
+   sum phi'(a), and the number of units whose largest |phi'(a)| over the batch is below `flat` (a
+   NaN phi' makes its unit's largest NaN: not flat, as torch's amax). DERIV is phi' of x = h (or
+   y = a). */
 #define LAYER(DERIV)                                                      \
     for (int64_t b = 0; b < batch; b++) {                                 \
         const float *hr = h + b * units, *ar = a + b * units;             \
@@ -28,18 +32,18 @@ enum { SIGMOID, TANH, RELU, LEAKY_RELU, ELU, GELU, SELU, SOFTSIGN, IDENTITY };
         for (int64_t u = 0; u < units; u++) {                             \
             float x = hr[u], y = ar[u];                                   \
             (void)y;                                                      \
-            double d = (DERIV);                                           \
-            s += x;                                                       \
-            s2 += (double)x * x;                                          \
+            double d = (DERIV), c = (double)x - pivot;                    \
+            s += c;                                                       \
+            s2 += c * c;                                                  \
             ds += d;                                                      \
             double m = fabs(d);                                           \
-            steepest[u] = m > steepest[u] ? m : steepest[u];              \
+            steepest[u] = m > steepest[u] || m != m ? m : steepest[u];    \
         }                                                                 \
     }
 
 static void layer(const float *h, const float *a, int64_t batch, int64_t units, int activation,
                   double flat, double *steepest, double *out) {
-    double s = 0, s2 = 0, ds = 0;
+    double s = 0, s2 = 0, ds = 0, pivot = h[0];
     if (a == NULL) a = h;
     for (int64_t u = 0; u < units; u++) steepest[u] = 0;
     switch (activation) {
@@ -56,10 +60,11 @@ static void layer(const float *h, const float *a, int64_t batch, int64_t units, 
     }
     double n = 0;
     for (int64_t u = 0; u < units; u++) n += steepest[u] < flat; /* NaN is not flat */
-    out[0] = s;
-    out[1] = s2;
-    out[2] = ds;
-    out[3] = n;
+    out[0] = pivot;
+    out[1] = s;
+    out[2] = s2;
+    out[3] = ds;
+    out[4] = n;
 }
 
 static double squares(const float *p, int64_t n) {
@@ -70,7 +75,7 @@ static double squares(const float *p, int64_t n) {
 }
 
 /* squares[i]: the sum of squares of tensors[i] (sizes[i] floats), for i < n_tensors;
-   layer_sums[4 l .. 4 l + 3]: the sums of hidden layer l (see `layer`), for l < n_layers
+   layer_sums[5 l .. 5 l + 4]: the pivot and sums of hidden layer l (see `layer`), for l < n_layers
    (`a` NULL unless the derivative needs the activation's input).
    The tensors and layers are shared among `threads` threads (torch's own OpenMP runtime, when built
    with it). Returns 0, or -1 if memory ran out. */
@@ -81,7 +86,7 @@ int gradexp_probe_sums(int n_tensors, const float *const *tensors, const int64_t
     (void)threads;
 #pragma omp parallel num_threads(threads)
     {
-        double *steepest = n_layers ? malloc(sizeof(double) * (size_t)units) : NULL;
+        double *steepest = n_layers ? malloc(sizeof(double) * (size_t)(units > 0 ? units : 1)) : NULL;
         if (n_layers && steepest == NULL) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
         for (;;) {
             int k = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
@@ -90,7 +95,7 @@ int gradexp_probe_sums(int n_tensors, const float *const *tensors, const int64_t
                 squares_out[k] = squares(tensors[k], sizes[k]);
             } else if (steepest != NULL) {
                 int l = k - n_tensors;
-                layer(h[l], a ? a[l] : NULL, batch, units, activation, flat, steepest, layer_sums + 4 * l);
+                layer(h[l], a ? a[l] : NULL, batch, units, activation, flat, steepest, layer_sums + 5 * l);
             }
         }
         free(steepest);

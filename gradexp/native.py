@@ -4,9 +4,10 @@ The CPU probes use it when it builds (any gcc or clang; well under a second, cac
 the torch version of the same statistics otherwise, with the same results: `GRADEXP_NATIVE=0` asks for
 the fallback. `describe()` says which one a run used and, if the kernel is unavailable, why.
 
-Built with OpenMP, the kernel runs on the OpenMP runtime torch has already loaded (the library's
-name, libgomp.so.1, resolves to torch's copy), so it shares torch's threads rather than starting a
-second team that would compete with training for the cores.
+With gcc beside a torch on GNU OpenMP (Linux wheels), the kernel is built with OpenMP and runs on the
+runtime torch has already loaded (the library's name, libgomp.so.1, resolves to torch's copy), so it
+shares torch's threads rather than starting a second team that would compete with training for the
+cores; elsewhere it runs on one thread.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -54,41 +56,63 @@ def _cpu() -> str:
         return platform.processor()
 
 
-def _openmp_is_torchs() -> bool:
-    """Torch runs on GNU OpenMP from a library named libgomp.so.1 (Linux wheels): ours resolves to it."""
+def _torch_gomp() -> bool:
+    """Torch runs on GNU OpenMP from a library named libgomp.so.1 (Linux wheels)."""
     lib = Path(torch.__file__).parent / "lib"
     return "OpenMP" in torch.__config__.parallel_info() and (lib / "libgomp.so.1").exists()
 
 
+def _openmp_is_torchs(compiler: list[str]) -> bool:
+    """Torch runs on libgomp.so.1 and the compiler is gcc, whose -fopenmp links a library of that
+    name, so ours resolves to torch's. (clang's -fopenmp links LLVM's libomp: a second team.)"""
+    if not _torch_gomp():
+        return False
+    try:
+        version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "Free Software Foundation" in version and "clang" not in version
+
+
+def _compile(compiler: list[str], folder: Path, path: Path) -> None:
+    """Build the kernel into `path`, with the first of VARIANTS that compiles."""
+    variants = VARIANTS if _openmp_is_torchs(compiler) else [v for v in VARIANTS if "-fopenmp" not in v]
+    folder.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for extra in variants:
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.part")
+        os.close(fd)
+        cmd = [*compiler, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            done, errors = None, errors + [f"{' '.join(cmd)}: {e}"]
+        if done is not None and done.returncode == 0:
+            os.chmod(tmp, 0o755)  # mkstemp's 0600 would lock out the other users of a shared cache
+            os.replace(tmp, path)  # atomic: a sweep's workers may build at once
+            return
+        os.unlink(tmp)
+        if done is not None:
+            last = done.stderr.strip().splitlines()[-1:]
+            errors.append(f"{' '.join(cmd)}: {last[0] if last else f'exit status {done.returncode}'}")
+    raise RuntimeError("the C compiler failed: " + "; ".join(errors))
+
+
 def _build() -> ctypes.CDLL:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    compiler = shlex.split(os.environ.get("CC", "")) or \
+        [c for c in (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"),) if c]
     if not compiler:
         raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
-    source = SOURCE.read_bytes()
-    variants = VARIANTS if _openmp_is_torchs() else [v for v in VARIANTS if "-fopenmp" not in v]
-    key = hashlib.sha256(source + repr((compiler, FLAGS, variants, platform.machine(), _cpu())).encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((compiler, FLAGS, VARIANTS, _torch_gomp(), platform.machine(), _cpu())).encode())
     folder = cache_dir()
-    path = folder / f"probes-{key}.so"
+    path = folder / f"probes-{key.hexdigest()[:16]}.so"
     if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        errors = []
-        for extra in variants:
-            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.part")
-            os.close(fd)
-            cmd = [compiler, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"]
-            try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                done, errors = None, errors + [f"{' '.join(cmd)}: {e}"]
-            if done is not None and done.returncode == 0:
-                os.replace(tmp, path)  # atomic: a sweep's workers may build at once
-                break
-            os.unlink(tmp)
-            if done is not None:
-                errors.append(f"{' '.join(cmd)}: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
-        else:
-            raise RuntimeError("the C compiler failed: " + "; ".join(errors))
-    lib = ctypes.CDLL(str(path))
+        _compile(compiler, folder, path)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:  # a build this process cannot load (another user's, a damaged file): build again
+        _compile(compiler, folder, path)
+        lib = ctypes.CDLL(str(path))
     f = lib.gradexp_probe_sums
     p = ctypes.c_void_p
     f.argtypes = [ctypes.c_int, p, p, p, ctypes.c_int, p, p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
@@ -113,10 +137,14 @@ def kernel() -> ctypes.CDLL | None:
     return _kernel
 
 
-def describe(used: bool) -> str:
-    """For summary.json: which version of the CPU probes a run used."""
-    if used:
+def describe(kernel_steps: int, torch_steps: int, not_float32: bool = False) -> str:
+    """For summary.json: what computed a CPU run's probes, given how many logged steps each did."""
+    if kernel_steps and torch_steps:  # the kernel ran out of memory on some steps
+        return f"native on {kernel_steps} of {kernel_steps + torch_steps} logged steps, torch on the others"
+    if kernel_steps or (not torch_steps and not not_float32 and kernel() is not None):
         return "native"
+    if not_float32:
+        return "torch (the kernel is for float32)"
     if not enabled():
         return "torch (GRADEXP_NATIVE=0)"
     return f"torch ({_why_not})" if _why_not else "torch"
@@ -128,12 +156,13 @@ def _addresses(tensors: list[torch.Tensor]) -> array:
 
 def probe_sums(lib: ctypes.CDLL, tensors: list[torch.Tensor], h: list[torch.Tensor], a: list[torch.Tensor] | None,
                activation: str, flat: float) -> torch.Tensor:
-    """float64 (len(tensors) + 4 * len(h)): the sum of squares of each tensor, then per hidden layer
-    (batch, units...) the sum of h, of h^2, of phi'(a), and the count of units flat on every example.
-    Every tensor must be `usable`, and the layers of one shape."""
+    """float64 (len(tensors) + 5 * len(h)): the sum of squares of each tensor, then per hidden layer
+    (batch, units...) a pivot p (its first value), the sums of h - p, of (h - p)^2 and of phi'(a), and
+    the count of units flat on every example; None if the kernel ran out of memory. Every tensor
+    must be `usable`, and the layers of one shape."""
     nt, nl = len(tensors), len(h)
     batch, units = (h[0].shape[0], h[0][0].numel()) if h else (0, 0)
-    out = torch.empty(nt + 4 * nl, dtype=torch.float64)
+    out = torch.empty(nt + 5 * nl, dtype=torch.float64)
     base = out.data_ptr()
     pointers, sizes, layers = _addresses(tensors), array("q", [t.numel() for t in tensors]), _addresses(h)
     inputs = _addresses(a) if a else None
@@ -141,9 +170,7 @@ def probe_sums(lib: ctypes.CDLL, tensors: list[torch.Tensor], h: list[torch.Tens
         nt, pointers.buffer_info()[0], sizes.buffer_info()[0], base, nl, layers.buffer_info()[0],
         inputs.buffer_info()[0] if inputs else None, batch, units, CODES[activation], flat, base + 8 * nt,
         torch.get_num_threads())
-    if status != 0:
-        raise MemoryError("the probe kernel ran out of memory")
-    return out
+    return out if status == 0 else None
 
 
 def weight_sums(lib: ctypes.CDLL, now: list[torch.Tensor], before: list[torch.Tensor],

@@ -32,9 +32,6 @@ ACT_HIST = (-5.0, 5.0, 100)  # activation values; outliers land in the edge bins
 # A float32 norm below this may have lost elements whose squares underflow float32 (elements below
 # ~1e-19, as in a deep sigmoid net's first layers): such gradient norms are recomputed in float64.
 TINY_NORM = 1e-12
-# A layer whose variance is below this fraction of its mean square has its std measured around its
-# mean: from float32 sums, E[h^2] - E[h]^2 keeps ~1e-7 of E[h^2] at best.
-CANCELLATION = 1e-3
 
 
 def _flat_norms(stacked: torch.Tensor) -> torch.Tensor:
@@ -58,23 +55,6 @@ def _norms(tensors: list[torch.Tensor], exact: bool = False) -> torch.Tensor:
         for i in tiny:
             norms[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
     return norms
-
-
-def _centered(h: torch.Tensor, mean: torch.Tensor, norm: torch.Tensor) -> dict[int, float]:
-    """||h_i - mean_i|| of the layers whose std the sum of squares cannot give (CPU only).
-
-    var = E[h^2] - E[h]^2 cancels when a layer's spread is tiny beside its mean (every unit and
-    example near one value, as in a saturated sigmoid layer): with float32 sums the result is then
-    noise. On the CPU, where reading the sums back is free, such layers (var below 1e-3 of E[h^2])
-    are measured around their mean instead; on a GPU the sums accumulate in float64, which keeps
-    the formula exact enough."""
-    m = h.shape[1] * h.shape[2]
-    centered = {}
-    for i, (mu, r) in enumerate(zip(mean.tolist(), norm.tolist())):
-        square = r * r / m
-        if square - mu * mu < CANCELLATION * square:  # False for NaN: a diverged layer stays NaN
-            centered[i] = torch.linalg.vector_norm(h[i] - mean[i]).item()
-    return centered
 
 
 def _runs(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
@@ -118,12 +98,11 @@ class Probes:
         self.signed = activation in SIGNED_DERIVATIVE
         self.max_slope = MAX_SLOPE[activation]
         self.stacked: dict[str, torch.Tensor] = {}
-        self.centered: dict[int, float] = {}  # hidden layer -> ||h - mean||, where the std needs it
         self.act_shape = (0, 0, 0)  # (hidden layers, batch, units) of the latest `gradients`
         # On the CPU in float32 the C kernel computes all of `gradients` in one pass per tensor
         w = self.weights[0]
         self.kernel = native.kernel() if w.device.type == "cpu" and w.dtype == torch.float32 else None
-        self.used_kernel = False  # whether a step's statistics came from it (for the run's summary)
+        self.kernel_steps = self.torch_steps = 0  # logged steps measured each way (for the run's summary)
 
     def _stack(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         """(layers, batch, units) in a reused buffer (hidden layers share a shape; conv units are
@@ -154,24 +133,32 @@ class Probes:
             hs = [r.h for r in hidden]
             inputs = [r.a for r in hidden] if self.needs_input else None
             if native.usable(tensors + hs + (inputs or [])) and len({t.shape for t in hs}) == 1:
-                self.act_shape = (len(hs), hs[0].shape[0], hs[0][0].numel())
-                self.centered = {}  # double sums: E[h^2] - E[h]^2 does not cancel
-                self.used_kernel = True
-                return {"_sums": native.probe_sums(self.kernel, tensors, hs, inputs, self.activation,
-                                                   SATURATION_FRACTION * self.max_slope)}
+                sums = native.probe_sums(self.kernel, tensors, hs, inputs, self.activation,
+                                         SATURATION_FRACTION * self.max_slope)
+                if sums is not None:  # else out of memory: the torch version below
+                    self.act_shape = (len(hs), hs[0].shape[0], hs[0][0].numel())
+                    self.kernel_steps += 1
+                    return {"_sums": sums}
+        self.torch_steps += 1
         norms = _norms(tensors, exact=True)
         h = self._stack("h", [r.h for r in hidden])  # (hidden layers, batch, units), a copy of our own
         a = self._stack("a", [r.a for r in hidden]) if self.needs_input else None
         self.act_shape = tuple(h.shape)
+        # Summed around a pivot, each layer's first value: E[h^2] - E[h]^2 cancels when a layer's
+        # spread is tiny beside its mean (a saturated sigmoid layer, every value within 1e-7 of 1),
+        # even in float64; around a value of the layer the sums are of the spread's size.
+        # (in a buffer of their own: h - pivot + pivot is not always h, and a ReLU's tiny positive
+        # values would read as dead)
+        pivot = h[:, :1, :1].clone()  # h is overwritten below
+        c = torch.sub(h, pivot, out=self._buffer("c", tuple(h.shape), h))
         wide = torch.float64 if h.is_cuda else None  # on a GPU float64 accumulation is nearly free
-        mean = h.mean((1, 2), dtype=wide)
-        norm = torch.linalg.vector_norm(h, dim=(1, 2), dtype=wide)  # the std from it: ~30x faster than Tensor.std
-        self.centered = {} if h.is_cuda else _centered(h, mean, norm)
+        centred = c.mean((1, 2), dtype=wide)
+        norm = torch.linalg.vector_norm(c, dim=(1, 2), dtype=wide)  # the std from it: ~30x faster than Tensor.std
         d = self.derivative(a, h, out=h)  # phi'(a) overwrites the copy of h: one buffer less to keep in cache
         # a unit is saturated (for the ReLU family: dead) when it is flat on every example
         steepest = (d.abs() if self.signed else d).amax(1)  # (layers, units)
         flat = (steepest < SATURATION_FRACTION * self.max_slope).sum(1)
-        return {"_norms": norms, "_act": torch.stack([mean, norm, d.mean((1, 2))]), "_flat_units": flat}
+        return {"_norms": norms, "_act": torch.stack([pivot.flatten(), centred, norm, d.mean((1, 2))]), "_flat_units": flat}
 
     def host(self, stats: dict[str, torch.Tensor]) -> dict[str, list]:
         """`to_host`, then the probes from what `gradients` measured: grad_norm, grad_norm_total,
@@ -180,27 +167,27 @@ class Probes:
         out = to_host(stats)
         layers, batch, units = self.act_shape
         m = batch * units
-        if "_sums" in out:  # the C kernel's sums of squares, then (sum h, h^2, phi', flat units) per layer
+        if "_sums" in out:  # the C kernel's sums of squares, then per layer a pivot and sums around it
             sums = out.pop("_sums")
-            norms = [math.sqrt(v) for v in sums[:-4 * layers]]
-            layer = sums[-4 * layers:]
-            mean, norm = [v / m for v in layer[0::4]], [math.sqrt(v) for v in layer[1::4]]
-            deriv, flat = [v / m for v in layer[2::4]], layer[3::4]
+            norms = [math.sqrt(v) for v in sums[:-5 * layers]]
+            layer = sums[-5 * layers:]
+            pivot, centred, squares = layer[0::5], [v / m for v in layer[1::5]], layer[2::5]
+            deriv, flat = [v / m for v in layer[3::5]], layer[4::5]
         elif "_norms" in out:
             norms = out.pop("_norms")
-            (mean, norm, deriv), flat = out.pop("_act"), out.pop("_flat_units")
+            (pivot, centred, norm, deriv), flat = out.pop("_act"), out.pop("_flat_units")
+            squares = [r * r for r in norm]
         else:
             return out
+        mean = [p + c for p, c in zip(pivot, centred)]
+        # the sample std, from the sums around the pivot, in float64
+        std = [math.sqrt(max(q / m - c * c, 0.0) * m / max(m - 1, 1)) for c, q in zip(centred, squares)]  # NaN stays NaN
         n = self.n
         nan = [math.nan]
         out["grad_norm"], out["act_grad_norm"] = norms[:n], norms[n:2 * n]
         out["grad_norm_total"] = [math.sqrt(sum(v * v for v in norms[:n] + norms[2 * n:]))]
         out["act_mean"] = mean + nan
-        # sample std from the sum of squares, in float64, or from the spread around the mean where
-        # `gradients` measured that instead
-        out["act_std"] = [self.centered[i] / math.sqrt(max(m - 1, 1)) if i in self.centered
-                          else math.sqrt(max(r * r / m - mu * mu, 0.0) * m / max(m - 1, 1))  # NaN stays NaN
-                          for i, (mu, r) in enumerate(zip(mean, norm))] + nan
+        out["act_std"] = std + nan
         # where activations are NaN (a diverged step) phi' means nothing (sign(NaN) reads 0: "dead")
         out["act_deriv"] = [math.nan if math.isnan(mu) else v for mu, v in zip(mean, deriv)] + nan
         out["saturation"] = [math.nan if math.isnan(mu) else c / units for mu, c in zip(mean, flat)] + nan

@@ -247,6 +247,7 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
                 status = "diverged"
                 break
             progress(step + 1, logged[-1] if log else {})
+            board.tick()
     except KeyboardInterrupt:
         status = "interrupted"
     diverged = None
@@ -257,7 +258,8 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
         diverged = {"step": bad, "first_nonfinite_layer": first_nonfinite_layer(model)}
         steps_done = bad + 1
         logged = [e for e in logged if e["step"] < bad] or logged[:1]
-    kernel = native.describe(probes.used_kernel) if exp.device.type == "cpu" else "torch"
+    kernel = "torch" if exp.device.type != "cpu" else \
+        native.describe(probes.kernel_steps, probes.torch_steps, not_float32=exp.cfg.precision != "float32")
     return {"status": status, "steps_done": steps_done, "logged": logged, "diverged": diverged, "probe_kernel": kernel}
 
 

@@ -30,7 +30,7 @@ def backend(request, monkeypatch):
     if request.param == "torch":
         monkeypatch.setenv("GRADEXP_NATIVE", "0")
     elif native.kernel() is None:
-        pytest.skip(f"the C probe kernel does not build here: {native.describe(False)}")
+        pytest.skip(f"the C probe kernel does not build here: {native.describe(0, 1)}")
     return request.param
 
 
@@ -142,6 +142,20 @@ def test_act_std_of_a_layer_whose_spread_is_tiny_beside_its_mean(level):
     assert stats["act_std"][0] == pytest.approx(h0[0].std().item(), rel=1e-3)
     assert stats["act_mean"][0] == pytest.approx(level, rel=1e-4)
     assert stats["act_std"][1] == pytest.approx(net.records[1].h.double().std().item(), rel=1e-5)
+
+
+def test_act_std_of_a_saturated_sigmoid_layer():
+    """Every value within ~1e-7 of 1 (the std ~1e-7): E[h^2] - E[h]^2 cancels even from float64 sums
+    (it read 0.0); the std must still match a float64 computation on the same values."""
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(depth=3, width=256, activation="sigmoid"), (10,), 5)
+    with torch.no_grad():
+        net.weight_layers[0].bias[:] = 16.0
+    F.cross_entropy(net(torch.randn(128, 10), record=True), torch.randint(0, 5, (128,))).backward()
+    exact = net.records[0].h.double().std().item()
+    stats = gradient_probes(net, "sigmoid")
+    assert 0 < exact < 1e-6 and stats["act_std"][0] == pytest.approx(exact, rel=1e-3)
+    assert stats["act_mean"][0] == pytest.approx(net.records[0].h.double().mean().item(), rel=1e-9)
 
 
 def test_a_layer_with_nan_activations_reports_nan_not_dead_units():
