@@ -63,11 +63,12 @@ class EventFile:
     torch's SummaryWriter hands every event to a writer thread, which reopens the file per record and
     computes the checksums in pure Python, while the thread competes with training for the cores
     and the GIL. Here each event is one TFRecord (length, masked CRC of the length, data, masked CRC
-    of the data), kept in memory and written to the file at the first write FLUSH_SECONDS after the
-    previous one, and on close: TensorBoard, which reads every few seconds, sees it live, and a run
-    killed outright loses at most that last second. Writing each event to the file as it came cost
-    ~50 us of a logged step (the file's code path runs on cold caches right after training's
-    kernels), a twentieth of it. A logged step makes one event (two with histograms)."""
+    of the data), kept in memory until the oldest one waiting is FLUSH_SECONDS old (checked at each
+    write and each `flush_if_due`, which the training loop calls every step), and on close:
+    TensorBoard, which reads every few seconds, sees it live, and a run killed outright (SIGKILL,
+    SIGTERM) loses at most that last second. Writing each event to the file as it came cost ~50 us
+    of a logged step (the file's code path runs on cold caches right after training's kernels), a
+    twentieth of it. A logged step makes one event (two with histograms)."""
 
     FLUSH_SECONDS = 1.0
 
@@ -78,7 +79,7 @@ class EventFile:
         self.path = os.path.join(folder, name)
         self.file = open(self.path, "xb")  # "x": never append to another writer's file
         self.pending: list[bytes] = []  # records not yet in the file
-        self.flushed = -math.inf  # time.monotonic() of the latest write to the file
+        self.oldest = 0.0  # time.monotonic() when pending[0] was made
         self.write(Event(wall_time=time.time(), file_version="brain.Event:2"))
 
     def write(self, event: Event) -> None:
@@ -87,16 +88,20 @@ class EventFile:
     def write_bytes(self, data: bytes) -> None:
         """One serialised Event as a record."""
         header = struct.pack("<Q", len(data))
+        if not self.pending:
+            self.oldest = time.monotonic()
         self.pending.append(header + struct.pack("<I", masked_crc32c(header)) + data
                             + struct.pack("<I", masked_crc32c(data)))
-        if time.monotonic() - self.flushed >= self.FLUSH_SECONDS:
+        self.flush_if_due()
+
+    def flush_if_due(self) -> None:
+        if self.pending and time.monotonic() - self.oldest >= self.FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
         self.file.write(b"".join(self.pending))
         self.file.flush()
         self.pending.clear()
-        self.flushed = time.monotonic()
 
     def add(self, summary: Summary, step: int | None = None) -> None:
         event = Event(wall_time=time.time(), summary=summary)
@@ -123,9 +128,16 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
+FLOAT32_ROUNDS_TO_INF = 3.4028235677973366e38  # FLOAT32_MAX + half its ulp: nearer infinity from here
+
+
 def _float32(v: float) -> float:
-    """What a float32 field keeps of v: beyond float32's range, an infinity (as protobuf does)."""
-    return v if not abs(v) > FLOAT32_MAX else math.copysign(math.inf, v)
+    """What a float32 field keeps of v, as protobuf's conversion does: beyond float32's range an
+    infinity, and within half an ulp of its largest value that value."""
+    v = float(v)
+    if abs(v) > FLOAT32_MAX:
+        return math.copysign(math.inf if abs(v) >= FLOAT32_ROUNDS_TO_INF else FLOAT32_MAX, v)
+    return v
 
 
 class ScalarSummary:
@@ -147,7 +159,7 @@ class ScalarSummary:
         args[1::2] = values
         try:
             return self.struct.pack(*args)
-        except OverflowError:  # a value beyond float32's range (an exploding gradient's norm)
+        except (OverflowError, struct.error):  # beyond float32's range (an exploding gradient's norm)
             args[1::2] = [_float32(v) for v in values]
             return self.struct.pack(*args)
 
@@ -227,6 +239,10 @@ class Board:
             self.events.add(summary)
         for tag, v in metrics.items():
             self.scalars(step, {tag: v})
+
+    def tick(self) -> None:
+        """Once a step: events waiting for a second go to the file."""
+        self.events.flush_if_due()
 
     def close(self) -> None:
         self.events.close()

@@ -71,6 +71,7 @@ def pretrain(model: Net, x_train: torch.Tensor, cfg: PretrainConfig, activation:
             losses.append(loss.detach())
             done += 1
             progress(done, {})
+            board.tick()  # what waits for the event file goes there within a second
         values = torch.stack(losses).tolist()
         board.scalars_series(layer_tag("pretrain/recon_loss", i), values)
         phases.append({"layer": i, "steps": cfg.steps, "loss": loss_name,

@@ -520,7 +520,8 @@ def test_scalar_events_are_protobufs_own_bytes(step):
 
     tags = [layer(i) for i in range(30)] + ["acc/train", "x" * 300]  # a tag longer than 127 bytes too
     values = [0.5 * i - 3 for i in range(30)] + [math.nan, 1.0]
-    special = [math.inf, -math.inf, 1e300, -3.5e38, 1e-50, 0.0, 7]  # beyond float32, below it, an int
+    special = [math.inf, -math.inf, 1e300, -3.5e38, 1e-50, 0.0, 7,  # beyond float32, below it, an int
+               3.40282350e38, 3.4028235677973366e38, -3.4028235677973362e38]  # and its edge
     for vals in (values, special + values[len(special):]):
         ours = scalar_event(1234.5, step, ScalarSummary(tags).encode(vals))
         summary = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in zip(tags, vals)])
@@ -537,16 +538,17 @@ def test_events_reach_the_file_within_a_second_and_all_of_them_on_close(tmp_path
         (events,) = tmp_path.glob("events.out.tfevents.*")
         return [e.step for e in EventFileLoader(str(events)).Load() if e.summary.value][1:]  # after the layout
 
-    assert not logged_steps()  # the layout, just written, waits in memory
-    board.events.flushed -= board.events.FLUSH_SECONDS  # a second after the file was opened
     board.layers(1, stats)
+    board.tick()
+    assert not logged_steps()  # made just now: waits in memory
+    board.events.oldest -= board.events.FLUSH_SECONDS  # a second later, with no other event since
+    board.tick()  # (the training loop's, every step)
     assert logged_steps() == [1]
-    board.events.flushed = time.monotonic()  # as if just written: the next events wait in memory
     board.layers(2, stats)
     board.layers(3, stats)
     assert logged_steps() == [1]
-    board.events.flushed -= board.events.FLUSH_SECONDS  # a second later
-    board.layers(4, stats)
+    board.events.oldest -= board.events.FLUSH_SECONDS
+    board.layers(4, stats)  # an event made a second after the oldest waiting one
     assert logged_steps() == [1, 2, 3, 4]
     board.layers(5, stats)
     board.close()
