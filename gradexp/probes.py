@@ -1,10 +1,11 @@
-"""Per-layer gradient, weight and activation statistics, computed on the device in batched ops.
+"""Per-layer gradient, weight and activation statistics: on the CPU in float32 by the C kernel
+(native.py, one pass per tensor), otherwise on the device in batched torch ops.
 
 Nothing here runs on a step that logs nothing: the training loop calls these only on logged steps,
-and each call returns device tensors that `to_host` (or `Probes.host`, which also finishes the
-gradient probes) moves in one transfer. "Layer i" is
-`model.weight_layers[i]`, counted from the input; the output layer is last. Statistics that only
-hidden layers have (activations) are NaN for the output layer.
+and each call returns tensors that `to_host` (or `Probes.host`, which also finishes the gradient
+probes) moves in one transfer. "Layer i" is `model.weight_layers[i]`, counted from the input; the
+output layer is last. Statistics that only hidden layers have (activations) are NaN for the output
+layer.
 """
 
 from __future__ import annotations
