@@ -155,7 +155,7 @@ def _addresses(tensors: list[torch.Tensor]) -> array:
 
 
 def probe_sums(lib: ctypes.CDLL, tensors: list[torch.Tensor], h: list[torch.Tensor], a: list[torch.Tensor] | None,
-               activation: str, flat: float) -> torch.Tensor:
+               activation: str, flat: float) -> torch.Tensor | None:
     """float64 (len(tensors) + 5 * len(h)): the sum of squares of each tensor, then per hidden layer
     (batch, units...) a pivot p (its first value), the sums of h - p, of (h - p)^2 and of phi'(a), and
     the count of units flat on every example; None if the kernel ran out of memory. Every tensor
