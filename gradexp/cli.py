@@ -22,9 +22,14 @@ err_console = Console(stderr=True)
 def fail(e: ConfigError) -> typer.Exit:
     """Print every problem of a ConfigError and give exit code 2 (nothing was run or written)."""
     err_console.print("[bold red]error:[/bold red] invalid input, nothing was run", highlight=False)
+    print_problems(e)
+    return typer.Exit(2)
+
+
+def print_problems(e: ConfigError) -> None:
+    """Each problem of a ConfigError on a line of its own, as typed (brackets are not rich markup)."""
     for line in e.problems:
         err_console.print(f"  - {escape(line)}", highlight=False, soft_wrap=True)
-    return typer.Exit(2)
 
 
 def load_experiment(config: Path, overrides: list[str] | None):
@@ -76,8 +81,7 @@ def validate(
         except ConfigError as e:
             bad += 1
             err_console.print(f"[red]invalid[/red] {escape(str(path))}")
-            for line in e.problems:
-                err_console.print(f"  - {escape(line)}", highlight=False, soft_wrap=True)
+            print_problems(e)
     if bad:
         raise typer.Exit(2)
 
@@ -111,6 +115,7 @@ def sweep(
 ) -> None:
     """Run a set of experiments (a grid, named runs, seeds) side by side, in parallel, and compare them."""
     from . import sweep as sweeps
+    from .report import sweep_progress_bar
 
     try:
         if resume is not None and (sweep_file is not None or grid or seeds is not None):
@@ -122,7 +127,7 @@ def sweep(
     if not quiet:
         console.print(f"sweep [bold]{plan.name}[/bold]: {len(job.todo)} of {len(plan.points)} runs to do, "
                       f"{job.describe()}", highlight=False)
-    bars = None if quiet else (lambda total, done: sweeps.progress_bar(console, total, done))
+    bars = None if quiet else (lambda total, done: sweep_progress_bar(console, total, done))
     outcome = sweeps.run(job, progress_factory=bars)
     if not quiet:
         console.print(sweeps.results_table(outcome.rows))

@@ -62,8 +62,12 @@ class DataConfig(_Section):
     download: bool = False
 
 
+_TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+BUILT_IN_KEYS = ("depth", "width", "activation", "norm", "residual", "init", "init_gain", "bias_init")
+
+
 class ModelConfig(_Section):
-    kind: Literal["mlp", "cnn"] = "mlp"
+    kind: Literal["mlp", "cnn", "custom"] = "mlp"
     depth: int = Field(20, ge=1, le=1000, description="hidden layers (mlp) or conv blocks (cnn)")
     width: int = Field(64, ge=1, description="units (mlp) or channels (cnn)")
     activation: Literal[ACTIVATION_NAMES] = "sigmoid"  # type: ignore[valid-type]
@@ -72,6 +76,24 @@ class ModelConfig(_Section):
     init: Literal[INIT_NAMES] = "default"  # type: ignore[valid-type]
     init_gain: float = Field(1.0, gt=0)
     bias_init: Literal["default", "zero"] = "default"
+    target: str | None = Field(None, description="custom: 'package.module:factory', called as "
+                                                 "factory(in_shape, classes, **kwargs); this runs that code")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="custom: keyword arguments of the factory")
+
+    @model_validator(mode="after")
+    def _custom_needs_a_target(self) -> "ModelConfig":
+        if self.kind == "custom":
+            if self.target is None:
+                raise ValueError(".target: model.kind=custom needs model.target='package.module:factory'")
+            if not _TARGET.match(self.target):
+                raise ValueError(f".target: expected 'package.module:factory' (got {self.target!r})")
+            unused = [k for k in BUILT_IN_KEYS if k in self.model_fields_set]
+            if unused:
+                raise ValueError(f".{unused[0]}: not used by model.kind=custom (its factory builds the whole "
+                                 f"model); leave out {', '.join('model.' + k for k in unused)}")
+        elif self.target is not None or self.kwargs:
+            raise ValueError(f".target: model.target and model.kwargs are for model.kind=custom (got {self.kind})")
+        return self
 
 
 class OptimConfig(_Section):
@@ -156,11 +178,34 @@ class Config(_Section):
 
 # ---------------------------------------------------------------------------------------------- loading
 
-def _yaml_scalar(text: str) -> Any:
+def yaml_scalar(text: str) -> Any:
+    """A command-line value parsed as a YAML scalar: 5 -> int, true -> bool, relu -> str; '' and what
+    YAML cannot read stay the text."""
     try:
         return yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError:
         return text
+
+
+def set_key(raw: dict, key: str, value: Any) -> None:
+    """Set a dotted `key` ('model.depth') in a nested dict, making (or replacing) sections on the way."""
+    node = raw
+    *path, leaf = key.split(".")
+    for part in path:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[leaf] = value
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{'model': {'depth': 20}} and {'model.depth': 20} both -> {'model.depth': 20}."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
 
 
 def _fields_at(path: tuple[str, ...]) -> list[str] | None:
@@ -192,16 +237,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             problems.append(f"override '{item}': expected key.path=value, e.g. model.depth=10")
             continue
         key, value = item.split("=", 1)
-        path = tuple(p for p in key.strip().split("."))
-        if not all(path):
+        if not all(key.strip().split(".")):
             problems.append(f"override '{item}': empty key")
             continue
-        node = raw
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[path[-1]] = _yaml_scalar(value)
+        set_key(raw, key.strip(), yaml_scalar(value))
     if problems:
         raise ConfigError(problems)
     return raw
@@ -265,14 +304,4 @@ def to_yaml(cfg: Config) -> str:
 
 def flat(cfg: Config) -> dict[str, Any]:
     """The config as {'model.depth': 20, ...} (for HParams and sweep tables)."""
-    out: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else k, v)
-        else:
-            out[prefix] = node
-
-    walk("", cfg.model_dump())
-    return out
+    return flatten(cfg.model_dump())

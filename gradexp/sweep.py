@@ -22,7 +22,6 @@ import hashlib
 import io
 import itertools
 import json
-import math
 import os
 import re
 import signal
@@ -34,7 +33,7 @@ from typing import Any, Callable
 import yaml
 
 from . import __version__
-from .config import Config, ConfigError, flat, load_config, read_yaml, validate
+from .config import Config, ConfigError, flat, flatten, load_config, read_yaml, set_key, validate, yaml_scalar
 from .rundir import new_run_dir, write_atomic, write_json
 
 DEFAULT_SWEEP = Path("configs/sweep.yaml")
@@ -74,26 +73,6 @@ def _value_text(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     return "null" if v is None else str(v)
-
-
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """{'model': {'depth': [5, 20]}} and {'model.depth': [5, 20]} both -> {'model.depth': [5, 20]}."""
-    if not isinstance(node, dict):
-        return {prefix: node}
-    out: dict[str, Any] = {}
-    for k, v in node.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
-def _set(raw: dict, key: str, value: Any) -> None:
-    node = raw
-    *path, leaf = key.split(".")
-    for part in path:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[leaf] = value
 
 
 def _labels(keys: list[str]) -> dict[str, str]:
@@ -163,15 +142,8 @@ def _parse_grid_option(item: str) -> tuple[str, list]:
     if "=" not in item or not item.split("=", 1)[0].strip():
         raise ConfigError(f"--grid '{item}': expected key.path=value1,value2,..., e.g. model.depth=5,20")
     key, values = item.split("=", 1)
-    return key.strip(), [_scalar(v.strip()) for v in values.split(",")]
-
-
-def _scalar(text: str) -> Any:
     # Values parse as YAML scalars, as for `gradexp run key=value`: 5 -> int, true -> bool, relu -> str.
-    try:
-        return yaml.safe_load(text) if text else ""
-    except yaml.YAMLError:
-        return text
+    return key.strip(), [yaml_scalar(v.strip()) for v in values.split(",")]
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -209,7 +181,7 @@ def load_plan(path: str | Path | None = None, grid: list[str] = (), seeds: str |
         if not isinstance(base, dict):
             problems.append("base: expected a config file path or a mapping of config keys")
             base = {}
-        grid_spec = _flatten(raw.get("grid") or {})
+        grid_spec = flatten(raw.get("grid") or {})
         runs = {}
         run_spec = raw.get("runs") or {}
         if not isinstance(run_spec, dict):
@@ -219,7 +191,7 @@ def load_plan(path: str | Path | None = None, grid: list[str] = (), seeds: str |
             if ov is not None and not isinstance(ov, dict):
                 problems.append(f"runs.{run_name}: expected a mapping of overrides, e.g. {{model.depth: 5}}")
                 continue
-            runs[str(run_name)] = _flatten(ov or {})
+            runs[str(run_name)] = flatten(ov or {})
         seed_list = raw.get("seeds")
         if seed_list is not None and (not isinstance(seed_list, list) or not seed_list
                                       or not all(isinstance(s, int) and not isinstance(s, bool) for s in seed_list)):
@@ -254,7 +226,7 @@ def point_config(base: dict, point: Point) -> Config:
     """The validated config of one point: base, then its overrides, named after the point."""
     raw = copy.deepcopy(base)
     for key, value in point.overrides.items():
-        _set(raw, key, value)
+        set_key(raw, key, value)
     raw["name"] = point.name
     return validate(raw)
 
@@ -645,6 +617,8 @@ def swept_keys(plan: Plan) -> list[str]:
 def write_summaries(root: Path, plan: Plan, rows: list[dict]) -> None:
     """summary.json (every row, with its overrides), summary.csv (one column per swept key, holding each
     run's resolved value) and gradient_flow.png."""
+    from .report import sweep_flow_figure
+
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     write_json(root / "summary.json", {"name": plan.name, "folder": str(root), "counts": status_counts(rows),
                                        "runs": public})
@@ -656,7 +630,7 @@ def write_summaries(root: Path, plan: Plan, rows: list[dict]) -> None:
         writer.writerow([r["name"], *(r["_params"].get(k, r["overrides"].get(k)) for k in keys),
                          *("" if r[k] is None else r[k] for k in RESULT_KEYS)])
     write_atomic(root / "summary.csv", buf.getvalue())
-    flow_figure(root / "gradient_flow.png", rows, plan.name)
+    sweep_flow_figure(root / "gradient_flow.png", rows, plan.name)
     write_experiment(root, [{**r["_params"], "status": r["status"], "verdict": r["verdict"]}
                             for r in rows if r["folder"] and r["_params"]])
 
@@ -704,72 +678,3 @@ def results_table(rows: list[dict]):
                       Text(verdict, style=_VERDICT.get(verdict, "")))
     return table
 
-
-@contextmanager
-def progress_bar(console, total: int, done: int = 0):
-    """A rich progress bar over the sweep's runs; yields advance(name, status)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[info]}"))
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("sweep", total=total, completed=done, info="")
-
-        def advance(name: str, status: str) -> None:
-            bar.update(task, advance=1, info=f"{name}: {status}")
-
-        yield advance
-
-
-def flow_figure(path: Path, rows: list[dict], title: str) -> None:
-    """Every run's ||dL/dz|| against layer index on one log-scale chart, at initialisation (left) and
-    at the last logged step (right: where clipping and weight decay show).
-
-    One colour per named run (or per value of the first swept key), one line style per variant
-    within it; exact zeros (float32 underflow) are drawn as 'x' on the bottom edge."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    def group(r: dict) -> str:
-        return r["run"] if r["run"] is not None else str(next(iter(r["overrides"].values()), ""))
-
-    drawn = [r for r in rows if r["_flow"][0]]
-    groups = list(dict.fromkeys(group(r) for r in drawn))
-    colors = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
-    styles = ("-", "--", ":", "-.")
-    variant = {}
-    for r in drawn:
-        variant[r["name"]] = sum(group(q) == group(r) for q in drawn[:drawn.index(r)])
-    positive = [v for r in drawn for flow in r["_flow"] for v in flow or []
-                if v is not None and math.isfinite(v) and v > 0]
-    floor = min(positive, default=1e-30) / 10
-    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5), sharey=True)
-    for ax, at, label in ((axes[0], 0, "at the first logged step (initialisation)"),
-                          (axes[1], 1, "at the last logged step")):
-        for r in drawn:
-            values = r["_flow"][at] or []
-            pts = [(i, v) for i, v in enumerate(values) if v is not None and math.isfinite(v) and v > 0]
-            zeros = [i for i, v in enumerate(values) if v == 0]
-            color = colors(groups.index(group(r)) % colors.N)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=styles[variant[r["name"]] % len(styles)],
-                    marker=".", color=color,
-                    label=r["name"] + ("" if r["status"] == "completed" else f" ({r['status']})"))
-            if zeros:
-                ax.scatter(zeros, [floor] * len(zeros), marker="x", color=color)
-        ax.set_yscale("log")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("layer (0 = next to the input; each line ends at its output layer)")
-        ax.set_title(f"||dLoss/dz|| {label}", fontsize=10)
-        ax.grid(True, which="major", alpha=0.3)
-    if drawn:
-        axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), ncol=1 if len(drawn) <= 30 else 2,
-                       frameon=False)
-    else:
-        axes[0].text(0.5, 0.5, "no run logged its first step", transform=axes[0].transAxes, ha="center")
-    fig.suptitle(f"sweep {title}: the back-propagated gradient of every run (x: exactly 0, float32 underflow)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -88,33 +88,21 @@ def test_all_problems_are_reported_together():
     assert len(e.value.problems) == 3
 
 
-def test_yaml_syntax_error_names_the_line(cli, tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nmodel:\n  depth: [1, 2\n  width: 3\n")
-    result = cli("run", bad, "--out", tmp_path / "out")
+@pytest.mark.parametrize("text, must_say", [
+    ("name: x\nmodel:\n  depth: [1, 2\n  width: 3\n", ["YAML syntax error", "line 4"]),
+    ("name: !!python/object/apply:os.system ['echo pwned']\n", ["YAML"]),  # read with the safe loader
+    ("- 1\n- 2\n", ["mapping"]),  # the top level must be a mapping
+    (None, ["not found"]),  # no file at all
+], ids=["syntax-error-names-the-line", "safe-loader", "top-level-not-a-mapping", "missing-file"])
+def test_bad_config_file_is_refused_with_exit_2_and_nothing_written(cli, tmp_path, text, must_say):
+    path = tmp_path / "config.yaml"
+    if text is not None:
+        path.write_text(text)
+    result = cli("run", path, "--out", tmp_path / "out")
     assert result.exit_code == 2
-    assert "YAML syntax error" in result.output and "line 4" in result.output
+    for message in must_say:
+        assert message in result.output, (message, result.output)
     assert not (tmp_path / "out").exists()
-
-
-def test_yaml_is_read_with_the_safe_loader(cli, tmp_path):
-    evil = tmp_path / "evil.yaml"
-    evil.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
-    result = cli("run", evil, "--out", tmp_path / "out")
-    assert result.exit_code == 2 and "YAML" in result.output
-
-
-def test_missing_config_file(cli, tmp_path):
-    result = cli("run", tmp_path / "nope.yaml", "--out", tmp_path / "out")
-    assert result.exit_code == 2 and "not found" in result.output
-    assert not (tmp_path / "out").exists()
-
-
-def test_top_level_must_be_a_mapping(cli, tmp_path):
-    p = tmp_path / "list.yaml"
-    p.write_text("- 1\n- 2\n")
-    result = cli("run", p, "--out", tmp_path / "out")
-    assert result.exit_code == 2 and "mapping" in result.output
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
