@@ -27,21 +27,28 @@ from torch.utils.tensorboard.summary import custom_scalars, histogram_raw, hpara
 
 from .probes import ACT_HIST, GRAD_HIST, LAYER_PROBES, bucket_limits
 
-HIDDEN_ONLY = ("act_mean", "act_std", "act_deriv", "saturation")  # the output layer has no activation
-
 # The HParams dashboard's metrics, as scalar tags written at the end of the run.
 FINAL_METRICS = ("final/loss_train", "final/acc_train", "final/loss_eval", "final/acc_eval",
                  "final/grad_ratio", "final/log10_grad_ratio")
 
 
+def layer_name(i: int) -> str:
+    """The runner's name for its layer i: counted from the input, zero padded."""
+    return f"layer_{i:02d}"
+
+
 def layer_tag(probe: str, i: int) -> str:
-    return f"{probe}/layer_{i:02d}"
+    return f"{probe}/{layer_name(i)}"
+
+
+def _number(v: float | None) -> float:
+    return math.nan if v is None else v
 
 
 def custom_scalars_layout() -> dict:
-    """One chart per probe holding every layer (tags are regular expressions)."""
-    per_layer = {p: ["Multiline", [rf"{p}/layer_\d+"]] for p in LAYER_PROBES}
-    per_layer["grad_norm"] = ["Multiline", [r"grad_norm/layer_\d+", r"grad_norm/total"]]
+    """One chart per probe holding every layer (tags are regular expressions, matched from the start)."""
+    per_layer = {p: ["Multiline", [rf"{p}/(?!total)"]] for p in LAYER_PROBES}
+    per_layer["grad_norm"] = ["Multiline", [r"grad_norm/"]]
     training = {
         "loss": ["Multiline", [r"loss/.*"]],
         "accuracy": ["Multiline", [r"acc/.*"]],
@@ -172,14 +179,23 @@ def scalar_event(wall_time: float, step: int, summary: bytes) -> bytes:
 
 
 class Board:
-    def __init__(self, folder: str, n_layers: int):
+    """A run's TensorBoard events. The layers are named once the probes have found them (`set_layers`):
+    each probe's tag is f"{probe}/{layer name}", a name that sorts by depth."""
+
+    def __init__(self, folder: str):
         self.events = EventFile(folder)
-        self.n_layers = n_layers
-        self.events.add(custom_scalars(custom_scalars_layout()))
+        self.names: list[str] = []
+        self.available: dict[str, list[bool]] = {}
         # Logged steps write the same tags again and again: their encoding is made once per set of
         # probes (gradient probes, weight probes or both), and per set of extra scalars.
         self.templates: dict[tuple[str, ...], tuple[ScalarSummary, list[tuple[str, int]]]] = {}
         self.extras: dict[tuple[str, ...], ScalarSummary] = {}
+
+    def set_layers(self, names: list[str], available: dict[str, list[bool]]) -> None:
+        """The layers in depth order, and which probes each has (`Watcher.available`)."""
+        self.names, self.available = list(names), available
+        self.templates.clear()
+        self.events.add(custom_scalars(custom_scalars_layout()))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self.events.add(Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in values.items()]), step)
@@ -191,20 +207,15 @@ class Board:
 
     def _template(self, probes: tuple[str, ...]) -> tuple[ScalarSummary, list[tuple[str, int]]]:
         if probes not in self.templates:
-            slots = [(p, i) for p in probes for i in range(self.n_layers)
-                     if not (p in HIDDEN_ONLY and i == self.n_layers - 1)]
-            tags = [layer_tag(p, i) for p, i in slots]
-            if "grad_norm" in probes:
-                slots.append(("grad_norm_total", 0))
-                tags.append("grad_norm/total")
-            self.templates[probes] = ScalarSummary(tags), slots
+            slots = [(p, i) for p in probes for i in range(len(self.names)) if self.available[p][i]]
+            self.templates[probes] = ScalarSummary([f"{p}/{self.names[i]}" for p, i in slots]), slots
         return self.templates[probes]
 
-    def layers(self, step: int, stats: dict[str, list[float]], scalars: dict[str, float] | None = None) -> None:
+    def layers(self, step: int, stats: dict[str, list[float | None]], scalars: dict[str, float] | None = None) -> None:
         """The per-layer probes in `stats` (and `scalars`, tag -> value) as one event: one add_scalar
         each would cost ~200 events."""
         template, slots = self._template(tuple(p for p in LAYER_PROBES if p in stats))
-        summary = template.encode([stats[probe][i] for probe, i in slots])
+        summary = template.encode([_number(stats[probe][i]) for probe, i in slots])
         if scalars:
             tags = tuple(scalars)
             if tags not in self.extras:
@@ -212,14 +223,15 @@ class Board:
             summary += self.extras[tags].encode(list(scalars.values()))
         self.events.write_bytes(scalar_event(time.time(), step, summary))
 
-    def histograms(self, step: int, rows: dict[str, list[list[float]]]) -> None:
+    def histograms(self, step: int, grad_rows: list[list[float]], act_rows: list[tuple[int, list[float]]]) -> None:
+        """Fixed-edge histograms: `grad_rows` one per layer, `act_rows` (layer, row) where measured."""
         values = []
-        for name, spec in (("grad_log10", GRAD_HIST), ("act", ACT_HIST)):
+        for name, spec, rows in (("grad_log10", GRAD_HIST, list(enumerate(grad_rows))), ("act", ACT_HIST, act_rows)):
             limits = bucket_limits(spec)
-            for i, row in enumerate(rows.get(name, [])):
+            for i, row in rows:
                 lo, hi, num, total, total_sq, *counts = row
                 if num > 0:
-                    values += histogram_raw(f"hist/{name}/layer_{i:02d}", lo, hi, num, total, total_sq,
+                    values += histogram_raw(f"hist/{name}/{self.names[i]}", lo, hi, num, total, total_sq,
                                             limits, counts).value
         if values:
             self.events.add(Summary(value=values), step)

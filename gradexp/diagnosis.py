@@ -16,6 +16,8 @@ The thresholds are `diagnosis.vanishing_below` and `diagnosis.exploding_above`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 from .config import Config
 
@@ -67,17 +69,63 @@ def _ranges(idx: list[int]) -> str:
     return ", ".join(out)
 
 
-def grad_ratio(norms: list[float]) -> float:
-    """||g_0|| / ||g_(L-1)|| over the hidden layers (the output layer, last, left out);
-    0 when layer 0 underflows, NaN when undefined."""
-    hidden = norms[:-1] if len(norms) > 1 else norms
-    first, last = hidden[0], hidden[-1]
+def grad_ratio(norms: list[float | None], hidden: list[int] | None = None) -> float:
+    """||g|| of the first hidden layer over that of the last: `hidden` the indices of the layers
+    that count (default: all but the last, the runner's output layer); 0 when the first underflows,
+    NaN when undefined."""
+    if hidden is None:
+        hidden = list(range(len(norms) - 1)) if len(norms) > 1 else list(range(len(norms)))
+    if not hidden:
+        return float("nan")
+    first, last = norms[hidden[0]], norms[hidden[-1]]
     if first is None or last is None or not (math.isfinite(first) and math.isfinite(last)) or last == 0:
         return float("nan")
     return first / last
 
 
-def _cause(verdict: str, factor: float | None, cfg: Config, theory: dict | None) -> str:
+@dataclass
+class Context:
+    """What the diagnosis knows of the network beside the numbers."""
+    labels: list[str]  # how the message names each layer ("layer 3", or a module's name)
+    hidden: list[int]  # the layers that count for the depth ratio (the output layer left out)
+    dead: list[bool]  # a layer's flat units are "dead" (ReLU family) rather than "saturated"
+    vanishing_below: float = 1e-2
+    exploding_above: float = 1e2
+    precision: str = "float32"
+    advice: Callable[[str], str | None] = lambda verdict: None
+    setting: str = ""  # the setting the theory's prediction is for, as words
+    index_ranges: bool = True  # name layers as "layers 0-3" (numbered layers) rather than by their labels
+
+
+def context_for(cfg: Config, n_layers: int) -> Context:
+    """The runner's context: numbered layers, the last one the output layer, the config's advice."""
+    m = cfg.model
+    return Context(labels=[f"layer {i}" for i in range(n_layers)], hidden=list(range(max(n_layers - 1, 1))),
+                   dead=[m.activation in RELU_FAMILY] * n_layers, vanishing_below=cfg.diagnosis.vanishing_below,
+                   exploding_above=cfg.diagnosis.exploding_above, precision=cfg.precision,
+                   advice=lambda verdict: advice(verdict, cfg),
+                   setting=f"{m.activation} with {m.init} init{'' if m.init_gain == 1 else f' x{m.init_gain:g}'}")
+
+
+def watched_context(info: dict, cfg: Config | None = None) -> Context:
+    """The context of a model gradexp did not build, from what the probes found (`Watcher.layer_info`)."""
+    kw = dict(vanishing_below=cfg.diagnosis.vanishing_below, exploding_above=cfg.diagnosis.exploding_above,
+              precision=cfg.precision) if cfg is not None else {}
+    return Context(labels=info["names"], hidden=[i for i, out in enumerate(info["output"]) if not out],
+                   dead=[a in RELU_FAMILY for a in info["activations"]], advice=generic_advice, index_ranges=False,
+                   **kw)
+
+
+def generic_advice(verdict: str) -> str | None:
+    """What to try on a model gradexp did not build."""
+    return {
+        "vanishing": "try a ReLU-family activation with He (kaiming) init, normalisation layers, or residual connections",
+        "exploding": "try a smaller init scale, gradient norm clipping, or normalisation layers",
+        "diverged": "try gradient norm clipping, a smaller learning rate (or a warm-up), or a smaller init scale",
+    }.get(verdict)
+
+
+def _cause(verdict: str, factor: float | None, ctx: Context, theory: dict | None) -> str:
     """'(it shrinks ~7.1x per layer; predicted 7.1x: sigmoid with default init, chi_1 = 0.02)'."""
     if factor is None or verdict == "healthy":
         return ""
@@ -85,46 +133,75 @@ def _cause(verdict: str, factor: float | None, cfg: Config, theory: dict | None)
     text = f" (it {change} ~{max(factor, 1 / factor):.3g}x per layer"
     if theory and theory.get("applies") and theory.get("predicted_factor"):
         per_layer = math.sqrt(theory["predicted_factor"])  # chi is the factor of ||delta||^2
-        m = cfg.model
         regime = "ordered" if theory["chi_1"] < 1 else "chaotic"
-        text += (f"; predicted {max(per_layer, 1 / per_layer):.3g}x: {m.activation} with {m.init} init"
-                 f"{'' if m.init_gain == 1 else f' x{m.init_gain:g}'}, chi_1 = {theory['chi_1']:.3g}, {regime} regime")
+        text += (f"; predicted {max(per_layer, 1 / per_layer):.3g}x: {ctx.setting}, "
+                 f"chi_1 = {theory['chi_1']:.3g}, {regime} regime")
     return text + ")"
 
 
-def _findings(first: dict, last: dict | None, cfg: Config) -> list[str]:
-    """Underflow, saturated or dead layers, and layers that never left their init."""
+def _named(idx: list[int], ctx: Context) -> str:
+    if ctx.index_ranges:
+        return f"layers {_ranges(idx)}"
+    names = [ctx.labels[i] for i in idx]
+    return ("layer " if len(names) == 1 else "layers ") + (", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else ""))
+
+
+def _jump(delta: list[float | None], ctx: Context, ratio: float) -> str | None:
+    """One step between neighbouring layers that makes most of the whole change: name it."""
+    hops = [(i, j) for i, j in zip(ctx.hidden, ctx.hidden[1:])
+            if delta[i] and delta[j] and math.isfinite(delta[i]) and math.isfinite(delta[j])]
+    if len(hops) < 2 or not (ratio > 0 and math.isfinite(ratio)):
+        return None
+    i, j = max(hops, key=lambda h: abs(math.log10(delta[h[0]] / delta[h[1]])))
+    step = delta[i] / delta[j]
+    total = abs(math.log10(ratio))
+    if abs(math.log10(step)) >= 1 and abs(math.log10(step)) > 0.5 * total:
+        return (f"most of it is one step: ||dL/dz|| of {ctx.labels[i]} is {step:.3g}x that of {ctx.labels[j]}, "
+                f"next to it")
+    return None
+
+
+def _findings(first: dict, last: dict | None, ctx: Context, ratio: float) -> list[str]:
+    """Underflow, saturated or dead layers, layers that never left their init, one layer's jump."""
     found = []
     underflow = [i for i, v in enumerate(first["grad_norm"]) if v == 0.0]
     if underflow:
-        hint = "; precision=float64 shows their true size" if cfg.precision == "float32" else ""
-        found.append(f"layers {_ranges(underflow)} get exactly 0 gradient ({cfg.precision} underflow{hint})")
+        hint = "; precision=float64 shows their true size" if ctx.precision == "float32" else ""
+        found.append(f"{_named(underflow, ctx)} get exactly 0 gradient ({ctx.precision} underflow{hint})")
+    jump = _jump(first["act_grad_norm"], ctx, ratio)
+    if jump:
+        found.append(jump)
     if last is not None:
         sat = [i for i, v in enumerate(last["saturation"]) if v is not None and v == v and v > SATURATED]
-        if sat:
-            what = "dead" if cfg.model.activation in RELU_FAMILY else "saturated"
-            found.append(f"layers {_ranges(sat)} are {what} (over {SATURATED:.0%} of units with |phi'| below 1% "
-                         f"of its largest slope at step {last['step']})")
+        for dead in (True, False):
+            group = [i for i in sat if ctx.dead[i] == dead]
+            if group:
+                found.append(f"{_named(group, ctx)} {'is' if len(group) == 1 and not ctx.index_ranges else 'are'} "
+                             f"{'dead' if dead else 'saturated'} (over {SATURATED:.0%} of units with |phi'| below "
+                             f"1% of its largest slope at step {last['step']})")
         frozen = [i for i, v in enumerate(last["dist_from_init"] or []) if v is not None and v < AT_INIT]
         if frozen and last["weight_step"]:
-            found.append(f"layers {_ranges(frozen)} are still at their init (moved less than {AT_INIT:.1%} "
+            found.append(f"{_named(frozen, ctx)} are still at their init (moved less than {AT_INIT:.1%} "
                          f"in {last['weight_step'] + 1} steps)")
     return found
 
 
-def diagnose(first: dict | None, last: dict | None, cfg: Config, diverged: dict | None = None,
+def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diverged: dict | None = None,
              theory: dict | None = None) -> dict:
-    """A verdict with the numbers behind it; `message` is the explanation for the terminal."""
-    thresholds = cfg.diagnosis
+    """A verdict with the numbers behind it; `message` is the explanation for the terminal. `ctx`:
+    the runner's config, or a Context (a watched model)."""
+    if isinstance(ctx, Config):
+        ctx = context_for(ctx, len(first["act_grad_norm"]) if first else 1)
     if diverged is not None:
         layer = diverged.get("first_nonfinite_layer")
-        where = f"; first non-finite layer: layer_{layer:02d}" if layer is not None else ""
-        next_step = advice("diverged", cfg)
+        where = f"; first non-finite layer: {ctx.labels[layer] if not ctx.index_ranges else f'layer_{layer:02d}'}" \
+            if layer is not None else ""
+        next_step = ctx.advice("diverged")
         return {
             "verdict": "exploding",
             "diverged_step": diverged["step"],
             "first_nonfinite_layer": layer,
-            "ratio": grad_ratio(first["act_grad_norm"]) if first else None,
+            "ratio": grad_ratio(first["act_grad_norm"], ctx.hidden) if first else None,
             "findings": [],
             "advice": next_step,
             "message": f"exploding: training became non-finite at step {diverged['step']}{where}"
@@ -132,28 +209,29 @@ def diagnose(first: dict | None, last: dict | None, cfg: Config, diverged: dict 
         }
     if first is None:
         return {"verdict": "unknown", "ratio": None, "findings": [], "advice": None,
-                "message": "unknown: probes are off (train.log_every=0), nothing was measured"}
+                "message": "unknown: probes are off, nothing was measured"}
 
     delta = first["act_grad_norm"]
-    ratio = grad_ratio(delta)
-    hops = len(delta) - 2  # hidden layers 0 .. L-1
+    hidden = [i for i in ctx.hidden if delta[i] is not None]
+    ratio = grad_ratio(delta, hidden)
+    hops = len(hidden) - 1
     factor = ratio ** (1.0 / hops) if hops > 0 and ratio > 0 and math.isfinite(ratio) else None
     if math.isnan(ratio) or hops < 1:  # one hidden layer: nothing to compare it with
         verdict = "unknown"
-    elif ratio < thresholds.vanishing_below:
+    elif ratio < ctx.vanishing_below:
         verdict = "vanishing"
-    elif ratio > thresholds.exploding_above:
+    elif ratio > ctx.exploding_above:
         verdict = "exploding"
     else:
         verdict = "healthy"
-
-    msg = (f"{verdict}: at step {first['step']} layer 0's back-propagated gradient ||dL/dz|| is "
-           f"{ratio:.3g}x layer {len(delta) - 2}'s{_cause(verdict, factor, cfg, theory)}; "
-           f"thresholds {thresholds.vanishing_below:g} / {thresholds.exploding_above:g}")
+    a, b = (ctx.labels[hidden[0]], ctx.labels[hidden[-1]]) if hidden else ("?", "?")
+    msg = (f"{verdict}: at step {first['step']} {a}'s back-propagated gradient ||dL/dz|| is "
+           f"{ratio:.3g}x {b}'s{_cause(verdict, factor, ctx, theory)}; "
+           f"thresholds {ctx.vanishing_below:g} / {ctx.exploding_above:g}")
     if last is not None and last["step"] != first["step"]:
-        msg += f"; at step {last['step']}: {grad_ratio(last['act_grad_norm']):.3g}x"
-    findings = _findings(first, last, cfg)
-    next_step = advice(verdict, cfg)
+        msg += f"; at step {last['step']}: {grad_ratio(last['act_grad_norm'], hidden):.3g}x"
+    findings = _findings(first, last, ctx, ratio)
+    next_step = ctx.advice(verdict)
     for line in findings:
         msg += f"\n  - {line}"
     if next_step:
@@ -165,10 +243,10 @@ def diagnose(first: dict | None, last: dict | None, cfg: Config, diverged: dict 
         "underflow_layers": [i for i, v in enumerate(first["grad_norm"]) if v == 0.0],
         "findings": findings,
         "advice": next_step,
-        "weight_grad_ratio": grad_ratio(first["grad_norm"]),
+        "weight_grad_ratio": grad_ratio(first["grad_norm"], hidden),
         "message": msg,
     }
     if last is not None:
-        result["ratio_last"] = grad_ratio(last["act_grad_norm"])
-        result["weight_grad_ratio_last"] = grad_ratio(last["grad_norm"])
+        result["ratio_last"] = grad_ratio(last["act_grad_norm"], hidden)
+        result["weight_grad_ratio_last"] = grad_ratio(last["grad_norm"], hidden)
     return result

@@ -126,3 +126,28 @@ def init_weight_layer(layer: nn.Module, scheme: str, gain: float, bias: str, act
     layer.weight.mul_(gain)
     if layer.bias is not None and bias == "zero":
         layer.bias.zero_()
+
+
+def activation_name(module: nn.Module) -> str | None:
+    """The registry name of an activation module whose phi' the probes know, or None.
+
+    Exact types and only the default settings the derivatives are written for (a LeakyReLU of
+    another slope, a tanh-approximated GELU): anything else is not guessed at."""
+    kind = type(module)
+    if kind is nn.LeakyReLU:
+        return "leaky_relu" if module.negative_slope == 0.01 else None
+    if kind is nn.ELU:
+        return "elu" if module.alpha == 1.0 else None
+    if kind is nn.GELU:
+        return "gelu" if module.approximate == "none" else None
+    if kind in (nn.Sigmoid, nn.Tanh, nn.ReLU, nn.SELU, nn.Softsign):
+        return next(name for name, cls in ACTIVATIONS.items() if cls is kind)
+    return None
+
+
+# Modules that may stand between a layer and its activation without changing which activation follows
+# it: the norms (weight -> norm -> activation), dropout, and placeholders.
+PASS_THROUGH: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.modules.dropout._DropoutNd, nn.Identity,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)

@@ -5,59 +5,32 @@ and an output layer. "Layer i" is the i-th weight layer counted from the input: 
 then the output layer `depth`. `model.weight_layers[i]` is that layer everywhere (terminal,
 TensorBoard, summary.json).
 
-`forward(x, record=True)` keeps, for each block, the activation's output h (which autograd keeps
-for backward anyway) and, only where phi' needs it (GELU), the activation's input a; backward then
-fills in dLoss/dz (a hook keeps the gradient autograd computes anyway, where `retain_grad` would
-copy it). The weight layer's output z is not kept: on a CPU every tensor kept past its use is
-memory that the next allocation cannot reuse while it is still in cache, ~10 us per 128 KB.
+The probes see these models as they see any other (probes.Watcher): through hooks on the weight
+layers and on the activation after each, which the runner names for them (`activations`).
 """
 
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass
+import importlib
+import os
+import sys
 
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .layers import ACTIVATIONS, NEEDS_INPUT, NORMS, init_weight_layer
-
-
-@dataclass
-class Record:
-    h: torch.Tensor | None = None  # activation output; None for the output layer
-    a: torch.Tensor | None = None  # activation input (z after norm), kept only where phi' needs it
-    dz: torch.Tensor | None = None  # dLoss/dz of the weight layer's output z, set during backward
-
-    def watch(self, z: torch.Tensor) -> Record:
-        """Have backward store dLoss/dz here (z itself is not kept)."""
-        if z.requires_grad:  # through a weak reference: z's hook must not keep its record alive
-            ref = weakref.ref(self)
-            z.register_hook(lambda grad: _set_dz(ref(), grad))
-        return self
-
-
-def _set_dz(record: Record | None, grad: torch.Tensor) -> None:
-    if record is not None:
-        record.dz = grad
+from .config import ConfigError, ModelConfig
+from .layers import ACTIVATIONS, NORMS, init_weight_layer
 
 
 class Block(nn.Module):
     """weight -> norm -> activation, plus `x` (or a projection of it) when residual."""
 
-    def __init__(self, weight: nn.Module, norm: nn.Module, act: nn.Module, skip: nn.Module | None,
-                 record_input: bool = False):
+    def __init__(self, weight: nn.Module, norm: nn.Module, act: nn.Module, skip: nn.Module | None):
         super().__init__()
         self.weight, self.norm, self.act, self.skip = weight, norm, act, skip
-        self.record_input = record_input  # phi' needs the activation's input a, not only its output
 
-    def forward(self, x: torch.Tensor, records: list[Record] | None) -> torch.Tensor:
-        z = self.weight(x)
-        a = self.norm(z)
-        h = self.act(a)
-        if records is not None:
-            records.append(Record(h, a if self.record_input else None).watch(z))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.norm(self.weight(x)))
         return h if self.skip is None else h + self.skip(x)
 
 
@@ -70,22 +43,21 @@ class Net(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.pool = pool
         self.head = head
-        self.records: list[Record] = []
 
     @property
     def weight_layers(self) -> list[nn.Module]:
         return [b.weight for b in self.blocks] + [self.head]
 
-    def forward(self, x: torch.Tensor, record: bool = False) -> torch.Tensor:
-        records: list[Record] | None = [] if record else None
+    @property
+    def activations(self) -> dict[nn.Module, nn.Module]:
+        """Each hidden weight layer -> the activation module after it (for the probes)."""
+        return {b.weight: b.act for b in self.blocks}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.entry(x)
         for block in self.blocks:
-            x = block(x, records)
-        z = self.head(self.pool(x))
-        if records is not None:
-            records.append(Record().watch(z))
-        self.records = records or []
-        return z
+            x = block(x)
+        return self.head(self.pool(x))
 
 
 def _identity_or_projection(same: bool, make: callable) -> nn.Module:
@@ -100,8 +72,7 @@ def build_mlp(cfg: ModelConfig, in_shape: tuple[int, ...], classes: int) -> Net:
         skip = None
         if cfg.residual:
             skip = _identity_or_projection(dim == cfg.width, lambda d=dim: nn.Linear(d, cfg.width, bias=False))
-        blocks.append(Block(nn.Linear(dim, cfg.width), norm(cfg.width, False), act_cls(), skip,
-                            cfg.activation in NEEDS_INPUT))
+        blocks.append(Block(nn.Linear(dim, cfg.width), norm(cfg.width, False), act_cls(), skip))
         dim = cfg.width
     return Net(nn.Flatten(), blocks, nn.Identity(), nn.Linear(dim, classes))
 
@@ -115,19 +86,70 @@ def build_cnn(cfg: ModelConfig, in_shape: tuple[int, ...], classes: int) -> Net:
         skip = None
         if cfg.residual:
             skip = _identity_or_projection(ch == cfg.width, lambda c=ch: nn.Conv2d(c, cfg.width, 1, bias=False))
-        blocks.append(Block(nn.Conv2d(ch, cfg.width, 3, padding=1), norm(cfg.width, True), act_cls(), skip,
-                            cfg.activation in NEEDS_INPUT))
+        blocks.append(Block(nn.Conv2d(ch, cfg.width, 3, padding=1), norm(cfg.width, True), act_cls(), skip))
         ch = cfg.width
     pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
     return Net(nn.Identity(), blocks, pool, nn.Linear(ch, classes))
 
 
-MODELS = {"mlp": build_mlp, "cnn": build_cnn}
+def build_custom(cfg: ModelConfig, in_shape: tuple[int, ...], classes: int) -> nn.Module:
+    """A user's own module: `model.target` 'package.module:factory', called as
+    factory(in_shape, classes, **model.kwargs). Runs that code. The current folder is searched
+    first for the module, as `python -m` would. Anything wrong is a ConfigError naming what."""
+    module_name, _, attr = cfg.target.partition(":")
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj = importlib.import_module(module_name)
+    except Exception as e:  # the user's module may fail in any way while importing
+        raise ConfigError(f"model.target: cannot import '{module_name}' ({type(e).__name__}: {e}); "
+                          "it must be importable from the current folder or the Python path") from None
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"model.target: '{module_name}' has no '{attr}'")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"model.target: '{cfg.target}' is not callable; expected a function or class that returns "
+                          "an nn.Module")
+    try:
+        net = obj(tuple(in_shape), classes, **cfg.kwargs)
+    except Exception as e:
+        raise ConfigError(f"model.target: {cfg.target}(in_shape={tuple(in_shape)}, classes={classes}, **model.kwargs) "
+                          f"failed: {type(e).__name__}: {e}") from None
+    if not isinstance(net, nn.Module):
+        raise ConfigError(f"model.target: {cfg.target} returned {type(net).__name__}, not an nn.Module")
+    return net
 
 
-def build_model(cfg: ModelConfig, in_shape: tuple[int, ...], classes: int) -> Net:
-    """Build the configured network and initialise its weight layers (projections keep PyTorch's init)."""
+MODELS = {"mlp": build_mlp, "cnn": build_cnn, "custom": build_custom}
+
+
+def build_model(cfg: ModelConfig, in_shape: tuple[int, ...], classes: int) -> nn.Module:
+    """Build the configured network and initialise its weight layers (projections keep PyTorch's init;
+    a custom model keeps its own)."""
     net = MODELS[cfg.kind](cfg, in_shape, classes)
-    for layer in net.weight_layers:
+    for layer in getattr(net, "weight_layers", []) if cfg.kind != "custom" else []:
         init_weight_layer(layer, cfg.init, cfg.init_gain, cfg.bias_init, cfg.activation)
     return net
+
+
+def check_output(net: nn.Module, x: torch.Tensor, classes: int) -> None:
+    """A model's output for a batch must be logits (batch, classes): else a ConfigError."""
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = net(x)
+    except Exception as e:
+        raise ConfigError(f"model.target: the model fails on a batch of shape {tuple(x.shape)} from the data: "
+                          f"{type(e).__name__}: {e}") from None
+    finally:
+        net.train(was_training)
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if shape != (len(x), classes):
+        raise ConfigError(f"model.target: for a batch of shape {tuple(x.shape)} the model returns {shape}; the data "
+                          f"has {classes} classes, so logits of shape {(len(x), classes)} are expected")

@@ -22,6 +22,7 @@ from .board import layer_tag
 from .config import OptimConfig, PretrainConfig
 from .data import Batches
 from .models import Net
+from .optim import OPTIMIZERS
 
 
 def _bce(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -37,7 +38,7 @@ def _inputs_to(model: Net, i: int, x: torch.Tensor) -> torch.Tensor:
     """The (frozen) output of blocks 0..i-1: what hidden layer i sees."""
     x = model.entry(x)
     for block in model.blocks[:i]:
-        x = block(x, None)
+        x = block(x)
     return x
 
 
@@ -45,8 +46,6 @@ def pretrain(model: Net, x_train: torch.Tensor, cfg: PretrainConfig, activation:
              seed: int, board, progress) -> list[dict]:
     """Train each hidden layer as an autoencoder, lowest first. Returns per layer: steps and the
     first and last reconstruction loss. Logs `pretrain/recon_loss/layer_XX` against the phase step."""
-    from .train import OPTIMIZERS  # one optimizer registry for both phases
-
     batches = Batches(x_train, x_train, cfg.batch_size or batch_size, seed)
     optim = OptimConfig(name=cfg.optim, lr=cfg.lr)
     phases, done = [], 0

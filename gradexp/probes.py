@@ -1,245 +1,180 @@
-"""Per-layer gradient, weight and activation statistics: on the CPU in float32 by the C kernel
-(native.py, one pass per tensor), otherwise on the device in batched torch ops.
+"""The probe engine: per-layer gradient, activation and weight statistics of any `nn.Module`.
 
-Nothing here runs on a step that logs nothing: the training loop calls these only on logged steps,
-and each call returns tensors that `to_host` (or `Probes.host`, which also finishes the gradient
-probes) moves in one transfer. "Layer i" is `model.weight_layers[i]`, counted from the input; the
-output layer is last. Statistics that only hidden layers have (activations) are NaN for the output
-layer.
+It attaches with torch's own hook APIs and changes nothing in the model:
+- Layers are found by walking `named_modules()` (by default the modules that own a weight of two
+  or more dimensions: Linear, Conv, Embedding, attention) and put in the order the first forward
+  pass calls them: the depth axis. A layer the first forward never calls is left out.
+- On a logged step a forward hook on each layer takes its output z (the first tensor of whatever it
+  returns) and hooks that tensor for dL/dz; a tensor hook receives the gradient of z as it was,
+  even when an in-place op (`x += shortcut`, `ReLU(inplace=True)`) changes z later, which full
+  backward hooks do not survive. A layer called more than once in a step (shared weights, a
+  recurrent cell, micro-batches of gradient accumulation) counts all its calls as one output: its
+  dL/dz is the norm over every call's gradient, its activation statistics are over every call's values.
+- The activation statistics are of the layer's activation: the output of a known activation module
+  (layers.activation_name) called right after the layer (norms and dropout may stand between), or
+  the layer's own output where none is. They are taken in the forward hook, while the values are
+  what the next layer sees (a later in-place op cannot change them); phi' and saturation only where
+  the activation is known, absent elsewhere.
+- The gradients are read at the end of each backward pass (autograd's queue_callback, as
+  DistributedDataParallel uses it): before any clipping or unscaling the loop does after backward.
+  The weights are read at the optimizer's step hooks (or `Watcher.step()` in a loop without one).
+
+Cost is the design constraint: nothing runs on a step that logs nothing but one Python call per
+layer hook; on a logged step everything is computed on the device, in batched calls (on the CPU in
+float32 by the C kernel in native.py, one pass per tensor) and read in one host transfer.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import torch
+from torch import nn
+from torch.autograd.variable import Variable
 
 from . import native
-from .layers import DERIVATIVES, MAX_SLOPE, NEEDS_INPUT, SIGNED_DERIVATIVE
-from .models import Net, Record
+from .layers import DERIVATIVES, MAX_SLOPE, NEEDS_INPUT, PASS_THROUGH, SIGNED_DERIVATIVE, activation_name
 
 SATURATION_FRACTION = 0.01  # |phi'(a)| below 1% of phi's largest slope on every example: saturated / dead
 
-# Probe names as logged: the TensorBoard tag is f"{name}/layer_XX".
-GRADIENT_PROBES = ("grad_norm", "act_grad_norm", "act_mean", "act_std", "act_deriv", "saturation")
-WEIGHT_PROBES = ("weight_norm", "update_ratio", "dist_from_init")
-LAYER_PROBES = GRADIENT_PROBES + WEIGHT_PROBES
+# A float32 norm below this may have lost elements whose squares underflow float32 (elements below
+# ~1e-19, as in a deep sigmoid net's first layers): such norms are recomputed in float64.
+TINY_NORM = 1e-12
 
 # Fixed histogram bin edges, the same at every step and for every layer so that they compare.
 GRAD_HIST = (-45.0, 5.0, 100)  # log10 |dLoss/dW|: float32's smallest denormal is ~1.4e-45; 0 lands in the first bin
 ACT_HIST = (-5.0, 5.0, 100)  # activation values; outliers land in the edge bins
 
 
-# A float32 norm below this may have lost elements whose squares underflow float32 (elements below
-# ~1e-19, as in a deep sigmoid net's first layers): such gradient norms are recomputed in float64.
-TINY_NORM = 1e-12
+# ------------------------------------------------------------------------------- the statistics
+
+@dataclass(frozen=True)
+class Stat:
+    """One per-layer statistic: its group (what must be measured for it), what it means, and its value
+    from a layer's raw sums (host floats, see `Watcher._layer_sums`)."""
+    group: str  # "gradient" (every logged step), "activation" (the same steps), "weight" (weight steps)
+    doc: str
+    value: Callable[[dict[str, float]], float]
 
 
-def _flat_norms(stacked: torch.Tensor) -> torch.Tensor:
-    """The norm of each tensor in a stack (layers, ...)."""
-    return torch.linalg.vector_norm(stacked.flatten(1), dim=1)
+def _std(r: dict[str, float]) -> float:
+    # the sample std from sums around a pivot (r["pivot"], a value of the layer): E[h^2] - E[h]^2
+    # cancels when a layer's spread is tiny beside its mean (a saturated sigmoid layer)
+    n, c = r["n"], r["s"] / r["n"]
+    return math.sqrt(max(r["s2"] / n - c * c, 0.0) * n / max(n - 1, 1))
 
 
-def _norms(tensors: list[torch.Tensor], exact: bool = False) -> torch.Tensor:
-    """L2 norm of each tensor in one batched call.
-
-    `exact` (gradients): a norm must not read 0 where the gradient is not. On a GPU the reduction
-    accumulates in float64 (bandwidth-bound, so nearly free); on the CPU float64 is ~10x slower,
-    so float32 norms are taken and only tiny ones recomputed in float64 (reading them back is free
-    there: the CPU has nothing to synchronise with). Weights need no such care."""
-    if tensors[0].is_cuda:
-        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64 if exact else None))
-    norms = torch.stack(torch._foreach_norm(tensors))
-    tiny = [i for i, v in enumerate(norms.tolist()) if v < TINY_NORM] if exact else []
-    if tiny:
-        norms = norms.double()
-        for i in tiny:
-            norms[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
-    return norms
-
-
-def _runs(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
-    """[start, end) ranges of consecutive tensors of one shape and dtype (an MLP's hidden weights)."""
-    runs, start = [], 0
-    for i in range(1, len(tensors) + 1):
-        if i == len(tensors) or (tensors[i].shape, tensors[i].dtype) != (tensors[start].shape, tensors[start].dtype):
-            runs.append((start, i))
-            start = i
-    return runs
+# name -> Stat: the engine, the TensorBoard writer, the summary and the README's table read this.
+STATS: dict[str, Stat] = {
+    "grad_norm": Stat("gradient", "||dL/dθ|| of the layer's trainable parameters, before clipping",
+                      lambda r: math.sqrt(r["grad_sq"])),
+    "act_grad_norm": Stat("gradient", "||dL/dz||, the back-propagated gradient at the layer's output z "
+                                      "(over all its calls in the step)", lambda r: math.sqrt(r["dz_sq"])),
+    "act_mean": Stat("activation", "mean of the layer's activation (the known activation after it, else z)",
+                     lambda r: r["pivot"] + r["s"] / r["n"]),
+    "act_std": Stat("activation", "sample std of the layer's activation", _std),
+    "act_deriv": Stat("activation", "mean phi'(a) of the known activation after the layer",
+                      lambda r: r["ds"] / r["n"]),
+    "saturation": Stat("activation", "fraction of units whose |phi'| is below 1% of phi's largest slope on every "
+                                     "example (dead ReLUs, saturated sigmoids)", lambda r: r["flat"]),
+    "weight_norm": Stat("weight", "||θ|| after the optimizer step", lambda r: math.sqrt(r["w_sq"])),
+    "update_ratio": Stat("weight", "||θ - θ_before|| / ||θ||: the step the optimizer applied, relative",
+                         lambda r: math.sqrt(r["step_sq"] / r["w_sq"])),
+    "dist_from_init": Stat("weight", "||θ - θ_0|| / ||θ_0||: how far the layer moved from its init",
+                           lambda r: math.sqrt(r["dist_sq"] / r["w0_sq"])),
+}
+GRADIENT_PROBES = tuple(k for k, s in STATS.items() if s.group != "weight")
+WEIGHT_PROBES = tuple(k for k, s in STATS.items() if s.group == "weight")
+LAYER_PROBES = tuple(STATS)
+DERIVATIVE_PROBES = ("act_deriv", "saturation")  # only where the activation is known
 
 
-class Probes:
-    """Holds the model's weights and their initial values; computes the statistics of one step.
-
-    Cost is the design constraint: on the CPU a logged step must cost a fraction of a training
-    step, and there each tensor op costs several microseconds of dispatch and every fresh multi-MB
-    tensor costs page faults. So same-shaped layers are stacked into buffers kept from step to step
-    and reduced in one op each, and boolean masks (several times slower than float ops) are avoided.
-    """
-
-    def __init__(self, model: Net, activation: str, weights: bool = True):
-        """`weights`: the weight probes will be asked for, so keep a copy of the initial weights
-        (and a second weight-sized buffer, made at the first snapshot); without them the probes
-        hold no copy of anything weight-sized."""
-        self.model = model
-        self.weights = [layer.weight for layer in model.weight_layers]
-        self.n = len(self.weights)
-        weight_ids = {id(w) for w in self.weights}
-        self.others = [p for p in model.parameters() if id(p) not in weight_ids]  # biases, norms, projections
-        self.runs = _runs(self.weights)
-        self.initial: list[torch.Tensor] = []  # per run of same-shaped layers, stacked
-        self.scratch: list[torch.Tensor] = []  # the weights before a step, then differences
-        if weights:
-            with torch.no_grad():
-                self.initial = [torch.stack([w.detach() for w in self.weights[a:b]]) for a, b in self.runs]
-                self.initial_norm = torch.cat([_flat_norms(w0) for w0 in self.initial]).double()
-        self.activation = activation
-        self.derivative = DERIVATIVES[activation]
-        self.needs_input = activation in NEEDS_INPUT
-        self.signed = activation in SIGNED_DERIVATIVE
-        self.max_slope = MAX_SLOPE[activation]
-        self.stacked: dict[str, torch.Tensor] = {}
-        self.act_shape = (0, 0, 0)  # (hidden layers, batch, units) of the latest `gradients`
-        # On the CPU in float32 the C kernel computes all of `gradients` in one pass per tensor
-        w = self.weights[0]
-        self.kernel = native.kernel() if w.device.type == "cpu" and w.dtype == torch.float32 else None
-        self.kernel_steps = self.torch_steps = 0  # logged steps measured each way (for the run's summary)
-
-    def _stack(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """(layers, batch, units) in a reused buffer (hidden layers share a shape; conv units are
-        (channel, row, column) positions)."""
-        shape = (len(tensors), tensors[0].shape[0], tensors[0][0].numel())
-        buf = self._buffer(key, shape, tensors[0])
-        torch.stack([t.detach().reshape(shape[1:]) for t in tensors], out=buf)
-        return buf
-
-    def _buffer(self, key: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        buf = self.stacked.get(key)
-        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self.stacked[key] = like.new_empty(shape)
-        return buf
-
-    @torch.no_grad()
-    def gradients(self, records: list[Record]) -> dict[str, torch.Tensor]:
-        """After backward, before clipping: the gradient and activation statistics of every layer,
-        as raw sums and norms on the device; `host` moves them and turns them into the probes (the
-        arithmetic on a few numbers per layer is done there: on the device each would be an op of
-        several microseconds, on a GPU a kernel launch)."""
-        grads = [w.grad for w in self.weights]
-        others = [p.grad for p in self.others if p.grad is not None]
-        # the weights' gradients, dLoss/dz of every layer, then the other parameters' gradients
-        tensors = grads + [r.dz for r in records] + others
-        hidden = records[:-1]
-        if self.kernel is not None:
-            hs = [r.h for r in hidden]
-            inputs = [r.a for r in hidden] if self.needs_input else None
-            if native.usable(tensors + hs + (inputs or [])) and len({t.shape for t in hs}) == 1:
-                sums = native.probe_sums(self.kernel, tensors, hs, inputs, self.activation,
-                                         SATURATION_FRACTION * self.max_slope)
-                if sums is not None:  # else out of memory: the torch version below
-                    self.act_shape = (len(hs), hs[0].shape[0], hs[0][0].numel())
-                    self.kernel_steps += 1
-                    return {"_sums": sums}
-        self.torch_steps += 1
-        norms = _norms(tensors, exact=True)
-        h = self._stack("h", [r.h for r in hidden])  # (hidden layers, batch, units), a copy of our own
-        a = self._stack("a", [r.a for r in hidden]) if self.needs_input else None
-        self.act_shape = tuple(h.shape)
-        # Summed around a pivot, each layer's first value: E[h^2] - E[h]^2 cancels when a layer's
-        # spread is tiny beside its mean (a saturated sigmoid layer, every value within 1e-7 of 1),
-        # even in float64; around a value of the layer the sums are of the spread's size.
-        # (in a buffer of their own: h - pivot + pivot is not always h, and a ReLU's tiny positive
-        # values would read as dead)
-        pivot = h[:, :1, :1].clone()  # h is overwritten below
-        c = torch.sub(h, pivot, out=self._buffer("c", tuple(h.shape), h))
-        wide = torch.float64 if h.is_cuda else None  # on a GPU float64 accumulation is nearly free
-        centred = c.mean((1, 2), dtype=wide)
-        norm = torch.linalg.vector_norm(c, dim=(1, 2), dtype=wide)  # the std from it: ~30x faster than Tensor.std
-        d = self.derivative(a, h, out=h)  # phi'(a) overwrites the copy of h: one buffer less to keep in cache
-        # a unit is saturated (for the ReLU family: dead) when it is flat on every example
-        steepest = (d.abs() if self.signed else d).amax(1)  # (layers, units)
-        flat = (steepest < SATURATION_FRACTION * self.max_slope).sum(1)
-        return {"_norms": norms, "_act": torch.stack([pivot.flatten(), centred, norm, d.mean((1, 2))]), "_flat_units": flat}
-
-    def host(self, stats: dict[str, torch.Tensor]) -> dict[str, list]:
-        """`to_host`, then the probes from what `gradients` measured: grad_norm, grad_norm_total,
-        act_grad_norm, and per hidden layer act_mean, act_std, act_deriv and saturation (NaN for the
-        output layer, which has no activation, so that every probe has one value per layer)."""
-        out = to_host(stats)
-        layers, batch, units = self.act_shape
-        m = batch * units
-        if "_sums" in out:  # the C kernel's sums of squares, then per layer a pivot and sums around it
-            sums = out.pop("_sums")
-            norms = [math.sqrt(v) for v in sums[:-5 * layers]]
-            layer = sums[-5 * layers:]
-            pivot, centred, squares = layer[0::5], [v / m for v in layer[1::5]], layer[2::5]
-            deriv, flat = [v / m for v in layer[3::5]], layer[4::5]
-        elif "_norms" in out:
-            norms = out.pop("_norms")
-            (pivot, centred, norm, deriv), flat = out.pop("_act"), out.pop("_flat_units")
-            squares = [r * r for r in norm]
-        else:
-            return out
-        mean = [p + c for p, c in zip(pivot, centred)]
-        # the sample std, from the sums around the pivot, in float64
-        std = [math.sqrt(max(q / m - c * c, 0.0) * m / max(m - 1, 1)) for c, q in zip(centred, squares)]  # NaN stays NaN
-        n = self.n
-        nan = [math.nan]
-        out["grad_norm"], out["act_grad_norm"] = norms[:n], norms[n:2 * n]
-        out["grad_norm_total"] = [math.sqrt(sum(v * v for v in norms[:n] + norms[2 * n:]))]
-        out["act_mean"] = mean + nan
-        out["act_std"] = std + nan
-        # where activations are NaN (a diverged step) phi' means nothing (sign(NaN) reads 0: "dead")
-        out["act_deriv"] = [math.nan if math.isnan(mu) else v for mu, v in zip(mean, deriv)] + nan
-        out["saturation"] = [math.nan if math.isnan(mu) else c / units for mu, c in zip(mean, flat)] + nan
-        return out
-
-    @torch.no_grad()
-    def snapshot(self) -> None:
-        """Before the optimizer step: keep the weights, to measure the step actually applied."""
-        if not self.initial:
-            raise RuntimeError("weight probes asked of Probes(..., weights=False)")
-        if not self.scratch:
-            self.scratch = [torch.empty_like(w0) for w0 in self.initial]
-            self.scratch_layers = [buf for run in self.scratch for buf in run]
-        for (a, b), buf in zip(self.runs, self.scratch):
-            torch.stack([w.detach() for w in self.weights[a:b]], out=buf)
-
-    @torch.no_grad()
-    def weights_after(self) -> dict[str, torch.Tensor]:
-        """After the optimizer step: ||W||, ||W - W_before|| / ||W|| (the update ratio, against the
-        weights it produced), and ||W - W0|| / ||W0||: with the C kernel in one pass over the three;
-        else in the scratch buffer (with the snapshot, ~11 passes over weight-sized buffers: why
-        these probes have their own cadence)."""
-        now = [w.detach() for w in self.weights]
-        if self.kernel is not None and native.usable(now):  # one pass over W, W_before and W_0
-            initial = [w0 for run in self.initial for w0 in run]
-            sums = native.weight_sums(self.kernel, now, self.scratch_layers, initial).sqrt_()
-            norm = sums[:, 0]
-            return {"weight_norm": norm, "update_ratio": sums[:, 1] / norm, "dist_from_init": sums[:, 2] / self.initial_norm}
-        norm = _norms(now)
-        torch._foreach_sub_(self.scratch_layers, now)  # scratch = W_before - W
-        update = torch.cat([_flat_norms(buf) for buf in self.scratch]).double()
-        for (a, b), w0, buf in zip(self.runs, self.initial, self.scratch):
-            torch.stack(now[a:b], out=buf).sub_(w0)  # scratch = W - W0
-        dist = torch.cat([_flat_norms(buf) for buf in self.scratch]).double()
-        return {"weight_norm": norm, "update_ratio": update / norm, "dist_from_init": dist / self.initial_norm}
-
-    def histograms(self, records: list[Record]) -> dict[str, torch.Tensor]:
-        """Fixed-edge histograms on the device: rows [min, max, num, sum, sum_sq, counts...] per layer."""
-        grads = [torch.log10(w.grad.detach().abs().float()).flatten() for w in self.weights]
-        acts = [r.h.detach().float().flatten() for r in records[:-1]]
-        return {"grad_log10": _histogram_rows(grads, GRAD_HIST), "act": _histogram_rows(acts, ACT_HIST)}
+def stat_value(name: str, raw: dict[str, float]) -> float | None:
+    """A statistic of one layer, None where the layer lacks what it needs (absent, not guessed)."""
+    try:
+        return STATS[name].value(raw)
+    except KeyError:
+        return None
+    except ZeroDivisionError:
+        return math.nan
+    except ValueError:  # sqrt of NaN arithmetic gone negative: a diverged step
+        return math.nan
 
 
-def _histogram_rows(values: list[torch.Tensor], spec: tuple[float, float, int]) -> torch.Tensor:
+# ------------------------------------------------------------------------------- batched reductions
+
+def sum_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """float64 (len(tensors),): the sum of squares of each tensor, on their device, in batched calls.
+
+    A gradient's norm must not read 0 where the gradient is not: on a GPU the reduction accumulates
+    in float64 (bandwidth-bound, so nearly free); on the CPU the C kernel sums in double, and the
+    torch fallback takes float32 norms and recomputes only tiny ones in float64."""
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64)
+    device = tensors[0].device
+    if device.type == "cpu":
+        lib = native.kernel()
+        if lib is not None and native.usable(tensors):
+            sums = native.probe_sums(lib, tensors, [], None, "identity", 0.0)
+            if sums is not None:
+                return sums
+        norms = torch.stack([n.double() for n in torch._foreach_norm(tensors)])
+        for i, v in enumerate(norms.tolist()):
+            if v < TINY_NORM and tensors[i].numel():
+                norms[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
+        return norms.square_()
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square_()
+
+
+def activation_sums(h: torch.Tensor, a: torch.Tensor | None, activation: str | None) -> torch.Tensor:
+    """float64 [n, units, pivot, sum(h - p), sum((h - p)^2), sum phi'(a), saturated fraction] of one
+    call's activation h (examples along its first dimension, units the rest); without a known
+    activation the last two are NaN. Summed around a pivot p, h's first value, so that the std of a
+    layer whose spread is tiny beside its mean does not cancel."""
+    h = h.detach()
+    batch = h.shape[0] if h.dim() > 1 else 1
+    units = h.numel() // max(batch, 1)
+    name = activation or "identity"
+    flat = SATURATION_FRACTION * MAX_SLOPE[name]
+    if h.is_cpu and h.dtype is torch.float32 and h.numel():
+        lib = native.kernel()
+        inputs = [a.detach().contiguous()] if name in NEEDS_INPUT and a is not None else None
+        hc = h.contiguous()
+        if lib is not None and (inputs is None or native.usable(inputs)) and (name not in NEEDS_INPUT or inputs):
+            sums = native.probe_sums(lib, [], [hc.view(batch, units)], inputs, name, flat)
+            if sums is not None:  # [pivot, s, s2, ds, flat units]
+                out = torch.cat([sums.new_tensor([float(batch * units), float(units)]), sums])
+                out[6] = out[6] / units
+                if activation is None:
+                    out[5:] = math.nan
+                return out
+    h2 = h.reshape(batch, units)
+    wide = torch.float64
+    pivot = h2[:1, :1].to(wide)
+    c = h2.to(wide) - pivot
+    head = torch.stack([c.new_tensor(float(batch * units)), c.new_tensor(float(units)), pivot.reshape(()),
+                        c.sum(), c.square().sum()])
+    if activation is None:
+        return torch.cat([head, c.new_tensor([math.nan, math.nan])])
+    x = a.detach().reshape(batch, units) if name in NEEDS_INPUT else None
+    d = DERIVATIVES[name](x, h2)
+    steepest = (d.abs() if name in SIGNED_DERIVATIVE else d).amax(0)
+    saturated = (steepest < flat).sum().to(wide) / units
+    return torch.cat([head, torch.stack([d.sum(dtype=wide), saturated])])
+
+
+def histogram_row(values: torch.Tensor, spec: tuple[float, float, int]) -> torch.Tensor:
+    """Fixed-edge histogram on the device: [min, max, num, sum, sum_sq, counts...]."""
     lo, hi, bins = spec
-    rows = []
-    for v in values:
-        v = v.nan_to_num(nan=hi, posinf=hi, neginf=lo).clamp(lo, hi)
-        head = torch.stack([v.min(), v.max(), v.new_tensor(float(v.numel())), v.sum(), (v * v).sum()])
-        rows.append(torch.cat([head, torch.histc(v, bins=bins, min=lo, max=hi)]))
-    return torch.stack(rows) if rows else torch.empty(0, 5 + bins)
+    v = values.detach().float().flatten().nan_to_num(nan=hi, posinf=hi, neginf=lo).clamp(lo, hi)
+    head = torch.stack([v.min(), v.max(), v.new_tensor(float(v.numel())), v.sum(), (v * v).sum()])
+    return torch.cat([head, torch.histc(v, bins=bins, min=lo, max=hi)])
 
 
 def bucket_limits(spec: tuple[float, float, int]) -> list[float]:
@@ -248,13 +183,12 @@ def bucket_limits(spec: tuple[float, float, int]) -> list[float]:
 
 
 def to_host(stats: dict[str, torch.Tensor]) -> dict[str, list]:
-    """The statistics of a step as lists of floats (a 2-D tensor as a list of rows): on a GPU in one
-    device-to-host transfer; on the CPU each is read as it is (a copy into one buffer would cost
-    more than it saves there)."""
+    """Tensors as lists of floats (a 2-D tensor as a list of rows): on a GPU in one device-to-host
+    transfer; on the CPU each is read as it is (a copy into one buffer would cost more there)."""
     keys = list(stats)
-    if all(stats[k].is_cpu for k in keys):  # tolist alone: each op more is ~10 us on a logged step's cold caches
+    if all(stats[k].is_cpu for k in keys):
         return {k: v if isinstance(v, list) else [v] for k in keys for v in [stats[k].tolist()]}
-    flat = torch.cat([stats[k].detach().reshape(-1) for k in keys]).double().cpu().tolist()
+    flat = torch.cat([stats[k].detach().reshape(-1).double() for k in keys]).cpu().tolist()
     out, i = {}, 0
     for k in keys:
         t = stats[k]
@@ -262,4 +196,575 @@ def to_host(stats: dict[str, torch.Tensor]) -> dict[str, list]:
         chunk = flat[i:i + n]
         out[k] = [chunk[j:j + t.shape[-1]] for j in range(0, n, t.shape[-1])] if t.ndim == 2 else chunk
         i += n
+    return out
+
+
+# ------------------------------------------------------------------------------- choosing the layers
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    """The tensor a layer's output stands for: itself, else the first tensor of a tuple or list (or
+    the first value of a dict), depth first."""
+    if isinstance(output, torch.Tensor):
+        return output if output.is_floating_point() else None
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            t = _first_tensor(item)
+            if t is not None:
+                return t
+    return None
+
+
+def _holds_weights(module: nn.Module) -> bool:
+    return any(p.dim() >= 2 for p in module.parameters(recurse=False))
+
+
+def candidate_layers(model: nn.Module, layers: Any = None) -> list[tuple[str, nn.Module]]:
+    """The modules that `layers` chooses, as (qualified name, module), in registration order.
+
+    None: every module that owns a parameter of two or more dimensions (its weight). A string or
+    list of strings: fnmatch patterns on the qualified names, matched at one depth ("h.*" matches
+    "h.0", not "h.0.attn", since '*' does not cross a dot). A module class or tuple of classes: the
+    modules of that type. A list of modules: those."""
+    named = [(n, m) for n, m in model.named_modules() if n]
+    if layers is None:
+        chosen = [(n, m) for n, m in named if _holds_weights(m)]
+        if not chosen and _holds_weights(model):
+            chosen = [("model", model)]
+        return chosen
+    if isinstance(layers, str):
+        layers = [layers]
+    if isinstance(layers, type) or (isinstance(layers, tuple) and all(isinstance(t, type) for t in layers)):
+        return [(n, m) for n, m in named if isinstance(m, layers)]
+    layers = list(layers)
+    if all(isinstance(p, str) for p in layers):
+        def match(name: str, pattern: str) -> bool:
+            return name.count(".") == pattern.count(".") and fnmatch.fnmatchcase(name, pattern)
+        return [(n, m) for n, m in named if any(match(n, p) for p in layers)]
+    if all(isinstance(m, nn.Module) for m in layers):
+        names = {id(m): n for n, m in named}
+        missing = [type(m).__name__ for m in layers if id(m) not in names]
+        if missing:
+            raise ValueError(f"layers: {', '.join(missing)} not found in the model's modules")
+        return [(names[id(m)], m) for m in layers]
+    raise ValueError("layers: expected None, name patterns (str or list of str), a module type (or tuple of "
+                     f"types), or a list of the model's modules; got {layers!r}")
+
+
+@dataclass
+class Layer:
+    """One layer on the depth axis."""
+    name: str
+    module: nn.Module
+    params: list[nn.Parameter]  # its trainable parameters (all of a block's, recursively)
+    activation: str | None = None  # the known activation after it (layers.activation_name)
+    act_module: nn.Module | None = None
+    output: bool = False  # its output is the model's output (the head: left out of the depth ratio)
+    calls: int = 0  # calls in the latest logged step
+
+
+@dataclass
+class Record:
+    """What a logged step has gathered so far (device tensors until the one transfer)."""
+    dz: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (layer, dL/dz) of this backward
+    dz_sums: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)  # measured backwards
+    acts: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> activation_sums per call
+    z_acts: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # the same of z (no activation known)
+    act_hists: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    grad_sq: torch.Tensor | None = None  # every trainable parameter's, at the end of the latest backward
+    grads: list[torch.Tensor] = field(default_factory=list)  # those gradients (to see clipping change them)
+    versions: list[int] = field(default_factory=list)
+    grad_hists: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor | float] = field(default_factory=dict)
+    queued: bool = False  # the end-of-backward callback is queued
+
+
+def due(every: int, step: int, last: int | None = None) -> bool:
+    """Log at step 0 (initialisation), every `every` steps, and at the last step if known; never when 0."""
+    return every > 0 and (step % every == 0 or step == last)
+
+
+# ------------------------------------------------------------------------------- the watcher
+
+class Watcher:
+    """Probes attached to a model. `gradexp.watch` makes one with its own log folder; the runner
+    makes one with its own Board and summary."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, board=None,
+                 every: int = 10, weight_every: int | None = None, hist_every: int = 0, layers: Any = None,
+                 names: list[str] | None = None, activations: dict[nn.Module, nn.Module] | None = None,
+                 scaler: Any = None, last_step: int | None = None):
+        """`names`: the layers' names as logged (default: f"{depth:02d}_{qualified name}"). `activations`:
+        layer module -> the activation module after it, for a model whose builder knows (the runner;
+        nn.Identity counts there as the identity). `last_step`: the last step's index, if known, is
+        logged too. `scaler`: a GradScaler whose scale is divided out of the gradients."""
+        if hasattr(model, "_orig_mod"):
+            raise ValueError("gradexp.watch: this model is compiled with torch.compile; the probes' hooks cannot "
+                             "measure a compiled graph (they would be traced into it or skipped). Watch the "
+                             "uncompiled model, and compile it only when you are done watching.")
+        for key, v in (("every", every), ("weight_every", weight_every), ("hist_every", hist_every)):
+            if v is not None and (not isinstance(v, int) or v < 0):
+                raise ValueError(f"{key}: expected a whole number >= 0 (0: off), got {v!r}")
+        self.model = model
+        self.board = board
+        self.every = every
+        self.weight_every = 10 * every if weight_every is None else weight_every
+        self.hist_every = hist_every
+        self.last_step = last_step
+        self.scaler = scaler
+        self._names = names
+        self._candidates = candidate_layers(model, layers)
+        if not self._candidates:
+            raise ValueError(f"layers: no module of the model matches {layers!r}" if layers is not None else
+                             "the model has no module with a weight of 2 or more dimensions to watch; "
+                             "choose layers= by name pattern or module type")
+        self._cand_index = {id(m): k for k, (_, m) in enumerate(self._candidates)}
+        self.layers: list[Layer] = []  # in depth order, known after the first forward
+        self.names: list[str] = []
+        self.step_count = 0  # optimizer steps completed
+        self.record: Record | None = None  # the logged step being gathered; None on other steps
+        self.latest: dict[str, Any] = {}  # the latest logged step: per statistic a list per layer
+        self.logged: list[dict] = []  # snapshots: the first logged step and the two latest
+        self.weights: dict | None = None  # the latest weight probes, with their step
+        self.diverged: dict | None = None  # the first logged step with a non-finite gradient, and where
+        self.kernel_steps = self.torch_steps = 0  # logged steps whose gradients the C kernel / torch summed
+        self.closed = False
+        self._handles: list = []
+        self._discovering = True  # until the end of the first forward
+        self._order: list[int] = []  # candidates in the order of their first call
+        self._depth: dict[int, int] = {}  # candidate -> depth index
+        self._calls: dict[int, int] = {}
+        self._first_z: dict[int, torch.Tensor] = {}  # each candidate's output in the first forward
+        self._last: int | None = None  # the candidate whose output is the latest module output seen
+        self._act_owner: dict[int, set[int]] = {}  # id(activation module) -> candidates it follows
+        self._act_of: dict[int, nn.Module] = {}  # candidate -> its activation module
+        self._params: list[nn.Parameter] = []  # every trainable parameter: the layers' first
+        self._param_layer: list[int] = []  # the layer of each of the layers' parameters
+        self._initial: list[torch.Tensor] = []  # the layers' parameters at init (weight probes only)
+        self._before: list[torch.Tensor] = []  # ... before the latest measured update
+        self._w0_sq: list[float] = []
+        self._optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps one
+        self._attach(activations)
+        self._arm(0)
+
+    # --- attaching and detaching
+    def _attach(self, activations: dict[nn.Module, nn.Module] | None) -> None:
+        self._model_modules = {id(m) for m in self.model.modules()}
+        self._leaves = {id(m) for m in self.model.modules() if next(m.children(), None) is None}
+        for k, (_, module) in enumerate(self._candidates):
+            self._handles.append(module.register_forward_hook(partial(self._on_layer, k)))
+        self._given = activations is not None
+        for layer_module, act in (activations or {}).items():
+            k = self._cand_index.get(id(layer_module))
+            if k is not None:
+                self._link(k, act)
+        self._handles.append(self.model.register_forward_pre_hook(self._on_model_start))
+        self._handles.append(self.model.register_forward_hook(self._on_model_end))
+        # the order of the calls and the activations, seen by a global hook during the first forward only
+        self._discovery = None if self._given else nn.modules.module.register_module_forward_hook(self._on_any_module)
+        if self._optimizer is not None:
+            self._handles.append(self._optimizer.register_step_pre_hook(lambda *_: self.before_update()))
+            self._handles.append(self._optimizer.register_step_post_hook(lambda *_: self.after_update()))
+
+    def _link(self, k: int, act: nn.Module) -> None:
+        """Candidate k is followed by activation module `act`."""
+        if k in self._act_of:
+            return
+        self._act_of[k] = act
+        if id(act) not in self._act_owner:
+            self._act_owner[id(act)] = set()
+            self._handles.append(act.register_forward_hook(self._on_activation))
+        self._act_owner[id(act)].add(k)
+
+    def detach(self) -> None:
+        """Remove every hook (idempotent)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._discovery is not None:
+            self._discovery.remove()
+            self._discovery = None
+        self.record = None
+        self._first_z = {}
+
+    # --- which steps are measured
+    def _arm(self, step: int) -> None:
+        measured = due(self.every, step, self.last_step) or due(self.hist_every, step, self.last_step)
+        self._hist = due(self.hist_every, step, self.last_step)
+        self.record = Record() if (measured or self._discovering) else None
+        for layer in self.layers:
+            layer.calls = 0
+
+    @property
+    def logging(self) -> bool:
+        """Whether the step in progress is measured."""
+        return self.record is not None
+
+    def attach(self, values: dict[str, torch.Tensor | float]) -> None:
+        """Values (device tensors) to read with this logged step's one transfer and log beside its
+        statistics, under their keys as TensorBoard tags (keys starting with '_' are only read)."""
+        if self.record is not None:
+            self.record.extra.update(values)
+
+    # --- hooks
+    def _on_model_start(self, module: nn.Module, inputs: Any) -> None:
+        record = self.record
+        if record is not None and (record.dz_sums or record.dz) and self._grads_cleared():
+            # gradients were cleared since the last backward without an optimizer step (a step the
+            # GradScaler skipped): what that backward measured will not be applied
+            self.record = Record(extra=record.extra)
+            for layer in self.layers:
+                layer.calls = 0
+
+    def _grads_cleared(self) -> bool:
+        return bool(self._params) and self._params[0].grad is None
+
+    def _on_model_end(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if self._discovering and torch.is_grad_enabled():
+            self._finish_discovery(output)
+
+    def _on_any_module(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        """First forward only: which known activation follows which layer (norms and dropout may
+        stand between); any other module in between means none does."""
+        key = id(module)
+        if key not in self._leaves or key in self._cand_index or key in self._act_owner:
+            return  # not the model's, or a layer (its own hook follows), or a linked activation
+        if activation_name(module) is not None and self._last is not None:
+            self._link(self._last, module)
+            self._on_activation(module, inputs, output)
+        elif not isinstance(module, PASS_THROUGH):
+            self._last = None
+
+    def _on_layer(self, k: int, module: nn.Module, inputs: Any, output: Any) -> None:
+        record = self.record
+        if record is None or not torch.is_grad_enabled():  # an evaluation under no_grad is not training
+            return
+        if self._discovering:
+            if k not in self._depth:
+                self._depth[k] = len(self._order)
+                self._order.append(k)
+            self._calls[k] = self._calls.get(k, 0) + 1
+        elif k not in self._depth:
+            return
+        z = _first_tensor(output)
+        if z is None:
+            return
+        if torch.compiler.is_compiling():
+            raise RuntimeError("gradexp.watch: the watched model is being compiled with torch.compile; the probes "
+                               "cannot measure a compiled graph. Watch the uncompiled model.")
+        self._last = k
+        i = self._depth[k]
+        if self._discovering:
+            self._first_z[k] = z
+        else:
+            self.layers[i].calls += 1
+        if z.requires_grad:
+            z.register_hook(partial(self._on_dz, i))
+        if k not in self._act_of:  # statistics of z itself, unless a known activation follows
+            record.z_acts.setdefault(i, []).append(activation_sums(z, None, None))
+            if self._hist:
+                record.act_hists.setdefault(i, []).append(histogram_row(z, ACT_HIST))
+
+    def _on_activation(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        record, k = self.record, self._last
+        if record is None or k is None or k not in self._act_owner.get(id(module), ()) or not torch.is_grad_enabled():
+            return
+        self._last = None
+        h = _first_tensor(output)
+        if h is None:
+            return
+        i = self._depth[k]
+        record.z_acts.pop(i, None)  # the first forward measured z before it knew
+        record.acts.setdefault(i, []).append(activation_sums(h, _first_tensor(inputs), _act_name(module)))
+        if self._hist:
+            record.act_hists.pop(i, None) if self._discovering else None
+            record.act_hists.setdefault(i, []).append(histogram_row(h, ACT_HIST))
+
+    def _on_dz(self, i: int, grad: torch.Tensor) -> None:
+        record = self.record
+        if record is None:
+            return
+        record.dz.append((i, grad))
+        if not record.queued:
+            record.queued = True
+            Variable._execution_engine.queue_callback(self._after_backward)
+
+    def _after_backward(self) -> None:
+        """The end of a backward pass on a measured step: every gradient is in place, none clipped yet."""
+        record = self.record
+        if record is None:
+            return
+        record.queued = False
+        grads = [p.grad for p in self._params]
+        dz = [g for _, g in record.dz]
+        tensors = [g.detach() if g is not None else p.new_zeros(0) for g, p in zip(grads, self._params)] + dz
+        if tensors and tensors[0].is_cpu:
+            native_ok = native.kernel() is not None and native.usable(tensors)
+            self.kernel_steps += native_ok and not record.dz_sums
+            self.torch_steps += (not native_ok) and not record.dz_sums
+        sums = sum_squares(tensors)
+        record.grad_sq = sums[:len(grads)]
+        record.dz_sums.append(([i for i, _ in record.dz], sums[len(grads):]))
+        record.dz = []
+        record.grads = grads
+        record.versions = [g._version if g is not None else -1 for g in grads]
+        if self._hist:
+            record.grad_hists = torch.stack([histogram_row(self._layer_grad(layer).abs().log10(), GRAD_HIST)
+                                             for layer in self.layers])
+
+    @staticmethod
+    def _layer_grad(layer: Layer) -> torch.Tensor:
+        gs = [p.grad.detach().flatten() for p in layer.params if p.grad is not None]
+        return torch.cat(gs) if gs else torch.zeros(1)
+
+    # --- discovery
+    def _finish_discovery(self, output: Any) -> None:
+        """After the first forward: the depth order, the activations, the output layer."""
+        self._discovering = False
+        if self._discovery is not None:
+            self._discovery.remove()
+            self._discovery = None
+        out = _first_tensor(output)
+        for k in self._order:
+            qualified, module = self._candidates[k]
+            act = self._act_of.get(k)
+            self.layers.append(Layer(qualified, module, [p for p in module.parameters() if p.requires_grad],
+                                     activation=_act_name(act) if act is not None else None, act_module=act,
+                                     output=out is not None and self._first_z.get(k) is out,
+                                     calls=self._calls.get(k, 0)))
+        self._first_z = {}
+        if not self.layers:
+            raise ValueError("gradexp.watch: the forward pass called none of the chosen layers")
+        self.names = self._names or [f"{i:02d}_{layer.name}" for i, layer in enumerate(self.layers)]
+        if len(self.names) != len(self.layers):
+            raise ValueError(f"names: {len(self.names)} given for the {len(self.layers)} layers the forward calls")
+        seen: set[int] = set()
+        for i, layer in enumerate(self.layers):
+            for p in layer.params:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    self._params.append(p)
+                    self._param_layer.append(i)
+        self._n_layer_params = len(self._params)
+        self._params += [p for p in self.model.parameters() if p.requires_grad and id(p) not in seen]
+        if self.weight_every > 0 and self._n_layer_params:
+            with torch.no_grad():
+                self._initial = [p.detach().clone() for p in self._params[:self._n_layer_params]]
+            self._w0_sq = [0.0] * len(self.layers)
+            for v, i in zip(sum_squares(self._initial).tolist(), self._param_layer):
+                self._w0_sq[i] += v
+        if self.board is not None:
+            self.board.set_layers(self.names, self.available())
+        if not (due(self.every, 0, self.last_step) or self._hist):  # measured only to find the layers
+            self.record = None
+
+    def available(self) -> dict[str, list[bool]]:
+        """Which statistics each layer has: phi' and saturation where its activation is known, the
+        gradient and weight probes where it has trainable parameters (and weight probes are on)."""
+        out = {}
+        for name, stat in STATS.items():
+            if name in DERIVATIVE_PROBES:
+                out[name] = [layer.activation is not None for layer in self.layers]
+            elif stat.group == "weight":
+                out[name] = [bool(layer.params) and self.weight_every > 0 for layer in self.layers]
+            elif name == "grad_norm":
+                out[name] = [bool(layer.params) for layer in self.layers]
+            else:
+                out[name] = [True] * len(self.layers)
+        return out
+
+    # --- steps
+    def before_update(self) -> None:
+        """Before the optimizer applies a step (its step pre-hook): keep the weights if this step
+        measures them, to measure the update actually applied."""
+        if not self._discovering and due(self.weight_every, self.step_count, self.last_step):
+            self._snapshot()
+
+    def _snapshot(self) -> None:
+        if not self._n_layer_params:
+            return
+        with torch.no_grad():
+            now = [p.detach() for p in self._params[:self._n_layer_params]]
+            if not self._before:
+                self._before = [torch.empty_like(p) for p in now]
+            torch._foreach_copy_(self._before, now)
+        self._snapshot_step = self.step_count
+
+    def after_update(self) -> None:
+        """After the optimizer step (its step post-hook): measure what is due, write it, move on."""
+        if self.closed:
+            return
+        step = self.step_count
+        weigh = not self._discovering and getattr(self, "_snapshot_step", None) == step
+        if not self._discovering:
+            self._measure(step, weigh)
+        self.step_count += 1
+        self._arm(self.step_count)
+
+    def step(self) -> None:
+        """Without an optimizer: call once per training step, after backward (best after the
+        optimizer's step, so that the weight probes see the update). The update ratio is then the
+        change since the previous call."""
+        if self._optimizer is not None:
+            raise RuntimeError("gradexp.watch was given an optimizer and measures at its steps: do not call step()")
+        if self.closed or self._discovering:
+            return
+        step = self.step_count
+        weigh = due(self.weight_every, step, self.last_step) and self._n_layer_params > 0
+        if weigh and getattr(self, "_snapshot_step", None) != step - 1:  # step 0: the change since init
+            self._before = [w.clone() for w in self._initial]
+        self._measure(step, weigh)
+        self.step_count += 1
+        if due(self.weight_every, self.step_count, self.last_step):
+            self._snapshot()
+            self._snapshot_step = step
+        self._arm(self.step_count)
+
+    @torch.no_grad()
+    def _measure(self, step: int, weigh: bool) -> None:
+        """Everything the step measured, read in one transfer, then `_finish`."""
+        record = self.record
+        stats: dict[str, torch.Tensor] = {}
+        if record is not None:
+            if record.dz or record.grad_sq is None:  # a backward whose end was not seen, or none: read them now
+                self._after_backward()
+            stats["grad_sq"] = record.grad_sq
+            if record.dz_sums:
+                stats["dz_sq"] = torch.cat([s for _, s in record.dz_sums])
+            acts = [t for _, ts in sorted({**record.z_acts, **record.acts}.items()) for t in ts]
+            if acts:
+                stats["acts"] = torch.stack(acts)
+            now = [p.grad for p in self._params]
+            if any(a is not b for a, b in zip(now, record.grads)) or \
+                    any(g is not None and g._version != v for g, v in zip(now, record.versions)):
+                # clipped (or unscaled) since backward: the gradient the optimizer applies
+                stats["applied_sq"] = sum_squares([g for g in now if g is not None]).sum().reshape(1)
+            if self.scaler is not None and self.scaler.is_enabled() and getattr(self.scaler, "_scale", None) is not None:
+                stats["scale"] = self.scaler._scale.double().reshape(1)
+            if self._hist and record.grad_hists is not None:
+                stats["grad_hist"] = record.grad_hists
+            if self._hist and record.act_hists:
+                stats["act_hist"] = torch.stack([rows[0] for _, rows in sorted(record.act_hists.items())])
+            for k, v in record.extra.items():
+                stats[k] = v.detach().reshape(-1) if isinstance(v, torch.Tensor) else torch.tensor([float(v)])
+        if weigh:
+            stats["weights"] = self._weight_sums()
+        if stats:
+            self._finish(step, record, to_host(stats), weigh)
+
+    def _weight_sums(self) -> torch.Tensor:
+        """(layer parameters, 3): ||θ||^2, ||θ - θ_before||^2, ||θ - θ_0||^2 of each parameter tensor."""
+        now = [p.detach() for p in self._params[:self._n_layer_params]]
+        lib = native.kernel() if now[0].is_cpu else None
+        if lib is not None and native.usable(now + self._before + self._initial):
+            return native.weight_sums(lib, now, self._before, self._initial)
+        step = torch._foreach_sub(self._before, now)
+        dist = torch._foreach_sub(now, self._initial)
+        return torch.stack([sum_squares(now), sum_squares(step), sum_squares(dist)], dim=1)
+
+    def _finish(self, step: int, record: Record | None, host: dict[str, list], weigh: bool) -> None:
+        """From raw sums to the statistics (STATS), then the event, the snapshots and divergence."""
+        n = len(self.layers)
+        raw: list[dict[str, float]] = [{} for _ in range(n)]
+        totals: dict[str, float | None] = {}
+        gradient_step = "grad_sq" in host
+        if gradient_step:
+            scale = host.pop("scale", [1.0])[0]
+            unscale = 1.0 / (scale * scale)  # the loss was multiplied by the scale: squares by its square
+            sq = host.pop("grad_sq")
+            for v, i in zip(sq, self._param_layer):
+                raw[i]["grad_sq"] = raw[i].get("grad_sq", 0.0) + v * unscale
+            totals["grad_norm_total"] = math.sqrt(sum(sq) * unscale) if sq else None
+            applied = host.pop("applied_sq", None)
+            totals["grad_norm_total_applied"] = math.sqrt(applied[0]) if applied else None
+            for i, v in zip([i for ids, _ in record.dz_sums for i in ids], host.pop("dz_sq", [])):
+                raw[i]["dz_sq"] = raw[i].get("dz_sq", 0.0) + v * unscale
+            owners = [i for i, ts in sorted({**record.z_acts, **record.acts}.items()) for _ in ts]
+            calls: dict[int, list[list[float]]] = {}
+            for i, row in zip(owners, host.pop("acts", [])):
+                calls.setdefault(i, []).append(row)
+            for i, rows in calls.items():
+                raw[i].update(_combine(rows, self.layers[i].activation is not None))
+        if weigh:
+            w = [[0.0, 0.0, 0.0] for _ in range(n)]
+            for row, i in zip(host.pop("weights"), self._param_layer):
+                for j in range(3):
+                    w[i][j] += row[j]
+            for i, layer in enumerate(self.layers):
+                if layer.params:
+                    raw[i].update(w_sq=w[i][0], step_sq=w[i][1], dist_sq=w[i][2], w0_sq=self._w0_sq[i])
+        shown = [k for k, s in STATS.items() if (gradient_step and s.group != "weight") or (weigh and s.group == "weight")]
+        values = {name: [stat_value(name, r) for r in raw] for name in shown}
+        if weigh:
+            self.weights = {"step": step, **{k: values[k] for k in WEIGHT_PROBES}}
+        hists = {k: host.pop(k) for k in ("grad_hist", "act_hist") if k in host}
+        extras = {k: v[0] if len(v) == 1 else v for k, v in host.items()}
+        self.latest = {"step": step, **values, **totals, **extras}
+        if self.board is not None:
+            scalars = {"grad_norm/total": totals.get("grad_norm_total"),
+                       "grad_norm/total_applied": totals.get("grad_norm_total_applied"),
+                       **{k: v for k, v in extras.items() if not k.startswith("_")}}
+            self.board.layers(step, values, {k: v for k, v in scalars.items() if isinstance(v, (int, float))})
+            if hists:
+                acts = sorted(record.act_hists) if record is not None else []
+                self.board.histograms(step, hists.get("grad_hist", []), list(zip(acts, hists.get("act_hist", []))))
+        if not gradient_step:
+            return
+        snap = {"step": step, **{k: values[k] for k in GRADIENT_PROBES}, **totals,
+                "weight_step": self.weights["step"] if self.weights else None,
+                **{k: self.weights[k] if self.weights else None for k in WEIGHT_PROBES},
+                "calls": [layer.calls for layer in self.layers]}
+        if self.diverged is None:
+            bad = [i for i in range(n) for k in ("grad_norm", "act_grad_norm")
+                   if values[k][i] is not None and not math.isfinite(values[k][i])]
+            total = totals["grad_norm_total"]
+            if bad or (total is not None and not math.isfinite(total)):
+                first = min(bad) if bad else None
+                self.diverged = {"step": step, "layer": self.names[first] if bad else None, "layer_index": first}
+        self.logged.append(snap)
+        if len(self.logged) > 3:
+            del self.logged[1]
+
+    # --- reading
+    def snapshots(self, before: int | None = None) -> tuple[dict | None, dict | None]:
+        """The first and the latest logged snapshots (of steps before `before`, if given)."""
+        logged = [s for s in self.logged if before is None or s["step"] < before] or self.logged[:1]
+        return (logged[0], logged[-1]) if logged else (None, None)
+
+    def layer_info(self) -> dict:
+        """What the summary says of the layers."""
+        return {"names": list(self.names), "modules": [layer.name for layer in self.layers],
+                "types": [type(layer.module).__name__ for layer in self.layers],
+                "activations": [layer.activation for layer in self.layers],
+                "output": [layer.output for layer in self.layers],
+                "calls": [layer.calls for layer in self.layers]}
+
+    def probe_kernel(self, not_float32: bool = False) -> str:
+        """Which code summed a CPU run's probes (summary.json's probe_kernel)."""
+        on_cpu = not self._params or self._params[0].is_cpu
+        if not on_cpu:
+            return "torch"
+        return native.describe(self.kernel_steps, self.torch_steps, not_float32=not_float32)
+
+
+def _act_name(module: nn.Module) -> str | None:
+    return "identity" if type(module) is nn.Identity else activation_name(module)
+
+
+def _combine(rows: list[list[float]], known: bool) -> dict[str, float]:
+    """One layer's raw activation sums over its calls (each [n, units, pivot, s, s2, ds, saturated]):
+    around the overall mean, so that calls with different pivots add up."""
+    n = sum(r[0] for r in rows)
+    if n == 0:
+        return {}
+    mean = sum(r[0] * r[2] + r[3] for r in rows) / n
+    s2 = 0.0
+    for count, _, pivot, s, q, *_ in rows:
+        d = mean - pivot
+        s2 += q - 2 * d * s + count * d * d
+    out = {"n": n, "pivot": mean, "s": 0.0, "s2": s2}
+    if known:
+        out["ds"] = sum(r[5] for r in rows)
+        out["flat"] = sum(r[6] for r in rows) / len(rows)
     return out

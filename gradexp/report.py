@@ -1,4 +1,5 @@
-"""What a person looks at: the gradient-flow figure, the terminal table and the progress bar."""
+"""What a person looks at: the gradient-flow figures (a run's, a sweep's), the terminal tables and the
+progress bars."""
 
 from __future__ import annotations
 
@@ -79,67 +80,148 @@ def print_report(console: Console, summary: dict, folder: Path, quiet: bool) -> 
 
 
 @contextmanager
-def progress_bar(console: Console, total: int, label: str = "training"):
-    """A rich progress bar over optimizer steps; yields update(step, logged_stats)."""
+def _bar(console: Console, label: str, total: int, done: int = 0):
+    """A rich progress bar: label, bar, done/total, a line of info, elapsed time, eta; yields
+    update(**fields), rich's Progress.update for its one task (completed=, advance=, info=)."""
     columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("train", total=total, info="")
+        task = bar.add_task(label, total=total, completed=done, info="")
+        yield lambda **fields: bar.update(task, **fields)
 
+
+@contextmanager
+def progress_bar(console: Console, total: int, label: str = "training"):
+    """A progress bar over a run's optimizer steps; yields update(step, logged_stats)."""
+    with _bar(console, label, total) as show:
         def update(step: int, stats: dict) -> None:
-            if stats:
-                bar.update(task, completed=step, info=f"loss {stats['loss'][0]:.4f}")
-            else:
-                bar.update(task, completed=step)
+            show(completed=step, **({"info": f"loss {stats['loss'][0]:.4f}"} if stats else {}))
 
         yield update
 
 
+@contextmanager
+def sweep_progress_bar(console: Console, total: int, done: int = 0):
+    """A progress bar over a sweep's runs (`done` of them finished before); yields advance(name, status)."""
+    with _bar(console, "sweep", total, done) as show:
+        yield lambda name, status: show(advance=1, info=f"{name}: {status}")
+
+
 def gradient_flow_figure(path: Path, first: dict, last: dict, title: str = "",
-                         extra: list[tuple[str, list[float], dict]] | None = None) -> None:
+                         extra: list[tuple[str, list[float], dict]] | None = None,
+                         names: list[str] | None = None, diverged: dict | None = None) -> None:
     """Grad norm and act-grad norm against layer index, first and last logged step, log scale.
 
     Exact zeros (float32 underflow) cannot sit on a log axis: they are drawn as 'x' on the bottom edge.
+    `names`: the layers' names, written under the axis where there are few enough to read.
+    `diverged`: {"step": s, ...}: the title says the run diverged there.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    few = names is not None and len(names) <= 32
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2 if few else 4.2), sharex=True)
+    snaps = [(first, dict(color="tab:blue", marker="o"))]
+    if last is not None and (first is None or last["step"] != first["step"]):
+        snaps.append((last, dict(color="tab:orange", marker="s")))
     for ax, key, label in ((axes[0], "grad_norm", "||dLoss/dW||  (weight gradient)"),
                            (axes[1], "act_grad_norm", "||dLoss/dz||  (back-propagated gradient)")):
-        for snap, style in ((first, dict(color="tab:blue", marker="o")), (last, dict(color="tab:orange", marker="s"))):
-            if snap is None:
-                continue
-            _plot_log(ax, snap[key], f"step {snap['step']}", style)
+        for snap, style in snaps:
+            if snap is not None:
+                _plot_log(ax, [math.nan if v is None else v for v in snap[key]], f"step {snap['step']}", style)
         for name, values, style in extra or []:
             if key == "act_grad_norm":
                 _plot_log(ax, values, name, style)
-        ax.set_yscale("log")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("layer (0 = next to the input)")
-        ax.set_title(label, fontsize=10)
-        ax.grid(True, which="major", alpha=0.3)
+        _layer_axis(ax, "layer (0 = next to the input)", label)
+        if few:
+            ax.set_xticks(range(len(names)))
+            ax.set_xticklabels(names, rotation=60, ha="right", fontsize=6 if len(names) > 12 else 7)
         if ax.get_legend_handles_labels()[0]:  # a diverged run may have nothing finite to draw
             ax.legend(fontsize=8)
-    fig.suptitle(f"gradient flow: {title}" if title else "gradient flow")
+    heading = f"gradient flow: {title}" if title else "gradient flow"
+    if diverged is not None:
+        heading += f" (diverged at step {diverged['step']}: the steps shown are before it)"
+    fig.suptitle(heading)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _plot_log(ax, values: list[float], label: str, style: dict) -> None:
+def sweep_flow_figure(path: Path, rows: list[dict], title: str) -> None:
+    """Every run of a sweep (its rows, as `sweep.collect` reads them back) by ||dL/dz|| against layer index
+    on one log-scale chart, at initialisation (left) and at the last logged step (right: where clipping
+    and weight decay show).
+
+    One colour per named run (or per value of the first swept key), one line style per variant
+    within it; exact zeros (float32 underflow) are drawn as 'x' on the bottom edge."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def group(r: dict) -> str:
+        return r["run"] if r["run"] is not None else str(next(iter(r["overrides"].values()), ""))
+
+    drawn = [r for r in rows if r["_flow"][0]]
+    groups = list(dict.fromkeys(group(r) for r in drawn))
+    colors = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
+    styles = ("-", "--", ":", "-.")
+    variant = {}
+    for r in drawn:
+        variant[r["name"]] = sum(group(q) == group(r) for q in drawn[:drawn.index(r)])
+    positive = [v for r in drawn for flow in r["_flow"] for v in flow or []
+                if v is not None and math.isfinite(v) and v > 0]
+    floor = min(positive, default=1e-30) / 10  # one bottom edge for every run's zeros
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5), sharey=True)
+    for ax, at, label in ((axes[0], 0, "at the first logged step (initialisation)"),
+                          (axes[1], 1, "at the last logged step")):
+        for r in drawn:
+            style = dict(linestyle=styles[variant[r["name"]] % len(styles)], marker=".",
+                         color=colors(groups.index(group(r)) % colors.N))
+            # every run is named in the legend, a diverged one too (it may have nothing finite to draw)
+            _plot_log(ax, r["_flow"][at] or [], r["name"] + ("" if r["status"] == "completed" else f" ({r['status']})"),
+                      style, floor=floor, zeros_label=False, listed=True)
+        _layer_axis(ax, "layer (0 = next to the input; each line ends at its output layer)", f"||dLoss/dz|| {label}")
+    if drawn:
+        axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), ncol=1 if len(drawn) <= 30 else 2,
+                       frameon=False)
+    else:
+        axes[0].text(0.5, 0.5, "no run logged its first step", transform=axes[0].transAxes, ha="center")
+    fig.suptitle(f"sweep {title}: the back-propagated gradient of every run (x: exactly 0, float32 underflow)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_log(ax, values: list[float], label: str, style: dict, floor: float | None = None,
+              zeros_label: bool = True, listed: bool = False) -> None:
+    """`values` against their index on a log axis: the positive finite ones as a line drawn with `style`,
+    exact zeros (float32 underflow, which a log axis cannot show) as 'x' at `floor` (default: a tenth of
+    the line's smallest value). zeros_label: the zeros get a legend entry of their own; listed: the line
+    is plotted, and so named in the legend, even with no value to show."""
     xs = list(range(len(values)))
     pos = [(x, v) for x, v in zip(xs, values) if v is not None and math.isfinite(v) and v > 0]
     zeros = [x for x, v in zip(xs, values) if v == 0]
-    if pos:
+    if pos or listed:
         ax.plot([p[0] for p in pos], [p[1] for p in pos], label=label, **style)
     if zeros:
-        floor = min((p[1] for p in pos), default=1e-30) / 10
+        if floor is None:
+            floor = min((p[1] for p in pos), default=1e-30) / 10
         ax.scatter(zeros, [floor] * len(zeros), marker="x", color=style.get("color"),
-                   label=f"{label}: exactly 0 (underflow)")
+                   label=f"{label}: exactly 0 (underflow)" if zeros_label else None)
+
+
+def _layer_axis(ax, xlabel: str, title: str) -> None:
+    """A log-scale axis over integer layer indices, with a light grid."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
 
 
 # What the article says about each activation, beside the numbers `gradexp explain` prints.

@@ -415,7 +415,9 @@ def predict(
 def applies(norm: str, residual: bool, kind: str) -> tuple[bool, str]:
     """Whether this theory describes the model; when it does not, the reason, for the user."""
     reasons = []
-    if kind != "mlp":
+    if kind == "custom":
+        reasons.append("model.kind=custom: the theory is for gradexp's own fully-connected networks")
+    elif kind != "mlp":
         reasons.append(f"model.kind={kind}: the theory is for fully-connected layers, not convolutions")
     if norm != "none":
         reasons.append(

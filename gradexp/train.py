@@ -15,30 +15,18 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from . import __version__, native, theory
-from .board import Board
+from . import __version__, theory
+from .board import Board, layer_name
 from .config import Config, ConfigError, TrainConfig, flat, to_yaml
 from .data import Batches, Dataset, load_dataset
-from .diagnosis import diagnose
-from .models import Net, build_model
+from .diagnosis import diagnose, watched_context
+from .models import Net, build_model, check_output
 from .pretrain import pretrain
-from .probes import GRADIENT_PROBES, WEIGHT_PROBES, Probes, to_host
+from .optim import CLIPPERS, OPTIMIZERS
+from .probes import Layer, Watcher, due
 from .rundir import new_run_dir, write_atomic, write_json
-
-OPTIMIZERS: dict[str, Callable] = {
-    "sgd": lambda p, o: torch.optim.SGD(p, lr=o.lr, weight_decay=o.weight_decay),
-    "momentum": lambda p, o: torch.optim.SGD(p, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay),
-    "adam": lambda p, o: torch.optim.Adam(p, lr=o.lr, weight_decay=o.weight_decay),
-    "adamw": lambda p, o: torch.optim.AdamW(p, lr=o.lr, weight_decay=o.weight_decay),
-}
-
-CLIPPERS: dict[str, Callable | None] = {
-    "none": None,
-    "norm": lambda params, c: torch.nn.utils.clip_grad_norm_(params, c, foreach=True),
-    "value": lambda params, c: torch.nn.utils.clip_grad_value_(params, c, foreach=True),
-}
-
 
 def resolve_device(name: str) -> torch.device:
     """`auto` is CUDA when present; asking for CUDA that is not there is a user error."""
@@ -78,7 +66,10 @@ def prepare(cfg: Config) -> Experiment:
                 raise ConfigError(f"{key}: model.norm=batchnorm needs batches of at least 2 examples "
                                   f"(got {min(size, len(data.x_train))})")
     dtype = getattr(torch, cfg.precision)  # float64 shows the true size of gradients float32 rounds to 0
-    return Experiment(cfg, device, data.to(device, dtype), model.to(device, dtype))
+    data, model = data.to(device, dtype), model.to(device, dtype)
+    if cfg.model.kind == "custom":
+        check_output(model, data.x_train[:2], data.classes)
+    return Experiment(cfg, device, data, model)
 
 
 @torch.no_grad()
@@ -95,18 +86,27 @@ def evaluate(model: Net, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) ->
     return loss / len(x), correct / len(x)
 
 
-def objective(loss: torch.Tensor, model: Net, l1: float) -> torch.Tensor:
+def weights(model: nn.Module) -> list[torch.Tensor]:
+    """The weights the L1 penalty is on: the weight layers' (a custom model's: every parameter of 2 or more
+    dimensions)."""
+    if hasattr(model, "weight_layers"):
+        return [layer.weight for layer in model.weight_layers]
+    return [p for p in model.parameters() if p.dim() >= 2]
+
+
+def objective(loss: torch.Tensor, model: nn.Module, l1: float) -> torch.Tensor:
     """The loss that is differentiated: the data loss plus the L1 penalty on the weights, if any."""
     if l1 == 0:
         return loss
-    return loss + l1 * sum(layer.weight.abs().sum() for layer in model.weight_layers)
+    return loss + l1 * sum(w.abs().sum() for w in weights(model))
 
 
-def first_nonfinite_layer(model: Net) -> int | None:
-    for i, layer in enumerate(model.weight_layers):
-        w, g = layer.weight, layer.weight.grad
-        if not torch.isfinite(w).all() or (g is not None and not torch.isfinite(g).all()):
-            return i
+def first_nonfinite_layer(layers: list[Layer]) -> int | None:
+    """The first layer (depth order) with a non-finite parameter or gradient."""
+    for i, layer in enumerate(layers):
+        for p in layer.params:
+            if not torch.isfinite(p).all() or (p.grad is not None and not torch.isfinite(p.grad).all()):
+                return i
     return None
 
 
@@ -125,14 +125,6 @@ class Outcome:
 STATUSES = ("completed", "diverged", "interrupted", "failed")  # every status a run ends with
 
 
-def due(every: int, step: int, last: int) -> bool:
-    """Log at step 0 (initialisation), every `every` steps, and at the last step; never when 0."""
-    return every > 0 and (step % every == 0 or step == last)
-
-
-GRADIENT_KEYS = GRADIENT_PROBES + ("grad_norm_total", "loss")  # what a logged entry keeps
-
-
 def host_sync(t: TrainConfig, step: int) -> bool:
     """The steps on which the loop talks to the host, and so checks for divergence: logged, histogram
     and evaluation steps, the last step, and every 100th (so a run with probes off still stops)."""
@@ -141,11 +133,11 @@ def host_sync(t: TrainConfig, step: int) -> bool:
         any(due(e, step, last) for e in (t.log_every, t.weight_every, t.hist_every, t.eval_every))
 
 
-class Watch:
+class Divergence:
     """Divergence, found without a host sync per step: each step adds its loss (and, with norm
     clipping, the gradient norm) as the device tensors they are, running no op; they are read
-    together at a step that syncs anyway, for the first step whose value is not finite. (The
-    running flag this replaces cost three tiny device ops a step: ~1% of a 9 ms step on the CPU.)"""
+    together at a step that syncs anyway, for the first step whose value is not finite. (A running
+    flag cost three tiny device ops a step: ~1% of a 9 ms step on the CPU.)"""
 
     def __init__(self):
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, value) since the latest read
@@ -158,8 +150,9 @@ class Watch:
         """What `read` takes, as one tensor (to be moved with a logged step's statistics)."""
         return torch.stack([v for _, v in self.pending])
 
-    def read(self, values: list[float]) -> None:
+    def read(self, values: list[float] | float) -> None:
         """`values()` as host numbers."""
+        values = values if isinstance(values, list) else [values]
         if self.bad is None:
             self.bad = next((s for (s, _), v in zip(self.pending, values) if not math.isfinite(v)), None)
         self.pending = []
@@ -167,114 +160,85 @@ class Watch:
     def check(self) -> int | None:
         """The first step whose loss or gradient norm was not finite, or None (reads what is pending)."""
         if self.pending:
-            self.read(to_host({"v": self.values()})["v"])
+            self.read(self.values().tolist())
         return self.bad
 
 
 def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) -> dict:
-    """The loop. Returns the status, the steps done, and the per-layer statistics it logged."""
-    cfg, model, data = exp.cfg, exp.model, exp.data
-    t = cfg.train
+    """The loop. Returns the status, the steps done, and the probes (their snapshots)."""
+    cfg, model, data, t = exp.cfg, exp.model, exp.data, exp.cfg.train
+    last = t.steps - 1
     optimizer = OPTIMIZERS[cfg.optim.name](model.parameters(), cfg.optim)
     clip = CLIPPERS[cfg.clip.mode]
-    probes = Probes(model, cfg.model.activation, weights=t.weight_every > 0)
+    # the same engine as gradexp.watch, told which activation follows each weight layer
+    own = {} if cfg.model.kind == "custom" else dict(  # a custom model's layers are found as gradexp.watch finds them
+        layers=model.weight_layers, activations=model.activations,
+        names=[layer_name(i) for i in range(len(model.weight_layers))])
+    probes = Watcher(model, optimizer, board=board, every=t.log_every, weight_every=t.weight_every,
+                     hist_every=t.hist_every, last_step=last, **own)
     batches = Batches(data.x_train, data.y_train, cfg.data.batch_size, cfg.seed)
-    # Divergence (a non-finite loss, or clipped gradient norm) is checked at the steps that sync
-    # anyway, with no op on the steps between: the values of the steps since the last check are
-    # kept as they are (device tensors) and read together, on a logged step with its statistics.
-    watch = Watch()
-    # the first gradient-logged step and the two latest, each with the latest weight probes at or
-    # before it: all that the summary needs, whatever the run's length
-    logged: list[dict] = []
-    weights: dict | None = None
-    steps_done = 0
-    status, last = "completed", t.steps - 1
+    divergence = Divergence()
+    steps_done, status = 0, "completed"
     model.train()
     try:
         for step in range(t.steps):
-            log, weigh, hist = (due(every, step, last) for every in (t.log_every, t.weight_every, t.hist_every))
-            record = log or hist
-            # --- forward and backward
+            # --- forward and backward (the probes read the gradients at the end of backward)
             x, y = batches.next()
-            logits = model(x, record=record)
+            logits = model(x)
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             objective(loss, model, cfg.optim.l1).backward()
-            watch.add(step, loss)
-            # --- probes (gradients before clipping), clipping, the step
-            stats = probes.gradients(model.records) if log else {}
-            hists = probes.histograms(model.records) if hist else {}
-            if record:
-                model.records = []  # the recorded activations are not needed past here: free them now
+            divergence.add(step, loss)
+            # --- clipping, then the step (the probes read the weights at the optimizer's step hooks)
             if clip is not None:
                 total = clip(model.parameters(), cfg.clip.max)
                 if total is not None:  # norm clipping measured the gradient: check it for free
-                    watch.add(step, total)
-            if weigh:
-                probes.snapshot()
+                    divergence.add(step, total)
+            sync = host_sync(t, step)
+            if probes.logging:  # read with the statistics, in their one transfer
+                probes.attach({"loss/train": loss.detach(), "acc/train": (logits.argmax(1) == y).float().mean(),
+                               "lr": optimizer.param_groups[0]["lr"]})
+                if sync and divergence.pending:
+                    probes.attach({"_diverged": divergence.values()})
             optimizer.step()
             steps_done = step + 1
-            # --- logging: one host transfer for everything this step measured
-            if weigh:
-                stats.update(probes.weights_after())
-            sync = host_sync(t, step)
-            if log:
-                stats["loss"] = loss.detach()
-                stats["correct"] = (logits.argmax(1) == y).sum()  # accuracy on the host: two ops fewer
-                if sync and watch.pending:
-                    stats["_watched"] = watch.values()  # read with the statistics, in their one transfer
-            if stats or hists:
-                host = probes.host({**stats, **hists})
-                if "_watched" in host:
-                    watch.read(host.pop("_watched"))
-                if hist:
-                    board.histograms(step, host)
-                if stats:
-                    scalars = {"loss/train": host["loss"][0], "acc/train": host["correct"][0] / len(y),
-                               "lr": optimizer.param_groups[0]["lr"]} if log else None
-                    board.layers(step, host, scalars)
-                if weigh:
-                    weights = {"step": step, **{k: host[k] for k in WEIGHT_PROBES}}
-                if log:
-                    logged.append({"step": step, **{k: host[k] for k in GRADIENT_KEYS}, "weights": weights})
-                    if len(logged) > 3:
-                        del logged[1]
+            logged = probes.latest if probes.latest.get("step") == step else {}
+            if "_diverged" in logged:
+                divergence.read(logged.pop("_diverged"))
             if due(t.eval_every, step, last):
                 loss_ev, acc_ev = evaluate(model, data.x_eval, data.y_eval)
                 board.scalars(step, {"loss/eval": loss_ev, "acc/eval": acc_ev})
             # --- divergence is a result: stop here and say where
-            if sync and watch.check() is not None:
+            if sync and divergence.check() is not None:
                 status = "diverged"
                 break
-            progress(step + 1, logged[-1] if log else {})
+            progress(step + 1, {"loss": [logged["loss/train"]]} if "loss/train" in logged else {})
             board.tick()
     except KeyboardInterrupt:
         status = "interrupted"
-    diverged = None
-    if status == "diverged" or (status == "interrupted" and watch.check() is not None):
+    finally:
+        probes.detach()
+    diverged, first, last_snap = None, *probes.snapshots()
+    if status == "diverged" or (status == "interrupted" and divergence.check() is not None):
         # checked at the steps that sync anyway: report the run as stopped where it diverged, and
         # keep only what was logged before (later steps trained on non-finite weights)
-        status, bad = "diverged", watch.check()
-        diverged = {"step": bad, "first_nonfinite_layer": first_nonfinite_layer(model)}
+        status, bad = "diverged", divergence.check()
+        diverged = {"step": bad, "first_nonfinite_layer": first_nonfinite_layer(probes.layers)}
         steps_done = bad + 1
-        logged = [e for e in logged if e["step"] < bad] or logged[:1]
-    kernel = "torch" if exp.device.type != "cpu" else \
-        native.describe(probes.kernel_steps, probes.torch_steps, not_float32=exp.cfg.precision != "float32")
-    return {"status": status, "steps_done": steps_done, "logged": logged, "diverged": diverged, "probe_kernel": kernel}
+        first, last_snap = probes.snapshots(before=bad)
+    kernel = probes.probe_kernel(not_float32=cfg.precision != "float32")
+    return {"status": status, "steps_done": steps_done, "first": first, "last": last_snap, "diverged": diverged,
+            "probe_kernel": kernel, "layers": probes.layer_info()}
 
 
-def layer_snapshot(entry: dict | None) -> dict | None:
-    """The per-layer probes of one gradient-logged step, with the weight probes of the latest step at
-    or before it that measured them (`weight_step`; None where none did)."""
-    if entry is None:
+def layer_snapshot(snap: dict | None) -> dict | None:
+    """The per-layer probes of one gradient-logged step as summary.json keeps them, with the weight
+    probes of the latest step at or before it that measured them (`weight_step`; None where none did)."""
+    if snap is None:
         return None
-    snap = {"step": entry["step"], **{k: entry[k] for k in GRADIENT_PROBES}}
-    snap["grad_norm_total"] = entry["grad_norm_total"][0]
-    snap["loss_train"] = entry["loss"][0]
-    weights = entry["weights"]
-    snap["weight_step"] = weights["step"] if weights else None
-    snap.update({k: weights[k] if weights else None for k in WEIGHT_PROBES})
-    return snap
+    keep = {k: v for k, v in snap.items() if "/" not in k}
+    keep["loss_train"] = snap.get("loss/train")
+    return keep
 
 
 def summarize(cfg: Config, exp: Experiment, result: dict, wall_time: float) -> dict:
@@ -284,19 +248,19 @@ def summarize(cfg: Config, exp: Experiment, result: dict, wall_time: float) -> d
         n = min(len(exp.data.x_train), 10_000)
         final["loss_train"], final["acc_train"] = evaluate(exp.model, exp.data.x_train[:n], exp.data.y_train[:n])
         final["loss_eval"], final["acc_eval"] = evaluate(exp.model, exp.data.x_eval, exp.data.y_eval)
-    logged = result["logged"]
-    first = layer_snapshot(logged[0] if logged else None)
-    last = layer_snapshot(logged[-1] if logged else None)
-    n_layers = len(exp.model.weight_layers)
+    first, last = layer_snapshot(result["first"]), layer_snapshot(result["last"])
+    info = result.get("layers") or {}
+    names = info.get("names") or [layer_name(i) for i in range(len(getattr(exp.model, "weight_layers", [])))]
     theory = theory_beside(cfg, exp, first)
     return {
         "status": result["status"],
         "name": cfg.name,
         "steps": {"planned": cfg.train.steps, "done": result["steps_done"]},
         "final": final,
-        "layers": {"names": [f"layer_{i:02d}" for i in range(n_layers)], "first": first, "last": last},
+        "layers": {**info, "names": names, "first": first, "last": last},
         "theory": theory,
-        "diagnosis": diagnose(first, last, cfg, result["diverged"], theory),
+        "diagnosis": diagnose(first, last, cfg if cfg.model.kind != "custom" else watched_context(info, cfg),
+                              result["diverged"], theory),
         "versions": {"gradexp": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "device": str(exp.device),
         "probe_kernel": result.get("probe_kernel"),  # None: nothing was trained (interrupted pre-training)
@@ -339,7 +303,7 @@ def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Exper
     exp = exp or prepare(cfg)
     folder = new_run_dir(out, cfg.name)
     write_atomic(folder / "config.yaml", to_yaml(cfg))
-    board = Board(str(folder), len(exp.model.weight_layers))
+    board = Board(str(folder))
     started = time.time()
     # Denormal floats (below ~1.2e-38: a deep sigmoid net's first-layer gradients) make x86 CPU
     # arithmetic many times slower; flushing them to 0 is the default, restored afterwards.
@@ -360,7 +324,7 @@ def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Exper
             except KeyboardInterrupt:
                 phases = []
         if phases == []:  # interrupted while pre-training: nothing was fine-tuned
-            result = {"status": "interrupted", "steps_done": 0, "logged": [], "diverged": None}
+            result = {"status": "interrupted", "steps_done": 0, "first": None, "last": None, "diverged": None}
         else:
             with bars(cfg.train.steps) as update:
                 result = train(exp, board, update)

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gradexp.cli import app
-from gradexp.probes import Probes
+from gradexp.probes import Watcher
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -18,10 +18,22 @@ CONFIGS = ROOT / "configs"
 TINY = ["train.steps=12", "train.log_every=5", "train.eval_every=6", "train.hist_every=10"]
 
 
-def gradient_probes(net, activation: str) -> dict[str, list]:
-    """The gradient probes of the backward just run on `net`, as the training loop takes them."""
-    probes = Probes(net, activation)
-    return probes.host(probes.gradients(net.records))
+def measure(net, x, y, loss_fn=None, **options) -> dict:
+    """The probes of one step on `net` (x, y): attached as the runner attaches them to its own
+    models (`activations` named) when `net` has them, else found as for any model; returns the
+    step's values (Watcher.latest), per statistic a list per layer."""
+    import torch.nn.functional as F
+
+    if hasattr(net, "activations") and "activations" not in options:
+        options.update(layers=net.weight_layers, activations=net.activations)
+    probes = Watcher(net, every=1, **options)
+    try:
+        out = net(x)
+        (loss_fn or F.cross_entropy)(out, y).backward()
+        probes.step()
+    finally:
+        probes.detach()
+    return probes.latest
 
 
 @pytest.fixture

@@ -1,0 +1,165 @@
+"""`gradexp.watch`: the probe engine on any model, in the user's own loop, with a log folder.
+
+    with gradexp.watch(model, optimizer, logdir="runs/mine") as w:
+        for x, y in loader:
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()          # the probes measure at its step hooks
+    print(w.summary()["diagnosis"]["message"])
+
+The folder gets TensorBoard events as the loop runs, and summary.json and gradient_flow.png when
+the watch closes (leaving the `with` block, or `close()`), however the loop ends.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .board import Board
+from .diagnosis import diagnose, watched_context
+from .probes import Watcher
+from .rundir import write_json
+
+
+def _fresh_folder(logdir: str | Path) -> Path:
+    """`logdir`, or where it already holds a watch's files, the first free `logdir-N` beside it:
+    what a user already has is never written over."""
+    base = Path(logdir)
+    for k in range(10_000):
+        path = base if k == 0 else base.with_name(f"{base.name}-{k}")
+        if path.exists() and not path.is_dir():
+            continue
+        if not path.exists() or not any(f.name == "summary.json" or f.name.startswith("events.out.tfevents")
+                                        for f in path.iterdir()):
+            path.mkdir(parents=True, exist_ok=True)
+            return path
+    raise FileExistsError(f"no free folder beside {base}")
+
+
+class Watch:
+    """A watched model: the probes, their TensorBoard events, and on close the summary and figure."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                 logdir: str | Path = "runs/watch", every: int = 10, weight_every: int | None = None,
+                 hist_every: int = 0, layers: Any = None, scaler: Any = None, name: str | None = None,
+                 vanishing_below: float = 1e-2, exploding_above: float = 1e2):
+        self.logdir = _fresh_folder(logdir)
+        self.name = name or type(model).__name__
+        self.thresholds = (vanishing_below, exploding_above)
+        self.board = Board(str(self.logdir))
+        try:
+            self.probes = Watcher(model, optimizer, board=self.board, every=every, weight_every=weight_every,
+                                  hist_every=hist_every, layers=layers, scaler=scaler)
+        except BaseException:
+            self.board.close()
+            raise
+        self.started = time.time()
+        self.status = "running"
+        self.error: str | None = None
+        self._summary: dict | None = None
+
+    # --- the loop's side
+    def step(self) -> None:
+        """Without an optimizer: once per training step, after backward (see Watcher.step)."""
+        self.probes.step()
+        self.board.tick()
+
+    @property
+    def layer_names(self) -> list[str]:
+        """The layers' names as logged, in depth order (known after the first forward)."""
+        return list(self.probes.names)
+
+    def __enter__(self) -> "Watch":
+        return self
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if kind is None:
+            self.close()
+        else:
+            interrupted = issubclass(kind, KeyboardInterrupt)
+            self.close(status="interrupted" if interrupted else "failed",
+                       error=None if interrupted else f"{kind.__name__}: {error}")
+        return False  # the exception goes on
+
+    # --- ending
+    def close(self, status: str = "completed", error: str | None = None) -> dict:
+        """Remove every hook, write summary.json and gradient_flow.png, close the events. Idempotent."""
+        if self._summary is not None:
+            return self._summary
+        self.probes.detach()
+        try:
+            if self.probes.diverged is not None and status == "completed":
+                status = "diverged"
+            self.status, self.error = status, error
+            self._summary = self.summary()
+            write_json(self.logdir / "summary.json", self._summary)
+            first, last = self._summary["layers"]["first"], self._summary["layers"]["last"]
+            if first is not None:
+                from .report import gradient_flow_figure  # matplotlib is imported only when drawing
+
+                gradient_flow_figure(self.logdir / "gradient_flow.png", first, last, title=self.name,
+                                     names=self.probes.names, diverged=self.probes.diverged)
+        finally:
+            self.board.close()
+            self.probes.closed = True
+        return self._summary
+
+    def summary(self) -> dict:
+        """What summary.json holds (as it stands, while the loop runs)."""
+        if self._summary is not None:
+            return self._summary
+        p = self.probes
+        diverged = p.diverged
+        first, last = p.snapshots(before=diverged["step"] if diverged else None)
+        if diverged and first is not None and first["step"] >= diverged["step"]:
+            first = last = None
+        info = p.layer_info()
+        ctx = watched_context(info)
+        ctx.vanishing_below, ctx.exploding_above = self.thresholds
+        div = {"step": diverged["step"], "first_nonfinite_layer": diverged["layer_index"]} if diverged else None
+        return {
+            "status": self.status,
+            "error": self.error,
+            "name": self.name,
+            "steps": {"done": p.step_count},
+            "every": {"gradients": p.every, "weights": p.weight_every},
+            "layers": {**info, "first": first, "last": last},
+            "diverged": diverged,
+            "diagnosis": diagnose(first, last, ctx, div),
+            "versions": {"gradexp": __version__, "torch": torch.__version__},
+            "probe_kernel": p.probe_kernel() if p.layers else None,
+            "wall_time_s": round(time.time() - self.started, 3),
+        }
+
+
+def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, logdir: str | Path = "runs/watch",
+          every: int = 10, weight_every: int | None = None, layers: Any = None, scaler: Any = None,
+          name: str | None = None, hist_every: int = 0, vanishing_below: float = 1e-2,
+          exploding_above: float = 1e2) -> Watch:
+    """Watch the gradient flow of any `nn.Module` as it trains; returns a `Watch` (a context manager).
+
+    - `optimizer`: measured at each of its steps through its step hooks. Without one, call
+      `w.step()` once per training step, after backward.
+    - `logdir`: TensorBoard events, summary.json and gradient_flow.png (a folder that already holds
+      a watch's files is left alone: the first free `logdir-N` is used instead; `w.logdir` says which).
+    - `every`: gradient and activation probes every N steps (step 0 included); 0: off.
+    - `weight_every`: weight probes (weight_norm, update_ratio, dist_from_init) every N steps
+      (default 10 * every; 0: off). They keep a copy of the weights at init.
+    - `layers`: None (every module that owns a weight of 2 or more dimensions, in the order the
+      forward pass calls them), name patterns ("transformer.h.*"), a module type or tuple of types,
+      or a list of modules.
+    - `scaler`: a torch.amp.GradScaler: its scale is divided out (the values are unscaled).
+    - `hist_every`: TensorBoard histograms of the gradients and activations every N steps (0: off).
+    - `vanishing_below`, `exploding_above`: the diagnosis' thresholds on the first-to-last ratio of
+      ||dL/dz||.
+    A model compiled with torch.compile is refused: watch the uncompiled one."""
+    return Watch(model, optimizer, logdir=logdir, every=every, weight_every=weight_every, hist_every=hist_every,
+                 layers=layers, scaler=scaler, name=name, vanishing_below=vanishing_below,
+                 exploding_above=exploding_above)
