@@ -16,9 +16,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH) -e .
 	@touch $@
 
-# plus pytest and Ray (the sweep's cluster executor is tested against a local instance)
+# plus pytest, Ray (the sweep's cluster executor is tested against a local instance), and
+# Lightning and transformers (the callbacks in gradexp/lightning.py and gradexp/huggingface.py)
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[dev,ray]'
+	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[dev,ray,lightning,huggingface]'
 	@touch $@
 
 demo: $(VENV)/.installed

@@ -124,49 +124,53 @@ def sum_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
             sums = native.probe_sums(lib, tensors, [], None, "identity", 0.0)
             if sums is not None:
                 return sums
-        norms = torch.stack([n.double() for n in torch._foreach_norm(tensors)])
-        for i, v in enumerate(norms.tolist()):
-            if v < TINY_NORM and tensors[i].numel():
+        # float32 norms (half-precision ones would overflow: a GradScaler's gradients reach 1e5), and
+        # tiny or non-float32 ones in float64
+        single = [i for i, t in enumerate(tensors) if t.dtype is torch.float32]
+        norms = torch.zeros(len(tensors), dtype=torch.float64)
+        if single:
+            norms[single] = torch.stack(torch._foreach_norm([tensors[i] for i in single])).double()
+        exact = set(range(len(tensors))) - set(single)
+        exact |= {i for i, v in enumerate(norms.tolist()) if v < TINY_NORM}
+        for i in exact:
+            if tensors[i].numel():
                 norms[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
         return norms.square_()
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square_()
 
 
-def activation_sums(h: torch.Tensor, a: torch.Tensor | None, activation: str | None) -> torch.Tensor:
-    """float64 [n, units, pivot, sum(h - p), sum((h - p)^2), sum phi'(a), saturated fraction] of one
-    call's activation h (examples along its first dimension, units the rest); without a known
-    activation the last two are NaN. Summed around a pivot p, h's first value, so that the std of a
-    layer whose spread is tiny beside its mean does not cancel."""
+def activation_sums(h: torch.Tensor, a: torch.Tensor | None, activation: str | None
+                    ) -> tuple[tuple[float, float], torch.Tensor]:
+    """One call's activation h (examples along its first dimension, units the rest): (n, units) on the
+    host and float64 [pivot p, sum(h - p), sum((h - p)^2), sum phi'(a), units flat on every example]
+    on h's device (the last two NaN without a known activation). Summed around a pivot, h's first
+    value, so that the std of a layer whose spread is tiny beside its mean does not cancel. (The
+    counts stay on the host: on a logged step's cold caches each tensor op more costs ~5-10 us.)"""
     h = h.detach()
     batch = h.shape[0] if h.dim() > 1 else 1
     units = h.numel() // max(batch, 1)
+    meta = (float(batch * units), float(units))
     name = activation or "identity"
     flat = SATURATION_FRACTION * MAX_SLOPE[name]
-    if h.is_cpu and h.dtype is torch.float32 and h.numel():
+    if h.is_cpu and h.dtype is torch.float32 and h.numel() and h.is_contiguous():
         lib = native.kernel()
-        inputs = [a.detach().contiguous()] if name in NEEDS_INPUT and a is not None else None
-        hc = h.contiguous()
-        if lib is not None and (inputs is None or native.usable(inputs)) and (name not in NEEDS_INPUT or inputs):
-            sums = native.probe_sums(lib, [], [hc.view(batch, units)], inputs, name, flat)
-            if sums is not None:  # [pivot, s, s2, ds, flat units]
-                out = torch.cat([sums.new_tensor([float(batch * units), float(units)]), sums])
-                out[6] = out[6] / units
-                if activation is None:
-                    out[5:] = math.nan
-                return out
-    h2 = h.reshape(batch, units)
+        inputs = [a.detach()] if name in NEEDS_INPUT else None
+        if lib is not None and (inputs is None or (a is not None and native.usable(inputs))):
+            sums = native.probe_sums(lib, [], [h.view(batch, units)], inputs, name, flat, threads=1)
+            if sums is not None:
+                return meta, sums  # without a known activation the last two are not read
     wide = torch.float64
+    h2 = h.reshape(batch, units)
     pivot = h2[:1, :1].to(wide)
     c = h2.to(wide) - pivot
-    head = torch.stack([c.new_tensor(float(batch * units)), c.new_tensor(float(units)), pivot.reshape(()),
-                        c.sum(), c.square().sum()])
+    head = [pivot.reshape(()), c.sum(), c.square().sum()]
     if activation is None:
-        return torch.cat([head, c.new_tensor([math.nan, math.nan])])
+        nan = c.new_tensor(math.nan)
+        return meta, torch.stack(head + [nan, nan])
     x = a.detach().reshape(batch, units) if name in NEEDS_INPUT else None
     d = DERIVATIVES[name](x, h2)
     steepest = (d.abs() if name in SIGNED_DERIVATIVE else d).amax(0)
-    saturated = (steepest < flat).sum().to(wide) / units
-    return torch.cat([head, torch.stack([d.sum(dtype=wide), saturated])])
+    return meta, torch.stack(head + [d.sum(dtype=wide), (steepest < flat).sum().to(wide)])
 
 
 def histogram_row(values: torch.Tensor, spec: tuple[float, float, int]) -> torch.Tensor:
@@ -269,13 +273,15 @@ class Record:
     """What a logged step has gathered so far (device tensors until the one transfer)."""
     dz: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (layer, dL/dz) of this backward
     dz_sums: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)  # measured backwards
-    acts: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> activation_sums per call
-    z_acts: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # the same of z (no activation known)
+    acts: dict[int, list[tuple]] = field(default_factory=dict)  # layer -> activation_sums per call
+    z_acts: dict[int, list[tuple]] = field(default_factory=dict)  # the same of z (no activation known)
     act_hists: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     grad_sq: torch.Tensor | None = None  # every trainable parameter's, at the end of the latest backward
     grads: list[torch.Tensor] = field(default_factory=list)  # those gradients (to see clipping change them)
     versions: list[int] = field(default_factory=list)
     grad_hists: torch.Tensor | None = None
+    scale_version: int = -1  # the GradScaler's scale tensor's version at the latest backward
+    forwarding: bool = False  # a forward has begun since the latest backward
     extra: dict[str, torch.Tensor | float] = field(default_factory=dict)
     queued: bool = False  # the end-of-backward callback is queued
 
@@ -330,7 +336,8 @@ class Watcher:
         self.diverged: dict | None = None  # the first logged step with a non-finite gradient, and where
         self.kernel_steps = self.torch_steps = 0  # logged steps whose gradients the C kernel / torch summed
         self.closed = False
-        self._handles: list = []
+        self._handles: list = []  # the optimizer's step hooks, for as long as the watch lasts
+        self._module_handles: list = []  # the module hooks, while steps are measured
         self._discovering = True  # until the end of the first forward
         self._order: list[int] = []  # candidates in the order of their first call
         self._depth: dict[int, int] = {}  # candidate -> depth index
@@ -340,7 +347,8 @@ class Watcher:
         self._act_owner: dict[int, set[int]] = {}  # id(activation module) -> candidates it follows
         self._act_of: dict[int, nn.Module] = {}  # candidate -> its activation module
         self._params: list[nn.Parameter] = []  # every trainable parameter: the layers' first
-        self._param_layer: list[int] = []  # the layer of each of the layers' parameters
+        self._param_layers: list[list[int]] = []  # the layers of each of the layers' parameters (tied
+        # weights belong to every layer that uses them: GPT-2's head shares the token embedding)
         self._initial: list[torch.Tensor] = []  # the layers' parameters at init (weight probes only)
         self._before: list[torch.Tensor] = []  # ... before the latest measured update
         self._w0_sq: list[float] = []
@@ -350,22 +358,33 @@ class Watcher:
 
     # --- attaching and detaching
     def _attach(self, activations: dict[nn.Module, nn.Module] | None) -> None:
-        self._model_modules = {id(m) for m in self.model.modules()}
         self._leaves = {id(m) for m in self.model.modules() if next(m.children(), None) is None}
-        for k, (_, module) in enumerate(self._candidates):
-            self._handles.append(module.register_forward_hook(partial(self._on_layer, k)))
         self._given = activations is not None
         for layer_module, act in (activations or {}).items():
             k = self._cand_index.get(id(layer_module))
             if k is not None:
                 self._link(k, act)
-        self._handles.append(self.model.register_forward_pre_hook(self._on_model_start))
-        self._handles.append(self.model.register_forward_hook(self._on_model_end))
         # the order of the calls and the activations, seen by a global hook during the first forward only
         self._discovery = None if self._given else nn.modules.module.register_module_forward_hook(self._on_any_module)
         if self._optimizer is not None:
             self._handles.append(self._optimizer.register_step_pre_hook(lambda *_: self.before_update()))
             self._handles.append(self._optimizer.register_step_post_hook(lambda *_: self.after_update()))
+
+    def _hooks_on(self) -> None:
+        """The module hooks, for the steps that are measured only: a module with any forward hook
+        takes torch's slow call path (~5-10 us a call on a CPU), on every step it is called."""
+        if self._module_handles:
+            return
+        hooks = [(m, partial(self._on_layer, k)) for k, (_, m) in enumerate(self._candidates)
+                 if self._discovering or k in self._depth]
+        hooks += [(act, self._on_activation) for act in {id(a): a for a in self._act_of.values()}.values()]
+        self._module_handles = [m.register_forward_hook(fn) for m, fn in hooks]
+        self._module_handles.append(self.model.register_forward_hook(self._on_model_end))
+
+    def _hooks_off(self) -> None:
+        for h in self._module_handles:
+            h.remove()
+        self._module_handles = []
 
     def _link(self, k: int, act: nn.Module) -> None:
         """Candidate k is followed by activation module `act`."""
@@ -374,11 +393,13 @@ class Watcher:
         self._act_of[k] = act
         if id(act) not in self._act_owner:
             self._act_owner[id(act)] = set()
-            self._handles.append(act.register_forward_hook(self._on_activation))
+            if self._module_handles:  # found during the first forward: measured from now on
+                self._module_handles.append(act.register_forward_hook(self._on_activation))
         self._act_owner[id(act)].add(k)
 
     def detach(self) -> None:
         """Remove every hook (idempotent)."""
+        self._hooks_off()
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -395,6 +416,10 @@ class Watcher:
         self.record = Record() if (measured or self._discovering) else None
         for layer in self.layers:
             layer.calls = 0
+        if self.record is not None:
+            self._hooks_on()
+        else:
+            self._hooks_off()
 
     @property
     def logging(self) -> bool:
@@ -408,17 +433,19 @@ class Watcher:
             self.record.extra.update(values)
 
     # --- hooks
-    def _on_model_start(self, module: nn.Module, inputs: Any) -> None:
-        record = self.record
-        if record is not None and (record.dz_sums or record.dz) and self._grads_cleared():
-            # gradients were cleared since the last backward without an optimizer step (a step the
-            # GradScaler skipped): what that backward measured will not be applied
+    def _new_iteration(self, record: Record) -> Record:
+        """The first layer call after a backward: if that backward's gradient will not be applied (the
+        gradients were cleared since, or the GradScaler updated its scale: it skipped the step for an
+        inf or NaN), start the step's record again."""
+        record.forwarding = True
+        scale = getattr(self.scaler, "_scale", None)
+        skipped = scale is not None and scale._version != record.scale_version
+        if skipped or (self._params and self._params[0].grad is None):
             self.record = Record(extra=record.extra)
+            self.record.forwarding = True
             for layer in self.layers:
                 layer.calls = 0
-
-    def _grads_cleared(self) -> bool:
-        return bool(self._params) and self._params[0].grad is None
+        return self.record
 
     def _on_model_end(self, module: nn.Module, inputs: Any, output: Any) -> None:
         if self._discovering and torch.is_grad_enabled():
@@ -428,7 +455,7 @@ class Watcher:
         """First forward only: which known activation follows which layer (norms and dropout may
         stand between); any other module in between means none does."""
         key = id(module)
-        if key not in self._leaves or key in self._cand_index or key in self._act_owner:
+        if key not in self._leaves or key in self._cand_index or key in self._act_owner or self.record is None:
             return  # not the model's, or a layer (its own hook follows), or a linked activation
         if activation_name(module) is not None and self._last is not None:
             self._link(self._last, module)
@@ -440,6 +467,8 @@ class Watcher:
         record = self.record
         if record is None or not torch.is_grad_enabled():  # an evaluation under no_grad is not training
             return
+        if record.dz_sums and not record.forwarding:
+            record = self._new_iteration(record)
         if self._discovering:
             if k not in self._depth:
                 self._depth[k] = len(self._order)
@@ -496,6 +525,11 @@ class Watcher:
         if record is None:
             return
         record.queued = False
+        record.forwarding = False
+        if self._discovering:  # the model's own forward was not called (a LightningModule's training_step)
+            self._finish_discovery(None)
+        scale = getattr(self.scaler, "_scale", None)
+        record.scale_version = scale._version if scale is not None else -1
         grads = [p.grad for p in self._params]
         dz = [g for _, g in record.dz]
         tensors = [g.detach() if g is not None else p.new_zeros(0) for g, p in zip(grads, self._params)] + dz
@@ -539,23 +573,28 @@ class Watcher:
         self.names = self._names or [f"{i:02d}_{layer.name}" for i, layer in enumerate(self.layers)]
         if len(self.names) != len(self.layers):
             raise ValueError(f"names: {len(self.names)} given for the {len(self.layers)} layers the forward calls")
-        seen: set[int] = set()
+        seen: dict[int, int] = {}
         for i, layer in enumerate(self.layers):
             for p in layer.params:
                 if id(p) not in seen:
-                    seen.add(id(p))
+                    seen[id(p)] = len(self._params)
                     self._params.append(p)
-                    self._param_layer.append(i)
+                    self._param_layers.append([])
+                if i not in self._param_layers[seen[id(p)]]:
+                    self._param_layers[seen[id(p)]].append(i)
         self._n_layer_params = len(self._params)
         self._params += [p for p in self.model.parameters() if p.requires_grad and id(p) not in seen]
         if self.weight_every > 0 and self._n_layer_params:
             with torch.no_grad():
                 self._initial = [p.detach().clone() for p in self._params[:self._n_layer_params]]
             self._w0_sq = [0.0] * len(self.layers)
-            for v, i in zip(sum_squares(self._initial).tolist(), self._param_layer):
-                self._w0_sq[i] += v
+            for v, owners in zip(sum_squares(self._initial).tolist(), self._param_layers):
+                for i in owners:
+                    self._w0_sq[i] += v
         if self.board is not None:
             self.board.set_layers(self.names, self.available())
+        if getattr(self, "_snapshot_pending", False):
+            self._snapshot()
         if not (due(self.every, 0, self.last_step) or self._hist):  # measured only to find the layers
             self.record = None
 
@@ -577,9 +616,14 @@ class Watcher:
     # --- steps
     def before_update(self) -> None:
         """Before the optimizer applies a step (its step pre-hook): keep the weights if this step
-        measures them, to measure the update actually applied."""
-        if not self._discovering and due(self.weight_every, self.step_count, self.last_step):
-            self._snapshot()
+        measures them, to measure the update actually applied. (With `optimizer.step(closure)`, as
+        Lightning calls it, this comes before the step's forward: at step 0 the layers are not known
+        yet, and the weights are kept once they are, unchanged by then.)"""
+        if due(self.weight_every, self.step_count, self.last_step):
+            if self._discovering:
+                self._snapshot_pending = True
+            else:
+                self._snapshot()
 
     def _snapshot(self) -> None:
         if not self._n_layer_params:
@@ -595,6 +639,8 @@ class Watcher:
         """After the optimizer step (its step post-hook): measure what is due, write it, move on."""
         if self.closed:
             return
+        if self._discovering and self._order:  # layers called, but no gradient reached them
+            self._finish_discovery(None)
         step = self.step_count
         weigh = not self._discovering and getattr(self, "_snapshot_step", None) == step
         if not self._discovering:
@@ -608,6 +654,8 @@ class Watcher:
         change since the previous call."""
         if self._optimizer is not None:
             raise RuntimeError("gradexp.watch was given an optimizer and measures at its steps: do not call step()")
+        if self._discovering and self._order:
+            self._finish_discovery(None)
         if self.closed or self._discovering:
             return
         step = self.step_count
@@ -632,7 +680,7 @@ class Watcher:
             stats["grad_sq"] = record.grad_sq
             if record.dz_sums:
                 stats["dz_sq"] = torch.cat([s for _, s in record.dz_sums])
-            acts = [t for _, ts in sorted({**record.z_acts, **record.acts}.items()) for t in ts]
+            acts = [t for _, calls in sorted({**record.z_acts, **record.acts}.items()) for _, t in calls]
             if acts:
                 stats["acts"] = torch.stack(acts)
             now = [p.grad for p in self._params]
@@ -673,24 +721,26 @@ class Watcher:
             scale = host.pop("scale", [1.0])[0]
             unscale = 1.0 / (scale * scale)  # the loss was multiplied by the scale: squares by its square
             sq = host.pop("grad_sq")
-            for v, i in zip(sq, self._param_layer):
-                raw[i]["grad_sq"] = raw[i].get("grad_sq", 0.0) + v * unscale
+            for v, owners in zip(sq, self._param_layers):
+                for i in owners:
+                    raw[i]["grad_sq"] = raw[i].get("grad_sq", 0.0) + v * unscale
             totals["grad_norm_total"] = math.sqrt(sum(sq) * unscale) if sq else None
             applied = host.pop("applied_sq", None)
             totals["grad_norm_total_applied"] = math.sqrt(applied[0]) if applied else None
             for i, v in zip([i for ids, _ in record.dz_sums for i in ids], host.pop("dz_sq", [])):
                 raw[i]["dz_sq"] = raw[i].get("dz_sq", 0.0) + v * unscale
-            owners = [i for i, ts in sorted({**record.z_acts, **record.acts}.items()) for _ in ts]
+            owners = [(i, meta) for i, ts in sorted({**record.z_acts, **record.acts}.items()) for meta, _ in ts]
             calls: dict[int, list[list[float]]] = {}
-            for i, row in zip(owners, host.pop("acts", [])):
-                calls.setdefault(i, []).append(row)
+            for (i, meta), row in zip(owners, host.pop("acts", [])):
+                calls.setdefault(i, []).append([*meta, *row])
             for i, rows in calls.items():
                 raw[i].update(_combine(rows, self.layers[i].activation is not None))
         if weigh:
             w = [[0.0, 0.0, 0.0] for _ in range(n)]
-            for row, i in zip(host.pop("weights"), self._param_layer):
-                for j in range(3):
-                    w[i][j] += row[j]
+            for row, owners in zip(host.pop("weights"), self._param_layers):
+                for i in owners:
+                    for j in range(3):
+                        w[i][j] += row[j]
             for i, layer in enumerate(self.layers):
                 if layer.params:
                     raw[i].update(w_sq=w[i][0], step_sq=w[i][1], dist_sq=w[i][2], w0_sq=self._w0_sq[i])
@@ -738,7 +788,7 @@ class Watcher:
                 "types": [type(layer.module).__name__ for layer in self.layers],
                 "activations": [layer.activation for layer in self.layers],
                 "output": [layer.output for layer in self.layers],
-                "calls": [layer.calls for layer in self.layers]}
+                "calls": self.logged[-1]["calls"] if self.logged else [0] * len(self.layers)}
 
     def probe_kernel(self, not_float32: bool = False) -> str:
         """Which code summed a CPU run's probes (summary.json's probe_kernel)."""
@@ -753,8 +803,9 @@ def _act_name(module: nn.Module) -> str | None:
 
 
 def _combine(rows: list[list[float]], known: bool) -> dict[str, float]:
-    """One layer's raw activation sums over its calls (each [n, units, pivot, s, s2, ds, saturated]):
-    around the overall mean, so that calls with different pivots add up."""
+    """One layer's raw activation sums over its calls (each [n, units, pivot, s, s2, ds, flat units]):
+    around the overall mean, so that calls with different pivots add up; the saturated fraction is
+    the mean over calls."""
     n = sum(r[0] for r in rows)
     if n == 0:
         return {}
@@ -766,5 +817,5 @@ def _combine(rows: list[list[float]], known: bool) -> dict[str, float]:
     out = {"n": n, "pivot": mean, "s": 0.0, "s2": s2}
     if known:
         out["ds"] = sum(r[5] for r in rows)
-        out["flat"] = sum(r[6] for r in rows) / len(rows)
+        out["flat"] = sum(r[6] / r[1] for r in rows) / len(rows)
     return out

@@ -49,14 +49,14 @@ class Watch:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  logdir: str | Path = "runs/watch", every: int = 10, weight_every: int | None = None,
                  hist_every: int = 0, layers: Any = None, scaler: Any = None, name: str | None = None,
-                 vanishing_below: float = 1e-2, exploding_above: float = 1e2):
+                 vanishing_below: float = 1e-2, exploding_above: float = 1e2, last_step: int | None = None):
         self.logdir = _fresh_folder(logdir)
         self.name = name or type(model).__name__
         self.thresholds = (vanishing_below, exploding_above)
         self.board = Board(str(self.logdir))
         try:
             self.probes = Watcher(model, optimizer, board=self.board, every=every, weight_every=weight_every,
-                                  hist_every=hist_every, layers=layers, scaler=scaler)
+                                  hist_every=hist_every, layers=layers, scaler=scaler, last_step=last_step)
         except BaseException:
             self.board.close()
             raise
@@ -142,7 +142,7 @@ class Watch:
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, logdir: str | Path = "runs/watch",
           every: int = 10, weight_every: int | None = None, layers: Any = None, scaler: Any = None,
           name: str | None = None, hist_every: int = 0, vanishing_below: float = 1e-2,
-          exploding_above: float = 1e2) -> Watch:
+          exploding_above: float = 1e2, last_step: int | None = None) -> Watch:
     """Watch the gradient flow of any `nn.Module` as it trains; returns a `Watch` (a context manager).
 
     - `optimizer`: measured at each of its steps through its step hooks. Without one, call
@@ -159,7 +159,8 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, l
     - `hist_every`: TensorBoard histograms of the gradients and activations every N steps (0: off).
     - `vanishing_below`, `exploding_above`: the diagnosis' thresholds on the first-to-last ratio of
       ||dL/dz||.
+    - `last_step`: the index of the training's last step, where known: it is measured too.
     A model compiled with torch.compile is refused: watch the uncompiled one."""
     return Watch(model, optimizer, logdir=logdir, every=every, weight_every=weight_every, hist_every=hist_every,
                  layers=layers, scaler=scaler, name=name, vanishing_below=vanishing_below,
-                 exploding_above=exploding_above)
+                 exploding_above=exploding_above, last_step=last_step)

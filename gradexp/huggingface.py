@@ -1,0 +1,64 @@
+"""Gradient flow in a Hugging Face Trainer run: `Trainer(..., callbacks=[GradientFlow()])`.
+
+A thin layer over `gradexp.watch`: it attaches to the Trainer's model and its torch optimizer when
+training begins and closes the watcher when training ends.
+
+Where the Trainer calls what (transformers 4.40 to 5.x): per optimizer step, on_step_begin, forward
+and backward of each micro-batch, clipping to `max_grad_norm`, on_pre_optimizer_step, the step,
+on_optimizer_step, on_step_end. The Trainer's optimizer is accelerate's AcceleratedOptimizer, which
+calls the torch optimizer's `step` (so its step hooks fire) and holds the fp16 GradScaler if any.
+The engine measures gradients at the end of backward, so it sees them before clipping.
+
+The Trainer has no event for a failed `train()`: if it raises, `callback.watcher.close()` removes
+the hooks and writes the summary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradexp
+
+try:
+    import transformers
+except ImportError as e:
+    raise ImportError("gradexp.huggingface needs transformers: pip install 'gradexp[huggingface]'") from e
+
+
+class GradientFlow(transformers.TrainerCallback):
+    """Measures per-layer gradient flow while `Trainer.train` runs.
+
+    logdir: the log folder (TensorBoard events, summary.json, gradient_flow.png); default
+        `gradient_flow` inside `args.logging_dir` (transformers 4.x), else `args.output_dir`.
+    every, weight_every, layers: as in `gradexp.watch`.
+
+    After training, `callback.watcher.summary()` holds what summary.json holds.
+    """
+
+    def __init__(self, logdir: str | Path | None = None, every: int = 10, weight_every: int | None = None,
+                 layers=None):
+        self.logdir = logdir
+        self.every = every
+        self.weight_every = weight_every
+        self.layers = layers
+        self.watcher = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if not state.is_world_process_zero:  # one writer per run; gradients are the same on every rank
+            return
+        # transformers 5 dropped `logging_dir`
+        logdir = self.logdir or Path(getattr(args, "logging_dir", None) or args.output_dir) / "gradient_flow"
+        self.watcher = gradexp.watch(
+            model,
+            getattr(optimizer, "optimizer", optimizer),  # the torch optimizer inside AcceleratedOptimizer
+            logdir=logdir,
+            every=self.every,
+            weight_every=self.weight_every,
+            layers=self.layers,
+            scaler=getattr(optimizer, "scaler", None),  # fp16 on a GPU only
+            last_step=state.max_steps - 1 if state.max_steps and state.max_steps > 0 else None,
+        )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.watcher is not None:
+            self.watcher.close()
