@@ -25,7 +25,7 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, Sessi
 from tensorboard.compat.proto.event_pb2 import Event
 from torch.utils.tensorboard.summary import custom_scalars, histogram_raw, hparams
 
-from .probes import ACT_HIST, GRAD_HIST, LAYER_PROBES, bucket_limits
+from .stats import ACT_HIST, GRAD_HIST, LAYER_PROBES, bucket_limits
 
 # The HParams dashboard's metrics, as scalar tags written at the end of the run.
 FINAL_METRICS = ("final/loss_train", "final/acc_train", "final/loss_eval", "final/acc_eval",

@@ -28,180 +28,18 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import time
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.autograd.variable import Variable
 
 from . import native
-from .layers import DERIVATIVES, MAX_SLOPE, NEEDS_INPUT, PASS_THROUGH, SIGNED_DERIVATIVE, activation_name
-
-SATURATION_FRACTION = 0.01  # |phi'(a)| below 1% of phi's largest slope on every example: saturated / dead
-
-# A float32 norm below this may have lost elements whose squares underflow float32 (elements below
-# ~1e-19, as in a deep sigmoid net's first layers): such norms are recomputed in float64.
-TINY_NORM = 1e-12
-
-# Fixed histogram bin edges, the same at every step and for every layer so that they compare.
-GRAD_HIST = (-45.0, 5.0, 100)  # log10 |dLoss/dW|: float32's smallest denormal is ~1.4e-45; 0 lands in the first bin
-ACT_HIST = (-5.0, 5.0, 100)  # activation values; outliers land in the edge bins
-
-
-# ------------------------------------------------------------------------------- the statistics
-
-@dataclass(frozen=True)
-class Stat:
-    """One per-layer statistic: its group (what must be measured for it), what it means, and its value
-    from a layer's raw sums (host floats, see `Watcher._layer_sums`)."""
-    group: str  # "gradient" (every logged step), "activation" (the same steps), "weight" (weight steps)
-    doc: str
-    value: Callable[[dict[str, float]], float]
-
-
-def _std(r: dict[str, float]) -> float:
-    # the sample std from sums around a pivot (r["pivot"], a value of the layer): E[h^2] - E[h]^2
-    # cancels when a layer's spread is tiny beside its mean (a saturated sigmoid layer)
-    n, c = r["n"], r["s"] / r["n"]
-    return math.sqrt(max(r["s2"] / n - c * c, 0.0) * n / max(n - 1, 1))
-
-
-# name -> Stat: the engine, the TensorBoard writer, the summary and the README's table read this.
-STATS: dict[str, Stat] = {
-    "grad_norm": Stat("gradient", "||dL/dθ|| of the layer's trainable parameters, before clipping",
-                      lambda r: math.sqrt(r["grad_sq"])),
-    "act_grad_norm": Stat("gradient", "||dL/dz||, the back-propagated gradient at the layer's output z "
-                                      "(over all its calls in the step)", lambda r: math.sqrt(r["dz_sq"])),
-    "act_mean": Stat("activation", "mean of the layer's activation (the known activation after it, else z)",
-                     lambda r: r["pivot"] + r["s"] / r["n"]),
-    "act_std": Stat("activation", "sample std of the layer's activation", _std),
-    "act_deriv": Stat("activation", "mean phi'(a) of the known activation after the layer",
-                      lambda r: r["ds"] / r["n"]),
-    "saturation": Stat("activation", "fraction of units whose |phi'| is below 1% of phi's largest slope on every "
-                                     "example (dead ReLUs, saturated sigmoids)", lambda r: r["flat"]),
-    "weight_norm": Stat("weight", "||θ|| after the optimizer step", lambda r: math.sqrt(r["w_sq"])),
-    "update_ratio": Stat("weight", "||θ - θ_before|| / ||θ||: the step the optimizer applied, relative",
-                         lambda r: math.sqrt(r["step_sq"] / r["w_sq"])),
-    "dist_from_init": Stat("weight", "||θ - θ_0|| / ||θ_0||: how far the layer moved from its init",
-                           lambda r: math.sqrt(r["dist_sq"] / r["w0_sq"])),
-}
-GRADIENT_PROBES = tuple(k for k, s in STATS.items() if s.group != "weight")
-WEIGHT_PROBES = tuple(k for k, s in STATS.items() if s.group == "weight")
-LAYER_PROBES = tuple(STATS)
-DERIVATIVE_PROBES = ("act_deriv", "saturation")  # only where the activation is known
-
-
-def stat_value(name: str, raw: dict[str, float]) -> float | None:
-    """A statistic of one layer, None where the layer lacks what it needs (absent, not guessed)."""
-    try:
-        return STATS[name].value(raw)
-    except KeyError:
-        return None
-    except ZeroDivisionError:
-        return math.nan
-    except ValueError:  # sqrt of NaN arithmetic gone negative: a diverged step
-        return math.nan
-
-
-# ------------------------------------------------------------------------------- batched reductions
-
-def sum_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """float64 (len(tensors),): the sum of squares of each tensor, on their device, in batched calls.
-
-    A gradient's norm must not read 0 where the gradient is not: on a GPU the reduction accumulates
-    in float64 (bandwidth-bound, so nearly free); on the CPU the C kernel sums in double, and the
-    torch fallback takes float32 norms and recomputes only tiny ones in float64."""
-    if not tensors:
-        return torch.zeros(0, dtype=torch.float64)
-    device = tensors[0].device
-    if device.type == "cpu":
-        lib = native.kernel()
-        if lib is not None and native.usable(tensors):
-            sums = native.probe_sums(lib, tensors, [], None, "identity", 0.0)
-            if sums is not None:
-                return sums
-        # float32 norms (half-precision ones would overflow: a GradScaler's gradients reach 1e5), and
-        # tiny or non-float32 ones in float64
-        single = [i for i, t in enumerate(tensors) if t.dtype is torch.float32]
-        norms = torch.zeros(len(tensors), dtype=torch.float64)
-        if single:
-            norms[single] = torch.stack(torch._foreach_norm([tensors[i] for i in single])).double()
-        exact = set(range(len(tensors))) - set(single)
-        exact |= {i for i, v in enumerate(norms.tolist()) if v < TINY_NORM}
-        for i in exact:
-            if tensors[i].numel():
-                norms[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
-        return norms.square_()
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square_()
-
-
-def activation_sums(h: torch.Tensor, a: torch.Tensor | None, activation: str | None
-                    ) -> tuple[tuple[float, float], torch.Tensor]:
-    """One call's activation h (examples along its first dimension, units the rest): (n, units) on the
-    host and float64 [pivot p, sum(h - p), sum((h - p)^2), sum phi'(a), units flat on every example]
-    on h's device (the last two NaN without a known activation). Summed around a pivot, h's first
-    value, so that the std of a layer whose spread is tiny beside its mean does not cancel. (The
-    counts stay on the host: on a logged step's cold caches each tensor op more costs ~5-10 us.)"""
-    h = h.detach()
-    batch = h.shape[0] if h.dim() > 1 else 1
-    units = h.numel() // max(batch, 1)
-    meta = (float(batch * units), float(units))
-    name = activation or "identity"
-    flat = SATURATION_FRACTION * MAX_SLOPE[name]
-    if h.is_cpu and h.dtype is torch.float32 and h.numel() and h.is_contiguous():
-        lib = native.kernel()
-        inputs = [a.detach()] if name in NEEDS_INPUT else None
-        if lib is not None and (inputs is None or (a is not None and native.usable(inputs))):
-            sums = native.probe_sums(lib, [], [h.view(batch, units)], inputs, name, flat, threads=1)
-            if sums is not None:
-                return meta, sums  # without a known activation the last two are not read
-    wide = torch.float64
-    h2 = h.reshape(batch, units)
-    pivot = h2[:1, :1].to(wide)
-    c = h2.to(wide) - pivot
-    head = [pivot.reshape(()), c.sum(), c.square().sum()]
-    if activation is None:
-        nan = c.new_tensor(math.nan)
-        return meta, torch.stack(head + [nan, nan])
-    x = a.detach().reshape(batch, units) if name in NEEDS_INPUT else None
-    d = DERIVATIVES[name](x, h2)
-    steepest = (d.abs() if name in SIGNED_DERIVATIVE else d).amax(0)
-    return meta, torch.stack(head + [d.sum(dtype=wide), (steepest < flat).sum().to(wide)])
-
-
-def histogram_row(values: torch.Tensor, spec: tuple[float, float, int]) -> torch.Tensor:
-    """Fixed-edge histogram on the device: [min, max, num, sum, sum_sq, counts...]."""
-    lo, hi, bins = spec
-    v = values.detach().float().flatten().nan_to_num(nan=hi, posinf=hi, neginf=lo).clamp(lo, hi)
-    head = torch.stack([v.min(), v.max(), v.new_tensor(float(v.numel())), v.sum(), (v * v).sum()])
-    return torch.cat([head, torch.histc(v, bins=bins, min=lo, max=hi)])
-
-
-def bucket_limits(spec: tuple[float, float, int]) -> list[float]:
-    lo, hi, bins = spec
-    return [lo + (hi - lo) * (i + 1) / bins for i in range(bins)]
-
-
-def to_host(stats: dict[str, torch.Tensor]) -> dict[str, list]:
-    """Tensors as lists of floats (a 2-D tensor as a list of rows): on a GPU in one device-to-host
-    transfer; on the CPU each is read as it is (a copy into one buffer would cost more there)."""
-    keys = list(stats)
-    if all(stats[k].is_cpu for k in keys):
-        return {k: v if isinstance(v, list) else [v] for k in keys for v in [stats[k].tolist()]}
-    flat = torch.cat([stats[k].detach().reshape(-1).double() for k in keys]).cpu().tolist()
-    out, i = {}, 0
-    for k in keys:
-        t = stats[k]
-        n = t.numel()
-        chunk = flat[i:i + n]
-        out[k] = [chunk[j:j + t.shape[-1]] for j in range(0, n, t.shape[-1])] if t.ndim == 2 else chunk
-        i += n
-    return out
-
+from .layers import PASS_THROUGH, activation_name
+from .stats import (ACT_HIST, DERIVATIVE_PROBES, GRAD_HIST, GRADIENT_PROBES, LAYER_PROBES, STATS,  # noqa: F401
+                    WEIGHT_PROBES, activation_sums, combine, histogram_row, stat_value, sum_squares, to_host)
 
 # ------------------------------------------------------------------------------- choosing the layers
 
@@ -352,6 +190,8 @@ class Watcher:
         self._initial: list[torch.Tensor] = []  # the layers' parameters at init (weight probes only)
         self._before: list[torch.Tensor] = []  # ... before the latest measured update
         self._w0_sq: list[float] = []
+        self._snapshot_step: int | None = None  # the step whose weights `_before` holds (before its update)
+        self._snapshot_pending = False  # step 0's snapshot, due before the layers are known
         self._optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps one
         self._attach(activations)
         self._arm(0)
@@ -547,10 +387,9 @@ class Watcher:
             record.grad_hists = torch.stack([histogram_row(self._layer_grad(layer).abs().log10(), GRAD_HIST)
                                              for layer in self.layers])
 
-    @staticmethod
-    def _layer_grad(layer: Layer) -> torch.Tensor:
+    def _layer_grad(self, layer: Layer) -> torch.Tensor:
         gs = [p.grad.detach().flatten() for p in layer.params if p.grad is not None]
-        return torch.cat(gs) if gs else torch.zeros(1)
+        return torch.cat(gs) if gs else torch.zeros(1, device=self._params[0].device if self._params else None)
 
     # --- discovery
     def _finish_discovery(self, output: Any) -> None:
@@ -593,7 +432,7 @@ class Watcher:
                     self._w0_sq[i] += v
         if self.board is not None:
             self.board.set_layers(self.names, self.available())
-        if getattr(self, "_snapshot_pending", False):
+        if self._snapshot_pending:
             self._snapshot()
         if not (due(self.every, 0, self.last_step) or self._hist):  # measured only to find the layers
             self.record = None
@@ -642,7 +481,7 @@ class Watcher:
         if self._discovering and self._order:  # layers called, but no gradient reached them
             self._finish_discovery(None)
         step = self.step_count
-        weigh = not self._discovering and getattr(self, "_snapshot_step", None) == step
+        weigh = not self._discovering and self._snapshot_step == step
         if not self._discovering:
             self._measure(step, weigh)
         self.step_count += 1
@@ -660,7 +499,7 @@ class Watcher:
             return
         step = self.step_count
         weigh = due(self.weight_every, step, self.last_step) and self._n_layer_params > 0
-        if weigh and getattr(self, "_snapshot_step", None) != step - 1:  # step 0: the change since init
+        if weigh and self._snapshot_step != step - 1:  # step 0: the change since init
             self._before = [w.clone() for w in self._initial]
         self._measure(step, weigh)
         self.step_count += 1
@@ -694,12 +533,16 @@ class Watcher:
                 stats["grad_hist"] = record.grad_hists
             if self._hist and record.act_hists:
                 stats["act_hist"] = torch.stack([rows[0] for _, rows in sorted(record.act_hists.items())])
-            for k, v in record.extra.items():
-                stats[k] = v.detach().reshape(-1) if isinstance(v, torch.Tensor) else torch.tensor([float(v)])
+            for k, v in record.extra.items():  # host numbers join after the transfer
+                if isinstance(v, torch.Tensor):
+                    stats[k] = v.detach().reshape(-1)
         if weigh:
             stats["weights"] = self._weight_sums()
         if stats:
-            self._finish(step, record, to_host(stats), weigh)
+            host = to_host(stats)
+            if record is not None:
+                host.update({k: [float(v)] for k, v in record.extra.items() if not isinstance(v, torch.Tensor)})
+            self._finish(step, record, host, weigh)
 
     def _weight_sums(self) -> torch.Tensor:
         """(layer parameters, 3): ||θ||^2, ||θ - θ_before||^2, ||θ - θ_0||^2 of each parameter tensor."""
@@ -734,7 +577,7 @@ class Watcher:
             for (i, meta), row in zip(owners, host.pop("acts", [])):
                 calls.setdefault(i, []).append([*meta, *row])
             for i, rows in calls.items():
-                raw[i].update(_combine(rows, self.layers[i].activation is not None))
+                raw[i].update(combine(rows, self.layers[i].activation is not None))
         if weigh:
             w = [[0.0, 0.0, 0.0] for _ in range(n)]
             for row, owners in zip(host.pop("weights"), self._param_layers):
@@ -800,22 +643,3 @@ class Watcher:
 
 def _act_name(module: nn.Module) -> str | None:
     return "identity" if type(module) is nn.Identity else activation_name(module)
-
-
-def _combine(rows: list[list[float]], known: bool) -> dict[str, float]:
-    """One layer's raw activation sums over its calls (each [n, units, pivot, s, s2, ds, flat units]):
-    around the overall mean, so that calls with different pivots add up; the saturated fraction is
-    the mean over calls."""
-    n = sum(r[0] for r in rows)
-    if n == 0:
-        return {}
-    mean = sum(r[0] * r[2] + r[3] for r in rows) / n
-    s2 = 0.0
-    for count, _, pivot, s, q, *_ in rows:
-        d = mean - pivot
-        s2 += q - 2 * d * s + count * d * d
-    out = {"n": n, "pivot": mean, "s": 0.0, "s2": s2}
-    if known:
-        out["ds"] = sum(r[5] for r in rows)
-        out["flat"] = sum(r[6] / r[1] for r in rows) / len(rows)
-    return out
