@@ -103,6 +103,7 @@ class Layer:
     activation: str | None = None  # the known activation after it (layers.activation_name)
     act_module: nn.Module | None = None
     output: bool = False  # its output is the model's output (the head: left out of the depth ratio)
+    gradient: bool = True  # its output needs a gradient (not so for a frozen first layer)
     calls: int = 0  # calls in the latest logged step
 
 
@@ -295,7 +296,8 @@ class Watcher:
         """First forward only: which known activation follows which layer (norms and dropout may
         stand between); any other module in between means none does."""
         key = id(module)
-        if key not in self._leaves or key in self._cand_index or key in self._act_owner or self.record is None:
+        if key not in self._leaves or key in self._cand_index or self._last in self._act_owner.get(key, ()) \
+                or self.record is None:
             return  # not the model's, or a layer (its own hook follows), or a linked activation
         if activation_name(module) is not None and self._last is not None:
             self._link(self._last, module)
@@ -405,6 +407,7 @@ class Watcher:
             self.layers.append(Layer(qualified, module, [p for p in module.parameters() if p.requires_grad],
                                      activation=_act_name(act) if act is not None else None, act_module=act,
                                      output=out is not None and self._first_z.get(k) is out,
+                                     gradient=k in self._first_z and self._first_z[k].requires_grad,
                                      calls=self._calls.get(k, 0)))
         self._first_z = {}
         if not self.layers:
@@ -448,6 +451,8 @@ class Watcher:
                 out[name] = [bool(layer.params) and self.weight_every > 0 for layer in self.layers]
             elif name == "grad_norm":
                 out[name] = [bool(layer.params) for layer in self.layers]
+            elif name == "act_grad_norm":  # a frozen first layer's output needs no gradient
+                out[name] = [layer.gradient for layer in self.layers]
             else:
                 out[name] = [True] * len(self.layers)
         return out
@@ -605,6 +610,7 @@ class Watcher:
         if not gradient_step:
             return
         snap = {"step": step, **{k: values[k] for k in GRADIENT_PROBES}, **totals,
+                **{k: v for k, v in extras.items() if not k.startswith("_")},
                 "weight_step": self.weights["step"] if self.weights else None,
                 **{k: self.weights[k] if self.weights else None for k in WEIGHT_PROBES},
                 "calls": [layer.calls for layer in self.layers]}

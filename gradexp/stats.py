@@ -191,7 +191,9 @@ def combine(rows: list[list[float]], known: bool) -> dict[str, float]:
         d = mean - pivot
         s2 += q - 2 * d * s + count * d * d
     out = {"n": n, "pivot": mean, "s": 0.0, "s2": s2}
-    if known:
+    if known and math.isnan(mean):  # a diverged step: phi' of NaN means nothing (sign(NaN) reads 0: "dead")
+        out["ds"] = out["flat"] = math.nan
+    elif known:
         out["ds"] = sum(r[5] for r in rows)
         out["flat"] = sum(r[6] / r[1] for r in rows) / len(rows)
     return out

@@ -13,26 +13,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CONFIGS, gradient_probes
+from conftest import CONFIGS, measure
 from gradexp.board import Board
 from gradexp.config import ModelConfig, load_config
 from gradexp.models import build_model
-from gradexp.probes import Probes
+from gradexp.probes import Watcher
 from gradexp.train import host_sync, prepare, run, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def probe_step(net, x, y, activation: str) -> dict:
-    """One training step with every probe, as the loop runs it."""
-    probes = Probes(net, activation)
+def probe_step(net, x, y) -> dict:
+    """One training step with every probe (gradients, activations, weights), as the runner attaches."""
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    F.cross_entropy(net(x, record=True), y).backward()
-    stats = probes.gradients(net.records)
-    probes.snapshot()
-    opt.step()
-    stats.update(probes.weights_after())
-    return probes.host(stats)
+    probes = Watcher(net, opt, every=1, weight_every=1, layers=net.weight_layers, activations=net.activations)
+    try:
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    finally:
+        probes.detach()
+    return probes.latest
 
 
 @pytest.mark.parametrize("activation, norm", [("sigmoid", "none"), ("relu", "batchnorm"), ("gelu", "layernorm")])
@@ -42,34 +42,46 @@ def test_probes_on_cuda_equal_the_cpu_computation(activation, norm, monkeypatch)
     cpu = build_model(ModelConfig(depth=6, width=32, activation=activation, norm=norm), (20,), 5)
     gpu = copy.deepcopy(cpu).cuda()
     x, y = torch.randn(64, 20), torch.randint(0, 5, (64,))
-    expected = probe_step(cpu, x, y, activation)
-    got = probe_step(gpu, x.cuda(), y.cuda(), activation)
+    expected = probe_step(cpu, x, y)
+    got = probe_step(gpu, x.cuda(), y.cuda())
+    assert set(got) == set(expected)
     for key, values in expected.items():
-        assert got[key] == pytest.approx(values, rel=2e-4, abs=1e-7, nan_ok=True), key
+        if isinstance(values, list):  # per layer, None where a layer lacks the statistic
+            assert [v is None for v in got[key]] == [v is None for v in values], key
+            pairs = [(g, v) for g, v in zip(got[key], values) if v is not None]
+            assert [g for g, _ in pairs] == pytest.approx([v for _, v in pairs], rel=2e-4, abs=1e-7, nan_ok=True), key
+        elif values is None:
+            assert got[key] is None, key
+        else:
+            assert got[key] == pytest.approx(values, rel=2e-4, abs=1e-7), key
 
 
 def test_tiny_gradients_on_cuda_are_not_lost_to_float32_underflow():
-    # On CUDA the norms accumulate in float64: elements of 1e-22 (squares below float32's range) count.
+    """On CUDA the norms accumulate in float64: elements near 1e-24 (squares below float32's range) count."""
+    torch.manual_seed(0)
     net = build_model(ModelConfig(depth=2, width=100), (10,), 3).cuda()
-    net(torch.randn(4, 10, device="cuda"), record=True).sum().backward()
-    for layer in net.weight_layers:
-        layer.weight.grad.fill_(1e-22)
-    stats = gradient_probes(net, "sigmoid")
-    assert stats["grad_norm"] == pytest.approx([1e-22 * l.weight.numel() ** 0.5 for l in net.weight_layers], rel=1e-5)
+    stats = measure(net, torch.randn(4, 10, device="cuda"), None, loss_fn=lambda out, y: out.sum() * 1e-24)
+    grads = [[p.grad for p in layer.parameters()] for layer in net.weight_layers]  # as backward left them
+    assert grads[-1][0].square().sum().item() == 0  # float32's own sum of squares reads 0
+    expected = [sum(g.double().square().sum().item() for g in gs) ** 0.5 for gs in grads]
+    assert stats["grad_norm"] == pytest.approx(expected, rel=1e-5)
+    assert stats["act_grad_norm"][-1] == pytest.approx(1e-24 * (4 * 3) ** 0.5, rel=1e-5)
 
 
 def test_act_std_of_a_saturated_layer_on_cuda():
-    """Every unit near one value: on CUDA the sums accumulate in float64, so the std from E[h^2] - E[h]^2
-    does not cancel into noise (the CPU measures such a layer around its mean instead)."""
+    """Every unit near one value: on CUDA the sums accumulate in float64 around a pivot, so the std
+    does not cancel into noise."""
     torch.manual_seed(0)
     net = build_model(ModelConfig(depth=2, width=64, activation="identity"), (12,), 3).cuda()
     with torch.no_grad():
         net.blocks[0].weight.weight.normal_(0, 1e-4)
         net.blocks[0].weight.bias.fill_(0.999)
+    h0 = []
+    net.blocks[0].act.register_forward_hook(lambda module, args, out: h0.append(out.detach().double()))
     x, y = torch.randn(64, 12, device="cuda"), torch.randint(0, 3, (64,), device="cuda")
-    F.cross_entropy(net(x, record=True), y).backward()
-    expected = net.records[0].h.double().std().item()
-    assert gradient_probes(net, "identity")["act_std"][0] == pytest.approx(expected, rel=1e-3)
+    stats = measure(net, x, y)
+    assert stats["act_std"][0] == pytest.approx(h0[0].std().item(), rel=1e-3)
+    assert stats["act_mean"][0] == pytest.approx(h0[0].mean().item(), rel=1e-6)
 
 
 def test_deep_sigmoid_on_cuda_end_to_end(tmp_path):
@@ -97,7 +109,7 @@ def test_steps_that_log_nothing_never_wait_for_the_gpu(optim):
         torch.cuda.set_sync_debug_mode("error" if done < t.steps and done in quiet_steps else "default")
 
     with tempfile.TemporaryDirectory() as tmp:
-        board = Board(tmp, len(exp.model.weight_layers))
+        board = Board(tmp)
         try:
             result = train(exp, board, progress)
         finally:

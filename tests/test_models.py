@@ -9,9 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import measure
 from gradexp.config import ACTIVATION_NAMES, INIT_NAMES, NORM_NAMES, ModelConfig
 from gradexp.layers import ACTIVATIONS, DERIVATIVES, INITS, MAX_SLOPE, NORMS
 from gradexp.models import MODELS, build_model
+from gradexp.stats import DERIVATIVE_PROBES, GRADIENT_PROBES
 
 
 def test_registries_cover_the_config_contract():
@@ -39,21 +41,31 @@ def test_closed_form_derivative_matches_autograd(name):
 
 
 SHAPES = {"mlp": (1, 8, 8), "cnn": (1, 8, 8)}
+BUILT_IN = [k for k in MODELS if k != "custom"]  # a custom model is the user's: see test_probes.py
 
 
 @pytest.mark.parametrize("kind, activation, norm, residual",
-                         list(itertools.product(MODELS, ACTIVATION_NAMES, NORM_NAMES, (False, True))))
+                         list(itertools.product(BUILT_IN, ACTIVATION_NAMES, NORM_NAMES, (False, True))))
 def test_every_combination_trains_one_step(kind, activation, norm, residual):
     torch.manual_seed(0)
     cfg = ModelConfig(kind=kind, depth=3, width=6, activation=activation, norm=norm, residual=residual)
     net = build_model(cfg, SHAPES[kind], 10)
     x, y = torch.randn(5, *SHAPES[kind]), torch.randint(0, 10, (5,))
-    logits = net(x, record=True)
+    assert len(net.weight_layers) == cfg.depth + 1 and set(net.activations) == set(net.weight_layers[:-1])
+    assert all(type(net.activations[layer]) is ACTIVATIONS[activation] for layer in net.weight_layers[:-1])
+    logits = net(x)
     assert logits.shape == (5, 10)
-    assert len(net.weight_layers) == cfg.depth + 1 == len(net.records)
     F.cross_entropy(logits, y).backward()
     for name, p in net.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # and the probes measure every layer of it, finite (phi' and saturation where an activation follows)
+    net.zero_grad()
+    values = measure(net, x, y)
+    for probe in GRADIENT_PROBES:
+        assert len(values[probe]) == cfg.depth + 1, probe
+        measured = values[probe] if probe not in DERIVATIVE_PROBES else values[probe][:-1]
+        assert all(v is not None and math.isfinite(v) for v in measured), (probe, values[probe])
+    assert values["act_deriv"][-1] is None and values["saturation"][-1] is None
 
 
 def test_mlp_input_width_and_residual_projection():

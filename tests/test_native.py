@@ -4,6 +4,7 @@ it falls back to torch and says why."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -16,7 +17,8 @@ from gradexp import native
 from gradexp.config import ModelConfig
 from gradexp.layers import ACTIVATIONS
 from gradexp.models import build_model
-from gradexp.probes import GRADIENT_PROBES, Probes
+from gradexp.probes import Watcher
+from gradexp.stats import GRADIENT_PROBES, WEIGHT_PROBES, sum_squares
 
 
 @pytest.fixture
@@ -36,30 +38,65 @@ def fresh(monkeypatch, tmp_path):
     return tmp_path / "cache"
 
 
-def probes_both_ways(net, activation, monkeypatch):
-    kernel = Probes(net, activation)
+@pytest.fixture
+def kernel_calls(monkeypatch) -> list[int]:
+    """How many activations each call of the kernel summed (0: gradients alone)."""
+    calls, real = [], native.probe_sums
+
+    def spy(lib, tensors, h, *args, **kwargs):
+        calls.append(len(h))
+        return real(lib, tensors, h, *args, **kwargs)
+
+    monkeypatch.setattr(native, "probe_sums", spy)
+    return calls
+
+
+def one_step(net, x, y) -> Watcher:
+    """One measured step (gradient, activation and weight probes), attached as the runner attaches."""
+    probes = Watcher(net, every=1, weight_every=1, layers=net.weight_layers, activations=net.activations)
+    try:
+        F.cross_entropy(net(x), y).backward()
+        probes.step()
+    finally:
+        probes.detach()
+    return probes
+
+
+def probes_both_ways(net, x, y, monkeypatch, kernel_calls) -> tuple[dict, dict]:
+    """The same step on two copies of `net`: with the kernel, and with the torch version."""
+    plain_net = copy.deepcopy(net)
+    ours = one_step(net, x, y)
+    # every layer's activation went through the kernel (the output layer's too, without phi')
+    assert sum(kernel_calls) == len(ours.layers), kernel_calls
+    kernel_calls.clear()
     with monkeypatch.context() as m:
         m.setenv("GRADEXP_NATIVE", "0")
-        plain = Probes(net, activation)
-    assert kernel.kernel is not None and plain.kernel is None
-    stats = kernel.host(kernel.gradients(net.records)), plain.host(plain.gradients(net.records))
-    assert (kernel.kernel_steps, kernel.torch_steps, plain.kernel_steps, plain.torch_steps) == (1, 0, 0, 1)
-    return stats
+        theirs = one_step(plain_net, x, y)
+        assert theirs.probe_kernel() == "torch (GRADEXP_NATIVE=0)"
+    assert kernel_calls == []
+    assert (ours.kernel_steps, ours.torch_steps, theirs.kernel_steps, theirs.torch_steps) == (1, 0, 0, 1)
+    assert ours.probe_kernel() == "native"
+    return ours.latest, theirs.latest
 
 
 def assert_same(ours, theirs, rel=1e-5):
     """Equal up to the torch version's float32 sums: relative to each value, and for a mean near 0
-    relative to the activations' scale (~1 here)."""
-    for k in GRADIENT_PROBES + ("grad_norm_total",):
-        assert len(ours[k]) == len(theirs[k]), k
+    relative to the activations' scale (~1 here). None (absent) and NaN alike on both sides."""
+    for k in GRADIENT_PROBES + WEIGHT_PROBES + ("grad_norm_total",):
+        a_values, b_values = (ours[k], theirs[k]) if isinstance(ours[k], list) else ([ours[k]], [theirs[k]])
+        assert len(a_values) == len(b_values), k
         tolerance = 1e-6 if k == "act_mean" else 1e-9
-        for a, b in zip(ours[k], theirs[k]):
-            assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=rel, abs=tolerance), (k, ours[k], theirs[k])
+        for a, b in zip(a_values, b_values):
+            if a is None or b is None:
+                assert a is b, (k, ours[k], theirs[k])
+            else:
+                assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=rel, abs=tolerance), \
+                    (k, ours[k], theirs[k])
 
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("kind, norm", [("mlp", "none"), ("mlp", "batchnorm"), ("cnn", "none")])
-def test_the_kernel_gives_the_torch_probes(kernel, monkeypatch, activation, kind, norm):
+def test_the_kernel_gives_the_torch_probes(kernel, kernel_calls, monkeypatch, activation, kind, norm):
     torch.manual_seed(3)
     cfg = ModelConfig(kind=kind, depth=4, width=8 if kind == "cnn" else 24, activation=activation, norm=norm,
                       residual=kind == "cnn")
@@ -68,25 +105,44 @@ def test_the_kernel_gives_the_torch_probes(kernel, monkeypatch, activation, kind
     with torch.no_grad():  # kill two units of the first layer on every example: saturation counts them
         net.weight_layers[0].weight[:2] = 0
         net.weight_layers[0].bias[:2] = -5 if activation != "identity" else 0
-    F.cross_entropy(net(x, record=True), torch.randint(0, 5, (32,))).backward()
-    ours, theirs = probes_both_ways(net, activation, monkeypatch)
+    ours, theirs = probes_both_ways(net, x, torch.randint(0, 5, (32,)), monkeypatch, kernel_calls)
     assert_same(ours, theirs)
+    if activation == "relu" and norm == "none":  # the two units killed above are dead
+        assert ours["saturation"][0] >= 2 / cfg.width
 
 
-def test_the_kernel_counts_dead_units_and_keeps_nan(kernel, monkeypatch):
+def test_the_kernel_counts_dead_units_and_keeps_nan(kernel, kernel_calls, monkeypatch):
     torch.manual_seed(0)
     net = build_model(ModelConfig(depth=3, width=16, activation="relu"), (6,), 3)
     with torch.no_grad():
         net.weight_layers[1].weight[:5] = 0
         net.weight_layers[1].bias[:5] = -1  # 5 units of layer 1 dead on every example
-    F.cross_entropy(net(torch.randn(64, 6), record=True), torch.randint(0, 3, (64,))).backward()
-    ours, theirs = probes_both_ways(net, "relu", monkeypatch)
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    ours, theirs = probes_both_ways(net, x, y, monkeypatch, kernel_calls)
     assert ours["saturation"][1] == theirs["saturation"][1] == pytest.approx(5 / 16)
-    with torch.no_grad():
-        net.records[0].h[7, 3] = math.nan
-    ours, theirs = probes_both_ways(net, "relu", monkeypatch)
-    assert all(math.isnan(ours[k][0]) for k in ("act_mean", "act_std", "act_deriv", "saturation"))
+
+    def diverge(module, args, out):  # one NaN in layer 0's activation, as on the step a run diverges
+        out = out.clone()
+        out[7, 3] = math.nan
+        return out
+
+    net.blocks[0].act.register_forward_hook(diverge)
+    ours, theirs = probes_both_ways(net, x, y, monkeypatch, kernel_calls)
+    assert all(math.isnan(ours[k][0]) for k in ("act_mean", "act_std", "act_deriv", "saturation")), ours
     assert_same(ours, theirs)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-24])  # 1e-24: every square underflows float32
+def test_the_kernel_sums_squares_as_torch_does_in_float64(kernel, monkeypatch, scale):
+    torch.manual_seed(0)
+    tensors = [torch.randn(n) * scale for n in (1, 7, 1000, 4096)] + [torch.zeros(0)]
+    exact = [t.double().square().sum().item() for t in tensors]
+    ours = sum_squares(tensors).tolist()
+    with monkeypatch.context() as m:
+        m.setenv("GRADEXP_NATIVE", "0")
+        theirs = sum_squares(tensors).tolist()
+    assert ours == pytest.approx(exact, rel=1e-6) and theirs == pytest.approx(exact, rel=1e-5)
+    assert all(v > 0 for v in ours[:-1]) and ours[-1] == 0
 
 
 def test_the_kernel_is_built_once_into_its_cache(fresh):
@@ -119,6 +175,13 @@ def test_a_run_says_it_used_the_kernel(kernel, cli, tmp_path):
     assert json.loads(summary.read_text())["probe_kernel"] == "native"
 
 
-def test_float64_runs_use_torch(kernel):
-    net = build_model(ModelConfig(depth=3, width=8), (4,), 2).double()
-    assert Probes(net, "sigmoid").kernel is None
+def test_float64_runs_use_torch(kernel, kernel_calls):
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(depth=3, width=8), (4,), 2)
+    wide = copy.deepcopy(net).double()
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    probes = one_step(wide, x.double(), y)
+    assert kernel_calls == [] and (probes.kernel_steps, probes.torch_steps) == (0, 1)
+    assert probes.probe_kernel(not_float32=True) == "torch (the kernel is for float32)"
+    # the same values as the float32 network's through the kernel, up to float32's rounding
+    assert_same(one_step(net, x, y).latest, probes.latest, rel=1e-4)

@@ -32,7 +32,7 @@ def test_each_layer_alone_learns_to_reconstruct_its_input(tmp_path, method, acti
             snapshots.append([w.weight.detach().clone() for w in layers])
 
     before = [w.weight.detach().clone() for w in layers]
-    board = Board(str(tmp_path), 4)
+    board = Board(str(tmp_path))
     phases = pretrain(exp.model, exp.data.x_train, cfg.pretrain, activation, 64, 0, board, progress)
     board.close()
     assert [p["layer"] for p in phases] == [0, 1, 2]
@@ -65,8 +65,10 @@ def test_fine_tuning_starts_from_the_pretrained_weights(tmp_path):
     pretrained = [layer.weight for layer in exp.model.weight_layers]
     for w, w0 in zip(pretrained[:-1], [layer.weight for layer in init.weight_layers]):
         assert not torch.allclose(w, w0)  # pre-training moved every hidden layer
-    # step 0 of fine-tuning measured these very weights (a step of lr 1e-30 leaves them as they were)
-    assert s["layers"]["first"]["weight_norm"] == pytest.approx([w.norm().item() for w in pretrained], rel=1e-6)
+    # step 0 of fine-tuning measured these very parameters, weight and bias together (a step of lr
+    # 1e-30 leaves them as they were)
+    params = [torch.cat([p.detach().flatten() for p in layer.parameters()]) for layer in exp.model.weight_layers]
+    assert s["layers"]["first"]["weight_norm"] == pytest.approx([p.norm().item() for p in params], rel=1e-6)
     assert [p["layer"] for p in s["pretrain"]] == [0, 1, 2]
     assert s["theory"]["applies"] is False and "pretrain" in s["theory"]["reason"]
     acc = EventAccumulator(str(outcome.folder), size_guidance={"scalars": 0})

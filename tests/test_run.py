@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import yaml
 
 from conftest import CONFIGS, TINY, only_run, run_folders, summary_of
 from gradexp.config import load_config
-from gradexp.probes import WEIGHT_PROBES
+from gradexp.stats import WEIGHT_PROBES
 from gradexp.train import run
 
 
@@ -25,6 +26,8 @@ def test_deep_sigmoid_shows_vanishing(cli, tmp_path):
     assert s["diagnosis"]["verdict"] == "vanishing" and s["diagnosis"]["ratio"] < 1e-3
     assert s["layers"]["names"] == [f"layer_{i:02d}" for i in range(21)]
     assert s["layers"]["first"]["step"] == 0 and s["layers"]["last"]["step"] == 11
+    for snap in (s["layers"]["first"], s["layers"]["last"]):  # each layer called once a step, and the loss
+        assert snap["calls"] == [1] * 21 and 2.0 < snap["loss_train"] < 2.6  # near ln 10: vanishing, stuck
     assert set(s["final"]) == {"loss_train", "acc_train", "loss_eval", "acc_eval"}
     assert s["versions"]["torch"] and s["device"] == "cpu" and s["wall_time_s"] > 0
     # the terminal: the gradient-flow table with every layer, then the diagnosis
@@ -58,6 +61,8 @@ def test_exploding_diverges_as_a_result_and_clipping_completes(cli, tmp_path):
     s = summary_of(only_run(tmp_path / "b"))
     assert s["status"] == "completed"
     assert s["diagnosis"]["verdict"] == "exploding"  # clipping bounds the step, not the flow's shape
+    for snap in (s["layers"]["first"], s["layers"]["last"]):  # measured before clipping; applied: clip.max
+        assert snap["grad_norm_total"] > 10 and snap["grad_norm_total_applied"] == pytest.approx(1.0, rel=1e-3)
     assert all(math.isfinite(v) for v in s["final"].values())
 
 
@@ -200,7 +205,8 @@ def test_the_diverged_step_is_the_first_non_finite_loss_of_a_plain_loop(tmp_path
     import torch.nn.functional as F
 
     from gradexp.data import Batches
-    from gradexp.train import OPTIMIZERS, prepare
+    from gradexp.optim import OPTIMIZERS
+    from gradexp.train import prepare
 
     overrides = ["optim.lr=0.05", "train.steps=150", "train.log_every=0", "train.weight_every=0",
                  "train.hist_every=0", "train.eval_every=0"]
@@ -228,18 +234,18 @@ def test_the_diverged_step_is_the_first_non_finite_loss_of_a_plain_loop(tmp_path
     assert s["steps"]["done"] == first_bad + 1
 
 
-def test_watch_finds_the_first_non_finite_value_across_reads():
+def test_divergence_finds_the_first_non_finite_value_across_reads():
     import torch
 
-    from gradexp.train import Watch
+    from gradexp.train import Divergence
 
-    watch = Watch()
+    divergence = Divergence()
     for step, v in enumerate([1.0, 2.0, 3.0]):
-        watch.add(step, torch.tensor(v))
-    assert watch.check() is None and not watch.pending
+        divergence.add(step, torch.tensor(v))
+    assert divergence.check() is None and not divergence.pending
     for step, v in [(3, 1.0), (3, math.inf), (4, math.nan), (5, 2.0)]:  # step 3 twice: loss, then norm
-        watch.add(step, torch.tensor(v))
-    watch.read(watch.values().tolist())  # as a logged step reads them with its statistics
-    assert watch.check() == 3
-    watch.add(6, torch.tensor(math.nan))
-    assert watch.check() == 3  # the first one stays
+        divergence.add(step, torch.tensor(v))
+    divergence.read(divergence.values().tolist())  # as a logged step reads them with its statistics
+    assert divergence.check() == 3
+    divergence.add(6, torch.tensor(math.nan))
+    assert divergence.check() == 3  # the first one stays

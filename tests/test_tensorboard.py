@@ -45,8 +45,10 @@ OTHER_DEPTH = 3  # a second run in the same --out folder, for the HParams compar
 IN_FEATURES, WIDTH, CLASSES, BATCH = 64, 64, 10, 128
 
 WEIGHT_PROBES = ("weight_norm", "update_ratio", "dist_from_init")
-EVERY_LAYER_PROBES = ("grad_norm", "act_grad_norm", *WEIGHT_PROBES)
-HIDDEN_ONLY_PROBES = ("act_mean", "act_std", "act_deriv", "saturation")
+# act_mean and act_std are of the activation after a hidden layer and of the output layer's own
+# output (the logits); phi' and saturation exist only where a known activation follows the layer.
+EVERY_LAYER_PROBES = ("grad_norm", "act_grad_norm", "act_mean", "act_std", *WEIGHT_PROBES)
+HIDDEN_ONLY_PROBES = ("act_deriv", "saturation")
 TRAINING_TAGS = ("loss/train", "acc/train", "lr")
 EVAL_TAGS = ("loss/eval", "acc/eval")
 FINAL_METRICS = ("final/loss_train", "final/acc_train", "final/loss_eval", "final/acc_eval",
@@ -161,7 +163,8 @@ def test_scalar_tags_cover_every_layer(accumulator):
         assert len(index) == 2, f"{tag}: layer index is not zero padded to 2 digits"
         assert int(index) < N_LAYERS, f"{tag}: there are only {N_LAYERS} weight layers"
         if probe in HIDDEN_ONLY_PROBES:
-            assert int(index) < DEPTH, f"{tag}: the output layer has no activation"
+            assert int(index) < DEPTH, f"{tag}: no activation follows the output layer"
+    assert "grad_norm/total_applied" not in tags  # nothing changed the gradients between backward and step
 
 
 def probe_steps(probe: str) -> list[int]:
@@ -204,25 +207,31 @@ def test_scalars_agree_with_summary_json(runs, accumulator):
                 assert close(logged, snap[probe][i]) or logged == snap[probe][i] == 0, (probe, i)
         assert close(accumulator.Scalars("grad_norm/total")[pos].value, snap["grad_norm_total"])
         assert close(accumulator.Scalars("loss/train")[pos].value, snap["loss_train"])
-        # The output layer's activation statistics do not exist: null in JSON, no tag in TensorBoard.
-        assert snap["act_mean"][-1] is None and snap["saturation"][-1] is None
+        for i in range(N_LAYERS):  # the activations' statistics, the output layer's (of the logits) too
+            for probe in ("act_mean", "act_std"):
+                logged = accumulator.Scalars(f"{probe}/{layer(i)}")[pos].value
+                assert close(logged, snap[probe][i], rel=1e-4) or abs(logged - snap[probe][i]) < 1e-7, (probe, i)
+        # phi' and saturation of the output layer do not exist: null in JSON, no tag in TensorBoard.
+        assert snap["act_deriv"][-1] is None and snap["saturation"][-1] is None
+        assert snap["grad_norm_total_applied"] is None  # no clipping in this config
+        assert snap["calls"] == [1] * N_LAYERS
     for key, value in summary["final"].items():
         assert close(accumulator.Scalars(f"final/{key}")[0].value, value), key
 
 
-def test_histograms_for_weight_gradients_and_hidden_activations(accumulator):
+def test_histograms_for_parameter_gradients_and_activations(accumulator):
     tags = set(accumulator.Tags()[event_accumulator.HISTOGRAMS])
     grad_tags = {f"hist/grad_log10/{layer(i)}" for i in range(N_LAYERS)}
-    act_tags = {f"hist/act/{layer(i)}" for i in range(DEPTH)}
-    assert grad_tags | act_tags <= tags, sorted(grad_tags | act_tags - tags)
-    assert f"hist/act/{layer(DEPTH)}" not in tags  # the output layer has no activation
+    act_tags = {f"hist/act/{layer(i)}" for i in range(N_LAYERS)}  # the output layer's: of its logits
+    assert tags == grad_tags | act_tags, sorted(tags ^ (grad_tags | act_tags))
     fan_in = [IN_FEATURES] + [WIDTH] * DEPTH
     fan_out = [WIDTH] * DEPTH + [CLASSES]
     for tag in sorted(grad_tags | act_tags):
         events = accumulator.Histograms(tag)
         assert [e.step for e in events] == HIST_STEPS, tag
         i = int(tag[-2:])
-        expected_num = fan_in[i] * fan_out[i] if "grad_log10" in tag else BATCH * WIDTH
+        # a layer's gradients are its weight's and its bias'; its activations one per example and unit
+        expected_num = (fan_in[i] + 1) * fan_out[i] if "grad_log10" in tag else BATCH * fan_out[i]
         for e in events:
             h = e.histogram_value
             assert h.num == expected_num, (tag, e.step, h.num, expected_num)
@@ -371,7 +380,7 @@ def test_server_scalar_tags_per_layer(server, runs):
     assert expected_scalar_tags(DEPTH) <= set(tags[main]), sorted(expected_scalar_tags(DEPTH) - set(tags[main]))
     assert expected_scalar_tags(OTHER_DEPTH) <= set(tags[other])
     assert f"grad_norm/{layer(OTHER_DEPTH + 1)}" not in tags[other]
-    assert f"act_mean/{layer(DEPTH)}" not in tags[main]
+    assert f"act_mean/{layer(DEPTH)}" in tags[main] and f"act_deriv/{layer(DEPTH)}" not in tags[main]
     series = server.get("/data/plugin/scalars/scalars", run=main, tag=f"grad_norm/{layer(0)}")
     assert [step for _, step, _ in series] == LOG_STEPS
     first = summary_of(runs["main"])["layers"]["first"]["grad_norm"][0]
@@ -399,9 +408,10 @@ def test_server_custom_scalars_layout_has_one_chart_per_probe_over_all_layers(se
         assert len(layers) == n
         extra = {"grad_norm/total"} if probe == "grad_norm" else set()
         assert matched == layers | extra, (probe, regexes, sorted(matched))
-    # The grad_norm chart holds every layer through one regex (not a fixed list of tags).
-    assert any(re.fullmatch(rx, f"grad_norm/{layer(i)}") for rx in charts["grad_norm"]["multiline"]["tag"]
-               for i in range(N_LAYERS))
+    # The grad_norm chart holds every layer through one regex (not a fixed list of tags), matched
+    # from the start of the tag as the server matches it.
+    assert any(all(re.match(rx, f"grad_norm/{layer(i)}") for i in range(N_LAYERS))
+               for rx in charts["grad_norm"]["multiline"]["tag"])
     assert len(charts["grad_norm"]["multiline"]["tag"]) < N_LAYERS
     for title, tag in (("loss", "loss/train"), ("accuracy", "acc/eval"), ("learning rate", "lr")):
         assert title in charts
@@ -531,8 +541,9 @@ def test_scalar_events_are_protobufs_own_bytes(step):
 def test_events_reach_the_file_within_a_second_and_all_of_them_on_close(tmp_path):
     from gradexp.board import Board
 
-    board = Board(str(tmp_path), 3)
-    stats = {"grad_norm": [1.0, 2.0, 3.0], "grad_norm_total": [3.7]}
+    board = Board(str(tmp_path))
+    board.set_layers([layer(i) for i in range(3)], {"grad_norm": [True] * 3})
+    stats = {"grad_norm": [1.0, 2.0, 3.0]}
 
     def logged_steps():
         (events,) = tmp_path.glob("events.out.tfevents.*")

@@ -1,0 +1,18 @@
+"""The README's tables say what the code defines: every statistic of the registry has its row."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import ROOT
+from gradexp.stats import STATS
+
+
+def test_the_statistics_table_lists_every_statistic_and_nothing_else():
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("<!-- stats-table:start -->")[1].split("<!-- stats-table:end -->")[0]
+    listed = set(re.findall(r"`(\w+)/<layer>`", table))
+    assert listed == set(STATS)
+    for name, stat in STATS.items():  # each row says when it is measured, by its group
+        row = next(line for line in table.splitlines() if f"`{name}/<layer>`" in line)
+        assert ("weight_every" in row) == (stat.group == "weight"), row
