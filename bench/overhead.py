@@ -1,27 +1,43 @@
-"""What gradexp's probes cost: steps per second against a bare PyTorch loop and peer-style monitors.
+"""What gradexp.watch costs: steps per second against a bare PyTorch loop, beside the real wandb.watch
+and Lightning's grad_norm.
 
-    python bench/overhead.py                  # CPU, the README's table (about 20 minutes on 2 cores)
+    python bench/overhead.py                  # CPU, the README's table (about 25 minutes on 2 cores)
     python bench/overhead.py --device cuda    # the same on a GPU (bench/gpu.sh adds the sync check)
     python bench/overhead.py --tiny           # seconds: every row, tiny models (the test suite's smoke run)
 
-In one process, for each model, every variant trains the same model on the same data with the same
-optimizer, after a warm-up; each timed call of a variant is paired with a call of the bare loop
-just before it (the order of the variants rotates each repeat), and a variant's figure is the
-median over repeats of the ratio within its pairs, so that the machine's drift cancels. Peak
-memory: on the CPU the peak resident memory of a fresh child process per variant (a process's peak
-cannot be reset); on CUDA the peak memory allocated on the device during one call of the variant.
+Needs wandb and lightning besides gradexp (`pip install wandb lightning`).
 
-Peer-style monitors are written minimal and fair, and keep what they measure in memory (writing
-nothing to disk, which favours them over gradexp, which writes TensorBoard events):
-- wandb-style: what wandb.watch(model, log="gradients") does per parameter in a tensor hook on every
-  backward it logs: NaN/Inf counts, min and max read on the host, a 64-bin histc, copied to the host.
-- lightning-style: Lightning's grad_norm(module, 2) every step: a norm per parameter, the total via
-  torch.tensor(list of norms), and every value turned into a Python float for log_dict.
+In one process, for each model, every variant trains the same model on the same data with the same
+optimizer, a fresh optimizer per call, after a warm-up; each timed call of a variant is paired with
+a call of the bare loop just before it (the order of the variants rotates each repeat), and a
+variant's figure is the median over repeats of the ratio within its pairs, so that the machine's
+drift cancels. Each call runs WARM_STEPS steps, then the timed window; attaching a monitor and
+closing it (gradexp's summary and figure, wandb's run files) happen outside the window. Peak
+memory: on the CPU the peak resident memory of a fresh child process per variant (a process's peak
+cannot be reset; wandb's own service process is not counted); on CUDA the peak memory allocated on
+the device during one call of the variant.
+
+What each row times, per step, on top of the bare loop (forward, loss, zero_grad, backward, step):
+- gradexp.watch(model, optimizer, every=N): attached for the whole call (its hooks on the modules
+  and the optimizer), probes every N optimizer steps with the weight probes at the engine's default
+  cadence (weight_every=10*N); every=0 installs the hooks with nothing due.
+- Lightning: `grad_norm(model, 2)` after backward (where Lightning's docs call it, in
+  on_before_optimizer_step), every value turned into a Python float, as Lightning's logger
+  connector does to logged tensors (`convert_tensors_to_scalars`) on the steps it writes (all of
+  them with log_every_n_steps=1). No Trainer: the norms and their floats alone.
+- wandb: `wandb.init(mode="offline")` per call, `wandb.log({"loss": loss.item()})` after every
+  step as a user's loop does, and `wandb.watch(model, log="gradients", log_freq=N)`: a tensor hook
+  per parameter counts backward passes and, every N-th, computes the gradient's finite check,
+  min/max (host reads) and 64-bin histogram and stages it in the run's history; the next
+  `wandb.log` commits it (wandb/integration/torch/wandb_torch.py). The "no watch" row is the
+  wandb.log alone, so that the watch's own share can be read off. `wandb.finish()` runs after the
+  window (it waits for wandb's service process, so nothing spills into the next bare call).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -30,170 +46,230 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from gradexp.board import Board
+import gradexp
 from gradexp.config import load_config
 from gradexp.data import Batches
-from gradexp.train import OPTIMIZERS, Experiment, prepare, train
+from gradexp.train import OPTIMIZERS, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 
-BASE = ["data.name=digits", "data.batch_size=128", "model.activation=relu", "model.init=kaiming_normal",
-        "model.bias_init=zero", "optim.name=sgd", "optim.lr=0.001", "train.eval_every=0", "train.hist_every=0"]
-# name -> (overrides, timed steps per call: a multiple of 10, see WARM_STEPS)
-CASES = {
-    "mlp20x256": (["model.kind=mlp", "model.depth=20", "model.width=256"], 100),
-    "mlp50x1024": (["model.kind=mlp", "model.depth=50", "model.width=1024"], 10),
-    "cnn8x32": (["model.kind=cnn", "model.depth=8", "model.width=32"], 40),
-}
-TINY_CASES = {"mlp3x16": (["model.kind=mlp", "model.depth=3", "model.width=16"], 3)}
-# Float32 denormals: a 40-layer sigmoid net's first-layer gradients fall below 1.2e-38.
-DENORMAL_CASES = {
-    "sigmoid40": (["model.kind=mlp", "model.depth=40", "model.width=256", "model.activation=sigmoid",
-                   "model.init=default", "model.bias_init=default"], 30),
-    "relu40": (["model.kind=mlp", "model.depth=40", "model.width=256"], 30),
-}
-TARGETS = {"gradexp, probes every 10": 1.03, "gradexp, probes every step": 1.15, "gradexp, probes off": 1.02}
 
+# ------------------------------------------------------------------------------------ the models
+
+@dataclass
+class Setup:
+    """A model and what a training loop needs around it; shared by every variant of a case."""
+    model: nn.Module
+    optimizer: Callable[[], torch.optim.Optimizer]
+    batch: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    device: torch.device
+
+
+BASE = ["data.name=digits", "data.batch_size=128", "model.activation=relu", "model.init=kaiming_normal",
+        "model.bias_init=zero", "optim.name=sgd", "optim.lr=0.001"]
+
+
+def gradexp_net(*overrides: str) -> Callable[[str], Setup]:
+    """One of gradexp's own models on the digits (SGD, batch 128), built by the runner's `prepare`."""
+    def build(device: str) -> Setup:
+        exp = prepare(load_config(None, BASE + list(overrides) + [f"device={device}"]))
+        batches = Batches(exp.data.x_train, exp.data.y_train, exp.cfg.data.batch_size, exp.cfg.seed)
+        return Setup(exp.model, lambda: OPTIMIZERS[exp.cfg.optim.name](exp.model.parameters(), exp.cfg.optim),
+                     batches.next, F.cross_entropy, exp.device)
+    return build
+
+
+class TinyLM(nn.Module):
+    """A small GPT-like language model: token and position embeddings, pre-LN blocks, causal mask."""
+
+    def __init__(self, vocab: int, seq: int, d: int, heads: int, blocks: int):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(seq, d)
+        self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True,
+                                                               norm_first=True) for _ in range(blocks))
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq), persistent=False)
+        self.register_buffer("positions", torch.arange(seq), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T) tokens -> (B, T, vocab) logits
+        h = self.tok(x) + self.pos(self.positions[: x.shape[1]])
+        for block in self.blocks:
+            h = block(h, src_mask=self.mask, is_causal=True)
+        return self.head(self.norm(h))
+
+
+def transformer(blocks: int, d: int, heads: int, seq: int, batch: int, vocab: int) -> Callable[[str], Setup]:
+    """Next-token prediction on random tokens (nothing to learn: only the step's cost matters), Adam."""
+    def build(device: str) -> Setup:
+        torch.manual_seed(0)
+        model = TinyLM(vocab, seq, d, heads, blocks).to(device)
+        g = torch.Generator(device=device).manual_seed(0)
+        tokens = torch.randint(vocab, (64, batch, seq + 1), generator=g, device=device)  # 64 batches, cycled
+        count = itertools.count()
+
+        def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+            b = tokens[next(count) % len(tokens)]
+            return b[:, :-1], b[:, 1:]
+
+        def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
+
+        return Setup(model, lambda: torch.optim.Adam(model.parameters(), lr=3e-4), next_batch, loss,
+                     torch.device(device))
+    return build
+
+
+# name -> (builder, timed steps per call: a multiple of 10, so that "every 10" probes 1 step in 10)
+CASES = {
+    "mlp20x256": (gradexp_net("model.kind=mlp", "model.depth=20", "model.width=256"), 100),
+    "cnn8x32": (gradexp_net("model.kind=cnn", "model.depth=8", "model.width=32"), 40),
+    "transformer6x256": (transformer(blocks=6, d=256, heads=4, seq=64, batch=16, vocab=64), 20),
+}
+TINY_CASES = {
+    "mlp3x16": (gradexp_net("model.kind=mlp", "model.depth=3", "model.width=16"), 3),
+    "cnn2x4": (gradexp_net("model.kind=cnn", "model.depth=2", "model.width=4"), 3),
+    "transformer2x32": (transformer(blocks=2, d=32, heads=2, seq=8, batch=4, vocab=16), 3),
+}
+
+
+# ------------------------------------------------------------------------------------ the variants
+
+def loop(s: Setup, opt: torch.optim.Optimizer, steps: int, on_step: Callable[[int], None],
+         after_backward: Callable[[], None] | None = None,
+         after_step: Callable[[torch.Tensor], None] | None = None) -> None:
+    """The bare loop, with a peer's call slotted in where a user would put it."""
+    for k in range(steps):
+        x, y = s.batch()
+        loss = s.loss(s.model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        opt.step()
+        if after_step is not None:
+            after_step(loss)
+        on_step(k + 1)
+
+
+def bare(s: Setup, steps: int, on_step: Callable[[int], None], tmp: Path) -> None:
+    loop(s, s.optimizer(), steps, on_step)
+
+
+_logdirs = itertools.count()
+
+
+def gradexp_watch(every: int) -> Callable:
+    def run(s: Setup, steps: int, on_step: Callable[[int], None], tmp: Path) -> None:
+        opt = s.optimizer()
+        with gradexp.watch(s.model, opt, logdir=tmp / f"gradexp-{next(_logdirs)}", every=every):
+            loop(s, opt, steps, on_step)
+    return run
+
+
+def lightning_grad_norm(s: Setup, steps: int, on_step: Callable[[int], None], tmp: Path) -> None:
+    try:
+        from lightning.pytorch.utilities import grad_norm
+    except ImportError:
+        from pytorch_lightning.utilities import grad_norm
+    logged: list[dict[str, float]] = []  # kept in memory: what a logger would write
+    loop(s, s.optimizer(), steps, on_step,
+         after_backward=lambda: logged.append({k: float(v) for k, v in grad_norm(s.model, 2).items()}))
+
+
+def wandb_run(log_freq: int | None) -> Callable:
+    """wandb.log per step, with wandb.watch(log="gradients", log_freq) when log_freq is given."""
+    def run(s: Setup, steps: int, on_step: Callable[[int], None], tmp: Path) -> None:
+        import wandb
+
+        opt = s.optimizer()
+        wandb.init(mode="offline", dir=tmp, project="gradexp-bench", settings=wandb.Settings(silent=True))
+        try:
+            if log_freq:
+                wandb.watch(s.model, log="gradients", log_freq=log_freq)
+            loop(s, opt, steps, on_step, after_step=lambda loss: wandb.log({"loss": loss.item()}))
+        finally:
+            if log_freq:
+                wandb.unwatch(s.model)  # finish() leaves the hooks on the parameters
+            wandb.finish()
+    return run
+
+
+BARE = "bare PyTorch loop"
+VARIANTS: dict[str, Callable[[Setup, int, Callable[[int], None], Path], None]] = {
+    BARE: bare,
+    "gradexp.watch, probes off (every=0)": gradexp_watch(0),
+    "gradexp.watch, every 10 (weights every 100)": gradexp_watch(10),
+    "gradexp.watch, every step (weights every 10)": gradexp_watch(1),
+    "Lightning grad_norm + floats, every step": lightning_grad_norm,
+    "wandb.log per step, no watch": wandb_run(None),
+    "wandb.watch gradients, log_freq=10": wandb_run(10),
+    "wandb.watch gradients, log_freq=1": wandb_run(1),
+}
+TARGETS = {
+    "cpu": {"gradexp.watch, probes off (every=0)": 1.02, "gradexp.watch, every 10 (weights every 100)": 1.03,
+            "gradexp.watch, every step (weights every 10)": 1.20},
+    "cuda": {"gradexp.watch, every 10 (weights every 100)": 1.03,
+             "gradexp.watch, every step (weights every 10)": 1.25},
+}
+# Steps run before the timed window: the first logged step (every monitor logs step 0 or soon
+# after), Adam's state and the allocator's warm-up happen once per run, not per step. With 10, a
+# window of 10m steps holds exactly m steps probed by "every 10" (and by wandb's log_freq=10).
+WARM_STEPS = 10
+
+
+# ------------------------------------------------------------------------------------ measuring
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def experiment(overrides: list[str], device: str) -> Experiment:
-    return prepare(load_config(None, BASE + overrides + [f"device={device}"]))
-
-
-# ------------------------------------------------------------------------------------ the variants
-
-def bare_loop(exp: Experiment, steps: int, on_step: Callable[[int], None],
-              after_backward: Callable[[], None] | None = None) -> None:
-    """The limit: the same model, data and optimizer, nothing else."""
-    model, cfg = exp.model, exp.cfg
-    opt = OPTIMIZERS[cfg.optim.name](model.parameters(), cfg.optim)
-    batches = Batches(exp.data.x_train, exp.data.y_train, cfg.data.batch_size, cfg.seed)
-    for k in range(steps):
-        x, y = batches.next()
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if after_backward is not None:
-            after_backward()
-        opt.step()
-        on_step(k + 1)
-
-
-def gradexp_loop(log_every: int, weight_every: int) -> Callable[[Experiment, int, Board, Callable], None]:
-    def run(exp: Experiment, steps: int, board: Board, on_step: Callable[[int], None]) -> None:
-        t = exp.cfg.train.model_copy(update={"steps": steps, "log_every": log_every, "weight_every": weight_every})
-        result = train(exp.__class__(exp.cfg.model_copy(update={"train": t}), exp.device, exp.data, exp.model),
-                       board, lambda step, stats: on_step(step))
-        assert result["status"] == "completed", result["status"]
-    return run
-
-
-def wandb_style(every: int) -> Callable[[Experiment, int, Callable], None]:
-    def run(exp: Experiment, steps: int, on_step: Callable[[int], None]) -> None:
-        calls = {"n": 0}
-        logged: list = []
-
-        def hook(name: str):
-            def stats(grad: torch.Tensor) -> None:
-                if calls["n"] % every:
-                    return
-                flat = grad.detach().reshape(-1).float()
-                nan, inf = torch.isnan(flat).sum().item(), torch.isinf(flat).sum().item()
-                lo, hi = flat.min().item(), flat.max().item()
-                counts = flat.histc(bins=64, min=lo, max=hi).cpu().tolist()
-                logged.append((name, nan, inf, lo, hi, counts))
-            return stats
-
-        handles = [p.register_hook(hook(n)) for n, p in exp.model.named_parameters()]
-        try:
-            bare_loop(exp, steps, on_step, after_backward=lambda: calls.__setitem__("n", calls["n"] + 1))
-        finally:
-            for h in handles:
-                h.remove()
-    return run
-
-
-def lightning_style(exp: Experiment, steps: int, on_step: Callable[[int], None]) -> None:
-    logged: list = []
-
-    def grad_norm() -> None:
-        norms = {f"grad_2.0_norm/{n}": p.grad.norm(2) for n, p in exp.model.named_parameters() if p.grad is not None}
-        norms["grad_2.0_norm_total"] = torch.tensor(list(norms.values())).norm(2)
-        logged.append({k: float(v) for k, v in norms.items()})
-
-    bare_loop(exp, steps, on_step, after_backward=grad_norm)
-
-
-VARIANTS: dict[str, Callable] = {
-    "bare PyTorch loop": lambda exp, steps, board, on_step: bare_loop(exp, steps, on_step),
-    "gradexp, probes off": gradexp_loop(0, 0),
-    # log_every as named; weight probes at their default cadence (train.weight_every=100)
-    "gradexp, probes every 10": gradexp_loop(10, 100),
-    "gradexp, probes every step": gradexp_loop(1, 100),
-    "gradexp, weight probes too every step": gradexp_loop(1, 1),
-    "wandb-style hooks, every 10": lambda exp, steps, board, on_step: wandb_style(10)(exp, steps, on_step),
-    "wandb-style hooks, every step": lambda exp, steps, board, on_step: wandb_style(1)(exp, steps, on_step),
-    "lightning-style grad_norm, every step": lambda exp, steps, board, on_step: lightning_style(exp, steps, on_step),
-}
-# Steps run before the timed window: setting a loop up (optimizer, probe buffers, the first logged
-# step) happens once per run and is not what steps per second measure. With 10, a window of 10m
-# steps holds exactly m logged steps at probes every 10 (a run also logs its last step: after the window).
-WARM_STEPS = 10
-
-
-# ------------------------------------------------------------------------------------ measuring
-
-def time_call(exp: Experiment, variant: str, steps: int, board: Board) -> float:
+def time_call(s: Setup, variant: str, steps: int, tmp: Path) -> float:
     """Seconds per step of one call of a variant, over `steps` steps after WARM_STEPS."""
     marks: dict[int, float] = {}
 
     def on_step(k: int) -> None:  # called after the k-th step
         if k in (WARM_STEPS, WARM_STEPS + steps):
-            sync(exp.device)
+            sync(s.device)
             marks[k] = time.perf_counter()
 
-    VARIANTS[variant](exp, WARM_STEPS + steps + 1, board, on_step)
+    VARIANTS[variant](s, WARM_STEPS + steps, on_step, tmp)
     return (marks[WARM_STEPS + steps] - marks[WARM_STEPS]) / steps
 
 
-def time_variants(exp: Experiment, steps: int, repeats: int, variants: list[str], tmp: str) -> dict[str, dict]:
+def time_variants(s: Setup, steps: int, repeats: int, variants: list[str], tmp: Path) -> dict[str, dict]:
     """Seconds per step and ratio to the bare loop of each variant, after one warm-up call each.
 
     The machine's speed drifts (10-30% between minutes on a shared VM), so every call of a variant
     is paired with a call of the bare loop just before it, and the ratio is the median over repeats
     of the ratio within each pair; the order of the variants rotates from one repeat to the next."""
-    boards = {v: Board(os.path.join(tmp, v.replace(" ", "_").replace(",", "")), len(exp.model.weight_layers))
-              for v in variants}
-    bare, others = variants[0], variants[1:]
+    others = [v for v in variants if v != BARE]
     times: dict[str, list[float]] = {v: [] for v in variants}
     ratios: dict[str, list[float]] = {v: [] for v in variants}
 
     def timed(v: str) -> float:
-        times[v].append(time_call(exp, v, steps, boards[v]))
+        times[v].append(time_call(s, v, steps, tmp))
         return times[v][-1]
 
     for v in variants:  # warm-up
-        VARIANTS[v](exp, WARM_STEPS + 2, boards[v], lambda k: None)
+        VARIANTS[v](s, WARM_STEPS + 2, lambda k: None, tmp)
     for r in range(repeats):
         k = r % max(len(others), 1)
         for v in others[k:] + others[:k]:
-            t_bare = timed(bare)
+            t_bare = timed(BARE)
             ratios[v].append(timed(v) / t_bare)
         if not others:
-            timed(bare)
-    for b in boards.values():
-        b.close()
-    ratios[bare] = [1.0]
+            timed(BARE)
+    ratios[BARE] = [1.0]
     return {v: {"s_per_step": statistics.median(times[v]), "ratio": statistics.median(ratios[v])} for v in variants}
 
 
@@ -204,83 +280,54 @@ def peak_memory_mb(case: str, variant: str, device: str, tiny: bool) -> float:
     return json.loads(out.strip().splitlines()[-1])["maxrss_mb"]
 
 
-def peak_cuda_mb(exp: Experiment, variant: str, steps: int, tmp: str) -> float:
+def peak_cuda_mb(s: Setup, variant: str, steps: int, tmp: Path) -> float:
     """Peak CUDA memory allocated (MB) while one variant trains: the model and data, which every
     variant shares, plus whatever the variant allocates."""
-    board = Board(os.path.join(tmp, "memory"), len(exp.model.weight_layers))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    VARIANTS[variant](exp, WARM_STEPS + steps + 1, board, lambda k: None)
+    VARIANTS[variant](s, WARM_STEPS + steps, lambda k: None, tmp)
     torch.cuda.synchronize()
-    board.close()
     return torch.cuda.max_memory_allocated() / 2**20
 
 
 def child(case: str, variant: str, device: str, tiny: bool) -> None:
-    torch.set_flush_denormal(device == "cpu")
-    overrides, steps = (TINY_CASES if tiny else CASES)[case]
-    exp = experiment(overrides, device)
+    build, steps = (TINY_CASES if tiny else CASES)[case]
     with tempfile.TemporaryDirectory() as tmp:
-        board = Board(tmp, len(exp.model.weight_layers))
-        VARIANTS[variant](exp, steps, board, lambda k: None)
-        board.close()
+        VARIANTS[variant](build(device), WARM_STEPS + steps, lambda k: None, Path(tmp))
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
     hwm = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
     print(json.dumps({"maxrss_mb": int(hwm.split()[1]) / 1024}))
 
 
-def denormals(device: str, repeats: int, tiny: bool) -> list[dict]:
-    """gradexp's loop (probes off) on 40-layer sigmoid and ReLU nets, denormals flushed and kept.
-    Without flushing, the sigmoid net's first layers compute on denormals in backward. The two nets
-    alternate call by call and the figure is the median ratio within pairs, as for the variants."""
-    rows = []
-    cases = {k: ([o for o in overrides if not o.startswith("model.depth=")] + ["model.depth=4"], 2)
-             for k, (overrides, _) in DENORMAL_CASES.items()} if tiny else DENORMAL_CASES
-    variant = "gradexp, probes off"
-    with tempfile.TemporaryDirectory() as tmp:
-        for flush in (True, False):
-            torch.set_flush_denormal(flush)
-            exps = {name: experiment(overrides, device) for name, (overrides, _) in cases.items()}
-            boards = {name: Board(os.path.join(tmp, f"{name}-{flush}"), len(e.model.weight_layers))
-                      for name, e in exps.items()}
-            times: dict[str, list[float]] = {name: [] for name in cases}
-            for name, exp in exps.items():  # warm-up
-                VARIANTS[variant](exp, WARM_STEPS + 2, boards[name], lambda k: None)
-            ratios = []
-            for r in range(repeats):
-                for name in (("sigmoid40", "relu40") if r % 2 else ("relu40", "sigmoid40")):
-                    times[name].append(time_call(exps[name], variant, cases[name][1], boards[name]))
-                ratios.append(times["sigmoid40"][-1] / times["relu40"][-1])
-            for b in boards.values():
-                b.close()
-            rows.append({"flush_denormal": flush, "sigmoid_ms": statistics.median(times["sigmoid40"]) * 1e3,
-                         "relu_ms": statistics.median(times["relu40"]) * 1e3, "ratio": statistics.median(ratios)})
-        torch.set_flush_denormal(False)
-    return rows
-
-
 def check_no_sync(device: str) -> str:
-    """On CUDA: train with probes every 10 steps, with torch's sync debug mode set to "error" on every
-    step on which the loop is not meant to talk to the host; any synchronisation there raises."""
-    from gradexp.train import host_sync
-
-    exp = experiment(CASES["mlp20x256"][0] + ["train.log_every=10", "train.steps=60"], device)
-    t = exp.cfg.train
-
-    def progress(next_step: int, stats: dict) -> None:  # called at the end of each step
-        quiet = next_step < t.steps and not host_sync(t, next_step)
-        torch.cuda.set_sync_debug_mode("error" if quiet else "default")
-
-    with tempfile.TemporaryDirectory() as tmp:
-        board = Board(tmp, len(exp.model.weight_layers))
-        torch.cuda.set_sync_debug_mode("default")  # step 0 logs
+    """On CUDA: the 20x256 MLP with gradexp.watch(every=10) for 60 steps, torch's sync debug mode set
+    to "error" on every step the engine has nothing due on; any synchronisation there raises."""
+    s, every, steps = CASES["mlp20x256"][0](device), 10, 60
+    opt = s.optimizer()
+    quiet = [k % every != 0 for k in range(steps)]  # weight probes every 100: only step 0 here
+    with tempfile.TemporaryDirectory() as tmp, gradexp.watch(s.model, opt, logdir=tmp, every=every):
         try:
-            result = train(exp, board, progress)
+            for k in range(steps):
+                torch.cuda.set_sync_debug_mode("error" if quiet[k] else "default")
+                x, y = s.batch()
+                loss = s.loss(s.model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-            board.close()
-    quiet_steps = sum(not host_sync(t, s) for s in range(t.steps))
-    return f"no host synchronisation on the {quiet_steps} of {t.steps} steps that log nothing ({result['status']})"
+    return f"no host synchronisation on the {sum(quiet)} of {steps} steps with no probe due (gradexp.watch, every={every})"
+
+
+def versions() -> dict[str, str]:
+    import wandb
+    try:
+        import lightning
+    except ImportError:
+        import pytorch_lightning as lightning
+
+    return {"torch": torch.__version__, "gradexp": gradexp.__version__, "wandb": wandb.__version__,
+            "lightning": lightning.__version__}
 
 
 def machine(device: str) -> str:
@@ -294,26 +341,42 @@ def machine(device: str) -> str:
     return f"{os.cpu_count()}-core {cpu}, torch {torch.__version__} (threads {torch.get_num_threads()})"
 
 
+def markdown(results: dict, kind: str) -> str:
+    """The table as the README shows it."""
+    memory = "peak RSS MB" if kind == "cpu" else "peak CUDA MB"
+    lines = [f"steps/s against a bare PyTorch loop, median of {results['repeats']} paired ratios; "
+             f"{results['machine']}", "", f"| model | variant | ms/step | x bare | target | {memory} |",
+             "|---|---|---|---|---|---|"]
+    for case, c in results["cases"].items():
+        for v, r in c["rows"].items():
+            mark = "" if r["target"] is None else f"<= {r['target']}: " + ("met" if r["met"] else "MISSED")
+            mem = r.get("peak_rss_mb", r.get("peak_cuda_mb"))
+            lines.append(f"| {case} | {v} | {r['ms_per_step']:.2f} | {r['ratio']:.3f} | {mark} | "
+                         f"{'-' if mem is None else f'{mem:.0f}'} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeats", type=int, default=9, help="timed calls per variant (at most 3 for the 50x1024 MLP on the CPU)")
+    ap.add_argument("--repeats", type=int, default=9, help="timed calls per variant")
     ap.add_argument("--tiny", action="store_true", help="tiny models and budgets: checks that every row is produced")
     ap.add_argument("--cases", nargs="+", metavar="CASE", help=f"a subset of {', '.join(CASES)}")
     ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--check-sync", action="store_true", help="CUDA: fail if a step that logs nothing syncs")
+    ap.add_argument("--check-sync", action="store_true", help="CUDA: fail if a step with no probe due syncs")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "overhead.json"))
     ap.add_argument("--child", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(*args.child, args.device, args.tiny)
+    try:
+        found = versions()
+    except ImportError as e:
+        sys.exit(f"the benchmark times the real wandb.watch and Lightning grad_norm: {e}; "
+                 f"pip install wandb lightning")
 
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=max(Console().width, 120))  # the table's rows must not wrap
     if args.check_sync:
-        console.print(check_no_sync(args.device))
+        print(check_no_sync(args.device))
     cases = TINY_CASES if args.tiny else CASES
     if args.cases:
         unknown = sorted(set(args.cases) - set(cases))
@@ -321,44 +384,36 @@ def main() -> None:
             ap.error(f"unknown case(s) {', '.join(unknown)}; allowed: {', '.join(cases)}")
         cases = {c: cases[c] for c in args.cases}
     repeats = 2 if args.tiny else args.repeats
+    kind = "cuda" if args.device.startswith("cuda") else "cpu"
+    targets = TARGETS[kind]
     variants = list(VARIANTS)
-    results = {"machine": machine(args.device), "device": args.device, "repeats": repeats, "cases": {}}
-    console.print(f"[bold]gradexp overhead benchmark[/bold] on {results['machine']}")
+    results = {"machine": machine(args.device), "device": args.device, "repeats": repeats, "versions": found,
+               "warm_steps": WARM_STEPS, "cases": {}}
+    print(f"gradexp overhead benchmark on {results['machine']}; "
+          + ", ".join(f"{k} {v}" for k, v in found.items() if k != "torch"), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for case, (overrides, steps) in cases.items():
-            console.print(f"timing {case} ({steps} steps x {repeats} repeats per variant)...")
-            exp = experiment(overrides, args.device)
-            # gradexp flushes denormals on the CPU by default: every variant runs under the same setting
-            torch.set_flush_denormal(args.device == "cpu")
-            timed = time_variants(exp, steps, min(repeats, 3) if case == "mlp50x1024" and args.device == "cpu" else repeats, variants, tmp)
+        for case, (build, steps) in cases.items():
+            print(f"timing {case} ({steps} steps x {repeats} repeats per variant)...", flush=True)
+            s = build(args.device)
+            timed = time_variants(s, steps, repeats, variants, Path(tmp))
+            # a fresh process per variant takes seconds: in the tiny mode, the first case's only
+            memory = not args.no_memory and not (args.tiny and case != next(iter(cases)))
             rows = {}
             for v in variants:
-                rows[v] = {"ms_per_step": timed[v]["s_per_step"] * 1e3, "ratio": timed[v]["ratio"]}
-                if not args.no_memory and args.device == "cpu":
+                rows[v] = {"ms_per_step": timed[v]["s_per_step"] * 1e3, "ratio": timed[v]["ratio"],
+                           "target": targets.get(v)}
+                if rows[v]["target"] is not None:
+                    rows[v]["met"] = rows[v]["ratio"] <= rows[v]["target"]
+                if memory and kind == "cpu":
                     rows[v]["peak_rss_mb"] = peak_memory_mb(case, v, args.device, args.tiny)
-                elif not args.no_memory:
-                    rows[v]["peak_cuda_mb"] = peak_cuda_mb(exp, v, steps, tmp)
-            results["cases"][case] = rows
-    results["denormals"] = denormals(args.device, repeats, args.tiny) if args.device == "cpu" else []
+                elif memory:
+                    rows[v]["peak_cuda_mb"] = peak_cuda_mb(s, v, steps, Path(tmp))
+            results["cases"][case] = {"steps": steps, "rows": rows}
 
-    table = Table(title=f"steps/s relative to a bare PyTorch loop (median of {repeats}); {results['machine']}")
-    memory = "peak RSS MB" if args.device == "cpu" else "peak CUDA MB"
-    for col in ("model", "variant", "ms/step", "x bare", "target", memory):
-        table.add_column(col, justify="left" if col in ("model", "variant") else "right")
-    for case, rows in results["cases"].items():
-        for v, r in rows.items():
-            target = TARGETS.get(v) if case in ("mlp20x256", "mlp3x16") else None
-            mark = "" if target is None else (f"<= {target} " + ("ok" if r["ratio"] <= target else "MISSED"))
-            mem = r.get("peak_rss_mb", r.get("peak_cuda_mb"))
-            mem = "-" if mem is None else f"{mem:.0f}"
-            table.add_row(case, v, f"{r['ms_per_step']:.2f}", f"{r['ratio']:.3f}", mark, mem)
-    console.print(table)
-    for d in results["denormals"]:
-        console.print(f"denormals {'flushed' if d['flush_denormal'] else 'kept   '}: 40-layer sigmoid "
-                      f"{d['sigmoid_ms']:.2f} ms/step, ReLU {d['relu_ms']:.2f} ms/step: {d['ratio']:.2f}x")
+    print(markdown(results, kind))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    console.print(f"written: {args.json}")
+    print(f"written: {args.json}")
 
 
 if __name__ == "__main__":
