@@ -75,18 +75,22 @@ static double squares(const float *p, int64_t n) {
 }
 
 /* squares[i]: the sum of squares of tensors[i] (sizes[i] floats), for i < n_tensors;
-   layer_sums[5 l .. 5 l + 4]: the pivot and sums of hidden layer l (see `layer`), for l < n_layers
-   (`a` NULL unless the derivative needs the activation's input).
+   layer_sums[5 l .. 5 l + 4]: the pivot and sums of activation l (see `layer`), for l < n_layers, each
+   (batch[l], units[l]) row-major with its own activation code and threshold (`a[l]` NULL unless its
+   derivative needs the activation's input; `a` itself may be NULL).
    The tensors and layers are shared among `threads` threads (torch's own OpenMP runtime, when built
    with it). Returns 0, or -1 if memory ran out. */
 int gradexp_probe_sums(int n_tensors, const float *const *tensors, const int64_t *sizes, double *squares_out,
-                       int n_layers, const float *const *h, const float *const *a, int64_t batch,
-                       int64_t units, int activation, double flat, double *layer_sums, int threads) {
+                       int n_layers, const float *const *h, const float *const *a, const int64_t *batch,
+                       const int64_t *units, const int32_t *activation, const double *flat, double *layer_sums,
+                       int threads) {
     int next = 0, failed = 0;
+    int64_t widest = 1;
+    for (int l = 0; l < n_layers; l++) widest = units[l] > widest ? units[l] : widest;
     (void)threads;
 #pragma omp parallel num_threads(threads)
     {
-        double *steepest = n_layers ? malloc(sizeof(double) * (size_t)(units > 0 ? units : 1)) : NULL;
+        double *steepest = n_layers ? malloc(sizeof(double) * (size_t)widest) : NULL;
         if (n_layers && steepest == NULL) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
         for (;;) {
             int k = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
@@ -95,7 +99,7 @@ int gradexp_probe_sums(int n_tensors, const float *const *tensors, const int64_t
                 squares_out[k] = squares(tensors[k], sizes[k]);
             } else if (steepest != NULL) {
                 int l = k - n_tensors;
-                layer(h[l], a ? a[l] : NULL, batch, units, activation, flat, steepest, layer_sums + 5 * l);
+                layer(h[l], a ? a[l] : NULL, batch[l], units[l], activation[l], flat[l], steepest, layer_sums + 5 * l);
             }
         }
         free(steepest);

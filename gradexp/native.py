@@ -115,8 +115,7 @@ def _build() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(path))
     f = lib.gradexp_probe_sums
     p = ctypes.c_void_p
-    f.argtypes = [ctypes.c_int, p, p, p, ctypes.c_int, p, p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
-                  ctypes.c_double, p, ctypes.c_int]
+    f.argtypes = [ctypes.c_int, p, p, p, ctypes.c_int, p, p, p, p, p, p, p, ctypes.c_int]
     f.restype = ctypes.c_int
     g = lib.gradexp_weight_sums
     g.argtypes = [ctypes.c_int, p, p, p, p, p, ctypes.c_int]
@@ -154,24 +153,28 @@ def _addresses(tensors: list[torch.Tensor]) -> array:
     return array("q", [t.data_ptr() for t in tensors])  # C's int64_t[] (ctypes arrays cost ~2x more)
 
 
-def probe_sums(lib: ctypes.CDLL, tensors: list[torch.Tensor], h: list[torch.Tensor], a: list[torch.Tensor] | None,
-               activation: str, flat: float, threads: int | None = None) -> torch.Tensor | None:
-    """float64 (len(tensors) + 5 * len(h)): the sum of squares of each tensor, then per hidden layer
-    (batch, units...) a pivot p (its first value), the sums of h - p, of (h - p)^2 and of phi'(a), and
-    the count of units flat on every example; None if the kernel ran out of memory. Every tensor
-    must be `usable`, and the layers of one shape. `threads`: default torch's; 1 for a single
-    tensor (waking a second OpenMP thread costs more than it saves there: 15 us against 0.3 ms for
-    a 128x256 layer, measured)."""
+def probe_sums(lib: ctypes.CDLL, tensors: list[torch.Tensor], h: list[torch.Tensor], a: list[torch.Tensor | None],
+               activations: list[str], flats: list[float], threads: int | None = None) -> torch.Tensor | None:
+    """float64 (len(tensors) + 5 * len(h)): the sum of squares of each tensor, then per activation
+    h[l] (batch, units...) a pivot p (its first value), the sums of h - p, of (h - p)^2 and of
+    phi'(a), and the count of units flat on every example, for its activation `activations[l]`
+    (phi' of a[l], the activation's input, where the derivative needs it; else None) and threshold
+    `flats[l]`; None if the kernel ran out of memory. Every tensor must be `usable`. `threads`:
+    default torch's; 1 for a single small tensor (waking a second OpenMP thread costs more than it
+    saves there: 15 us against 0.3 ms for a 128x256 layer, measured)."""
     nt, nl = len(tensors), len(h)
-    batch, units = (h[0].shape[0], h[0][0].numel()) if h else (0, 0)
     out = torch.empty(nt + 5 * nl, dtype=torch.float64)
     base = out.data_ptr()
     pointers, sizes, layers = _addresses(tensors), array("q", [t.numel() for t in tensors]), _addresses(h)
-    inputs = _addresses(a) if a else None
+    batch = array("q", [t.shape[0] if t.dim() > 1 else 1 for t in h])
+    units = array("q", [t.numel() // max(b, 1) for t, b in zip(h, batch)])
+    codes = array("i", [CODES[name] for name in activations])
+    limits = array("d", flats)
+    inputs = array("q", [x.data_ptr() if x is not None else 0 for x in a]) if any(x is not None for x in a) else None
     status = lib.gradexp_probe_sums(
         nt, pointers.buffer_info()[0], sizes.buffer_info()[0], base, nl, layers.buffer_info()[0],
-        inputs.buffer_info()[0] if inputs else None, batch, units, CODES[activation], flat, base + 8 * nt,
-        threads or torch.get_num_threads())
+        inputs.buffer_info()[0] if inputs else None, batch.buffer_info()[0], units.buffer_info()[0],
+        codes.buffer_info()[0], limits.buffer_info()[0], base + 8 * nt, threads or torch.get_num_threads())
     return out if status == 0 else None
 
 

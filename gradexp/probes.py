@@ -37,9 +37,16 @@ from torch import nn
 from torch.autograd.variable import Variable
 
 from . import native
-from .layers import PASS_THROUGH, activation_name
+from .layers import NEEDS_INPUT, PASS_THROUGH, activation_name
 from .stats import (ACT_HIST, DERIVATIVE_PROBES, GRAD_HIST, GRADIENT_PROBES, LAYER_PROBES, STATS,  # noqa: F401
-                    WEIGHT_PROBES, activation_sums, combine, histogram_row, stat_value, sum_squares, to_host)
+                    WEIGHT_PROBES, activation_sums, batched_sums, combine, histogram_row, stat_value, sum_squares,
+                    to_host)
+
+import os
+# On the CPU a tensor larger than this is summed in its hook, while it is in the cache (a conv layer's
+# activations, ~1 MB); smaller ones wait for the one call at the end of backward, where the call's
+# fixed cost is shared (an MLP's, 128 KB). Measured on the 2-core benchmark VM.
+EAGER_BYTES = int(os.environ.get("GRADEXP_EAGER_BYTES", 256 * 1024))
 
 # ------------------------------------------------------------------------------- choosing the layers
 
@@ -114,6 +121,11 @@ class Record:
     dz_sums: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)  # measured backwards
     acts: dict[int, list[tuple]] = field(default_factory=dict)  # layer -> activation_sums per call
     z_acts: dict[int, list[tuple]] = field(default_factory=dict)  # the same of z (no activation known)
+    dz_eager: list[tuple] = field(default_factory=list)  # (layer, squares of dL/dz) summed in its hook
+    pending: list[tuple] = field(default_factory=list)  # (layer, h, a, activation, version): summed after backward
+    batched: list[tuple] = field(default_factory=list)  # ([(layer, (n, units))], rows (k, 5)) of each backward
+    learn: list[tuple] = field(default_factory=list)  # (layer, h, version) of the first step: changed later?
+    owners: list[tuple] = field(default_factory=list)  # (layer, (n, units)) of each row read
     act_hists: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     grad_sq: torch.Tensor | None = None  # every trainable parameter's, at the end of the latest backward
     grads: list[torch.Tensor] = field(default_factory=list)  # those gradients (to see clipping change them)
@@ -185,6 +197,7 @@ class Watcher:
         self._last: int | None = None  # the candidate whose output is the latest module output seen
         self._act_owner: dict[int, set[int]] = {}  # id(activation module) -> candidates it follows
         self._act_of: dict[int, nn.Module] = {}  # candidate -> its activation module
+        self._act_names: dict[int, str | None] = {}  # id(activation module) -> its name (layers.activation_name)
         self._params: list[nn.Parameter] = []  # every trainable parameter: the layers' first
         self._param_layers: list[list[int]] = []  # the layers of each of the layers' parameters (tied
         # weights belong to every layer that uses them: GPT-2's head shares the token embedding)
@@ -193,6 +206,7 @@ class Watcher:
         self._w0_sq: list[float] = []
         self._snapshot_step: int | None = None  # the step whose weights `_before` holds (before its update)
         self._snapshot_pending = False  # step 0's snapshot, due before the layers are known
+        self._eager: set[int] = set()  # layers whose activation changes in place after their hook
         self._optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps one
         self._attach(activations)
         self._arm(0)
@@ -232,6 +246,7 @@ class Watcher:
         if k in self._act_of:
             return
         self._act_of[k] = act
+        self._act_names[id(act)] = _act_name(act)
         if id(act) not in self._act_owner:
             self._act_owner[id(act)] = set()
             if self._module_handles:  # found during the first forward: measured from now on
@@ -333,7 +348,7 @@ class Watcher:
         if z.requires_grad:
             z.register_hook(partial(self._on_dz, i))
         if k not in self._act_of:  # statistics of z itself, unless a known activation follows
-            record.z_acts.setdefault(i, []).append(activation_sums(z, None, None))
+            self._activation(record, i, z, None, None, record.z_acts)
             if self._hist:
                 record.act_hists.setdefault(i, []).append(histogram_row(z, ACT_HIST))
 
@@ -347,16 +362,34 @@ class Watcher:
             return
         i = self._depth[k]
         record.z_acts.pop(i, None)  # the first forward measured z before it knew
-        record.acts.setdefault(i, []).append(activation_sums(h, _first_tensor(inputs), _act_name(module)))
+        name = self._act_names.get(id(module))
+        self._activation(record, i, h, _first_tensor(inputs) if name in NEEDS_INPUT else None, name, record.acts)
         if self._hist:
             record.act_hists.pop(i, None) if self._discovering else None
             record.act_hists.setdefault(i, []).append(histogram_row(h, ACT_HIST))
+
+    def _activation(self, record: Record, i: int, h: torch.Tensor, a: torch.Tensor | None, name: str | None,
+                    into: dict[int, list]) -> None:
+        """One call's activation: kept (a reference, no copy: autograd keeps most of them anyway) to be
+        summed with the gradients in one pass at the end of backward; or summed now where a later
+        in-place op changes it (`x += shortcut`), which the first step finds out."""
+        h = h.detach()
+        a = a.detach() if a is not None else None
+        if self._discovering or i in self._eager or (h.is_cpu and h.numel() * h.element_size() > EAGER_BYTES):
+            into.setdefault(i, []).append(activation_sums(h, a, name))
+            if self._discovering:
+                record.learn.append((i, h, h._version))
+        else:
+            record.pending.append((i, h, a, name, h._version))
 
     def _on_dz(self, i: int, grad: torch.Tensor) -> None:
         record = self.record
         if record is None:
             return
-        record.dz.append((i, grad))
+        if grad.is_cpu and grad.numel() * grad.element_size() > EAGER_BYTES:
+            record.dz_eager.append((i, sum_squares([grad.detach()], threads=1)))  # while it is in the cache
+        else:
+            record.dz.append((i, grad))
         if not record.queued:
             record.queued = True
             Variable._execution_engine.queue_callback(self._after_backward)
@@ -372,14 +405,31 @@ class Watcher:
             self._finish_discovery(None)
         scale = getattr(self.scaler, "_scale", None)
         record.scale_version = scale._version if scale is not None else -1
+        for i, h, version in record.learn:  # changed in place after the hook: summed in the hook from now on
+            if h._version != version:
+                self._eager.add(i)
+        record.learn = []
+        acts, owners = [], []
+        for i, h, a, name, version in record.pending:
+            if h._version == version:
+                acts.append((h, a, name))
+                owners.append(i)
+            else:  # changed since (the model is not what the first step saw): absent this step, not wrong
+                self._eager.add(i)
+        record.pending = []
         grads = [p.grad for p in self._params]
         dz = [g for _, g in record.dz]
         tensors = [g.detach() if g is not None else p.new_zeros(0) for g, p in zip(grads, self._params)] + dz
-        if tensors and tensors[0].is_cpu:
-            native_ok = native.kernel() is not None and native.usable(tensors)
-            self.kernel_steps += native_ok and not record.dz_sums
-            self.torch_steps += (not native_ok) and not record.dz_sums
-        sums = sum_squares(tensors)
+        sums, metas, rows, native_ok = batched_sums(tensors, acts)
+        if rows is not None:
+            record.batched.append((list(zip(owners, metas)), rows))
+        if record.dz_eager:
+            sums = torch.cat([sums] + [t for _, t in record.dz_eager])
+            record.dz = record.dz + [(i, None) for i, _ in record.dz_eager]
+            record.dz_eager = []
+        if tensors and tensors[0].is_cpu and not record.dz_sums:
+            self.kernel_steps += native_ok
+            self.torch_steps += not native_ok
         record.grad_sq = sums[:len(grads)]
         record.dz_sums.append(([i for i, _ in record.dz], sums[len(grads):]))
         record.dz = []
@@ -524,9 +574,14 @@ class Watcher:
             stats["grad_sq"] = record.grad_sq
             if record.dz_sums:
                 stats["dz_sq"] = torch.cat([s for _, s in record.dz_sums])
-            acts = [t for _, calls in sorted({**record.z_acts, **record.acts}.items()) for _, t in calls]
-            if acts:
-                stats["acts"] = torch.stack(acts)
+            eager = [(i, meta, t) for i, calls in sorted({**record.z_acts, **record.acts}.items()) for meta, t in calls]
+            parts = [torch.stack([t for *_, t in eager])] if eager else []
+            record.owners = [(i, meta) for i, meta, _ in eager]
+            for owners, rows in record.batched:
+                parts.append(rows)
+                record.owners += owners
+            if parts:
+                stats["acts"] = torch.cat(parts) if len(parts) > 1 else parts[0]
             now = [p.grad for p in self._params]
             if any(a is not b for a, b in zip(now, record.grads)) or \
                     any(g is not None and g._version != v for g, v in zip(now, record.versions)):
@@ -577,9 +632,8 @@ class Watcher:
             totals["grad_norm_total_applied"] = math.sqrt(applied[0]) if applied else None
             for i, v in zip([i for ids, _ in record.dz_sums for i in ids], host.pop("dz_sq", [])):
                 raw[i]["dz_sq"] = raw[i].get("dz_sq", 0.0) + v * unscale
-            owners = [(i, meta) for i, ts in sorted({**record.z_acts, **record.acts}.items()) for meta, _ in ts]
             calls: dict[int, list[list[float]]] = {}
-            for (i, meta), row in zip(owners, host.pop("acts", [])):
+            for (i, meta), row in zip(record.owners, host.pop("acts", [])):
                 calls.setdefault(i, []).append([*meta, *row])
             for i, rows in calls.items():
                 raw[i].update(combine(rows, self.layers[i].activation is not None))

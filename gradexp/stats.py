@@ -84,7 +84,7 @@ def stat_value(name: str, raw: dict[str, float]) -> float | None:
 
 # ------------------------------------------------------------------------------- batched reductions
 
-def sum_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+def sum_squares(tensors: list[torch.Tensor], threads: int | None = None) -> torch.Tensor:
     """float64 (len(tensors),): the sum of squares of each tensor, on their device, in batched calls.
 
     A gradient's norm must not read 0 where the gradient is not: on a GPU the reduction accumulates
@@ -96,7 +96,7 @@ def sum_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
     if device.type == "cpu":
         lib = native.kernel()
         if lib is not None and native.usable(tensors):
-            sums = native.probe_sums(lib, tensors, [], None, "identity", 0.0)
+            sums = native.probe_sums(lib, tensors, [], [], [], [], threads=threads)
             if sums is not None:
                 return sums
         # float32 norms (half-precision ones would overflow: a GradScaler's gradients reach 1e5), and
@@ -129,9 +129,9 @@ def activation_sums(h: torch.Tensor, a: torch.Tensor | None, activation: str | N
     flat = SATURATION_FRACTION * MAX_SLOPE[name]
     if h.is_cpu and h.dtype is torch.float32 and h.numel() and h.is_contiguous():
         lib = native.kernel()
-        inputs = [a.detach()] if name in NEEDS_INPUT else None
-        if lib is not None and (inputs is None or (a is not None and native.usable(inputs))):
-            sums = native.probe_sums(lib, [], [h.view(batch, units)], inputs, name, flat, threads=1)
+        x = a.detach() if name in NEEDS_INPUT and a is not None else None
+        if lib is not None and (name not in NEEDS_INPUT or (x is not None and native.usable([x]))):
+            sums = native.probe_sums(lib, [], [h.view(batch, units)], [x], [name], [flat], threads=1)
             if sums is not None:
                 return meta, sums  # without a known activation the last two are not read
     wide = torch.float64
@@ -146,6 +146,30 @@ def activation_sums(h: torch.Tensor, a: torch.Tensor | None, activation: str | N
     d = DERIVATIVES[name](x, h2)
     steepest = (d.abs() if name in SIGNED_DERIVATIVE else d).amax(0)
     return meta, torch.stack(head + [d.sum(dtype=wide), (steepest < flat).sum().to(wide)])
+
+
+def batched_sums(tensors: list[torch.Tensor], acts: list[tuple[torch.Tensor, torch.Tensor | None, str | None]]
+                 ) -> tuple[torch.Tensor, list[tuple[float, float]], torch.Tensor | None, bool]:
+    """`sum_squares(tensors)` and `activation_sums` of each (h, a, activation) in `acts`, on the CPU in
+    float32 in one call of the C kernel (one pass per tensor, on torch's threads): (squares, each
+    activation's (n, units), their sums as (len(acts), 5), whether the kernel did it)."""
+    metas = []
+    for h, _, _ in acts:
+        batch = h.shape[0] if h.dim() > 1 else 1
+        metas.append((float(h.numel()), float(h.numel() // max(batch, 1))))
+    if tensors and tensors[0].is_cpu:
+        lib = native.kernel()
+        names = [name or "identity" for _, _, name in acts]
+        inputs = [a if name in NEEDS_INPUT else None for (_, a, _), name in zip(acts, names)]
+        hs = [h for h, _, _ in acts]
+        if lib is not None and native.usable(tensors + hs + [x for x in inputs if x is not None]) \
+                and all(x is not None for x, name in zip(inputs, names) if name in NEEDS_INPUT):
+            sums = native.probe_sums(lib, tensors, hs, inputs, names,
+                                     [SATURATION_FRACTION * MAX_SLOPE[name] for name in names])
+            if sums is not None:
+                return sums[:len(tensors)], metas, sums[len(tensors):].view(-1, 5) if acts else None, True
+    rows = torch.stack([activation_sums(h, a, name)[1] for h, a, name in acts]) if acts else None
+    return sum_squares(tensors), metas, rows, False
 
 
 def histogram_row(values: torch.Tensor, spec: tuple[float, float, int]) -> torch.Tensor:

@@ -21,19 +21,33 @@ TINY = ["train.steps=12", "train.log_every=5", "train.eval_every=6", "train.hist
 def measure(net, x, y, loss_fn=None, **options) -> dict:
     """The probes of one step on `net` (x, y): attached as the runner attaches them to its own
     models (`activations` named) when `net` has them, else found as for any model; returns the
-    step's values (Watcher.latest), per statistic a list per layer."""
+    step's values (Watcher.latest), per statistic a list per layer.
+
+    The same step is measured twice: the first (the one that finds the layers) sums the activations
+    in the forward hooks, later ones at the end of backward with the gradients; both must agree."""
+    import math
+
     import torch.nn.functional as F
 
     if hasattr(net, "activations") and "activations" not in options:
         options.update(layers=net.weight_layers, activations=net.activations)
     probes = Watcher(net, every=1, **options)
+    steps = []
     try:
-        out = net(x)
-        (loss_fn or F.cross_entropy)(out, y).backward()
-        probes.step()
+        for _ in range(2):
+            net.zero_grad(set_to_none=True)
+            out = net(x)
+            (loss_fn or F.cross_entropy)(out, y).backward()
+            probes.step()
+            steps.append(probes.latest)
     finally:
         probes.detach()
-    return probes.latest
+    first, second = steps
+    for key in ("grad_norm", "act_grad_norm", "act_mean", "act_std", "act_deriv", "saturation"):
+        for u, v in zip(first[key], second[key]):
+            assert (u is None) == (v is None) and (u is None or (math.isnan(u) and math.isnan(v))
+                                                   or math.isclose(u, v, rel_tol=1e-9, abs_tol=1e-30)), (key, first[key], second[key])
+    return second
 
 
 @pytest.fixture

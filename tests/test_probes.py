@@ -884,3 +884,23 @@ def test_step_is_refused_when_an_optimizer_measures(tmp_path):
         net(torch.randn(2, 4)).sum().backward()
         with pytest.raises(RuntimeError, match="optimizer"):
             w.step()
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_tensors_summed_in_their_hooks_read_as_those_summed_after_backward(kind, monkeypatch):
+    """On the CPU large tensors are summed in their hooks (while in the cache), small ones with the
+    gradients at the end of backward: the same values either way."""
+    import gradexp.probes as probes
+
+    cfg = ModelConfig(kind=kind, depth=3, width=8, activation="tanh")
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    torch.manual_seed(0)
+    net = build_model(cfg, (1, 8, 8), 10)
+    monkeypatch.setattr(probes, "EAGER_BYTES", 1 << 40)  # every tensor after backward
+    later = measure(net, x, y)
+    monkeypatch.setattr(probes, "EAGER_BYTES", 0)  # every tensor in its hook
+    now = measure(net, x, y)
+    for key in GRADIENT_PROBES:
+        assert [v is None for v in now[key]] == [v is None for v in later[key]], key
+        assert [v for v in now[key] if v is not None] == pytest.approx([v for v in later[key] if v is not None],
+                                                                      rel=1e-9), key
