@@ -16,10 +16,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH) -e .
 	@touch $@
 
-# plus pytest, Ray (the sweep's cluster executor is tested against a local instance), and
-# Lightning and transformers (the callbacks in gradexp/lightning.py and gradexp/huggingface.py)
+# plus pytest, Ray (the sweep's cluster executor is tested against a local instance), Lightning and
+# transformers (the callbacks in gradexp/lightning.py and gradexp/huggingface.py), and wandb (the
+# benchmark's peers, smoke-tested)
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[dev,ray,lightning,huggingface]'
+	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[dev,ray,lightning,huggingface,bench]'
 	@touch $@
 
 demo: $(VENV)/.installed
@@ -29,7 +30,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/overhead.py
 
 configs-table: $(VENV)/.installed

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -55,9 +56,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import gradexp
+from gradexp.board import Board
 from gradexp.config import load_config
 from gradexp.data import Batches
-from gradexp.train import OPTIMIZERS, prepare
+from gradexp.optim import OPTIMIZERS
+from gradexp.probes import Watcher
+from gradexp.train import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,6 +179,50 @@ def gradexp_watch(every: int) -> Callable:
     return run
 
 
+def gradexp_torch_ops(s: Setup, steps: int, on_step: Callable[[int], None], tmp: Path) -> None:
+    """gradexp.watch every step with its statistics from torch ops instead of the C kernel."""
+    os.environ["GRADEXP_NATIVE"] = "0"  # read by gradexp.native at each call
+    try:
+        gradexp_watch(1)(s, steps, on_step, tmp)
+    finally:
+        del os.environ["GRADEXP_NATIVE"]
+
+
+class LibraryBoard(Board):
+    """gradexp's Board with its per-layer scalars written the library's way: torch's SummaryWriter,
+    one add_scalar per tag (protobuf messages, TensorBoard's own record writer on its thread)."""
+
+    def __init__(self, folder: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        super().__init__(folder)
+        self.writer = SummaryWriter(os.path.join(folder, "library"))
+
+    def layers(self, step: int, stats: dict, scalars: dict | None = None) -> None:
+        for probe, values in stats.items():
+            for i, v in enumerate(values):
+                if self.available[probe][i]:
+                    self.writer.add_scalar(f"{probe}/{self.names[i]}", math.nan if v is None else v, step)
+        for tag, v in (scalars or {}).items():
+            self.writer.add_scalar(tag, v, step)
+
+    def close(self) -> None:
+        self.writer.close()
+        super().close()
+
+
+def gradexp_library_writer(s: Setup, steps: int, on_step: Callable[[int], None], tmp: Path) -> None:
+    """gradexp's probes every step, written through TensorBoard's SummaryWriter instead of gradexp's writer."""
+    opt = s.optimizer()
+    board = LibraryBoard(str(tmp / f"library-{next(_logdirs)}"))
+    probes = Watcher(s.model, opt, board=board, every=1)
+    try:
+        loop(s, opt, steps, on_step)
+    finally:
+        probes.detach()
+        board.close()
+
+
 def lightning_grad_norm(s: Setup, steps: int, on_step: Callable[[int], None], tmp: Path) -> None:
     try:
         from lightning.pytorch.utilities import grad_norm
@@ -209,6 +257,8 @@ VARIANTS: dict[str, Callable[[Setup, int, Callable[[int], None], Path], None]] =
     "gradexp.watch, probes off (every=0)": gradexp_watch(0),
     "gradexp.watch, every 10 (weights every 100)": gradexp_watch(10),
     "gradexp.watch, every step (weights every 10)": gradexp_watch(1),
+    "  the same, torch ops instead of the C kernel": gradexp_torch_ops,
+    "  the same, TensorBoard's SummaryWriter instead of gradexp's writer": gradexp_library_writer,
     "Lightning grad_norm + floats, every step": lightning_grad_norm,
     "wandb.log per step, no watch": wandb_run(None),
     "wandb.watch gradients, log_freq=10": wandb_run(10),
@@ -363,6 +413,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny models and budgets: checks that every row is produced")
     ap.add_argument("--cases", nargs="+", metavar="CASE", help=f"a subset of {', '.join(CASES)}")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--variants", nargs="+", metavar="TEXT", help="only the variants whose name holds one of these "
+                                                                   "(and the bare loop)")
     ap.add_argument("--check-sync", action="store_true", help="CUDA: fail if a step with no probe due syncs")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "overhead.json"))
     ap.add_argument("--child", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
@@ -386,7 +438,7 @@ def main() -> None:
     repeats = 2 if args.tiny else args.repeats
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
     targets = TARGETS[kind]
-    variants = list(VARIANTS)
+    variants = [v for v in VARIANTS if v == BARE or not args.variants or any(t in v for t in args.variants)]
     results = {"machine": machine(args.device), "device": args.device, "repeats": repeats, "versions": found,
                "warm_steps": WARM_STEPS, "cases": {}}
     print(f"gradexp overhead benchmark on {results['machine']}; "

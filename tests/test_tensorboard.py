@@ -564,3 +564,40 @@ def test_events_reach_the_file_within_a_second_and_all_of_them_on_close(tmp_path
     board.layers(5, stats)
     board.close()
     assert logged_steps() == [1, 2, 3, 4, 5]
+
+
+def test_a_watched_model_shows_its_layers_in_depth_order(tmp_path, tmp_path_factory):
+    """A model gradexp did not build, watched in a plain loop: TensorBoard's server lists each probe's
+    tags in the order the forward pass calls the layers (registered otherwise), with the summary's values."""
+    import torch
+    from torch import nn
+
+    import gradexp
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(16, 3)  # registered first, called last
+            self.body = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU())
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    torch.manual_seed(0)
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with gradexp.watch(net, opt, logdir=tmp_path / "logs" / "mine", every=2) as w:
+        for _ in range(5):
+            loss = nn.functional.cross_entropy(net(torch.randn(8, 8)), torch.randint(0, 3, (8,)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert w.layer_names == ["00_body.0", "01_body.2", "02_head"]
+    for srv in serve(tmp_path / "logs", tmp_path_factory.mktemp("tensorboard")):
+        tags = srv.get("/data/plugin/scalars/tags")["mine"]
+        shown = sorted(t for t in tags if t.startswith("act_grad_norm/"))  # the dashboard sorts tags by name
+        assert shown == [f"act_grad_norm/{name}" for name in w.layer_names]
+        assert sorted(t for t in tags if t.startswith("act_deriv/")) == ["act_deriv/00_body.0", "act_deriv/01_body.2"]
+        series = srv.get("/data/plugin/scalars/scalars", run="mine", tag="act_grad_norm/00_body.0")
+        assert [step for _, step, _ in series] == [0, 2, 4]
+        assert close(series[0][2], w.summary()["layers"]["first"]["act_grad_norm"][0])
