@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import gradexp
+from gradexp.session import Adapter
 
 try:
     import transformers
@@ -25,7 +26,7 @@ except ImportError as e:
     raise ImportError("gradexp.huggingface needs transformers: pip install 'gradexp[huggingface]'") from e
 
 
-class GradientFlow(transformers.TrainerCallback):
+class GradientFlow(Adapter, transformers.TrainerCallback):
     """Measures per-layer gradient flow while `Trainer.train` runs.
 
     logdir: the log folder (TensorBoard events, summary.json, gradient_flow.png); default
@@ -34,14 +35,6 @@ class GradientFlow(transformers.TrainerCallback):
 
     After training, `callback.watcher.summary()` holds what summary.json holds.
     """
-
-    def __init__(self, logdir: str | Path | None = None, every: int = 10, weight_every: int | None = None,
-                 layers=None):
-        self.logdir = logdir
-        self.every = every
-        self.weight_every = weight_every
-        self.layers = layers
-        self.watcher = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if not state.is_world_process_zero:  # one writer per run; gradients are the same on every rank

@@ -20,6 +20,7 @@ import importlib
 from pathlib import Path
 
 import gradexp
+from gradexp.session import Adapter
 
 
 def _callback_classes() -> tuple[type, ...]:
@@ -44,7 +45,7 @@ def _last_step(trainer) -> int | None:
     return int(total) - 1 if total != float("inf") and total > 0 else None
 
 
-class GradientFlow(*_callback_classes()):
+class GradientFlow(Adapter, *_callback_classes()):
     """Measures per-layer gradient flow while `Trainer.fit` runs.
 
     logdir: the log folder (TensorBoard events, summary.json, gradient_flow.png); default
@@ -54,14 +55,6 @@ class GradientFlow(*_callback_classes()):
 
     After fitting, `callback.watcher.summary()` holds what summary.json holds.
     """
-
-    def __init__(self, logdir: str | Path | None = None, every: int = 10, weight_every: int | None = None,
-                 layers=None):
-        self.logdir = logdir
-        self.every = every
-        self.weight_every = weight_every
-        self.layers = layers
-        self.watcher = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
         # trainer.log_dir broadcasts from rank 0: every process must read it

@@ -139,6 +139,19 @@ class Watch:
         }
 
 
+class Adapter:
+    """What the Lightning and Hugging Face callbacks keep: the options they pass to `watch`, and the
+    watch once attached (`.watcher`)."""
+
+    def __init__(self, logdir: str | Path | None = None, every: int = 10, weight_every: int | None = None,
+                 layers: Any = None):
+        self.logdir = logdir
+        self.every = every
+        self.weight_every = weight_every
+        self.layers = layers
+        self.watcher: Watch | None = None
+
+
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, logdir: str | Path = "runs/watch",
           every: int = 10, weight_every: int | None = None, layers: Any = None, scaler: Any = None,
           name: str | None = None, hist_every: int = 0, vanishing_below: float = 1e-2,
