@@ -1,0 +1,89 @@
+"""model.kind=custom: a user's own module under `gradexp run`, end to end, and every way its target can
+be wrong refused before anything is written."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from conftest import TINY, only_run, run_folders, summary_of
+
+FACTORIES = '''
+import torch
+from torch import nn
+
+def mlp(in_shape, classes, hidden=16, depth=3):
+    layers, d = [nn.Flatten()], int(torch.tensor(in_shape).prod())
+    for _ in range(depth):
+        layers += [nn.Linear(d, hidden), nn.Tanh()]
+        d = hidden
+    return nn.Sequential(*layers, nn.Linear(d, classes))
+
+def wrong_classes(in_shape, classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(in_shape).prod()), classes + 1))
+
+def fails(in_shape, classes):
+    raise RuntimeError("no such layer size")
+
+def not_a_module(in_shape, classes):
+    return 42
+'''
+_names = itertools.count()
+
+
+@pytest.fixture
+def factories(tmp_path, monkeypatch):
+    """A module of factories in the current folder, under a name of its own (imports are cached)."""
+    name = f"user_nets_{next(_names)}"
+    (tmp_path / f"{name}.py").write_text(FACTORIES)
+    monkeypatch.chdir(tmp_path)
+    return name
+
+
+def test_a_custom_model_runs_end_to_end(cli, tmp_path, factories):
+    out = tmp_path / "runs"
+    result = cli("run", write_config(tmp_path, factories), "--out", out, *TINY)
+    assert result.exit_code == 0, result.output
+    folder = only_run(out)
+    s = summary_of(folder)
+    assert s["status"] == "completed"
+    # the layers as gradexp.watch finds them: the Linear layers in forward order, the head last
+    assert s["layers"]["names"] == ["00_1", "01_3", "02_5", "03_7", "04_9"]
+    assert s["layers"]["activations"] == ["tanh"] * 4 + [None]
+    assert s["layers"]["output"] == [False] * 4 + [True]
+    assert len(s["layers"]["first"]["act_grad_norm"]) == 5
+    assert s["theory"]["applies"] is False and "custom" in s["theory"]["reason"]
+    assert s["diagnosis"]["verdict"] in ("vanishing", "healthy", "exploding")
+    assert (folder / "gradient_flow.png").stat().st_size > 0
+
+
+def write_config(folder, module: str, target: str = "mlp", extra: str = "") -> str:
+    path = folder / "custom.yaml"
+    path.write_text(f"name: mine\nmodel:\n  kind: custom\n  target: \"{module}:{target}\"\n"
+                    f"  kwargs: {{hidden: 24, depth: 4}}\n{extra}")
+    return str(path)
+
+
+@pytest.mark.parametrize("target, words", [
+    ("nowhere_module_xyz:mlp", "cannot import 'nowhere_module_xyz'"),
+    ("{m}:absent", "has no 'absent'"),
+    ("{m}:fails", "failed: RuntimeError: no such layer size"),
+    ("{m}:not_a_module", "not an nn.Module"),
+    ("{m}:wrong_classes", "logits of shape (2, 10) are expected"),
+])
+def test_a_wrong_target_is_refused_before_anything_is_written(cli, tmp_path, factories, target, words):
+    out = tmp_path / "runs"
+    module, _, attr = target.format(m=factories).partition(":")
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"model:\n  kind: custom\n  target: \"{module}:{attr}\"\n")
+    result = cli("run", path, "--out", out, *TINY)
+    assert result.exit_code == 2
+    assert "model.target" in result.output and words in result.output, result.output
+    assert not run_folders(out)
+
+
+def test_built_in_keys_are_refused_beside_a_custom_model(cli, tmp_path, factories):
+    result = cli("run", write_config(tmp_path, factories), "--out", tmp_path / "runs", "model.depth=5")
+    assert result.exit_code == 2
+    assert "model.depth: not used by model.kind=custom" in result.output
