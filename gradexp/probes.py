@@ -12,22 +12,27 @@ It attaches with torch's own hook APIs and changes nothing in the model:
   dL/dz is the norm over every call's gradient, its activation statistics are over every call's values.
 - The activation statistics are of the layer's activation: the output of a known activation module
   (layers.activation_name) called right after the layer (norms and dropout may stand between), or
-  the layer's own output where none is. They are taken in the forward hook, while the values are
-  what the next layer sees (a later in-place op cannot change them); phi' and saturation only where
-  the activation is known, absent elsewhere.
+  the layer's own output where none is; phi' and saturation only where the activation is known,
+  absent elsewhere. The hook keeps a reference (autograd keeps most activations anyway) and the
+  values are summed with the gradients at the end of backward; where a later in-place op changes
+  them (`x += shortcut` after an activation), which the first step finds out from the tensor's
+  version, and for large tensors on the CPU, they are summed in the hook, while they are what the
+  next layer sees. A value changed in place that was not expected is reported absent, not wrong.
 - The gradients are read at the end of each backward pass (autograd's queue_callback, as
   DistributedDataParallel uses it): before any clipping or unscaling the loop does after backward.
   The weights are read at the optimizer's step hooks (or `Watcher.step()` in a loop without one).
 
-Cost is the design constraint: nothing runs on a step that logs nothing but one Python call per
-layer hook; on a logged step everything is computed on the device, in batched calls (on the CPU in
-float32 by the C kernel in native.py, one pass per tensor) and read in one host transfer.
+Cost is the design constraint: on a step that logs nothing only the optimizer's two step hooks run
+(the module hooks are registered for the measured steps only); on a logged step everything is
+computed on the device, in batched calls (on the CPU in float32 by the C kernel in native.py, one
+pass per tensor) and read in one host transfer.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
+import os
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -42,7 +47,6 @@ from .stats import (ACT_HIST, DERIVATIVE_PROBES, GRAD_HIST, GRADIENT_PROBES, LAY
                     WEIGHT_PROBES, activation_sums, batched_sums, combine, histogram_row, stat_value, sum_squares,
                     to_host)
 
-import os
 # On the CPU a tensor larger than this is summed in its hook, while it is in the cache (a conv layer's
 # activations, ~1 MB); smaller ones wait for the one call at the end of backward, where the call's
 # fixed cost is shared (an MLP's, 128 KB). Measured on the 2-core benchmark VM.
