@@ -156,7 +156,7 @@ def _addresses(tensors: list[torch.Tensor]) -> array:
 def probe_sums(lib: ctypes.CDLL, tensors: list[torch.Tensor], h: list[torch.Tensor], a: list[torch.Tensor | None],
                activations: list[str], flats: list[float], threads: int | None = None) -> torch.Tensor | None:
     """float64 (len(tensors) + 5 * len(h)): the sum of squares of each tensor, then per activation
-    h[l] (batch, units...) a pivot p (its first value), the sums of h - p, of (h - p)^2 and of
+    h[l] (batch, units) a pivot p (its first value), the sums of h - p, of (h - p)^2 and of
     phi'(a), and the count of units flat on every example, for its activation `activations[l]`
     (phi' of a[l], the activation's input, where the derivative needs it; else None) and threshold
     `flats[l]`; None if the kernel ran out of memory. Every tensor must be `usable`. `threads`:
@@ -166,8 +166,8 @@ def probe_sums(lib: ctypes.CDLL, tensors: list[torch.Tensor], h: list[torch.Tens
     out = torch.empty(nt + 5 * nl, dtype=torch.float64)
     base = out.data_ptr()
     pointers, sizes, layers = _addresses(tensors), array("q", [t.numel() for t in tensors]), _addresses(h)
-    batch = array("q", [t.shape[0] if t.dim() > 1 else 1 for t in h])
-    units = array("q", [t.numel() // max(b, 1) for t, b in zip(h, batch)])
+    batch = array("q", [t.shape[0] for t in h])
+    units = array("q", [t.shape[1] for t in h])
     codes = array("i", [CODES[name] for name in activations])
     limits = array("d", flats)
     inputs = array("q", [x.data_ptr() if x is not None else 0 for x in a]) if any(x is not None for x in a) else None

@@ -43,9 +43,8 @@ from torch.autograd.variable import Variable
 
 from . import native
 from .layers import NEEDS_INPUT, PASS_THROUGH, activation_name
-from .stats import (ACT_HIST, DERIVATIVE_PROBES, GRAD_HIST, GRADIENT_PROBES, LAYER_PROBES, STATS,  # noqa: F401
-                    WEIGHT_PROBES, activation_sums, batched_sums, combine, histogram_row, stat_value, sum_squares,
-                    to_host)
+from .stats import (ACT_HIST, DERIVATIVE_PROBES, GRAD_HIST, GRADIENT_PROBES, STATS, WEIGHT_PROBES, activation_sums,
+                    batched_sums, combine, histogram_row, stat_value, sum_squares, to_host)
 
 # On the CPU a tensor larger than this is summed in its hook, while it is in the cache (a conv layer's
 # activations, ~1 MB); smaller ones wait for the one call at the end of backward, where the call's
@@ -218,13 +217,13 @@ class Watcher:
     # --- attaching and detaching
     def _attach(self, activations: dict[nn.Module, nn.Module] | None) -> None:
         self._leaves = {id(m) for m in self.model.modules() if next(m.children(), None) is None}
-        self._given = activations is not None
         for layer_module, act in (activations or {}).items():
             k = self._cand_index.get(id(layer_module))
             if k is not None:
                 self._link(k, act)
         # the order of the calls and the activations, seen by a global hook during the first forward only
-        self._discovery = None if self._given else nn.modules.module.register_module_forward_hook(self._on_any_module)
+        self._discovery = None if activations is not None else \
+            nn.modules.module.register_module_forward_hook(self._on_any_module)
         if self._optimizer is not None:
             self._handles.append(self._optimizer.register_step_pre_hook(lambda *_: self.before_update()))
             self._handles.append(self._optimizer.register_step_post_hook(lambda *_: self.after_update()))
@@ -369,7 +368,8 @@ class Watcher:
         name = self._act_names.get(id(module))
         self._activation(record, i, h, _first_tensor(inputs) if name in NEEDS_INPUT else None, name, record.acts)
         if self._hist:
-            record.act_hists.pop(i, None) if self._discovering else None
+            if self._discovering:  # the first forward drew z before it knew an activation follows
+                record.act_hists.pop(i, None)
             record.act_hists.setdefault(i, []).append(histogram_row(h, ACT_HIST))
 
     def _activation(self, record: Record, i: int, h: torch.Tensor, a: torch.Tensor | None, name: str | None,

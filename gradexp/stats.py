@@ -114,6 +114,12 @@ def sum_squares(tensors: list[torch.Tensor], threads: int | None = None) -> torc
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square_()
 
 
+def examples_units(h: torch.Tensor) -> tuple[int, int]:
+    """An activation's examples (its first dimension) and units (everything else)."""
+    batch = h.shape[0] if h.dim() > 1 else 1
+    return batch, h.numel() // max(batch, 1)
+
+
 def activation_sums(h: torch.Tensor, a: torch.Tensor | None, activation: str | None
                     ) -> tuple[tuple[float, float], torch.Tensor]:
     """One call's activation h (examples along its first dimension, units the rest): (n, units) on the
@@ -122,8 +128,7 @@ def activation_sums(h: torch.Tensor, a: torch.Tensor | None, activation: str | N
     value, so that the std of a layer whose spread is tiny beside its mean does not cancel. (The
     counts stay on the host: on a logged step's cold caches each tensor op more costs ~5-10 us.)"""
     h = h.detach()
-    batch = h.shape[0] if h.dim() > 1 else 1
-    units = h.numel() // max(batch, 1)
+    batch, units = examples_units(h)
     meta = (float(batch * units), float(units))
     name = activation or "identity"
     flat = SATURATION_FRACTION * MAX_SLOPE[name]
@@ -153,10 +158,7 @@ def batched_sums(tensors: list[torch.Tensor], acts: list[tuple[torch.Tensor, tor
     """`sum_squares(tensors)` and `activation_sums` of each (h, a, activation) in `acts`, on the CPU in
     float32 in one call of the C kernel (one pass per tensor, on torch's threads): (squares, each
     activation's (n, units), their sums as (len(acts), 5), whether the kernel did it)."""
-    metas = []
-    for h, _, _ in acts:
-        batch = h.shape[0] if h.dim() > 1 else 1
-        metas.append((float(h.numel()), float(h.numel() // max(batch, 1))))
+    metas = [(float(b * u), float(u)) for b, u in (examples_units(h) for h, _, _ in acts)]
     if tensors and tensors[0].is_cpu:
         lib = native.kernel()
         names = [name or "identity" for _, _, name in acts]
@@ -164,6 +166,7 @@ def batched_sums(tensors: list[torch.Tensor], acts: list[tuple[torch.Tensor, tor
         hs = [h for h, _, _ in acts]
         if lib is not None and native.usable(tensors + hs + [x for x in inputs if x is not None]) \
                 and all(x is not None for x, name in zip(inputs, names) if name in NEEDS_INPUT):
+            hs = [h.view(*examples_units(h)) for h in hs]  # contiguous (usable): a view, no copy
             sums = native.probe_sums(lib, tensors, hs, inputs, names,
                                      [SATURATION_FRACTION * MAX_SLOPE[name] for name in names])
             if sums is not None:
