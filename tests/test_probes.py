@@ -479,16 +479,22 @@ class Shared(nn.Module):
         return self.head(h)
 
 
+def one_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Watcher:
+    """A Watcher after one measured step of `model` on (x, y), detached: its names, layer_info and latest."""
+    probes = Watcher(model, every=1)
+    F.cross_entropy(model(x), y).backward()
+    probes.step()
+    probes.detach()
+    return probes
+
+
 @both
 def test_a_layer_called_twice_counts_both_calls():
     torch.manual_seed(0)
     model = Shared()
     ref = copy.deepcopy(model)
     x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
-    probes = Watcher(model, every=1)
-    F.cross_entropy(model(x), y).backward()
-    probes.step()
-    probes.detach()
+    probes = one_step(model, x, y)
     stats = probes.latest
     assert probes.names == ["00_fc_in", "01_fc", "02_head"]
     assert probes.logged[-1]["calls"] == [1, 2, 1] == probes.layer_info()["calls"]
@@ -526,10 +532,7 @@ def test_one_activation_module_after_several_layers_follows_each_of_them():
     model = OneReLU()
     ref = copy.deepcopy(model)
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
-    probes = Watcher(model, every=1)
-    F.cross_entropy(model(x), y).backward()
-    probes.step()
-    probes.detach()
+    probes = one_step(model, x, y)
     assert probes.layer_info()["activations"] == ["relu", "relu", None]
 
     z1 = ref.fc1(x)
