@@ -1,9 +1,16 @@
-"""What gradexp writes to TensorBoard: per-layer scalars, fixed-edge histograms, a custom-scalars
-layout with one multi-line chart per probe, and the HParams session in the run's own folder.
+"""What gradexp writes to TensorBoard, laid out for TensorBoard's default view.
 
-Tags are part of the user-facing contract: `<probe>/layer_XX` (XX counted from the input, zero
-padded), `grad_norm/total`, `loss/train`, `loss/eval`, `acc/train`, `acc/eval`, `lr`,
-`hist/grad_log10/layer_XX`, `hist/act/layer_XX`, and `final/*` (the HParams metrics).
+- Per-layer probes: one sub-run per layer, `<run>/layers/<layer name>/`, each writing the tag
+  `<N> <probe>/<run label>`, or `<N> <probe> (log10)/<run label>` for the probes whose values span
+  orders of magnitude (`Stat.log`); N orders the sections (CHART_ORDER). TensorBoard draws every run holding a tag in one chart, one colour per
+  run: so each probe is one chart per run with a line per layer, on a scale where a vanishing
+  gradient shows, and a folder of many runs has a chart per run, not one of hundreds of lines.
+- The run's own event file: `grad_norm/total` (and `grad_norm/total_applied` where clipping
+  changed it), `loss/train`, `loss/eval`, `acc/train`, `acc/eval`, `lr`, the image
+  `0 gradient_flow/<run label>` (the profile of `gradient_flow.png` at up to IMAGE_FRAMES logged
+  steps, written when the run ends), `hist/grad_log10/<layer>` and `hist/act/<layer>`, `final/*` (the HParams metrics) and
+  the HParams session, whose `run` column is the run label.
+Layer names sort by depth (the runner's `layer_XX`, counted from the input and zero padded).
 """
 
 from __future__ import annotations
@@ -23,9 +30,9 @@ from google.protobuf import struct_pb2
 from tensorboard.plugins.hparams.api_pb2 import DataType, Experiment, HParamInfo, MetricInfo, MetricName, Status
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
 from tensorboard.compat.proto.event_pb2 import Event
-from torch.utils.tensorboard.summary import custom_scalars, histogram_raw, hparams
+from torch.utils.tensorboard.summary import histogram_raw, hparams
 
-from .stats import ACT_HIST, GRAD_HIST, LAYER_PROBES, bucket_limits
+from .stats import ACT_HIST, GRAD_HIST, LAYER_PROBES, STATS, bucket_limits
 
 # The HParams dashboard's metrics, as scalar tags written at the end of the run.
 FINAL_METRICS = ("final/loss_train", "final/acc_train", "final/loss_eval", "final/acc_eval",
@@ -41,20 +48,37 @@ def layer_tag(probe: str, i: int) -> str:
     return f"{probe}/{layer_name(i)}"
 
 
+LAYERS_DIR = "layers"  # the run's sub-folder of per-layer sub-runs
+IMAGE_FRAMES = 10  # TensorBoard keeps 10 images per tag and run (a random 10 of more): no more are written
+
+
+# TensorBoard lists sections in ASCII order of their names and opens only the first two: the
+# numbers put the profile image and the back-propagated gradient there, then the rest in reading order.
+PROFILE_SECTION = "0 gradient_flow"
+CHART_ORDER = ("act_grad_norm", "grad_norm", "update_ratio", "saturation", "act_deriv", "act_std", "act_mean",
+               "dist_from_init", "weight_norm")
+
+
+def probe_section(probe: str) -> str:
+    """The first part of a per-layer probe's tag: TensorBoard's section, and the chart's title."""
+    return f"{CHART_ORDER.index(probe) + 1} {probe}" + (" (log10)" if STATS[probe].log else "")
+
+
 def _number(v: float | None) -> float:
     return math.nan if v is None else v
 
 
-def custom_scalars_layout() -> dict:
-    """One chart per probe holding every layer (tags are regular expressions, matched from the start)."""
-    per_layer = {p: ["Multiline", [rf"{p}/(?!total)"]] for p in LAYER_PROBES}
-    per_layer["grad_norm"] = ["Multiline", [r"grad_norm/"]]
-    training = {
-        "loss": ["Multiline", [r"loss/.*"]],
-        "accuracy": ["Multiline", [r"acc/.*"]],
-        "learning rate": ["Multiline", [r"^lr$"]],
-    }
-    return {"gradient flow (all layers)": per_layer, "training": training}
+def _log10(v: float | None) -> float:
+    """log10 for the chart: an exact 0 (float32 underflow) is -inf, an absent value NaN."""
+    if v is None or math.isnan(v):
+        return math.nan
+    return math.log10(v) if v > 0 else (-math.inf if v == 0 else math.nan)
+
+
+def safe_folder_name(name: str) -> str:
+    """A layer's name as a folder name (a user's `names=` may hold anything)."""
+    cleaned = "".join(c if c.isalnum() or c in "._-+" else "_" for c in name).lstrip(".")
+    return cleaned[:120] or "_"
 
 
 def masked_crc32c(data: bytes) -> int:
@@ -79,15 +103,20 @@ class EventFile:
 
     FLUSH_SECONDS = 1.0
 
-    def __init__(self, folder: str, suffix: str = ""):
+    def __init__(self, folder: str, suffix: str = "", keep_open: bool = True):
+        """`keep_open=False`: the file is opened to append at each flush and closed again (a layer's
+        sub-run: a model may have hundreds of layers, a process ~1024 open files)."""
         os.makedirs(folder, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_file_ids)}"
         name += suffix
         self.path = os.path.join(folder, name)
         self.file = open(self.path, "xb")  # "x": never append to another writer's file
+        self.keep_open = keep_open
         self.pending: list[bytes] = []  # records not yet in the file
         self.oldest = 0.0  # time.monotonic() when pending[0] was made
         self.write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+        if not keep_open:
+            self.flush()
 
     def write(self, event: Event) -> None:
         self.write_bytes(event.SerializeToString())
@@ -106,9 +135,16 @@ class EventFile:
             self.flush()
 
     def flush(self) -> None:
+        if self.file is None:
+            if not self.pending:
+                return
+            self.file = open(self.path, "ab")
         self.file.write(b"".join(self.pending))
         self.file.flush()
         self.pending.clear()
+        if not self.keep_open:
+            self.file.close()
+            self.file = None
 
     def add(self, summary: Summary, step: int | None = None) -> None:
         event = Event(wall_time=time.time(), summary=summary)
@@ -118,7 +154,9 @@ class EventFile:
 
     def close(self) -> None:
         self.flush()
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 _file_ids = itertools.count()
@@ -179,23 +217,31 @@ def scalar_event(wall_time: float, step: int, summary: bytes) -> bytes:
 
 
 class Board:
-    """A run's TensorBoard events. The layers are named once the probes have found them (`set_layers`):
-    each probe's tag is f"{probe}/{layer name}", a name that sorts by depth."""
+    """A run's TensorBoard events: its own event file, and once the probes have found the layers
+    (`set_layers`), one sub-run per layer (see the module's docstring). `label`: the run's name in
+    the per-layer tags and the HParams table (default: the folder's name)."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, label: str | None = None):
+        self.folder = folder
+        self.label = label or os.path.basename(os.path.normpath(folder))
         self.events = EventFile(folder)
+        self.layer_events: list[EventFile] = []
+        self.layers_flushed = 0.0  # time.monotonic() when `tick` last looked at them (one look a second)
         self.names: list[str] = []
         self.available: dict[str, list[bool]] = {}
-        # Logged steps write the same tags again and again: their encoding is made once per set of
-        # probes (gradient probes, weight probes or both), and per set of extra scalars.
-        self.templates: dict[tuple[str, ...], tuple[ScalarSummary, list[tuple[str, int]]]] = {}
+        # Logged steps write the same tags again and again: their encoding is made once per layer and
+        # set of probes (gradient probes, weight probes or both), and per set of extra scalars.
+        self.templates: dict[tuple[str, ...], list[tuple[ScalarSummary, list[str]] | None]] = {}
         self.extras: dict[tuple[str, ...], ScalarSummary] = {}
 
     def set_layers(self, names: list[str], available: dict[str, list[bool]]) -> None:
         """The layers in depth order, and which probes each has (`Watcher.available`)."""
         self.names, self.available = list(names), available
         self.templates.clear()
-        self.events.add(custom_scalars(custom_scalars_layout()))
+        for events in self.layer_events:
+            events.close()
+        self.layer_events = [EventFile(os.path.join(self.folder, LAYERS_DIR, safe_folder_name(name)), keep_open=False)
+                             for name in self.names]
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self.events.add(Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in values.items()]), step)
@@ -205,23 +251,38 @@ class Board:
         for k, v in enumerate(values):
             self.scalars(first_step + k, {tag: v})
 
-    def _template(self, probes: tuple[str, ...]) -> tuple[ScalarSummary, list[tuple[str, int]]]:
+    def _templates(self, probes: tuple[str, ...]) -> list[tuple[ScalarSummary, list[str]] | None]:
+        """Per layer: the encoding of its tags for these probes, and the probes it has (None: none)."""
         if probes not in self.templates:
-            slots = [(p, i) for p in probes for i in range(len(self.names)) if self.available[p][i]]
-            self.templates[probes] = ScalarSummary([f"{p}/{self.names[i]}" for p, i in slots]), slots
+            per_layer = []
+            for i in range(len(self.names)):
+                own = [p for p in probes if self.available[p][i]]
+                tags = [f"{probe_section(p)}/{self.label}" for p in own]
+                per_layer.append((ScalarSummary(tags), own) if own else None)
+            self.templates[probes] = per_layer
         return self.templates[probes]
 
     def layers(self, step: int, stats: dict[str, list[float | None]], scalars: dict[str, float] | None = None) -> None:
-        """The per-layer probes in `stats` (and `scalars`, tag -> value) as one event: one add_scalar
-        each would cost ~200 events."""
-        template, slots = self._template(tuple(p for p in LAYER_PROBES if p in stats))
-        summary = template.encode([_number(stats[probe][i]) for probe, i in slots])
+        """The per-layer probes in `stats` (one event per layer's sub-run), and `scalars` (tag -> value)
+        as one event in the run's own file: one add_scalar each would cost ~200 events."""
+        now = time.time()
+        for i, slot in enumerate(self._templates(tuple(p for p in LAYER_PROBES if p in stats))):
+            if slot is not None:
+                template, probes = slot
+                values = [_log10(stats[p][i]) if STATS[p].log else _number(stats[p][i]) for p in probes]
+                self.layer_events[i].write_bytes(scalar_event(now, step, template.encode(values)))
         if scalars:
             tags = tuple(scalars)
             if tags not in self.extras:
                 self.extras[tags] = ScalarSummary(list(tags))
-            summary += self.extras[tags].encode(list(scalars.values()))
-        self.events.write_bytes(scalar_event(time.time(), step, summary))
+            self.events.write_bytes(scalar_event(now, step, self.extras[tags].encode(list(scalars.values()))))
+
+    def profile_images(self, frames: list[tuple[int, bytes, int, int]]) -> None:
+        """The gradient-flow profile as PNGs, (step, PNG bytes, height, width) each: one image card
+        per run, its slider over the steps."""
+        for step, png, height, width in frames:
+            image = Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=png)
+            self.events.add(Summary(value=[Summary.Value(tag=f"{PROFILE_SECTION}/{self.label}", image=image)]), step)
 
     def histograms(self, step: int, grad_rows: list[list[float]], act_rows: list[tuple[int, list[float]]]) -> None:
         """Fixed-edge histograms: `grad_rows` one per layer, `act_rows` (layer, row) where measured."""
@@ -244,7 +305,7 @@ class Board:
         STATUS_FAILURE (torch's hparams() always writes success). `experiment=False` leaves out the
         experiment summary (the list of hparams and metrics): a sweep writes one for all its runs at
         its root, which TensorBoard reads only if no run has its own."""
-        summaries = list(hparams(hparam_values(params), metrics))
+        summaries = list(hparams(hparam_values({"run": self.label, **params}), metrics))
         if status != "completed":
             summaries[2] = _session_end(Status.Value("STATUS_FAILURE"))
         for summary in summaries[0 if experiment else 1:]:
@@ -255,9 +316,15 @@ class Board:
     def tick(self) -> None:
         """Once a step: events waiting for a second go to the file."""
         self.events.flush_if_due()
+        if self.layer_events and time.monotonic() - self.layers_flushed >= EventFile.FLUSH_SECONDS:
+            for events in self.layer_events:
+                events.flush_if_due()
+            self.layers_flushed = time.monotonic()
 
     def close(self) -> None:
         self.events.close()
+        for events in self.layer_events:
+            events.close()
 
 
 def hparam_values(params: dict[str, Any]) -> dict[str, float | str]:
@@ -288,7 +355,9 @@ def write_experiment(folder: str, runs: list[dict[str, Any]], known: dict[str, t
             present[k] = present.get(k, 0) + 1
             if v not in values.setdefault(k, []):
                 values[k].append(v)
-    infos = []
+    # the run's label (Board.label) first, as free text: no domain, so no run's label is filtered out
+    infos = [HParamInfo(name="run", type=DataType.Value("DATA_TYPE_STRING"), differs=True)]
+    values.pop("run", None)
     for name, seen in values.items():
         domain = list(known.get(name, ())) or seen
         numeric = all(isinstance(v, (int, float)) for v in domain)

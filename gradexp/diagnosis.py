@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .config import Config
+from .stats import fmt_number
 
 SATURATED = 0.5  # a hidden layer with more than half its units saturated (or dead) is named
 AT_INIT = 1e-3  # a layer whose weights moved less than 0.1% from their init is "still at its init"
@@ -130,12 +131,12 @@ def _cause(verdict: str, factor: float | None, ctx: Context, theory: dict | None
     if factor is None or verdict == "healthy":
         return ""
     change = "shrinks" if factor < 1 else "grows"
-    text = f" (it {change} ~{max(factor, 1 / factor):.3g}x per layer"
+    text = f" (it {change} ~{fmt_number(max(factor, 1 / factor))}x per layer"
     if theory and theory.get("applies") and theory.get("predicted_factor"):
         per_layer = math.sqrt(theory["predicted_factor"])  # chi is the factor of ||delta||^2
         regime = "ordered" if theory["chi_1"] < 1 else "chaotic"
-        text += (f"; predicted {max(per_layer, 1 / per_layer):.3g}x: {ctx.setting}, "
-                 f"chi_1 = {theory['chi_1']:.3g}, {regime} regime")
+        text += (f"; predicted {fmt_number(max(per_layer, 1 / per_layer))}x: {ctx.setting}, "
+                 f"chi_1 = {fmt_number(theory['chi_1'])}, {regime} regime")
     return text + ")"
 
 
@@ -156,7 +157,7 @@ def _jump(delta: list[float | None], ctx: Context, ratio: float) -> str | None:
     step = delta[i] / delta[j]
     total = abs(math.log10(ratio))
     if abs(math.log10(step)) >= 1 and abs(math.log10(step)) > 0.5 * total:
-        return (f"most of it is one step: ||dL/dz|| of {ctx.labels[i]} is {step:.3g}x that of {ctx.labels[j]}, "
+        return (f"most of it is one step: ||dL/dz|| of {ctx.labels[i]} is {fmt_number(step)}x that of {ctx.labels[j]}, "
                 f"next to it")
     return None
 
@@ -226,10 +227,10 @@ def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diver
         verdict = "healthy"
     a, b = (ctx.labels[hidden[0]], ctx.labels[hidden[-1]]) if hidden else ("?", "?")
     msg = (f"{verdict}: at step {first['step']} {a}'s back-propagated gradient ||dL/dz|| is "
-           f"{ratio:.3g}x {b}'s{_cause(verdict, factor, ctx, theory)}; "
+           f"{fmt_number(ratio)}x {b}'s{_cause(verdict, factor, ctx, theory)}; "
            f"thresholds {ctx.vanishing_below:g} / {ctx.exploding_above:g}")
     if last is not None and last["step"] != first["step"]:
-        msg += f"; at step {last['step']}: {grad_ratio(last['act_grad_norm'], hidden):.3g}x"
+        msg += f"; at step {last['step']}: {fmt_number(grad_ratio(last['act_grad_norm'], hidden))}x"
     findings = _findings(first, last, ctx, ratio)
     next_step = ctx.advice(verdict)
     for line in findings:

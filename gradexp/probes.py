@@ -140,6 +140,9 @@ class Record:
     queued: bool = False  # the end-of-backward callback is queued
 
 
+PROFILES_KEPT = 64  # logged steps whose profile is kept for the figures drawn at the end (board.IMAGE_FRAMES)
+
+
 def due(every: int, step: int, last: int | None = None) -> bool:
     """Log at step 0 (initialisation), every `every` steps, and at the last step if known; never when 0."""
     return every > 0 and (step % every == 0 or step == last)
@@ -186,6 +189,7 @@ class Watcher:
         self.record: Record | None = None  # the logged step being gathered; None on other steps
         self.latest: dict[str, Any] = {}  # the latest logged step: per statistic a list per layer
         self.logged: list[dict] = []  # snapshots: the first logged step and the two latest
+        self.profiles: list[dict] = []  # snapshots thinned to at most PROFILES_KEPT, evenly spread
         self.weights: dict | None = None  # the latest weight probes, with their step
         self.diverged: dict | None = None  # the first logged step with a non-finite gradient, and where
         self.kernel_steps = self.torch_steps = 0  # logged steps whose gradients the C kernel / torch summed
@@ -682,12 +686,27 @@ class Watcher:
         self.logged.append(snap)
         if len(self.logged) > 3:
             del self.logged[1]
+        self.profiles.append(snap)
+        if len(self.profiles) > PROFILES_KEPT:  # keep the first, then every other one up to the latest
+            rest = self.profiles[1:]
+            self.profiles = self.profiles[:1] + rest[(len(rest) + 1) % 2::2]
 
     # --- reading
     def snapshots(self, before: int | None = None) -> tuple[dict | None, dict | None]:
         """The first and the latest logged snapshots (of steps before `before`, if given)."""
         logged = [s for s in self.logged if before is None or s["step"] < before] or self.logged[:1]
         return (logged[0], logged[-1]) if logged else (None, None)
+
+    def profile_images(self, title: str, diverged: dict | None = None) -> None:
+        """The gradient-flow profile at up to IMAGE_FRAMES logged steps, as TensorBoard images
+        (board.PROFILE_SECTION): drawn when the run ends, not while it trains (~50 ms a frame)."""
+        if self.board is None or not self.profiles:
+            return
+        from .board import IMAGE_FRAMES
+        from .report import profile_frames  # matplotlib is imported only when drawing
+
+        self.board.profile_images(profile_frames(self.profiles, self.names, title, IMAGE_FRAMES,
+                                                 diverged or self.diverged))
 
     def layer_info(self) -> dict:
         """What the summary says of the layers."""

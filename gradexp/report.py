@@ -4,6 +4,7 @@ progress bars."""
 from __future__ import annotations
 
 import math
+import struct
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,31 +13,38 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich import box
 from rich.table import Table
 
+from .stats import fmt_number
+
 VERDICT_STYLE = {"vanishing": "bold yellow", "exploding": "bold red", "healthy": "bold green", "unknown": "bold"}
 
 
-def fmt_number(v: float | None, digits: int = 2) -> str:
-    """A number for a table cell: short, "-" when missing, "0" for an exact zero."""
+BAR_DECADES = 18  # the bar column's width in characters: one character per factor of 10
+_EIGHTHS = " ▏▎▍▌▋▊▉"
+
+
+def _log_bar(v: float | None, top: float) -> str:
+    """A bar on one fixed log scale for every run: full width at the column's largest value (log10
+    `top`), one character shorter per factor of 10 below it, in eighths. A 2.6x spread draws bars
+    within half a character of each other, a 1e17 spread a ramp of 17 characters."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
-    if v == 0:
-        return "0"
-    return f"{v:.{digits}g}" if 1e-3 <= abs(v) < 1e4 else f"{v:.{digits - 1}e}".replace("e-0", "e-").replace("e+0", "e+")
-
-
-def _log_bar(v: float, lo: float, hi: float, width: int = 14) -> str:
-    """A bar whose length is log10(v) placed between the smallest and largest log10 of the column."""
-    if v is None or not math.isfinite(v):
+    if not math.isfinite(v):
         return "[red]non-finite[/red]"
     if v == 0:
-        return "[dim]0 underflow[/dim]"
-    frac = 1.0 if hi == lo else (math.log10(v) - lo) / (hi - lo)
-    return "█" * max(1, round(frac * width))
+        return "[dim]0 (underflow)[/dim]"
+    length = BAR_DECADES - (top - math.log10(v))
+    if length < 1 / 8:
+        return f"[dim]< 1e-{BAR_DECADES} of the largest[/dim]"
+    full, eighths = int(length), int((length % 1) * 8)
+    return "█" * full + (_EIGHTHS[eighths] if eighths else "")
 
 
 def flow_table(first: dict, last: dict, layer_names: list[str], predicted: list[float] | None = None) -> Table:
     """One row per layer: the back-propagated gradient at init (and its mean-field prediction), the
     weight gradient at the first and last logged step, and a log-scale bar of the first."""
+    def cell(v: float | None) -> str:
+        return fmt_number(v, 2)  # two digits: the table fits 80 columns
+
     table = Table(title="gradient flow: layer 0 is next to the input, * the output layer", title_justify="left",
                   box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
     s0, s1, sw = first["step"], last["step"], last.get("weight_step")
@@ -45,18 +53,17 @@ def flow_table(first: dict, last: dict, layer_names: list[str], predicted: list[
         [f"grad\n@{s0}", f"grad\n@{s1}", f"moved\n@{'-' if sw is None else sw}", f"satur.\n@{s1}"]
     for header in headers:
         table.add_column(header, justify="left" if header == "layer" else "right", no_wrap=True)
-    table.add_column(f"act-grad @{s0}\n(log scale)", no_wrap=True, min_width=10)
+    table.add_column(f"act-grad @{s0}\nlog: █ = 10x", no_wrap=True, min_width=BAR_DECADES)
     delta = first["act_grad_norm"]
-    logs = [math.log10(v) for v in delta if v and math.isfinite(v) and v > 0]
-    lo, hi = (min(logs), max(logs)) if logs else (0.0, 0.0)
+    top = max((math.log10(v) for v in delta if v and math.isfinite(v) and v > 0), default=0.0)
     for i, name in enumerate(layer_names):
         sat = last["saturation"][i]
-        pred = [fmt_number(predicted[i]) if i < len(predicted) else "-"] if predicted else []
+        pred = [cell(predicted[i]) if i < len(predicted) else "-"] if predicted else []
         table.add_row(
-            name + ("*" if i == len(layer_names) - 1 else ""), fmt_number(delta[i]), *pred,
-            fmt_number(first["grad_norm"][i]), fmt_number(last["grad_norm"][i]),
-            "-" if moved[i] is None else fmt_number(moved[i]), "-" if sat is None or math.isnan(sat) else f"{sat:.0%}",
-            _log_bar(delta[i], lo, hi, width=10 if predicted else 14),
+            name + ("*" if i == len(layer_names) - 1 else ""), cell(delta[i]), *pred,
+            cell(first["grad_norm"][i]), cell(last["grad_norm"][i]),
+            "-" if moved[i] is None else cell(moved[i]), "-" if sat is None or math.isnan(sat) else f"{sat:.0%}",
+            _log_bar(delta[i], top),
         )
     return table
 
@@ -71,8 +78,8 @@ def print_report(console: Console, summary: dict, folder: Path, quiet: bool) -> 
             console.print(flow_table(layers["first"], layers["last"], layers["names"], predicted))
         f = summary["final"]
         if f:
-            console.print(f"final: loss/train {f['loss_train']:.4f}  acc/train {f['acc_train']:.3f}  "
-                          f"loss/eval {f['loss_eval']:.4f}  acc/eval {f['acc_eval']:.3f}  "
+            console.print(f"final: loss/train {fmt_number(f['loss_train'], 4)}  acc/train {f['acc_train']:.1%}  "
+                          f"loss/eval {fmt_number(f['loss_eval'], 4)}  acc/eval {f['acc_eval']:.1%}  "
                           f"({summary['steps']['done']} steps, {summary['wall_time_s']:.1f} s, {summary['device']})")
         console.print(f"status: {summary['status']}")
     console.print(f"run folder: {folder}", soft_wrap=True)
@@ -95,7 +102,12 @@ def progress_bar(console: Console, total: int, label: str = "training"):
     """A progress bar over a run's optimizer steps; yields update(step, logged_stats)."""
     with _bar(console, label, total) as show:
         def update(step: int, stats: dict) -> None:
-            show(completed=step, **({"info": f"loss {stats['loss'][0]:.4f}"} if stats else {}))
+            if "status" in stats:  # the run's end: where it stopped, and how
+                show(completed=step, info="" if stats["status"] == "completed" else f"[bold]{stats['status']}[/bold]")
+            elif stats:
+                show(completed=step, info=f"loss {fmt_number(stats['loss'][0], 4)}")
+            else:
+                show(completed=step)
 
         yield update
 
@@ -147,6 +159,55 @@ def gradient_flow_figure(path: Path, first: dict, last: dict, title: str = "",
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def profile_frames(profiles: list[dict], names: list[str], title: str, frames: int,
+                   diverged: dict | None = None) -> list[tuple[int, bytes, int, int]]:
+    """The gradient-flow profile (||dL/dW|| and ||dL/dz|| against layer index) at up to `frames`
+    logged steps, evenly spread from the first to the last, as PNGs for TensorBoard's image slider:
+    (step, PNG bytes, height, width) each. One y range for every frame, so that moving the slider
+    moves the lines, not the axes; the first step's profile stays in grey beneath each."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not profiles:
+        return []
+    picks = sorted({round(k * (len(profiles) - 1) / max(frames - 1, 1)) for k in range(min(frames, len(profiles)))})
+    keys = (("grad_norm", "||dLoss/dW||  (weight gradient)"), ("act_grad_norm", "||dLoss/dz||  (back-propagated)"))
+    limits = {}
+    for key, _ in keys:
+        positive = [v for p in profiles for v in p[key] if v is not None and math.isfinite(v) and v > 0]
+        limits[key] = (min(positive) / 30, max(positive) * 3) if positive else (1e-3, 1e3)
+    out = []
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3), sharex=True)  # a TensorBoard card shows ~350 px across
+    for k in picks:
+        snap = profiles[k]
+        for ax, (key, label) in zip(axes, keys):
+            ax.clear()
+            values = [[math.nan if v is None else v for v in p[key]] for p in (profiles[0], snap)]
+            _plot_log(ax, values[0], f"step {profiles[0]['step']}", dict(color="0.6", ls="--"),
+                      floor=limits[key][0] * 1.5)
+            if k:
+                _plot_log(ax, values[1], f"step {snap['step']}", dict(color="tab:orange", marker="o", ms=3),
+                          floor=limits[key][0] * 1.5)
+            _layer_axis(ax, "layer (0 = input side)", label)
+            ax.set_ylim(*limits[key])
+            ax.legend(fontsize=8, loc="best")
+        late = diverged is not None and snap["step"] >= diverged["step"]
+        fig.suptitle(f"{title}: step {snap['step']}" + (f" (diverged at step {diverged['step']})" if late else ""),
+                     fontsize=10)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90)
+        png = buf.getvalue()
+        width, height = struct.unpack(">II", png[16:24])  # the PNG's IHDR
+        out.append((snap["step"], png, height, width))
+    plt.close(fig)
+    return out
 
 
 def sweep_flow_figure(path: Path, rows: list[dict], title: str) -> None:
@@ -252,21 +313,21 @@ def print_explanation(console: Console, model, info: dict) -> None:
         return
     p = info["prediction"]
     change = "shrinks" if info["per_layer"] < 1 else "grows"
-    console.print(f"sigma_w^2 = {p.sigma_w2:.4g}, sigma_b^2 = {p.sigma_b2:.3g} (Var(W) = sigma_w^2 / fan_in)")
-    console.print(f"per-layer factor: chi = {info['chi_mid']:.4g} for ||dL/dz||^2 in the middle layers: "
-                  f"the back-propagated gradient {change} ~{max(info['per_layer'], 1 / info['per_layer']):.3g}x "
+    console.print(f"sigma_w^2 = {fmt_number(p.sigma_w2, 4)}, sigma_b^2 = {fmt_number(p.sigma_b2)} (Var(W) = sigma_w^2 / fan_in)")
+    console.print(f"per-layer factor: chi = {fmt_number(info['chi_mid'], 4)} for ||dL/dz||^2 in the middle layers: "
+                  f"the back-propagated gradient {change} ~{fmt_number(max(info['per_layer'], 1 / info['per_layer']))}x "
                   f"per layer")
-    console.print(f"whole network: ||dL/dz|| of layer 0 is predicted {info['whole']:.3g}x that of layer "
+    console.print(f"whole network: ||dL/dz|| of layer 0 is predicted {fmt_number(info['whole'])}x that of layer "
                   f"{model.depth - 1} (the last hidden layer)")
     regime = "ordered: vanishing" if p.chi_1 < 1 else ("critical" if p.chi_1 == 1 else "chaotic: exploding")
-    scale = "infinite" if math.isinf(p.depth_scale) else f"{abs(p.depth_scale):.3g} layers"
-    console.print(f"fixed point: q* = {p.q_star:.4g}, chi_1 = {p.chi_1:.4g} ({regime}); depth scale {scale}")
+    scale = "infinite" if math.isinf(p.depth_scale) else f"{fmt_number(abs(p.depth_scale))} layers"
+    console.print(f"fixed point: q* = {fmt_number(p.q_star, 4)}, chi_1 = {fmt_number(p.chi_1, 4)} ({regime}); depth scale {scale}")
     if info["critical_gain"] is None:
         console.print(f"critical init: no init_gain up to sigma_w^2 = 64 puts {model.activation} at chi_1 = 1 "
                       f"with this bias; change the activation instead")
     else:
-        console.print(f"critical init: chi_1 = 1 at init_gain ~{info['critical_gain']:.3g} for {model.init} init "
-                      f"(sigma_w^2 = {info['critical_gain'] ** 2 * p.sigma_w2 / model.init_gain ** 2:.3g})")
+        console.print(f"critical init: chi_1 = 1 at init_gain ~{fmt_number(info['critical_gain'])} for {model.init} init "
+                      f"(sigma_w^2 = {fmt_number(info['critical_gain'] ** 2 * p.sigma_w2 / model.init_gain ** 2)})")
     for caveat in p.caveats:
         console.print(f"caveat: {caveat}")
     console.print(f"the article: {ARTICLE[model.activation]}")
@@ -289,7 +350,7 @@ def theory_figure(path: Path, model, info: dict) -> None:
     p = info["prediction"]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     ax.plot(range(len(p.log10_delta_ratio)), [10 ** r for r in p.log10_delta_ratio], ls="--", marker="o",
-            color="gray", label=f"predicted, chi_1 = {p.chi_1:.3g}")
+            color="gray", label=f"predicted, chi_1 = {fmt_number(p.chi_1)}")
     ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer (0 = next to the input)")

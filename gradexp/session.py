@@ -53,7 +53,7 @@ class Watch:
         self.logdir = _fresh_folder(logdir)
         self.name = name or type(model).__name__
         self.thresholds = (vanishing_below, exploding_above)
-        self.board = Board(str(self.logdir))
+        self.board = Board(str(self.logdir), label=f"{self.name} {time.strftime('%m-%d %H:%M:%S')}")
         try:
             self.probes = Watcher(model, optimizer, board=self.board, every=every, weight_every=weight_every,
                                   hist_every=hist_every, layers=layers, scaler=scaler, last_step=last_step)
@@ -106,6 +106,7 @@ class Watch:
 
                 gradient_flow_figure(self.logdir / "gradient_flow.png", first, last, title=self.name,
                                      names=self.probes.names, diverged=self.probes.diverged)
+            self.probes.profile_images(self.name)
         finally:
             self.board.close()
             self.probes.closed = True

@@ -36,6 +36,7 @@ class Stat:
     group: str  # "gradient" (every logged step), "activation" (the same steps), "weight" (weight steps)
     doc: str
     value: Callable[[dict[str, float]], float]
+    log: bool = False  # spans orders of magnitude across layers: charted as log10 (board.probe_section)
 
 
 def _std(r: dict[str, float]) -> float:
@@ -48,26 +49,40 @@ def _std(r: dict[str, float]) -> float:
 # name -> Stat: the engine, the TensorBoard writer, the summary and the README's table read this.
 STATS: dict[str, Stat] = {
     "grad_norm": Stat("gradient", "||dL/dθ|| of the layer's trainable parameters, before clipping",
-                      lambda r: math.sqrt(r["grad_sq"])),
+                      lambda r: math.sqrt(r["grad_sq"]), log=True),
     "act_grad_norm": Stat("gradient", "||dL/dz||, the back-propagated gradient at the layer's output z "
-                                      "(over all its calls in the step)", lambda r: math.sqrt(r["dz_sq"])),
+                                      "(over all its calls in the step)", lambda r: math.sqrt(r["dz_sq"]), log=True),
     "act_mean": Stat("activation", "mean of the layer's activation (the known activation after it, else z)",
                      lambda r: r["pivot"] + r["s"] / r["n"]),
-    "act_std": Stat("activation", "sample std of the layer's activation", _std),
+    "act_std": Stat("activation", "sample std of the layer's activation", _std, log=True),
     "act_deriv": Stat("activation", "mean phi'(a) of the known activation after the layer",
                       lambda r: r["ds"] / r["n"]),
     "saturation": Stat("activation", "fraction of units whose |phi'| is below 1% of phi's largest slope on every "
                                      "example (dead ReLUs, saturated sigmoids)", lambda r: r["flat"]),
     "weight_norm": Stat("weight", "||θ|| after the optimizer step", lambda r: math.sqrt(r["w_sq"])),
     "update_ratio": Stat("weight", "||θ - θ_before|| / ||θ||: the step the optimizer applied, relative",
-                         lambda r: math.sqrt(r["step_sq"] / r["w_sq"])),
+                         lambda r: math.sqrt(r["step_sq"] / r["w_sq"]), log=True),
     "dist_from_init": Stat("weight", "||θ - θ_0|| / ||θ_0||: how far the layer moved from its init",
-                           lambda r: math.sqrt(r["dist_sq"] / r["w0_sq"])),
+                           lambda r: math.sqrt(r["dist_sq"] / r["w0_sq"]), log=True),
 }
 GRADIENT_PROBES = tuple(k for k, s in STATS.items() if s.group != "weight")
 WEIGHT_PROBES = tuple(k for k, s in STATS.items() if s.group == "weight")
 LAYER_PROBES = tuple(STATS)
 DERIVATIVE_PROBES = ("act_deriv", "saturation")  # only where the activation is known
+
+
+def fmt_number(v: float | None, digits: int = 3) -> str:
+    """Every number gradexp prints (tables, diagnosis, progress): `digits` significant digits, in
+    plain notation from 0.001 to 9999 (0.00170, 2.30, 720) and in Python's exponent notation
+    beyond (6.63e-17, 1.30e+04); "-" when missing, "0" for an exact zero."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if v == 0 or math.isinf(v):
+        return "0" if v == 0 else ("inf" if v > 0 else "-inf")
+    exponent = math.floor(math.log10(abs(v)))
+    if -3 <= exponent < 4:
+        return f"{v:.{max(digits - 1 - exponent, 0)}f}"
+    return f"{v:.{digits - 1}e}"
 
 
 def stat_value(name: str, raw: dict[str, float]) -> float | None:

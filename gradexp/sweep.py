@@ -309,7 +309,8 @@ def _stop_check(total: int, label: str = "training"):
     """A run's progress callback (one per phase: pre-training, training): raises KeyboardInterrupt
     inside the loop once the sweep is stopped."""
     def update(step: int, stats: dict) -> None:
-        if _STOP is not None and _STOP.is_set():
+        # the run's last call says where it stopped ("status"): it has stopped already
+        if _STOP is not None and _STOP.is_set() and "status" not in stats:
             raise KeyboardInterrupt
 
     yield update

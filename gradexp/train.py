@@ -26,7 +26,7 @@ from .models import Net, build_model, check_output
 from .pretrain import pretrain
 from .optim import CLIPPERS, OPTIMIZERS
 from .probes import Layer, Watcher, due
-from .rundir import new_run_dir, write_atomic, write_json
+from .rundir import run_label, new_run_dir, write_atomic, write_json
 
 def resolve_device(name: str) -> torch.device:
     """`auto` is CUDA when present; asking for CUDA that is not there is a user error."""
@@ -226,6 +226,7 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
         diverged = {"step": bad, "first_nonfinite_layer": first_nonfinite_layer(probes.layers)}
         steps_done = bad + 1
         first, last_snap = probes.snapshots(before=bad)
+    probes.profile_images(cfg.name, diverged)
     kernel = probes.probe_kernel(not_float32=cfg.precision != "float32")
     return {"status": status, "steps_done": steps_done, "first": first, "last": last_snap, "diverged": diverged,
             "probe_kernel": kernel, "layers": probes.layer_info()}
@@ -256,6 +257,7 @@ def summarize(cfg: Config, exp: Experiment, result: dict, wall_time: float) -> d
         "status": result["status"],
         "name": cfg.name,
         "steps": {"planned": cfg.train.steps, "done": result["steps_done"]},
+        "diverged": result["diverged"],  # {"step", "first_nonfinite_layer"}, as gradexp.watch's summary says
         "final": final,
         "layers": {**info, "names": names, "first": first, "last": last},
         "theory": theory,
@@ -303,7 +305,7 @@ def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Exper
     exp = exp or prepare(cfg)
     folder = new_run_dir(out, cfg.name)
     write_atomic(folder / "config.yaml", to_yaml(cfg))
-    board = Board(str(folder))
+    board = Board(str(folder), label=run_label(cfg.name, folder))
     started = time.time()
     # Denormal floats (below ~1.2e-38: a deep sigmoid net's first-layer gradients) make x86 CPU
     # arithmetic many times slower; flushing them to 0 is the default, restored afterwards.
@@ -328,6 +330,7 @@ def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Exper
         else:
             with bars(cfg.train.steps) as update:
                 result = train(exp, board, update)
+                update(result["steps_done"], {"status": result["status"]})  # the bar ends where the run did
         summary = summarize(cfg, exp, result, time.time() - started)
         summary["pretrain"] = phases
         board.hparams({**flat(cfg), "status": summary["status"], "verdict": summary["diagnosis"]["verdict"]},
@@ -340,7 +343,8 @@ def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Exper
 
             predicted = summary["theory"].get("predicted_act_grad_norm")
             extra = [("predicted at init (mean-field)", predicted, dict(ls="--", color="gray"))] if predicted else None
-            gradient_flow_figure(folder / "gradient_flow.png", first, last, title=cfg.name, extra=extra)
+            gradient_flow_figure(folder / "gradient_flow.png", first, last, title=cfg.name, extra=extra,
+                                 diverged=summary["diverged"])
     except Exception as e:
         write_json(folder / "summary.json", {"status": "failed", "name": cfg.name, "error": f"{type(e).__name__}: {e}"})
         raise
