@@ -18,23 +18,25 @@ from .stats import fmt_number
 VERDICT_STYLE = {"vanishing": "bold yellow", "exploding": "bold red", "healthy": "bold green", "unknown": "bold"}
 
 
-BAR_DECADES = 18  # the bar column's width in characters: one character per factor of 10
+BAR_WIDTH = 12  # characters: the table fits 80 columns
+BAR_DECADES = 2  # factors of 10 per character: 24 in all, a deep sigmoid net's 17 fit
 _EIGHTHS = " ▏▎▍▌▋▊▉"
 
 
 def _log_bar(v: float | None, top: float) -> str:
     """A bar on one fixed log scale for every run: full width at the column's largest value (log10
-    `top`), one character shorter per factor of 10 below it, in eighths. A 2.6x spread draws bars
-    within half a character of each other, a 1e17 spread a ramp of 17 characters."""
+    `top`), one character shorter per BAR_DECADES factors of 10 below it, in eighths (◂: off the
+    scale). A 2.6x spread draws bars within a quarter of a character of each other, a 1e17 spread
+    a ramp of 8.5 characters."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     if not math.isfinite(v):
         return "[red]non-finite[/red]"
     if v == 0:
         return "[dim]0 (underflow)[/dim]"
-    length = BAR_DECADES - (top - math.log10(v))
+    length = BAR_WIDTH - (top - math.log10(v)) / BAR_DECADES
     if length < 1 / 8:
-        return f"[dim]< 1e-{BAR_DECADES} of the largest[/dim]"
+        return "[dim]◂[/dim]"  # more than BAR_WIDTH * BAR_DECADES factors of 10 below
     full, eighths = int(length), int((length % 1) * 8)
     return "█" * full + (_EIGHTHS[eighths] if eighths else "")
 
@@ -49,11 +51,11 @@ def flow_table(first: dict, last: dict, layer_names: list[str], predicted: list[
                   box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
     s0, s1, sw = first["step"], last["step"], last.get("weight_step")
     moved = last.get("dist_from_init") or [None] * len(layer_names)
-    headers = ["layer", f"act-grad\n@{s0}"] + (["predicted"] if predicted else []) + \
+    headers = ["layer", f"act-grad\n@{s0}"] + (["pred."] if predicted else []) + \
         [f"grad\n@{s0}", f"grad\n@{s1}", f"moved\n@{'-' if sw is None else sw}", f"satur.\n@{s1}"]
     for header in headers:
         table.add_column(header, justify="left" if header == "layer" else "right", no_wrap=True)
-    table.add_column(f"act-grad @{s0}\nlog: █ = 10x", no_wrap=True, min_width=BAR_DECADES)
+    table.add_column(f"act-grad @{s0}\nlog: █ = 100x", no_wrap=True, min_width=BAR_WIDTH)
     delta = first["act_grad_norm"]
     top = max((math.log10(v) for v in delta if v and math.isfinite(v) and v > 0), default=0.0)
     for i, name in enumerate(layer_names):
@@ -176,7 +178,8 @@ def profile_frames(profiles: list[dict], names: list[str], title: str, frames: i
 
     if not profiles:
         return []
-    picks = sorted({round(k * (len(profiles) - 1) / max(frames - 1, 1)) for k in range(min(frames, len(profiles)))})
+    n = min(frames, len(profiles))
+    picks = sorted({round(k * (len(profiles) - 1) / max(n - 1, 1)) for k in range(n)})
     keys = (("grad_norm", "||dLoss/dW||  (weight gradient)"), ("act_grad_norm", "||dLoss/dz||  (back-propagated)"))
     limits = {}
     for key, _ in keys:

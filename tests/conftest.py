@@ -73,3 +73,22 @@ def only_run(out: Path) -> Path:
 
 def summary_of(folder: Path) -> dict:
     return json.loads((folder / "summary.json").read_text())
+
+
+def layer_charts(folder: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """What a run's per-layer sub-runs (`<folder>/layers/<layer>/`) hold, read with TensorBoard's own
+    reader: layer name -> probe -> [(step, value)], a chart's log10 ("<N> <probe> (log10)/<run>")
+    taken back to the value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = {}
+    for sub in sorted((folder / "layers").iterdir()) if (folder / "layers").exists() else []:
+        acc = EventAccumulator(str(sub), size_guidance={"scalars": 0}).Reload()
+        charts = {}
+        for tag in acc.Tags()["scalars"]:
+            section = tag.split("/")[0]
+            probe = section.split(" ")[1]
+            log = section.endswith("(log10)")
+            charts[probe] = [(e.step, 10 ** e.value if log else e.value) for e in acc.Scalars(tag)]
+        out[sub.name] = charts
+    return out

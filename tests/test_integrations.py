@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tensorboard.backend.event_processing import event_accumulator
 from torch import nn
+
+from conftest import layer_charts
 from torch.nn.modules import module as module_globals
 from torch.optim import optimizer as optimizer_globals
 
@@ -68,12 +69,12 @@ def check_log_folder(logdir: Path, names: list[str], reference: list[float]) -> 
     assert len(events) == 1, list(logdir.iterdir())
     assert (logdir / "gradient_flow.png").stat().st_size > 0
     summary = json.loads((logdir / "summary.json").read_text())
-    acc = event_accumulator.EventAccumulator(str(events[0]), size_guidance={event_accumulator.SCALARS: 0})
-    acc.Reload()
-    for i, (name, ref) in enumerate(zip(names, reference)):
-        first = acc.Scalars(f"grad_norm/{i:02d}_{name}")[0]
-        assert first.step == 0
-        assert first.value == pytest.approx(ref, rel=1e-4)
+    charts = layer_charts(logdir)
+    assert list(charts) == [f"{i:02d}_{name}" for i, name in enumerate(names)]  # one sub-run per layer, by depth
+    for (layer, probes), ref in zip(charts.items(), reference):
+        step, value = probes["grad_norm"][0]
+        assert step == 0
+        assert value == pytest.approx(ref, rel=1e-4)
     return summary
 
 

@@ -2,8 +2,9 @@
 
 Two layers of checks, both on real runs of the CLI with a tiny budget:
 - the event file, read with TensorBoard's own readers (EventAccumulator, EventFileLoader);
-- a real `tensorboard` server on 127.0.0.1, queried over its HTTP API (runs, scalar tags,
-  custom-scalars layout and regex queries, the HParams experiment and session groups).
+- a real `tensorboard` server on 127.0.0.1, queried over its HTTP API as its default view asks:
+  runs (a run and one sub-run per layer), scalar tags (each probe one chart per run, a line per
+  layer), the profile images, the HParams experiment and session groups.
 """
 
 from __future__ import annotations
@@ -59,14 +60,49 @@ SERVER_START_TIMEOUT_S = 40.0
 HTTP_TIMEOUT_S = 10.0
 
 
+# The per-layer charts' sections, as TensorBoard shows them (it sorts sections by name and opens
+# the first two): a probe whose values span orders of magnitude is charted as its log10.
+SECTIONS = {"act_grad_norm": "1 act_grad_norm (log10)", "grad_norm": "2 grad_norm (log10)",
+            "update_ratio": "3 update_ratio (log10)", "saturation": "4 saturation", "act_deriv": "5 act_deriv",
+            "act_std": "6 act_std (log10)", "act_mean": "7 act_mean", "dist_from_init": "8 dist_from_init (log10)",
+            "weight_norm": "9 weight_norm"}
+LOG10 = {p for p, section in SECTIONS.items() if section.endswith("(log10)")}
+PROFILE = "0 gradient_flow"  # the profile image's section
+
+
 def layer(i: int) -> str:
     return f"layer_{i:02d}"
 
 
-def expected_scalar_tags(depth: int = DEPTH) -> set[str]:
-    tags = {f"{p}/{layer(i)}" for p in EVERY_LAYER_PROBES for i in range(depth + 1)}
-    tags |= {f"{p}/{layer(i)}" for p in HIDDEN_ONLY_PROBES for i in range(depth)}
-    return tags | {"grad_norm/total", *TRAINING_TAGS, *EVAL_TAGS, *FINAL_METRICS}
+def label(folder: Path) -> str:
+    """A run's label in its tags: the config's name and the time in the folder's name."""
+    date, clock = folder.name.split("-")[:2]
+    return f"{RUN_NAME} {date[4:6]}-{date[6:]} {clock[:2]}:{clock[2:4]}:{clock[4:]}"
+
+
+def probes_of(i: int, depth: int = DEPTH) -> tuple[str, ...]:
+    """The probes layer i has: phi' and saturation only where an activation follows it."""
+    return EVERY_LAYER_PROBES + (HIDDEN_ONLY_PROBES if i < depth else ())
+
+
+def layer_tags(folder: Path, i: int, depth: int = DEPTH) -> set[str]:
+    return {f"{SECTIONS[p]}/{label(folder)}" for p in probes_of(i, depth)}
+
+
+RUN_TAGS = {"grad_norm/total", *TRAINING_TAGS, *EVAL_TAGS, *FINAL_METRICS}
+
+
+def layer_accumulator(folder: Path, i: int) -> event_accumulator.EventAccumulator:
+    acc = event_accumulator.EventAccumulator(str(folder / "layers" / layer(i)),
+                                             size_guidance={event_accumulator.SCALARS: 0})
+    acc.Reload()
+    return acc
+
+
+def layer_series(folder: Path, probe: str, i: int) -> list[tuple[int, float]]:
+    """(step, value) of one layer's probe as charted, the log10 taken back."""
+    events = layer_accumulator(folder, i).Scalars(f"{SECTIONS[probe]}/{label(folder)}")
+    return [(e.step, 10 ** e.value if probe in LOG10 else e.value) for e in events]
 
 
 def close(a: float, b: float, rel: float = 1e-5) -> bool:
@@ -101,7 +137,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 def accumulator(runs) -> event_accumulator.EventAccumulator:
     acc = event_accumulator.EventAccumulator(
         str(runs["main"]),
-        size_guidance={event_accumulator.SCALARS: 0, event_accumulator.HISTOGRAMS: 0,
+        size_guidance={event_accumulator.SCALARS: 0, event_accumulator.HISTOGRAMS: 0, event_accumulator.IMAGES: 0,
                        event_accumulator.TENSORS: 0},
     )
     acc.Reload()
@@ -141,49 +177,48 @@ def test_every_record_passes_tensorboards_checksum_check(runs):
     assert records > 10
 
 
-def test_run_folder_holds_one_event_file_and_no_sub_runs(runs):
+def test_run_folder_holds_one_event_file_and_one_sub_run_per_layer(runs):
     folder = runs["main"]
     events = sorted(folder.glob("events.out.tfevents.*"))
     assert len(events) == 1, events
     assert events[0].stat().st_size > 0
-    # add_hparams() would have made a sub-folder (a second run in TensorBoard); gradexp must not.
-    assert [p for p in folder.iterdir() if p.is_dir()] == []
+    # add_hparams() would have made a sub-folder (another run in TensorBoard); gradexp makes only `layers`.
+    assert [p.name for p in folder.iterdir() if p.is_dir()] == ["layers"]
+    assert sorted(p.name for p in (folder / "layers").iterdir()) == [layer(i) for i in range(N_LAYERS)]
+    for i in range(N_LAYERS):
+        assert len(list((folder / "layers" / layer(i)).iterdir())) == 1
 
 
-def test_scalar_tags_cover_every_layer(accumulator):
+def test_scalar_tags_cover_every_layer(runs, accumulator):
     tags = set(accumulator.Tags()[event_accumulator.SCALARS])
-    missing = expected_scalar_tags() - tags
-    assert not missing, f"missing scalar tags: {sorted(missing)}"
-    # Per-layer tags: two-digit index, only existing layers, activation probes for hidden layers only.
-    for tag in tags:
-        m = re.fullmatch(r"([a-z_]+)/layer_(\d+)", tag)
-        if m is None:
-            continue
-        probe, index = m.group(1), m.group(2)
-        assert len(index) == 2, f"{tag}: layer index is not zero padded to 2 digits"
-        assert int(index) < N_LAYERS, f"{tag}: there are only {N_LAYERS} weight layers"
-        if probe in HIDDEN_ONLY_PROBES:
-            assert int(index) < DEPTH, f"{tag}: no activation follows the output layer"
-    assert "grad_norm/total_applied" not in tags  # nothing changed the gradients between backward and step
+    assert tags == RUN_TAGS, sorted(tags ^ RUN_TAGS)  # nothing was clipped: no grad_norm/total_applied
+    for i in range(N_LAYERS):
+        tags = set(layer_accumulator(runs["main"], i).Tags()[event_accumulator.SCALARS])
+        assert tags == layer_tags(runs["main"], i), (i, sorted(tags ^ layer_tags(runs["main"], i)))
 
 
 def probe_steps(probe: str) -> list[int]:
     return WEIGHT_STEPS if probe in WEIGHT_PROBES else LOG_STEPS
 
 
-def test_scalars_are_logged_at_init_every_log_every_and_the_last_step(accumulator):
-    per_step_tags = [f"{p}/{layer(i)}" for p in EVERY_LAYER_PROBES for i in range(N_LAYERS)]
-    per_step_tags += [f"{p}/{layer(i)}" for p in HIDDEN_ONLY_PROBES for i in range(DEPTH)]
-    per_step_tags += ["grad_norm/total", *TRAINING_TAGS, *EVAL_TAGS]  # eval_every == log_every here
-    for tag in per_step_tags:
+def test_scalars_are_logged_at_init_every_log_every_and_the_last_step(runs, accumulator):
+    for tag in ["grad_norm/total", *TRAINING_TAGS, *EVAL_TAGS]:  # eval_every == log_every here
         events = accumulator.Scalars(tag)
-        assert [e.step for e in events] == probe_steps(tag.split("/")[0]), tag
+        assert [e.step for e in events] == LOG_STEPS, tag
         assert all(math.isfinite(e.value) for e in events), (tag, [e.value for e in events])
     assert all(close(e.value, 0.1) for e in accumulator.Scalars("lr"))  # optim.lr in the config
-    for tag in ("acc/train", "acc/eval", *(f"saturation/{layer(i)}" for i in range(DEPTH))):
+    for tag in ("acc/train", "acc/eval"):
         assert all(0.0 <= e.value <= 1.0 for e in accumulator.Scalars(tag)), tag
-    for tag in ("grad_norm/total", *(f"grad_norm/{layer(i)}" for i in range(N_LAYERS))):
-        assert all(e.value > 0 for e in accumulator.Scalars(tag)), tag
+    assert all(e.value > 0 for e in accumulator.Scalars("grad_norm/total"))
+    for i in range(N_LAYERS):
+        for probe in probes_of(i):
+            series = layer_series(runs["main"], probe, i)
+            assert [step for step, _ in series] == probe_steps(probe), (probe, i)
+            assert all(math.isfinite(v) for _, v in series), (probe, i, series)
+            if probe == "saturation":
+                assert all(0.0 <= v <= 1.0 for _, v in series), (probe, i)
+            if probe == "grad_norm":
+                assert all(v > 0 for _, v in series), (probe, i)
     # The HParams metrics are written once, at the end.
     for tag in FINAL_METRICS:
         assert len(accumulator.Scalars(tag)) == 1, tag
@@ -197,26 +232,34 @@ def test_scalars_agree_with_summary_json(runs, accumulator):
     assert summary["layers"]["names"] == [layer(i) for i in range(N_LAYERS)]
     for snap, pos in ((first, 0), (last, -1)):
         assert len(snap["grad_norm"]) == N_LAYERS
-        for i, expected in enumerate(snap["grad_norm"]):
-            logged = accumulator.Scalars(f"grad_norm/{layer(i)}")[pos]
-            assert logged.step == snap["step"]
-            assert close(logged.value, expected), (i, logged.value, expected)
         for i in range(N_LAYERS):
-            for probe in ("act_grad_norm", "weight_norm", "dist_from_init"):
-                logged = accumulator.Scalars(f"{probe}/{layer(i)}")[pos].value
-                assert close(logged, snap[probe][i]) or logged == snap[probe][i] == 0, (probe, i)
+            for probe in ("grad_norm", "act_grad_norm", "weight_norm", "dist_from_init"):
+                step, logged = layer_series(runs["main"], probe, i)[pos]
+                assert step == snap["step"]
+                # a log10 in float32 and back: 1e-6 relative
+                assert close(logged, snap[probe][i], rel=1e-5) or logged == snap[probe][i] == 0, (probe, i)
+            for probe in ("act_mean", "act_std"):  # the activations', the output layer's (of the logits) too
+                logged = layer_series(runs["main"], probe, i)[pos][1]
+                assert close(logged, snap[probe][i], rel=1e-4) or abs(logged - snap[probe][i]) < 1e-7, (probe, i)
         assert close(accumulator.Scalars("grad_norm/total")[pos].value, snap["grad_norm_total"])
         assert close(accumulator.Scalars("loss/train")[pos].value, snap["loss_train"])
-        for i in range(N_LAYERS):  # the activations' statistics, the output layer's (of the logits) too
-            for probe in ("act_mean", "act_std"):
-                logged = accumulator.Scalars(f"{probe}/{layer(i)}")[pos].value
-                assert close(logged, snap[probe][i], rel=1e-4) or abs(logged - snap[probe][i]) < 1e-7, (probe, i)
         # phi' and saturation of the output layer do not exist: null in JSON, no tag in TensorBoard.
         assert snap["act_deriv"][-1] is None and snap["saturation"][-1] is None
         assert snap["grad_norm_total_applied"] is None  # no clipping in this config
         assert snap["calls"] == [1] * N_LAYERS
     for key, value in summary["final"].items():
         assert close(accumulator.Scalars(f"final/{key}")[0].value, value), key
+
+
+def test_profile_image_at_each_logged_step(runs, accumulator):
+    """The gradient-flow profile as an image at the logged steps (all of them here: fewer than 10)."""
+    tags = accumulator.Tags()[event_accumulator.IMAGES]
+    assert tags == [f"{PROFILE}/{label(runs['main'])}"]
+    images = accumulator.Images(tags[0])
+    assert [im.step for im in images] == LOG_STEPS
+    for im in images:
+        assert im.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
+        assert 200 <= im.height <= 600 and 400 <= im.width <= 1000
 
 
 def test_histograms_for_parameter_gradients_and_activations(accumulator):
@@ -258,6 +301,7 @@ def test_hparams_session_is_in_the_runs_own_event_file(runs):
     assert hp["train.steps"].number_value == STEPS
     assert hp["model.activation"].string_value == "sigmoid"
     assert hp["status"].string_value == "completed"
+    assert hp["run"].string_value == label(runs["main"])  # the column that tells the runs apart
     assert hp["verdict"].string_value == summary_of(runs["main"])["diagnosis"]["verdict"]
     assert hp["model.residual"].string_value == "false"  # booleans read as words, not 0.0
     assert "data.n_train" not in hp  # None is left out, not written as "None"
@@ -368,57 +412,48 @@ def run_names(runs) -> tuple[str, str]:
     return tuple(runs[k].relative_to(runs["out"]).as_posix() for k in ("main", "other"))
 
 
-def test_server_lists_each_run_folder_as_one_run(server, runs):
+def test_server_lists_each_run_and_its_layers(server, runs):
     main, other = run_names(runs)
     assert main.startswith(f"{RUN_NAME}/") and other.startswith(f"{RUN_NAME}/")
-    assert sorted(server.get("/data/runs")) == sorted([main, other])
+    expected = [main, other] + [f"{main}/layers/{layer(i)}" for i in range(N_LAYERS)] \
+        + [f"{other}/layers/{layer(i)}" for i in range(OTHER_DEPTH + 1)]
+    assert sorted(server.get("/data/runs")) == sorted(expected)
 
 
-def test_server_scalar_tags_per_layer(server, runs):
-    main, other = run_names(runs)
+def test_server_shows_each_probe_as_one_chart_per_run_with_a_line_per_layer(server, runs):
+    """As the default view draws it: a chart per tag, a line per run (here, per layer) holding it.
+    Each of the two runs in the folder has its own chart per probe, holding its layers and nothing else."""
     tags = server.get("/data/plugin/scalars/tags")
-    assert expected_scalar_tags(DEPTH) <= set(tags[main]), sorted(expected_scalar_tags(DEPTH) - set(tags[main]))
-    assert expected_scalar_tags(OTHER_DEPTH) <= set(tags[other])
-    assert f"grad_norm/{layer(OTHER_DEPTH + 1)}" not in tags[other]
-    assert f"act_mean/{layer(DEPTH)}" in tags[main] and f"act_deriv/{layer(DEPTH)}" not in tags[main]
-    series = server.get("/data/plugin/scalars/scalars", run=main, tag=f"grad_norm/{layer(0)}")
+    main, other = run_names(runs)
+    assert set(tags[main]) == RUN_TAGS and set(tags[other]) == RUN_TAGS
+    for key, name, depth in (("main", main, DEPTH), ("other", other, OTHER_DEPTH)):
+        for probe, section in SECTIONS.items():
+            tag = f"{section}/{label(runs[key])}"
+            lines = sorted(run for run, run_tags in tags.items() if tag in run_tags)
+            expected = [f"{name}/layers/{layer(i)}" for i in range(depth + 1) if probe in probes_of(i, depth)]
+            assert lines == expected, (probe, lines)
+    series = server.get("/data/plugin/scalars/scalars", run=f"{main}/layers/{layer(0)}",
+                        tag=f"{SECTIONS['grad_norm']}/{label(runs['main'])}")
     assert [step for _, step, _ in series] == LOG_STEPS
     first = summary_of(runs["main"])["layers"]["first"]["grad_norm"][0]
-    assert close(series[0][2], first)
+    assert close(10 ** series[0][2], first)
+    # the sections a person sees first (TensorBoard opens the first two, sorted by name)
+    sections = sorted({t.split("/")[0] for run_tags in tags.values() for t in run_tags}
+                      | {PROFILE})
+    assert sections[:2] == [PROFILE, SECTIONS["act_grad_norm"]]
 
 
-def test_server_custom_scalars_layout_has_one_chart_per_probe_over_all_layers(server, runs):
-    main, _ = run_names(runs)
-    layout = server.get("/data/plugin/custom_scalars/layout")
-    charts = {c["title"]: c for cat in layout["category"] for c in cat["chart"]}
-    all_tags = set(server.get("/data/plugin/scalars/tags")[main])
-    for probe in EVERY_LAYER_PROBES + HIDDEN_ONLY_PROBES:
-        assert probe in charts, f"no custom-scalars chart for {probe}: {sorted(charts)}"
-        regexes = charts[probe]["multiline"]["tag"]
-        # Ask the server the way the dashboard does: one query per regex, for the run.
-        matched = set()
-        for rx in regexes:
-            reply = server.get("/data/plugin/custom_scalars/scalars", run=main, tag=rx)
-            assert reply["regex_valid"], rx
-            matched |= set(reply["tag_to_events"])
-            for tag, events in reply["tag_to_events"].items():
-                assert [step for _, step, _ in events] == probe_steps(probe), tag
-        layers = {t for t in all_tags if re.fullmatch(rf"{probe}/layer_\d\d", t)}
-        n = N_LAYERS if probe in EVERY_LAYER_PROBES else DEPTH
-        assert len(layers) == n
-        extra = {"grad_norm/total"} if probe == "grad_norm" else set()
-        assert matched == layers | extra, (probe, regexes, sorted(matched))
-    # The grad_norm chart holds every layer through one regex (not a fixed list of tags), matched
-    # from the start of the tag as the server matches it.
-    assert any(all(re.match(rx, f"grad_norm/{layer(i)}") for i in range(N_LAYERS))
-               for rx in charts["grad_norm"]["multiline"]["tag"])
-    assert len(charts["grad_norm"]["multiline"]["tag"]) < N_LAYERS
-    for title, tag in (("loss", "loss/train"), ("accuracy", "acc/eval"), ("learning rate", "lr")):
-        assert title in charts
-        hits = set()
-        for rx in charts[title]["multiline"]["tag"]:
-            hits |= set(server.get("/data/plugin/custom_scalars/scalars", run=main, tag=rx)["tag_to_events"])
-        assert tag in hits, (title, hits)
+def test_server_shows_the_profile_image_per_run_with_a_slider_over_the_logged_steps(server, runs):
+    main, other = run_names(runs)
+    tags = server.get("/data/plugin/images/tags")
+    assert {run for run, t in tags.items() if t} == {main, other}
+    tag = f"{PROFILE}/{label(runs['main'])}"
+    assert list(tags[main]) == [tag]
+    images = server.get("/data/plugin/images/images", run=main, tag=tag)
+    assert [im["step"] for im in images] == LOG_STEPS
+    url = f"{server.base}/data/plugin/images/individualImage?{images[-1]['query']}"
+    with _opener.open(url, timeout=HTTP_TIMEOUT_S) as r:
+        assert r.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 ALL_STATUSES = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
@@ -427,7 +462,7 @@ ALL_STATUSES = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RU
 def test_server_hparams_experiment_lists_config_and_final_metrics(server):
     experiment = server.post("/data/plugin/hparams/experiment", {"experimentName": ""})
     names = {h["name"] for h in experiment["hparamInfos"]}
-    assert {"model.depth", "model.activation", "optim.lr", "train.steps", "seed", "status", "verdict"} <= names
+    assert {"run", "model.depth", "model.activation", "optim.lr", "train.steps", "seed", "status", "verdict"} <= names
     assert {m["name"]["tag"] for m in experiment["metricInfos"]} == set(FINAL_METRICS)
 
 
@@ -456,6 +491,7 @@ def test_server_hparams_session_per_run_with_config_values_and_metrics(server, r
         assert hp["model.depth"] == depth
         assert hp["train.steps"] == STEPS and hp["model.activation"] == "sigmoid"
         assert hp["status"] == "completed"
+        assert hp["run"] == label(runs[key])  # readable, where the session's name is cut short
         summary = summary_of(runs[key])
         metrics = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
         assert set(metrics) == set(FINAL_METRICS)
@@ -496,6 +532,13 @@ def test_server_hparams_of_a_sweep_mark_the_swept_keys(sweep_server):
     seen = sorted((g["hparams"]["model.depth"], g["hparams"]["model.activation"]) for g in groups)
     assert seen == [(2, "relu"), (2, "sigmoid"), (3, "relu"), (3, "sigmoid")]
     assert all(len(g["sessions"]) == 1 and g["sessions"][0]["status"] == "STATUS_SUCCESS" for g in groups)
+    # each run's label, free text (a domain would filter out the runs not in it), names its point
+    assert infos["run"]["differs"] and "domainDiscrete" not in infos["run"]
+    cols.append({"hparam": "run", "includeInResult": True})
+    groups = sweep_server.post("/data/plugin/hparams/session_groups", {**body, "colParams": cols})["sessionGroups"]
+    for g in groups:
+        point = g["name"].split("/")[0]  # <point>/<stamp-id>
+        assert g["hparams"]["run"].startswith(f"{point} "), (g["name"], g["hparams"]["run"])
 
 
 def test_sweep_experiment_marks_keys_some_runs_lack_and_keeps_other_event_files(tmp_path):
@@ -545,25 +588,30 @@ def test_events_reach_the_file_within_a_second_and_all_of_them_on_close(tmp_path
     board.set_layers([layer(i) for i in range(3)], {"grad_norm": [True] * 3})
     stats = {"grad_norm": [1.0, 2.0, 3.0]}
 
-    def logged_steps():
-        (events,) = tmp_path.glob("events.out.tfevents.*")
-        return [e.step for e in EventFileLoader(str(events)).Load() if e.summary.value][1:]  # after the layout
+    def logged_steps(i: int = 0) -> list[int]:  # of layer i's sub-run, or of the run's own file
+        folder = tmp_path / "layers" / layer(i) if i >= 0 else tmp_path
+        (events,) = folder.glob("events.out.tfevents.*")
+        return [e.step for e in EventFileLoader(str(events)).Load() if e.summary.value]
 
-    board.layers(1, stats)
+    board.layers(1, stats, {"grad_norm/total": 4.0})
     board.tick()
-    assert not logged_steps()  # made just now: waits in memory
-    board.events.oldest -= board.events.FLUSH_SECONDS  # a second later, with no other event since
+    assert not logged_steps(0) and not logged_steps(-1)  # made just now: waits in memory
+    for events in [board.events, *board.layer_events]:
+        events.oldest -= events.FLUSH_SECONDS  # a second later, with no other event since
+    board.layers_flushed -= board.events.FLUSH_SECONDS
     board.tick()  # (the training loop's, every step)
-    assert logged_steps() == [1]
+    assert logged_steps(0) == logged_steps(2) == logged_steps(-1) == [1]
     board.layers(2, stats)
     board.layers(3, stats)
-    assert logged_steps() == [1]
-    board.events.oldest -= board.events.FLUSH_SECONDS
+    assert logged_steps(0) == [1]
+    board.layer_events[0].oldest -= board.events.FLUSH_SECONDS
     board.layers(4, stats)  # an event made a second after the oldest waiting one
-    assert logged_steps() == [1, 2, 3, 4]
+    assert logged_steps(0) == [1, 2, 3, 4]
     board.layers(5, stats)
     board.close()
-    assert logged_steps() == [1, 2, 3, 4, 5]
+    assert logged_steps(0) == logged_steps(1) == [1, 2, 3, 4, 5]
+    values = layer_accumulator(tmp_path, 1).Scalars(f"{SECTIONS['grad_norm']}/{tmp_path.name}")  # charted as log10
+    assert [10 ** e.value for e in values] == pytest.approx([2.0] * 5)
 
 
 def test_a_watched_model_shows_its_layers_in_depth_order(tmp_path, tmp_path_factory):
@@ -594,10 +642,17 @@ def test_a_watched_model_shows_its_layers_in_depth_order(tmp_path, tmp_path_fact
             opt.step()
     assert w.layer_names == ["00_body.0", "01_body.2", "02_head"]
     for srv in serve(tmp_path / "logs", tmp_path_factory.mktemp("tensorboard")):
-        tags = srv.get("/data/plugin/scalars/tags")["mine"]
-        shown = sorted(t for t in tags if t.startswith("act_grad_norm/"))  # the dashboard sorts tags by name
-        assert shown == [f"act_grad_norm/{name}" for name in w.layer_names]
-        assert sorted(t for t in tags if t.startswith("act_deriv/")) == ["act_deriv/00_body.0", "act_deriv/01_body.2"]
-        series = srv.get("/data/plugin/scalars/scalars", run="mine", tag="act_grad_norm/00_body.0")
+        tags = srv.get("/data/plugin/scalars/tags")
+        # the dashboard sorts a chart's lines (the layers' sub-runs) by name: in depth order
+        chart = next(t for t in tags["mine/layers/00_body.0"] if t.startswith(SECTIONS["act_grad_norm"] + "/"))
+        assert chart.split("/", 1)[1].startswith("Net ")  # the run's label: the model's class and the time
+        lines = sorted(run for run, run_tags in tags.items() if chart in run_tags)
+        assert lines == [f"mine/layers/{name}" for name in w.layer_names]
+        phi = chart.replace(SECTIONS["act_grad_norm"], SECTIONS["act_deriv"])
+        assert sorted(run for run, run_tags in tags.items() if phi in run_tags) == \
+            ["mine/layers/00_body.0", "mine/layers/01_body.2"]
+        series = srv.get("/data/plugin/scalars/scalars", run="mine/layers/00_body.0", tag=chart)
         assert [step for _, step, _ in series] == [0, 2, 4]
-        assert close(series[0][2], w.summary()["layers"]["first"]["act_grad_norm"][0])
+        assert close(10 ** series[0][2], w.summary()["layers"]["first"]["act_grad_norm"][0])
+        (image,) = srv.get("/data/plugin/images/tags")["mine"]
+        assert [im["step"] for im in srv.get("/data/plugin/images/images", run="mine", tag=image)] == [0, 2, 4]
