@@ -33,7 +33,9 @@ def print_problems(e: ConfigError) -> None:
 
 
 def load_experiment(config: Path, overrides: list[str] | None):
-    """Config, overrides and everything only the machine can check (device, data), or exit 2."""
+    """Config, overrides and everything only the machine can check (device, data), or exit 2; exit 3
+    when a dataset's files are missing and could not be downloaded (not invalid input)."""
+    from .image_files import DownloadError
     from .train import prepare
 
     try:
@@ -41,6 +43,10 @@ def load_experiment(config: Path, overrides: list[str] | None):
         return cfg, prepare(cfg)
     except ConfigError as e:
         raise fail(e)
+    except DownloadError as e:
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(e))}; nothing was run", highlight=False,
+                          soft_wrap=True)
+        raise typer.Exit(3)
 
 
 @app.command()

@@ -21,7 +21,6 @@ INIT_NAMES = (
     "default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal", "normal",
 )
 DATASET_NAMES = ("digits", "gaussian", "spirals", "mnist", "fashion_mnist", "cifar10")
-TORCHVISION_DATASETS = ("mnist", "fashion_mnist", "cifar10")
 OPTIMIZER_NAMES = ("sgd", "momentum", "adam", "adamw")
 
 
@@ -58,7 +57,7 @@ class DataConfig(_Section):
     classes: int = Field(10, ge=2, description="gaussian, spirals: number of classes")
     labels: Literal["teacher", "random"] = "teacher"
     noise: float = Field(0.2, ge=0, description="spirals: std of the added noise")
-    root: str = Field("data", description="torchvision datasets: folder holding the files")
+    root: str = Field("data", description="mnist, fashion_mnist, cifar10: folder holding the files")
     download: bool = False
 
 

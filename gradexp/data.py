@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, DataConfig
+from .image_files import READERS
 
 Split = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -116,42 +117,13 @@ def first(x: torch.Tensor, y: torch.Tensor, n: int | None, key: str, split: str)
     return x[:n], y[:n]
 
 
-_TV_CLASSES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
-
-
-def load_torchvision(cfg: DataConfig, g: torch.Generator) -> Dataset:
-    try:
-        import torchvision.datasets as tvd  # optional: pip install 'gradexp[vision]'
-    except Exception as e:
-        if isinstance(e, ModuleNotFoundError) and e.name in ("torchvision", "torchvision.datasets"):
-            raise ConfigError(
-                f"data.name: '{cfg.name}' needs torchvision, which is not installed "
-                "(pip install 'gradexp[vision]'); allowed without it: digits, gaussian, spirals"
-            ) from None
-        # installed, but it fails: built for another torch ("operator torchvision::nms does not
-        # exist"), or one of its own dependencies (Pillow) is missing
-        raise ConfigError(
-            f"data.name: '{cfg.name}' needs torchvision, which is installed but fails to import "
-            f"({type(e).__name__}: {e}); reinstall it, with its dependencies, as the build made for this "
-            f"torch ({torch.__version__}), from the same index as torch; allowed without it: digits, gaussian, spirals"
-        ) from None
-    cls = getattr(tvd, _TV_CLASSES[cfg.name])
-    root = Path(cfg.root).expanduser()
-    try:
-        train = cls(str(root), train=True, download=cfg.download)
-        test = cls(str(root), train=False, download=cfg.download)
-    except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
-        raise ConfigError(
-            f"data.root: no {cfg.name} files under '{root}' ({e}); put them there or set data.download=true"
-        ) from None
-
-    def tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.as_tensor(ds.data)
-        x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x.unsqueeze(1)  # -> (N, C, H, W)
-        return x.float() / 255.0, torch.as_tensor(ds.targets, dtype=torch.long)
-
-    x_tr, y_tr = first(*tensors(train), cfg.n_train, "data.n_train", f"{cfg.name}'s training split")
-    x_ev, y_ev = first(*tensors(test), cfg.n_eval, "data.n_eval", f"{cfg.name}'s test split")
+def load_images(cfg: DataConfig, g: torch.Generator) -> Dataset:
+    """MNIST, Fashion-MNIST or CIFAR-10 from the files under data.root (gradexp/image_files.py reads
+    them without torchvision), as (N, C, H, W) in [0, 1], standardised per channel."""
+    (x_tr, y_tr), (x_ev, y_ev) = READERS[cfg.name](cfg.name, Path(cfg.root).expanduser(), cfg.download)
+    x_tr, y_tr = first(x_tr, y_tr, cfg.n_train, "data.n_train", f"{cfg.name}'s training split")
+    x_ev, y_ev = first(x_ev, y_ev, cfg.n_eval, "data.n_eval", f"{cfg.name}'s test split")
+    x_tr, x_ev = x_tr.float() / 255.0, x_ev.float() / 255.0
     # Per-channel standardisation from the training split.
     mean = x_tr.mean((0, 2, 3), keepdim=True)
     std = x_tr.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
@@ -162,9 +134,9 @@ DATASETS = {
     "digits": load_digits,
     "gaussian": load_gaussian,
     "spirals": load_spirals,
-    "mnist": load_torchvision,
-    "fashion_mnist": load_torchvision,
-    "cifar10": load_torchvision,
+    "mnist": load_images,
+    "fashion_mnist": load_images,
+    "cifar10": load_images,
 }
 
 

@@ -3,8 +3,6 @@ message naming the key, the value and what is allowed, exit code 2, and no run f
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 import yaml
@@ -113,53 +111,8 @@ def test_cuda_without_cuda_is_refused(cli, tmp_path, device):
     assert list(tmp_path.iterdir()) == []
 
 
-def _mnist_run(cli, tmp_path):
-    return cli("run", CONFIGS / "deep_sigmoid.yaml", "data.name=mnist", f"data.root={tmp_path / 'none'}",
-               *TINY, "--out", tmp_path / "out")
-
-
-def test_torchvision_dataset_without_torchvision(cli, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "torchvision", None)  # what Python does when it is not installed
-    result = _mnist_run(cli, tmp_path)
-    assert result.exit_code == 2
-    assert "needs torchvision, which is not installed" in result.output and "digits" in result.output
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("failure, shown", [
-    ('raise RuntimeError("operator torchvision::nms does not exist")', "torchvision::nms"),  # built for another torch
-    ("import PIL_not_here", "No module named 'PIL_not_here'"),  # a dependency of its own is missing
-])
-def test_torchvision_that_fails_to_import_is_named(cli, tmp_path, monkeypatch, failure, shown):
-    """An installed torchvision that raises on import (the CUDA wheel beside a CPU torch raises a
-    RuntimeError; a missing Pillow an ImportError): the user gets what failed and what to do, not a
-    traceback, and is not told that torchvision is missing."""
-    broken = tmp_path / "site" / "torchvision"
-    broken.mkdir(parents=True)
-    (broken / "__init__.py").write_text(failure + "\n")
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    result = _mnist_run(cli, tmp_path)
-    assert result.exit_code == 2
-    assert "fails to import" in result.output and shown in result.output and "not installed" not in result.output
-    assert torch.__version__ in result.output and "digits" in result.output
-    assert not (tmp_path / "out").exists()
-
-
-def test_torchvision_dataset_without_files(cli, tmp_path):
-    try:
-        import torchvision.datasets  # noqa: F401
-    except Exception:  # not installed, or not importable beside this torch (CI's CPU wheel)
-        pytest.skip("needs an importable torchvision")
-    result = _mnist_run(cli, tmp_path)
-    assert result.exit_code == 2
-    assert "no mnist files" in result.output and "data.download=true" in result.output
-    assert not (tmp_path / "out").exists()
-
-
 def test_more_examples_than_a_split_has_is_refused():
-    """What the torchvision datasets do with data.n_train / data.n_eval (they take the first n)."""
+    """What mnist, fashion_mnist and cifar10 do with data.n_train / data.n_eval (they take the first n)."""
     x, y = torch.randn(40, 1, 28, 28), torch.arange(40) % 10
     assert [t.shape[0] for t in first(x, y, 16, "data.n_train", "mnist's training split")] == [16, 16]
     assert first(x, y, None, "data.n_train", "mnist's training split")[0] is x
