@@ -152,6 +152,33 @@ def sweep(
 
 
 @app.command()
+def compare(
+    paths: Annotated[list[Path], typer.Argument(
+        help="run folders, sweep folders (every point), or folders holding them")],
+    out: Annotated[Optional[Path], typer.Option(
+        help="the figure (a new .png)", show_default="compare-<YYYYmmdd-HHMMSS>.png here")] = None,
+) -> None:
+    """Put runs side by side: their gradient flow at init and at the end in one figure, their results in a table."""
+    from . import compare as comparison
+    from .report import MAX_OVERLAID
+    from .sweep import results_table
+
+    try:
+        runs = comparison.find(paths)
+        figure = out or comparison.default_figure_path()
+        comparison.check_figure_path(figure)
+    except ConfigError as e:
+        raise fail(e)
+    console.print(results_table(comparison.rows(runs)))
+    keys = comparison.differing(runs)
+    if keys:
+        console.print(f"configs differ in: {', '.join(keys)}", soft_wrap=True, highlight=False)
+    comparison.figure(runs, figure)
+    many = f" (one panel each: over {MAX_OVERLAID} do not overlay readably)" if len(runs) > MAX_OVERLAID else ""
+    console.print(f"figure: {figure}{many}", soft_wrap=True, highlight=False)
+
+
+@app.command()
 def explain(
     config: Annotated[Path, typer.Argument(help="YAML config file, e.g. configs/deep_tanh.yaml")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides")] = None,

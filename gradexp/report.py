@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import struct
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -213,50 +214,162 @@ def profile_frames(profiles: list[dict], names: list[str], title: str, frames: i
     return out
 
 
-def sweep_flow_figure(path: Path, rows: list[dict], title: str) -> None:
-    """Every run of a sweep (its rows, as `sweep.collect` reads them back) by ||dL/dz|| against layer index
-    on one log-scale chart, at initialisation (left) and at the last logged step (right: where clipping
-    and weight decay show).
+@dataclass
+class Profile:
+    """One run's per-layer values of a probe (a list over layers, None where not finite) at the first and
+    the last logged step, as the comparison figures draw them; `note` is its verdict (and status when it
+    did not complete)."""
+    label: str
+    first: list[float | None] | None
+    last: list[float | None] | None
+    note: str = ""
 
-    One colour per named run (or per value of the first swept key), one line style per variant
-    within it; exact zeros (float32 underflow) are drawn as 'x' on the bottom edge."""
+
+# More lines than this on one chart stop being readable: the figures turn to small multiples instead.
+MAX_OVERLAID = 8
+_INIT, _END = dict(linestyle="--", alpha=0.75), dict(linestyle="-")  # every run's end drawn over every init
+
+
+def note(verdict: str | None, status: str) -> str:
+    """A run's verdict, and its status where it did not complete: 'vanishing', 'exploding, diverged'."""
+    return ", ".join(t for t in (verdict, None if status == "completed" else status) if t) or "-"
+
+
+def sweep_flow_figure(path: Path, rows: list[dict], title: str) -> None:
+    """A sweep's runs (its rows, as `sweep.collect` reads them back) as small multiples of ||dL/dz||
+    against layer index, at initialisation (dashed) and the last logged step (solid), on one shared log
+    axis: `sweep_panels` (the default sweep: 9 panels, one per remedy, its 3 depths in 3 colours).
+    Exact zeros (float32 underflow) are drawn as 'x' on the bottom edge."""
+    flow_grid(path, sweep_panels(rows), f"sweep {title}: the back-propagated gradient ||dL/dz|| of every run")
+
+
+def sweep_panels(rows: list[dict]) -> list[tuple[str, list[Profile]]]:
+    """One panel per named run (or, with none, per value of the first swept key that varies), holding its
+    points, each labelled by the other swept values that vary (colours, the same in every panel)."""
+    from .sweep import _labels, _value_text
+
+    def value(r: dict, k: str) -> str:
+        return _value_text(r["overrides"].get(k))
+
+    keys = list(dict.fromkeys(k for r in rows for k in r["overrides"]))
+    varying = [k for k in keys if len({value(r, k) for r in rows}) > 1]
+    if any(r["run"] is not None for r in rows):
+        groups = {r["name"]: r["run"] or r["name"] for r in rows}
+    else:
+        first = _labels(varying[:1])
+        groups = {r["name"]: f"{first[varying[0]]} {value(r, varying[0])}" if varying else r["name"] for r in rows}
+    members: dict[str, list[dict]] = {}
+    for r in rows:
+        members.setdefault(groups[r["name"]], []).append(r)
+    inner = [k for k in varying if any(len({value(r, k) for r in group}) > 1 for group in members.values())]
+    labels = _labels(inner)
+    return [(name, [Profile(" ".join(f"{labels[k]} {value(r, k)}" for k in inner), *r["_flow"],
+                            note(r["verdict"], r["status"])) for r in group])
+            for name, group in members.items()]
+
+
+def compare_flow_figure(path: Path, act_grad: list[Profile], grad: list[Profile], title: str) -> None:
+    """Runs side by side: ||dL/dz|| (left) and ||dL/dW|| (right) against layer index, one colour per run,
+    at the first logged step (dashed) and the last (solid), on log axes; runs of different depths share
+    the layer index. Over MAX_OVERLAID runs: small multiples of ||dL/dz||, one panel per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def group(r: dict) -> str:
-        return r["run"] if r["run"] is not None else str(next(iter(r["overrides"].values()), ""))
-
-    drawn = [r for r in rows if r["_flow"][0]]
-    groups = list(dict.fromkeys(group(r) for r in drawn))
-    colors = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
-    styles = ("-", "--", ":", "-.")
-    variant = {}
-    for r in drawn:
-        variant[r["name"]] = sum(group(q) == group(r) for q in drawn[:drawn.index(r)])
-    positive = [v for r in drawn for flow in r["_flow"] for v in flow or []
-                if v is not None and math.isfinite(v) and v > 0]
-    floor = min(positive, default=1e-30) / 10  # one bottom edge for every run's zeros
-    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5), sharey=True)
-    for ax, at, label in ((axes[0], 0, "at the first logged step (initialisation)"),
-                          (axes[1], 1, "at the last logged step")):
-        for r in drawn:
-            style = dict(linestyle=styles[variant[r["name"]] % len(styles)], marker=".",
-                         color=colors(groups.index(group(r)) % colors.N))
-            # every run is named in the legend, a diverged one too (it may have nothing finite to draw)
-            _plot_log(ax, r["_flow"][at] or [], r["name"] + ("" if r["status"] == "completed" else f" ({r['status']})"),
-                      style, floor=floor, zeros_label=False, listed=True)
-        _layer_axis(ax, "layer (0 = next to the input; each line ends at its output layer)", f"||dLoss/dz|| {label}")
-    if drawn:
-        axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), ncol=1 if len(drawn) <= 30 else 2,
-                       frameon=False)
-    else:
-        axes[0].text(0.5, 0.5, "no run logged its first step", transform=axes[0].transAxes, ha="center")
-    fig.suptitle(f"sweep {title}: the back-propagated gradient of every run (x: exactly 0, float32 underflow)")
-    fig.tight_layout()
+    if len(act_grad) > MAX_OVERLAID:
+        flow_grid(path, [(f"{p.label}", [Profile("", p.first, p.last, p.note)]) for p in act_grad],
+                  f"{title}: the back-propagated gradient ||dL/dz||")
+        return
+    colors = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharex=True)
+    for ax, profiles, label in ((axes[0], act_grad, "||dLoss/dz||  (back-propagated gradient)"),
+                                (axes[1], grad, "||dLoss/dW||  (weight gradient)")):
+        floor = _floor(profiles)
+        for i, p in enumerate(profiles):
+            _draw(ax, p, colors(i), floor)
+        _layer_axis(ax, "layer (0 = next to the input; each line ends at its run's output layer)", label)
+    handles = [plt.Line2D([], [], color=colors(i), label=f"{p.label}: {p.note}") for i, p in enumerate(act_grad)]
+    fig.legend(handles=handles + _style_handles(plt), loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.04 * (len(handles) // 2 + 3), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def flow_grid(path: Path, panels: list[tuple[str, list[Profile]]], title: str, ylabel: str = "||dLoss/dz||") -> None:
+    """Small multiples: one panel per (title, profiles) on shared log and layer axes, each profile's first
+    logged step dashed and last solid, a profile's colour the same in every panel (by its label); a panel's
+    title ends with its profiles' notes (verdicts)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(dict.fromkeys(p.label for _, profiles in panels for p in profiles))
+    cmap = plt.get_cmap("tab10") if len(variants) <= 10 else plt.get_cmap("viridis", len(variants))
+    color = {v: cmap(i) for i, v in enumerate(variants)}
+    floor = _floor([p for _, profiles in panels for p in profiles])
+    cols = min(len(panels), 3 if len(panels) <= 9 else 4) or 1
+    rows = max(1, math.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 2.9 * rows + 0.8), sharex=True, sharey=True,
+                             squeeze=False)
+    for ax, (name, profiles) in zip(axes.flat, panels):
+        for p in profiles:
+            _draw(ax, p, color[p.label], floor)
+        ax.set_yscale("log")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.set_title(f"{name}\n{_verdicts(profiles)}", fontsize=9)
+        if not any(v for p in profiles for v in (p.first or []) + (p.last or [])):
+            ax.text(0.5, 0.5, "nothing logged", transform=ax.transAxes, ha="center", color="gray")
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes[-1]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("layer (0 = next to the input)", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel, fontsize=8)
+    handles = [plt.Line2D([], [], color=color[v], label=v) for v in variants if v] + _style_handles(plt)
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    fig.suptitle(title)
+    height = fig.get_figheight()  # the legend's rows (0.25 inch each) below the panels, the title above them
+    fig.tight_layout(rect=(0, 0.25 * (1 + math.ceil(len(handles) / 6)) / height, 1, 1 - 0.2 / height))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _verdicts(profiles: list[Profile]) -> str:
+    """'vanishing' when every profile has that note, else each note after the labels that have it:
+    'depth 5: healthy; depth 20, depth 40: exploding, diverged'."""
+    by_note: dict[str, list[str]] = {}
+    for p in profiles:
+        by_note.setdefault(p.note, []).append(p.label)
+    if len(by_note) == 1:
+        return next(iter(by_note))
+    return "; ".join(f"{', '.join(labels)}: {n}" for n, labels in by_note.items())
+
+
+def _draw(ax, p: Profile, color, floor: float) -> None:
+    """A profile's first logged step dashed and its last solid (the last only where it is another step)."""
+    for values, style in ((p.first, _INIT), (p.last, _END)):
+        _plot_log(ax, [math.nan if v is None else v for v in values or []], p.label,
+                  dict(color=color, marker=".", markersize=4, zorder=3 if style is _END else 2, **style),
+                  floor=floor, zeros_label=False)
+
+
+def _floor(profiles: list[Profile]) -> float:
+    """One bottom edge, a tenth of the smallest positive value, where every profile's exact zeros sit."""
+    positive = [v for p in profiles for v in (p.first or []) + (p.last or [])
+                if v is not None and math.isfinite(v) and v > 0]
+    return min(positive, default=1e-30) / 10
+
+
+def _style_handles(plt) -> list:
+    return [plt.Line2D([], [], color="gray", label="first logged step (init)", **_INIT),
+            plt.Line2D([], [], color="gray", label="last logged step", **_END),
+            plt.Line2D([], [], color="gray", marker="x", ls="", label="exactly 0 (float32 underflow)")]
 
 
 def _plot_log(ax, values: list[float], label: str, style: dict, floor: float | None = None,

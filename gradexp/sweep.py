@@ -583,20 +583,24 @@ def collect(plan: Plan, configs: dict[str, Config], root: Path, errors: dict[str
         folder, s = attempt(root, p)
         if p.name in errors and s.get("status") != "failed":
             folder, s = None, {}  # it failed before making a run folder: an older attempt does not stand for it
-        final, d = s.get("final") or {}, s.get("diagnosis") or {}
-        status = s.get("status") or ("failed" if p.name in errors else "not run")
-        error = errors.get(p.name) or s.get("error")
         rows.append({
-            "name": p.name, "run": p.run, "overrides": p.overrides, "status": status,
-            **{k: final.get(k) for k in ("loss_train", "acc_train", "loss_eval", "acc_eval")},
-            "ratio_first": d.get("ratio"), "ratio_last": d.get("ratio_last"), "verdict": d.get("verdict"),
-            "steps_done": (s.get("steps") or {}).get("done"), "wall_time_s": s.get("wall_time_s"),
-            "folder": str(folder.relative_to(root)) if folder else None, "error": error,
-            "diagnosis": d.get("message"),
+            "name": p.name, "run": p.run, "overrides": p.overrides,
+            **results(s, "failed" if p.name in errors else "not run"),
+            "folder": str(folder.relative_to(root)) if folder else None, "error": errors.get(p.name) or s.get("error"),
             "_params": flat(configs[p.name]) if p.name in configs else {},
             "_flow": [((s.get("layers") or {}).get(at) or {}).get("act_grad_norm") for at in ("first", "last")],
         })
     return rows
+
+
+def results(summary: dict, status: str = "not run") -> dict:
+    """A run's results as a sweep row has them, from its summary.json ({}: the run has none; `status` then)."""
+    final, d = summary.get("final") or {}, summary.get("diagnosis") or {}
+    return {"status": summary.get("status") or status,
+            **{k: final.get(k) for k in ("loss_train", "acc_train", "loss_eval", "acc_eval")},
+            "ratio_first": d.get("ratio"), "ratio_last": d.get("ratio_last"), "verdict": d.get("verdict"),
+            "steps_done": (summary.get("steps") or {}).get("done"), "wall_time_s": summary.get("wall_time_s"),
+            "diagnosis": d.get("message")}
 
 
 def status_counts(rows: list[dict]) -> dict[str, int]:

@@ -1,0 +1,157 @@
+"""Runs side by side: `gradexp compare A B ...`.
+
+Each path is a run folder (it holds summary.json: `gradexp run`'s, or `gradexp.watch`'s), a sweep folder
+(it holds plan.json: every point, by the run folder that stands for it, as the sweep reads them back), or
+a folder that holds either, at any depth. `find` reads them, in the order given; `figure` overlays their
+gradient flow at the first and the last logged step; `rows` gives the table of their results. Nothing
+here writes into a run or sweep folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError, flatten
+from .report import Profile, compare_flow_figure, note
+from .sweep import _labels, _value_text, attempt, resume_plan, results
+
+
+@dataclass
+class Compared:
+    """One run to compare: its name, folder (None: a sweep point that never made one), summary.json and
+    resolved config as {'model.depth': 20, ...} ({} where the folder has no config.yaml, as a watch's)."""
+    name: str
+    folder: Path | None
+    summary: dict
+    config: dict = field(default_factory=dict)
+    label: str = ""  # set by `find`: the name, and what tells it from the others where the name does not
+
+
+def find(paths: list[Path]) -> list[Compared]:
+    """Every run under `paths`, labelled. ConfigError names each path that is missing or holds no run."""
+    runs, problems = [], []
+    for path in paths:
+        if not path.exists():
+            problems.append(f"{path}: no such file or folder")
+        elif not path.is_dir():
+            problems.append(f"{path}: not a folder; give a run folder, a sweep folder or a folder holding them")
+        else:
+            found = _runs_in(path)
+            if not found:
+                problems.append(f"{path}: no run or sweep in it (a run folder holds summary.json, "
+                                "a sweep folder plan.json)")
+            runs += found
+    if problems:
+        raise ConfigError(problems)
+    _label(runs)
+    return runs
+
+
+def _runs_in(path: Path) -> list[Compared]:
+    """The run itself, a sweep's points, or every run and sweep below `path` (each sweep once, whole)."""
+    if (path / "plan.json").is_file():
+        return _sweep_points(path)
+    if (path / "summary.json").is_file():
+        return [_run(path)]
+    sweeps = sorted(plan.parent for plan in path.rglob("plan.json"))
+    runs = [r for root in sweeps for r in _sweep_points(root)]
+    for found in sorted(path.rglob("summary.json")):
+        folder = found.parent
+        if folder not in sweeps and not any(root in folder.parents for root in sweeps):
+            runs.append(_run(folder))  # a sweep's run folders came with its points
+    return runs
+
+
+def _run(folder: Path) -> Compared:
+    summary = json.loads((folder / "summary.json").read_text())
+    config = folder / "config.yaml"
+    flat = flatten(yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}
+    return Compared(summary.get("name") or folder.name, folder, summary, flat)
+
+
+def _sweep_points(root: Path) -> list[Compared]:
+    """Every point of a sweep, in its order; a point without a run folder keeps the status the sweep's
+    summary.json gave it (failed before it started, or not run)."""
+    saved = root / "summary.json"
+    rows = {r["name"]: r for r in json.loads(saved.read_text())["runs"]} if saved.is_file() else {}
+    points = []
+    for p in resume_plan(root).points:
+        folder, summary = attempt(root, p)
+        if folder is None:
+            row = rows.get(p.name, {})
+            points.append(Compared(p.name, None, {"status": row.get("status", "not run"), "error": row.get("error")}))
+        else:
+            points.append(_run(folder))
+    return points
+
+
+def _label(runs: list[Compared]) -> None:
+    """Each run's label: its name; where several runs share a name, with the config values that differ
+    among those; where few keys (3 at most) differ among all the runs, with those values too; a label
+    still shared gets its run folder's name (the time stamp)."""
+    everywhere = _differing([r.config for r in runs])
+    for r in runs:
+        same = [q for q in runs if q.name == r.name]
+        keys = _differing([q.config for q in same]) if len(same) > 1 else (everywhere if len(everywhere) <= 3 else [])
+        short = _labels(keys)
+        values = ", ".join(f"{short[k]}={_value_text(r.config.get(k))}" for k in keys)
+        r.label = f"{r.name} ({values})" if values else r.name
+    for r in runs:
+        if r.folder is not None and sum(q.label == r.label for q in runs) > 1:
+            r.label = f"{r.label} {r.folder.name}"
+
+
+def _differing(configs: list[dict]) -> list[str]:
+    """The config keys whose values are not the same in all `configs` (the name aside)."""
+    keys = list(dict.fromkeys(k for c in configs for k in c if k != "name"))
+    return [k for k in keys if len({_value_text(c.get(k)) for c in configs}) > 1]
+
+
+def differing(runs: list[Compared]) -> list[str]:
+    """The config keys that differ among the runs (the terminal lists them under the table)."""
+    return _differing([r.config for r in runs if r.config])
+
+
+def rows(runs: list[Compared]) -> list[dict]:
+    """One row per run, as a sweep's results table takes them (the label as its name)."""
+    return [{"name": r.label, **results(r.summary), "error": r.summary.get("error")} for r in runs]
+
+
+def figure(runs: list[Compared], path: Path) -> None:
+    """Their ||dL/dz|| and ||dL/dW|| per layer at the first and the last logged step in one PNG at `path`."""
+    def profile(r: Compared, key: str) -> Profile:
+        layers = r.summary.get("layers") or {}
+        first, last = ((layers.get(at) or {}).get(key) for at in ("first", "last"))
+        return Profile(r.label, first, last, note((r.summary.get("diagnosis") or {}).get("verdict"),
+                                                   r.summary.get("status", "not run")))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compare_flow_figure(path, [profile(r, "act_grad_norm") for r in runs], [profile(r, "grad_norm") for r in runs],
+                        f"{len(runs)} runs compared")
+
+
+def default_figure_path(folder: Path = Path(".")) -> Path:
+    """`compare-<YYYYmmdd-HHMMSS>.png` in `folder`, with -2, -3, ... where that file exists already."""
+    stem = f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = folder / f"{stem}.png", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{n}.png"
+    return path
+
+
+def check_figure_path(path: Path) -> None:
+    """The figure is a new PNG outside every run and sweep folder (it never replaces a run's own figure)."""
+    if path.exists():
+        raise ConfigError(f"--out: '{path}' exists; give a new file name (compare never overwrites)")
+    if path.suffix.lower() != ".png":
+        raise ConfigError(f"--out: '{path}' should end in .png")
+    inside = [d for d in path.resolve().parents if (d / "summary.json").is_file() or (d / "plan.json").is_file()]
+    if inside:
+        raise ConfigError(f"--out: '{path}' is inside the run or sweep folder {inside[0]}; compare never "
+                          "writes into one")
