@@ -17,6 +17,31 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="gradexp: see, measure and explain gradient flow in deep networks.")
 console = Console()
 err_console = Console(stderr=True)
+OVERRIDES_HELP = "key.path=value overrides, e.g. model.depth=10 (every key: gradexp keys)"
+
+
+def print_version(value: bool) -> None:
+    """--version: `gradexp <version>`, the installed package's (else the source tree's), then exit."""
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        from . import __version__
+
+        try:
+            number = version("gradexp")
+        except PackageNotFoundError:  # run from a source tree, not installed
+            number = __version__
+        console.print(f"gradexp {number}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: Annotated[bool, typer.Option("--version", "-V", callback=print_version, is_eager=True,
+                                          help="print gradexp's version and exit")] = False,
+) -> None:
+    # Typer's place for options of the program itself, before any command; the help is the app's.
+    pass
 
 
 def fail(e: ConfigError) -> typer.Exit:
@@ -46,7 +71,7 @@ def load_experiment(config: Path, overrides: list[str] | None):
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="YAML config file, e.g. configs/deep_sigmoid.yaml")],
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides, e.g. model.depth=10")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help=OVERRIDES_HELP)] = None,
     out: Annotated[Path, typer.Option(help="folder that holds the run folders")] = Path("runs"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the run folder and the diagnosis")] = False,
 ) -> None:
@@ -148,7 +173,7 @@ def sweep(
 @app.command()
 def explain(
     config: Annotated[Path, typer.Argument(help="YAML config file, e.g. configs/deep_tanh.yaml")],
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help=OVERRIDES_HELP)] = None,
     plot: Annotated[Optional[Path], typer.Option(help="write the predicted curve to this PNG")] = None,
 ) -> None:
     """Predict the gradient flow at initialisation from mean-field theory, without training."""
@@ -165,6 +190,24 @@ def explain(
         console.print(f"written: {plot}")
     elif plot is not None:
         console.print(f"no plot written to {plot}: there is no prediction for this network")
+
+
+@app.command()
+def keys(
+    prefix: Annotated[Optional[str], typer.Argument(help="only the keys of this section or key, e.g. model")] = None,
+    markdown: Annotated[bool, typer.Option(help="print a Markdown table (the README's)")] = False,
+) -> None:
+    """List every config key: what it allows, its default and what it means, read from the schema itself."""
+    from .config import key_docs, keys_markdown, keys_table
+
+    try:
+        docs = key_docs(prefix or "")
+    except ConfigError as e:
+        raise fail(e)
+    if markdown:
+        print(keys_markdown(docs), end="")
+    else:
+        console.print(keys_table(docs))
 
 
 def main() -> None:
