@@ -121,6 +121,8 @@ def sweep(
     sweep_file: Annotated[Optional[Path], typer.Argument(
         metavar="[SWEEP_OR_CONFIG]", help="sweep file, or a plain config as the base",
         show_default="configs/sweep.yaml")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(
+        help=f"{OVERRIDES_HELP}: set in the base of every point; a key the grid, runs or seeds set is refused")] = None,
     grid: Annotated[Optional[list[str]], typer.Option(
         help="key.path=v1,v2,...: values to cross with the others (repeat for more keys)")] = None,
     seeds: Annotated[Optional[str], typer.Option(help="repeat every point with these seeds, e.g. 0,1,2")] = None,
@@ -143,9 +145,11 @@ def sweep(
     from .report import sweep_progress_bar
 
     try:
-        if resume is not None and (sweep_file is not None or grid or seeds is not None):
-            raise ConfigError("--resume: runs the plan saved in that folder; give no sweep file, --grid or --seeds")
-        plan = sweeps.resume_plan(resume) if resume is not None else sweeps.load_plan(sweep_file, grid or [], seeds)
+        if resume is not None and (sweep_file is not None or overrides or grid or seeds is not None):
+            raise ConfigError("--resume: runs the plan saved in that folder; give no sweep file, overrides, "
+                              "--grid or --seeds")
+        plan = sweeps.resume_plan(resume) if resume is not None else \
+            sweeps.load_plan(sweep_file, grid or [], seeds, overrides or [])
         job = sweeps.prepare(plan, out, resume, executor.value, workers, address, cpus_per_run, gpus_per_run)
     except ConfigError as e:
         raise fail(e)

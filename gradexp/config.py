@@ -272,9 +272,10 @@ def _unknown_key(path: tuple[str, ...]) -> str:
     return msg + f"; known keys here: {', '.join(known)}"
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Set each `key.path=value` in a nested dict (value parsed as a YAML scalar)."""
-    problems = []
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`key.path=value` items -> {'key.path': value} in order (values parsed as YAML scalars; a repeated
+    key: the last wins). Raises ConfigError naming every malformed item."""
+    parsed, problems = {}, []
     for item in overrides:
         if "=" not in item:
             problems.append(f"override '{item}': expected key.path=value, e.g. model.depth=10")
@@ -283,9 +284,16 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if not all(key.strip().split(".")):
             problems.append(f"override '{item}': empty key")
             continue
-        set_key(raw, key.strip(), yaml_scalar(value))
+        parsed[key.strip()] = yaml_scalar(value)
     if problems:
         raise ConfigError(problems)
+    return parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set each `key.path=value` in a nested dict (value parsed as a YAML scalar)."""
+    for key, value in parse_overrides(overrides).items():
+        set_key(raw, key, value)
     return raw
 
 
