@@ -17,6 +17,31 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="gradexp: see, measure and explain gradient flow in deep networks.")
 console = Console()
 err_console = Console(stderr=True)
+OVERRIDES_HELP = "key.path=value overrides, e.g. model.depth=10 (every key: gradexp keys)"
+
+
+def print_version(value: bool) -> None:
+    """--version: `gradexp <version>`, the installed package's (else the source tree's), then exit."""
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        from . import __version__
+
+        try:
+            number = version("gradexp")
+        except PackageNotFoundError:  # run from a source tree, not installed
+            number = __version__
+        console.print(f"gradexp {number}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: Annotated[bool, typer.Option("--version", "-V", callback=print_version, is_eager=True,
+                                          help="print gradexp's version and exit")] = False,
+) -> None:
+    # Typer's place for options of the program itself, before any command; the help is the app's.
+    pass
 
 
 def fail(e: ConfigError) -> typer.Exit:
@@ -52,7 +77,7 @@ def load_experiment(config: Path, overrides: list[str] | None):
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="YAML config file, e.g. configs/deep_sigmoid.yaml")],
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides, e.g. model.depth=10")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help=OVERRIDES_HELP)] = None,
     out: Annotated[Path, typer.Option(help="folder that holds the run folders")] = Path("runs"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the run folder and the diagnosis")] = False,
 ) -> None:
@@ -102,6 +127,8 @@ def sweep(
     sweep_file: Annotated[Optional[Path], typer.Argument(
         metavar="[SWEEP_OR_CONFIG]", help="sweep file, or a plain config as the base",
         show_default="configs/sweep.yaml")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(
+        help=f"{OVERRIDES_HELP}: set in the base of every point; a key the grid, runs or seeds set is refused")] = None,
     grid: Annotated[Optional[list[str]], typer.Option(
         help="key.path=v1,v2,...: values to cross with the others (repeat for more keys)")] = None,
     seeds: Annotated[Optional[str], typer.Option(help="repeat every point with these seeds, e.g. 0,1,2")] = None,
@@ -124,9 +151,11 @@ def sweep(
     from .report import sweep_progress_bar
 
     try:
-        if resume is not None and (sweep_file is not None or grid or seeds is not None):
-            raise ConfigError("--resume: runs the plan saved in that folder; give no sweep file, --grid or --seeds")
-        plan = sweeps.resume_plan(resume) if resume is not None else sweeps.load_plan(sweep_file, grid or [], seeds)
+        if resume is not None and (sweep_file is not None or overrides or grid or seeds is not None):
+            raise ConfigError("--resume: runs the plan saved in that folder; give no sweep file, overrides, "
+                              "--grid or --seeds")
+        plan = sweeps.resume_plan(resume) if resume is not None else \
+            sweeps.load_plan(sweep_file, grid or [], seeds, overrides or [])
         job = sweeps.prepare(plan, out, resume, executor.value, workers, address, cpus_per_run, gpus_per_run)
     except ConfigError as e:
         raise fail(e)
@@ -181,7 +210,7 @@ def compare(
 @app.command()
 def explain(
     config: Annotated[Path, typer.Argument(help="YAML config file, e.g. configs/deep_tanh.yaml")],
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help=OVERRIDES_HELP)] = None,
     plot: Annotated[Optional[Path], typer.Option(help="write the predicted curve to this PNG")] = None,
 ) -> None:
     """Predict the gradient flow at initialisation from mean-field theory, without training."""
@@ -198,6 +227,24 @@ def explain(
         console.print(f"written: {plot}")
     elif plot is not None:
         console.print(f"no plot written to {plot}: there is no prediction for this network")
+
+
+@app.command()
+def keys(
+    prefix: Annotated[Optional[str], typer.Argument(help="only the keys of this section or key, e.g. model")] = None,
+    markdown: Annotated[bool, typer.Option(help="print a Markdown table (the README's)")] = False,
+) -> None:
+    """List every config key: what it allows, its default and what it means, read from the schema itself."""
+    from .config import key_docs, keys_markdown, keys_table
+
+    try:
+        docs = key_docs(prefix or "")
+    except ConfigError as e:
+        raise fail(e)
+    if markdown:
+        print(keys_markdown(docs), end="")
+    else:
+        console.print(keys_table(docs))
 
 
 def main() -> None:

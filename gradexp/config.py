@@ -8,12 +8,17 @@ applies `key.path=value` overrides (values parsed as YAML scalars), validates th
 from __future__ import annotations
 
 import difflib
+import json
 import re
+import types
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
+import annotated_types
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 ACTIVATION_NAMES = ("sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "selu", "softsign", "identity")
 NORM_NAMES = ("none", "batchnorm", "layernorm")
@@ -48,17 +53,28 @@ class _Section(BaseModel):
         return data
 
 
+# Every field has a description: `gradexp keys` and the README's table of keys are made from them.
+
 class DataConfig(_Section):
-    name: Literal[DATASET_NAMES] = "digits"  # type: ignore[valid-type]
-    batch_size: int = Field(128, ge=1)
-    n_train: int | None = Field(None, ge=1, description="training examples (None: the dataset's own split)")
-    n_eval: int | None = Field(None, ge=1, description="held-out examples (None: the dataset's own split)")
-    dim: int = Field(64, ge=1, description="gaussian: input size")
+    name: Literal[DATASET_NAMES] = Field(  # type: ignore[valid-type]
+        "digits", description="`digits`: scikit-learn's 8x8 digits, 1797 images, offline (read from scikit-learn's "
+        "file without importing it, ~0.9 s saved a run); `gaussian`, `spirals`: synthetic; `mnist`, "
+        "`fashion_mnist`, `cifar10`: read from their files under `data.root`")
+    batch_size: int = Field(128, ge=1, description="examples per optimizer step")
+    n_train: int | None = Field(None, ge=1, description="training examples (null: the dataset's own split; "
+                                                         "digits: 80% of it, gaussian and spirals: 2048)")
+    n_eval: int | None = Field(None, ge=1, description="held-out examples (null: the dataset's own split; "
+                                                        "digits: 20% of it, gaussian and spirals: 512)")
+    dim: int = Field(64, ge=1, description="gaussian: input size (standard-normal inputs)")
     classes: int = Field(10, ge=2, description="gaussian, spirals: number of classes")
-    labels: Literal["teacher", "random"] = "teacher"
+    labels: Literal["teacher", "random"] = Field(
+        "teacher", description="gaussian: `teacher`, a random one-hidden-layer tanh net labels the points; "
+                               "`random`: labels drawn at random")
     noise: float = Field(0.2, ge=0, description="spirals: std of the added noise")
-    root: str = Field("data", description="mnist, fashion_mnist, cifar10: folder holding the files")
-    download: bool = False
+    root: str = Field("data", description="mnist, fashion_mnist, cifar10: the folder holding their files "
+                                          "(see the README's Datasets)")
+    download: bool = Field(False, description="mnist, fashion_mnist, cifar10: download missing files into "
+                                              "`data.root` (never unless true)")
 
 
 _TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -66,18 +82,29 @@ BUILT_IN_KEYS = ("depth", "width", "activation", "norm", "residual", "init", "in
 
 
 class ModelConfig(_Section):
-    kind: Literal["mlp", "cnn", "custom"] = "mlp"
+    kind: Literal["mlp", "cnn", "custom"] = Field(
+        "mlp", description="`mlp`: fully connected, `cnn`: conv blocks, `custom`: your own module, built by "
+                       "`model.target`")
     depth: int = Field(20, ge=1, le=1000, description="hidden layers (mlp) or conv blocks (cnn)")
     width: int = Field(64, ge=1, description="units (mlp) or channels (cnn)")
-    activation: Literal[ACTIVATION_NAMES] = "sigmoid"  # type: ignore[valid-type]
-    norm: Literal[NORM_NAMES] = "none"  # type: ignore[valid-type]
-    residual: bool = False
-    init: Literal[INIT_NAMES] = "default"  # type: ignore[valid-type]
-    init_gain: float = Field(1.0, gt=0)
-    bias_init: Literal["default", "zero"] = "default"
-    target: str | None = Field(None, description="custom: 'package.module:factory', called as "
-                                                 "factory(in_shape, classes, **kwargs); this runs that code")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="custom: keyword arguments of the factory")
+    activation: Literal[ACTIVATION_NAMES] = Field(  # type: ignore[valid-type]
+        "sigmoid", description="the hidden layers' nonlinearity; `leaky_relu` has slope 0.01")
+    norm: Literal[NORM_NAMES] = Field(  # type: ignore[valid-type]
+        "none", description="normalisation before each activation; `layernorm` is GroupNorm with one group "
+                            "in conv blocks")
+    residual: bool = Field(False, description="identity skip around each hidden block; a bias-free linear / 1x1 "
+                                              "conv projection only where the shapes differ")
+    init: Literal[INIT_NAMES] = Field(  # type: ignore[valid-type]
+        "default", description="weight init: `default` is PyTorch's own; `kaiming_*` (He) use the ReLU gain, "
+                               "the leaky-ReLU gain for leaky_relu")
+    init_gain: float = Field(1.0, gt=0, description="multiplies the scheme's weights (so their std); for `normal` "
+                                                    "the std is init_gain / sqrt(fan_in)")
+    bias_init: Literal["default", "zero"] = Field(
+        "default", description="`default` is PyTorch's own; `zero` sets the biases to 0")
+    target: str | None = Field(None, description="custom: `package.module:factory`, called as "
+                                                 "`factory(in_shape, classes, **kwargs)`; this runs that code. The "
+                                                 "keys depth to bias_init are refused beside it")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="custom: the factory's keyword arguments")
 
     @model_validator(mode="after")
     def _custom_needs_a_target(self) -> "ModelConfig":
@@ -96,54 +123,71 @@ class ModelConfig(_Section):
 
 
 class OptimConfig(_Section):
-    name: Literal[OPTIMIZER_NAMES] = "sgd"  # type: ignore[valid-type]
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1, description="used by `momentum` only")
-    weight_decay: float = Field(0.0, ge=0, description="L2 penalty (decoupled for adamw)")
-    l1: float = Field(0.0, ge=0, description="L1 penalty on the weights, added to the loss")
+    name: Literal[OPTIMIZER_NAMES] = Field(  # type: ignore[valid-type]
+        "sgd", description="the optimizer; `momentum` is SGD with momentum")
+    lr: float = Field(0.1, gt=0, description="learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="for `momentum` only")
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty (decoupled for `adamw`)")
+    l1: float = Field(0.0, ge=0, description="L1 penalty on the weights (not biases), added to the loss")
 
 
 class ClipConfig(_Section):
-    mode: Literal["none", "norm", "value"] = "none"
-    max: float = Field(1.0, gt=0)
+    mode: Literal["none", "norm", "value"] = Field(
+        "none", description="gradient clipping: `norm` rescales all gradients to total norm `clip.max` when above "
+                            "it, `value` clamps each to ±`clip.max`")
+    max: float = Field(1.0, gt=0, description="the clipping threshold")
 
 
 class TrainConfig(_Section):
     steps: int = Field(300, ge=1, description="optimizer steps")
-    eval_every: int = Field(100, ge=0)
-    log_every: int = Field(10, ge=0, description="gradient and activation probes every N steps; 0 turns them off")
-    weight_every: int = Field(100, ge=0, description="weight probes (weight_norm, update_ratio, dist_from_init) every "
-                                                     "N steps: they copy the weights, the costliest probes; 0: off")
-    hist_every: int = Field(100, ge=0, description="histograms every N steps; 0 turns them off")
-    flush_denormal: bool = Field(True, description="CPU: flush float32 denormals to 0 (they are many times slower)")
-    threads: int | None = Field(None, ge=1, description="CPU threads torch uses for this run (None: as the "
-                                                        "process has it); small nets train faster on 1")
+    eval_every: int = Field(100, ge=0, description="held-out loss and accuracy every N steps (0: off)")
+    log_every: int = Field(10, ge=0, description="gradient and activation probes every N steps (0: off)")
+    weight_every: int = Field(100, ge=0, description="weight probes (`weight_norm`, `update_ratio`, `dist_from_init`) "
+                                                     "every N steps (0: off); they copy the weights (before the step, "
+                                                     "and at init) and make ~11 passes over weight-sized buffers: the "
+                                                     "costliest probes on a CPU")
+    hist_every: int = Field(100, ge=0, description="histograms every N steps (0: off)")
+    flush_denormal: bool = Field(True, description="on the CPU, flush float32 denormals (below ~1.2e-38) to 0: they "
+                                                   "make x86 arithmetic many times slower")
+    threads: int | None = Field(None, ge=1, description="CPU threads torch uses for this run (null: as the process "
+                                                        "has it: torch's default, one per core, or a sweep worker's "
+                                                        "share); small nets on a busy machine may train faster on 1")
 
 
 class PretrainConfig(_Section):
     """Greedy layer-wise pre-training (Bengio et al. 2007): each hidden layer an autoencoder."""
-    enabled: bool = False
-    method: Literal["autoencoder", "denoising"] = "autoencoder"
-    noise: float = Field(0.3, ge=0, lt=1, description="denoising: fraction of input entries set to 0")
+    enabled: bool = Field(False, description="greedy layer-wise pre-training before training (mlp only)")
+    method: Literal["autoencoder", "denoising"] = Field(
+        "autoencoder", description="each hidden layer an autoencoder of its input; `denoising` zeroes a fraction "
+                                   "`pretrain.noise` of that input first")
+    noise: float = Field(0.3, ge=0, lt=1, description="denoising: fraction of each layer's input entries set to 0")
     steps: int = Field(300, ge=1, description="optimizer steps per hidden layer")
-    optim: Literal[OPTIMIZER_NAMES] = "adam"  # type: ignore[valid-type]
-    lr: float = Field(1e-3, gt=0)
-    batch_size: int | None = Field(None, ge=1, description="None: data.batch_size")
+    optim: Literal[OPTIMIZER_NAMES] = Field(  # type: ignore[valid-type]
+        "adam", description="the pre-training optimizer (weak plain-SGD pre-training is known to do nothing)")
+    lr: float = Field(1e-3, gt=0, description="the pre-training learning rate")
+    batch_size: int | None = Field(None, ge=1, description="pre-training batch size (null: `data.batch_size`)")
 
 
 class DiagnosisConfig(_Section):
-    vanishing_below: float = Field(1e-2, gt=0, lt=1, description="first/last gradient ratio under this: vanishing")
-    exploding_above: float = Field(1e2, gt=1, description="first/last gradient ratio over this: exploding")
+    vanishing_below: float = Field(1e-2, gt=0, lt=1, description="first/last gradient ratio below this: vanishing")
+    exploding_above: float = Field(1e2, gt=1, description="first/last gradient ratio above this: exploding")
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# What a validator allows, said once: in its error message and in `gradexp keys` (a field's "allowed").
+NAME_RULE = "1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+DEVICE_RULE = "auto, cpu, cuda or cuda:N"
 
 
 class Config(_Section):
-    name: str = "experiment"
-    seed: int = 0
-    device: str = "auto"
-    precision: Literal["float32", "float64"] = "float32"
+    name: str = Field("experiment", description="run name: the folder under `--out`",
+                      json_schema_extra={"allowed": NAME_RULE})
+    seed: int = Field(0, description="seeds the init, the data split and synthetic data, and batch order")
+    device: str = Field("auto", description="`auto`: CUDA when present, else the CPU",
+                        json_schema_extra={"allowed": DEVICE_RULE})
+    precision: Literal["float32", "float64"] = Field(
+        "float32", description="float64 measures gradients that float32 rounds to exactly 0 (a 60-layer sigmoid "
+                               "net's first layers), at several times the cost")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
@@ -164,14 +208,14 @@ class Config(_Section):
     def _safe_name(cls, v: str) -> str:
         # The name becomes a folder under --out: it must not be able to escape it.
         if not _NAME.match(v) or len(v) > 100:
-            raise ValueError("must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
+            raise ValueError(f"must be {NAME_RULE}")
         return v
 
     @field_validator("device")
     @classmethod
     def _device_syntax(cls, v: str) -> str:
         if not re.match(r"^(auto|cpu|cuda|cuda:\d+)$", v):
-            raise ValueError("must be auto, cpu, cuda or cuda:N")
+            raise ValueError(f"must be {DEVICE_RULE}")
         return v
 
 
@@ -228,9 +272,10 @@ def _unknown_key(path: tuple[str, ...]) -> str:
     return msg + f"; known keys here: {', '.join(known)}"
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Set each `key.path=value` in a nested dict (value parsed as a YAML scalar)."""
-    problems = []
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`key.path=value` items -> {'key.path': value} in order (values parsed as YAML scalars; a repeated
+    key: the last wins). Raises ConfigError naming every malformed item."""
+    parsed, problems = {}, []
     for item in overrides:
         if "=" not in item:
             problems.append(f"override '{item}': expected key.path=value, e.g. model.depth=10")
@@ -239,9 +284,16 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if not all(key.strip().split(".")):
             problems.append(f"override '{item}': empty key")
             continue
-        set_key(raw, key.strip(), yaml_scalar(value))
+        parsed[key.strip()] = yaml_scalar(value)
     if problems:
         raise ConfigError(problems)
+    return parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set each `key.path=value` in a nested dict (value parsed as a YAML scalar)."""
+    for key, value in parse_overrides(overrides).items():
+        set_key(raw, key, value)
     return raw
 
 
@@ -304,3 +356,101 @@ def to_yaml(cfg: Config) -> str:
 def flat(cfg: Config) -> dict[str, Any]:
     """The config as {'model.depth': 20, ...} (for HParams and sweep tables)."""
     return flatten(cfg.model_dump())
+
+
+# ----------------------------------------------------------------------------------- the keys, described
+
+@dataclass
+class KeyDoc:
+    """One leaf key of the schema as `gradexp keys` and the README show it."""
+    key: str  # dotted path, e.g. 'model.depth'
+    allowed: str  # e.g. 'integer in [1, 1000]', or the choices of a Literal
+    default: str  # as YAML writes it: 20, null, true, sigmoid
+    meaning: str  # the field's description
+
+
+def _bounds(field: FieldInfo) -> str:
+    """'>= 1', '> 0', 'in [1, 1000]', 'in [0, 1)' from the field's ge/gt/le/lt constraints."""
+    low = next(((c.ge, "[") if isinstance(c, annotated_types.Ge) else (c.gt, "(") for c in field.metadata
+                 if isinstance(c, (annotated_types.Ge, annotated_types.Gt))), None)
+    high = next(((c.le, "]") if isinstance(c, annotated_types.Le) else (c.lt, ")") for c in field.metadata
+                  if isinstance(c, (annotated_types.Le, annotated_types.Lt))), None)
+    if low and high:
+        return f" in {low[1]}{low[0]:g}, {high[0]:g}{high[1]}"
+    if low:
+        return f" {'>=' if low[1] == '[' else '>'} {low[0]:g}"
+    if high:
+        return f" {'<=' if high[1] == ']' else '<'} {high[0]:g}"
+    return ""
+
+
+_TYPE_WORDS = {bool: "true, false", int: "integer", float: "number", str: "text", dict: "mapping"}
+
+
+def _allowed(field: FieldInfo) -> str:
+    """What a field accepts, from its annotation and constraints (or the rule its validator enforces)."""
+    extra = field.json_schema_extra
+    if isinstance(extra, dict) and "allowed" in extra:
+        return str(extra["allowed"])
+    t = field.annotation
+    optional = get_origin(t) is types.UnionType and type(None) in get_args(t)  # `int | None`
+    if optional:
+        (t,) = [a for a in get_args(t) if a is not type(None)]
+    if get_origin(t) is Literal:
+        words = ", ".join(map(str, get_args(t)))
+    else:
+        words = _TYPE_WORDS[get_origin(t) or t] + (_bounds(field) if t in (int, float) else "")
+    return words + (" or null" if optional else "")
+
+
+def yaml_text(value: Any) -> str:
+    """A value as it is written in a config file: 20, 0.001, true, null, {}, sigmoid."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def key_docs(prefix: str = "") -> list[KeyDoc]:
+    """Every leaf key of the schema, in schema order: its allowed values, default and meaning; only the
+    keys at or under `prefix` ('model', 'train.steps') when given. Raises ConfigError for a prefix that
+    is no key or section."""
+    docs: list[KeyDoc] = []
+
+    def walk(model: type[BaseModel], path: str) -> None:
+        for name, field in model.model_fields.items():
+            key = f"{path}{name}"
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                walk(field.annotation, key + ".")
+                continue
+            default = field.default_factory() if field.default_factory is not None else field.default
+            docs.append(KeyDoc(key, _allowed(field), yaml_text(default), field.description or ""))
+
+    walk(Config, "")
+    if not prefix:
+        return docs
+    picked = [d for d in docs if d.key == prefix or d.key.startswith(prefix + ".")]
+    if not picked:
+        raise ConfigError(_unknown_key(tuple(prefix.split("."))))
+    return picked
+
+
+def keys_markdown(docs: list[KeyDoc]) -> str:
+    """The keys as a Markdown table (the README's)."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    rows = [f"| `{d.key}` | {cell(d.allowed)} | `{d.default}` | {cell(d.meaning)} |" for d in docs]
+    return "\n".join(["| key | allowed | default | meaning |", "|---|---|---|---|", *rows]) + "\n"
+
+
+def keys_table(docs: list[KeyDoc]):
+    """The keys as a rich table for the terminal."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+    table.add_column("key", no_wrap=True, style="bold")
+    table.add_column("allowed", max_width=24)
+    table.add_column("default", no_wrap=True)
+    table.add_column("meaning")
+    for d in docs:
+        table.add_row(d.key, d.allowed, d.default, d.meaning)
+    return table

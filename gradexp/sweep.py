@@ -33,7 +33,8 @@ from typing import Any, Callable
 import yaml
 
 from . import __version__
-from .config import Config, ConfigError, flat, flatten, load_config, read_yaml, set_key, validate, yaml_scalar
+from .config import (Config, ConfigError, flat, flatten, load_config, parse_overrides, read_yaml, set_key, validate,
+                     yaml_scalar)
 from .rundir import new_run_dir, write_atomic, write_json
 
 DEFAULT_SWEEP = Path("configs/sweep.yaml")
@@ -54,9 +55,10 @@ class Point:
 class Plan:
     """A sweep expanded: the base config (a nested dict) and every point, in order."""
     name: str
-    base: dict
+    base: dict  # with the command line's overrides in it
     points: list[Point]
     spec: dict = field(default_factory=dict)  # grid, runs, seeds as given (saved as sweep.yaml)
+    overrides: dict = field(default_factory=dict)  # the command line's key=value, for the record (plan.json)
 
 
 # ------------------------------------------------------------------------------------------ the plan
@@ -99,22 +101,32 @@ def _unique(names: list[str], overrides: list[dict]) -> list[str]:
 
 
 def expand(name: str, base: dict, grid: dict[str, list] | None = None, runs: dict[str, dict] | None = None,
-           seeds: list[int] | None = None) -> Plan:
+           seeds: list[int] | None = None, overrides: dict[str, Any] | None = None) -> Plan:
     """Cross runs x grid x seeds into points (that order: a run's points sit together).
 
+    `overrides` (the command line's key=value) are set in the base: they win over it, for every point.
     A point's overrides are its run's, its grid values and its seed; a key set in two of these places
-    is refused (ConfigError), since a point could take it from only one. Its name is made of what
-    varies: the run's name, `<key>-<value>` for each grid key with several values, `seed-<n>` when
-    there are several seeds; `_` between parts, e.g. `relu_depth-20`.
+    (or in one of them and on the command line) is refused (ConfigError), since a point could take it
+    from only one. Its name is made of what varies: the run's name, `<key>-<value>` for each grid key
+    with several values, `seed-<n>` when there are several seeds; `_` between parts, e.g. `relu_depth-20`.
     """
-    grid, runs = dict(grid or {}), dict(runs or {})
+    grid, runs, overrides = dict(grid or {}), dict(runs or {}), dict(overrides or {})
     clashes = {k: [r for r, ov in runs.items() if k in (ov or {})] for k in [*grid, *(["seed"] if seeds else [])]}
     problems = [f"{k}: set by {'the grid' if k in grid else 'seeds'} and by runs {', '.join(names)}; "
                 "a point can take it from one place only" for k, names in clashes.items() if names]
     if seeds and "seed" in grid:
         problems.append("seed: set by the grid and by seeds; a point can take it from one place only")
+    for k in overrides:
+        where = (["the grid"] if k in grid else []) + (["seeds"] if k == "seed" and seeds else []) + \
+            [f"run {r}" for r, ov in runs.items() if k in (ov or {})]
+        if where:
+            problems.append(f"{k}: set on the command line and by {', '.join(where)}; a point can take it from "
+                            "one place only")
     if problems:
         raise ConfigError(problems)
+    base = copy.deepcopy(base)
+    for key, value in overrides.items():
+        set_key(base, key, value)
     varying = [k for k, values in grid.items() if len(values) > 1]
     labels = _labels(varying)
     named_runs = list(runs.items()) or [(None, {})]
@@ -135,7 +147,7 @@ def expand(name: str, base: dict, grid: dict[str, list] | None = None, runs: dic
     for p, n in zip(points, _unique(names, [p.overrides for p in points])):
         p.name = n
     spec = {"grid": grid, "runs": runs, "seeds": list(seeds) if seeds else None}
-    return Plan(_safe(name), base, points, {k: v for k, v in spec.items() if v})
+    return Plan(_safe(name), base, points, {k: v for k, v in spec.items() if v}, overrides)
 
 
 def _parse_grid_option(item: str) -> tuple[str, list]:
@@ -153,9 +165,16 @@ def _parse_seeds(text: str) -> list[int]:
         raise ConfigError(f"--seeds '{text}': expected integers separated by commas, e.g. 0,1,2") from None
 
 
-def load_plan(path: str | Path | None = None, grid: list[str] = (), seeds: str | None = None) -> Plan:
+def load_plan(path: str | Path | None = None, grid: list[str] = (), seeds: str | None = None,
+              overrides: list[str] = ()) -> Plan:
     """Read a sweep file, or a plain config (no base/grid/runs/seeds keys: it is the base), add the
-    command line's `--grid key=v1,v2` and `--seeds`, and expand. Raises ConfigError, listing every problem."""
+    command line's `--grid key=v1,v2` and `--seeds`, set its `key=value` overrides in the base, and
+    expand. Raises ConfigError, listing every problem.
+
+    A `path` that is no file but reads `key=value` is the first override (`gradexp sweep model.depth=5`
+    runs the default sweep with it)."""
+    if path is not None and "=" in str(path) and not Path(path).exists():
+        path, overrides = None, [str(path), *overrides]
     path = Path(path) if path is not None else DEFAULT_SWEEP
     if not path.is_file() and path == DEFAULT_SWEEP:
         raise ConfigError(f"no sweep given and {DEFAULT_SWEEP} is not here; run from the gradexp folder or "
@@ -208,12 +227,17 @@ def load_plan(path: str | Path | None = None, grid: list[str] = (), seeds: str |
             seed_list = _parse_seeds(seeds)
         except ConfigError as e:
             problems += e.problems
+    try:
+        command_line = parse_overrides(list(overrides))
+    except ConfigError as e:
+        problems += e.problems
+        command_line = {}
     for key, values in grid_spec.items():
         if not isinstance(values, list) or not values:
             problems.append(f"grid.{key}: expected a non-empty list of values, e.g. [5, 20] (got {values!r})")
     if problems:
         raise ConfigError(problems)
-    return expand(str(name), copy.deepcopy(base), grid_spec, runs, seed_list)
+    return expand(str(name), base, grid_spec, runs, seed_list, command_line)
 
 
 def _unknown_sweep_key(path: Path, key: str) -> str:
@@ -273,7 +297,8 @@ def check_file(path: str | Path) -> None:
 def save_plan(plan: Plan, root: Path) -> None:
     """plan.json (the points, what --resume reads) and sweep.yaml (the sweep, runnable again as is)."""
     write_json(root / "plan.json", {"name": plan.name, "gradexp": __version__, "base": plan.base,
-                                    "spec": plan.spec, "points": [asdict(p) for p in plan.points]})
+                                    "spec": plan.spec, "overrides": plan.overrides,
+                                    "points": [asdict(p) for p in plan.points]})
     write_atomic(root / "sweep.yaml", yaml.safe_dump({"name": plan.name, "base": plan.base, **plan.spec},
                                                      sort_keys=False))
 
@@ -285,7 +310,8 @@ def resume_plan(folder: str | Path) -> Plan:
         raise ConfigError(f"--resume {folder}: no plan.json there; expected a sweep folder "
                           "(<out>/<sweep name>/<stamp>/)")
     saved = json.loads(path.read_text())
-    return Plan(saved["name"], saved["base"], [Point(**p) for p in saved["points"]], saved.get("spec", {}))
+    return Plan(saved["name"], saved["base"], [Point(**p) for p in saved["points"]], saved.get("spec", {}),
+                saved.get("overrides", {}))
 
 
 # -------------------------------------------------------------------------------------------- a worker

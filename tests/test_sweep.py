@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -309,3 +310,70 @@ def test_ray_executor_on_a_local_instance(cli, tmp_path):
         assert summary_of(folder)["name"] == name
     assert (root / "summary.csv").exists() and (root / "gradient_flow.png").exists()
     assert cli("sweep", CONFIGS / "deep_relu.yaml", "--executor", "ray", "--workers", "2").exit_code == 2
+
+
+# ------------------------------------------------------------------------ overrides on the command line
+
+def test_overrides_set_the_base_of_every_point_and_a_key_set_elsewhere_too_is_refused(monkeypatch):
+    plan = sweeps.load_plan(CONFIGS / "deep_sigmoid.yaml", ["model.depth=3,4"],
+                            overrides=["model.width=8", "optim.lr=0.001"])
+    assert plan.overrides == {"model.width": 8, "optim.lr": 0.001}
+    configs = sweeps.check(plan)
+    assert [(c.model.depth, c.model.width, c.optim.lr, c.model.activation) for c in configs.values()] == \
+        [(3, 8, 0.001, "sigmoid"), (4, 8, 0.001, "sigmoid")]  # the override wins over the file, the rest stays
+    with pytest.raises(ConfigError) as e:
+        sweeps.load_plan(CONFIGS / "deep_sigmoid.yaml", ["model.depth=3,4"], "0,1", ["model.depth=5", "seed=3"])
+    assert "model.depth: set on the command line and by the grid" in str(e.value)
+    assert "seed: set on the command line and by seeds" in str(e.value)
+    with pytest.raises(ConfigError, match="optim.lr: set on the command line and by run a;"):
+        sweeps.expand("s", {}, runs={"a": {"optim.lr": 0.5}, "b": {}}, overrides={"optim.lr": 0.2})
+    # an override where the sweep file would be: the default sweep, with it
+    monkeypatch.chdir(CONFIGS.parent)
+    plan = sweeps.load_plan("train.steps=50")
+    assert plan.name == "article" and plan.base["train"]["steps"] == 50 and len(plan.points) == 27
+
+
+@pytest.mark.parametrize("override", ["model.widht=8", "model.width=0", "optim.lr=fast"])
+def test_a_bad_sweep_override_is_refused_as_run_refuses_it(cli, tmp_path, override):
+    result = cli("sweep", CONFIGS / "deep_relu.yaml", override, "--grid", "model.depth=2,3", "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    run = cli("run", CONFIGS / "deep_relu.yaml", override, "--out", tmp_path / "out")
+    problems = [line.strip() for line in run.output.splitlines() if line.startswith("  - ")]
+    assert problems and all(f"{p} (at every point)" in result.output for p in problems), (problems, result.output)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("override, must_say", [
+    ("model.depth=5", "model.depth: set on the command line and by the grid"),
+    ("model.width", "override 'model.width': expected key.path=value"),
+])
+def test_an_override_of_a_grid_key_or_a_malformed_one_is_refused(cli, tmp_path, override, must_say):
+    result = cli("sweep", CONFIGS / "deep_relu.yaml", override, "--grid", "model.depth=2,3", "--out", tmp_path / "out")
+    assert result.exit_code == 2 and must_say in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_overrides_reach_every_run_and_resume_keeps_them(cli, tmp_path):
+    result = cli("sweep", CONFIGS / "deep_relu.yaml", *TINY, "model.width=8", "--grid", "model.depth=2,3",
+                 "--workers", "2", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    root = sweep_folder(tmp_path)
+
+    def saved_config(point: str) -> dict:
+        (folder,) = attempts(root, point)
+        return yaml.safe_load((folder / "config.yaml").read_text())
+
+    for point, depth in (("depth-2", 2), ("depth-3", 3)):
+        cfg = saved_config(point)
+        assert (cfg["model"]["depth"], cfg["model"]["width"], cfg["train"]["steps"]) == (depth, 8, 12)
+    saved = json.loads((root / "plan.json").read_text())
+    assert saved["overrides"]["model.width"] == 8 and saved["base"]["model"]["width"] == 8
+    # --resume runs the saved plan: a point whose run is gone runs again with the overrides; it takes none itself
+    result = cli("sweep", "--resume", root, "model.width=4")
+    assert result.exit_code == 2 and "give no sweep file, overrides" in result.output
+    shutil.rmtree(root / "depth-3")
+    result = cli("sweep", "--resume", root, "--workers", "1")
+    assert result.exit_code == 0, result.output
+    assert "1 of 2 runs to do" in result.output
+    cfg = saved_config("depth-3")
+    assert (cfg["model"]["depth"], cfg["model"]["width"], cfg["train"]["steps"]) == (3, 8, 12)
