@@ -7,17 +7,18 @@ import re
 
 from conftest import ROOT
 from gradexp.config import key_docs, keys_markdown
+from gradexp.board import CHART_ORDER, probe_section
 from gradexp.stats import STATS
 
 
 def test_the_statistics_table_lists_every_statistic_and_nothing_else():
     readme = (ROOT / "README.md").read_text()
     table = readme.split("<!-- stats-table:start -->")[1].split("<!-- stats-table:end -->")[0]
-    listed = set(re.findall(r"`(\w+)/<layer>`", table))
-    assert listed == set(STATS)
-    for name, stat in STATS.items():  # each row says when it is measured, by its group
-        row = next(line for line in table.splitlines() if f"`{name}/<layer>`" in line)
-        assert ("weight_every" in row) == (stat.group == "weight"), row
+    rows = {m.group(1): line for line in table.splitlines() if (m := re.match(r"\| `(\w+)` \|", line))}
+    assert list(rows) == list(CHART_ORDER) and set(rows) == set(STATS)  # in the order TensorBoard shows them
+    for name, stat in STATS.items():  # each row names its chart and says when it is measured, by its group
+        assert f"| `{probe_section(name)}` |" in rows[name], rows[name]
+        assert ("weight_every" in rows[name]) == (stat.group == "weight"), rows[name]
 
 
 def test_the_config_keys_table_is_the_schemas():
