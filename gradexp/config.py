@@ -117,8 +117,16 @@ class TrainConfig(_Section):
                                                      "N steps: they copy the weights, the costliest probes; 0: off")
     hist_every: int = Field(100, ge=0, description="histograms every N steps; 0 turns them off")
     flush_denormal: bool = Field(True, description="CPU: flush float32 denormals to 0 (they are many times slower)")
-    threads: int | None = Field(None, ge=1, description="CPU threads torch uses for this run (None: as the "
-                                                        "process has it); small nets train faster on 1")
+    threads: Literal["auto"] | int | None = Field(
+        "auto", description="CPU threads torch uses for this run; auto: 1 for small steps or on a busy machine, "
+                            "else the process's own less the cores others keep busy; None: as the process has it")
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, v: Any) -> Any:
+        if v is None or v == "auto" or (type(v) is int and v >= 1):
+            return v
+        raise ValueError("expected auto, null or a number of threads >= 1")
 
 
 class PretrainConfig(_Section):
