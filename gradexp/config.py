@@ -149,9 +149,19 @@ class TrainConfig(_Section):
     hist_every: int = Field(100, ge=0, description="histograms every N steps (0: off)")
     flush_denormal: bool = Field(True, description="on the CPU, flush float32 denormals (below ~1.2e-38) to 0: they "
                                                    "make x86 arithmetic many times slower")
-    threads: int | None = Field(None, ge=1, description="CPU threads torch uses for this run (null: as the process "
-                                                        "has it: torch's default, one per core, or a sweep worker's "
-                                                        "share); small nets on a busy machine may train faster on 1")
+    threads: Literal["auto"] | int | None = Field(
+        "auto", description="CPU threads torch uses for this run (summary.json's `threads`): `auto` takes 1 when a "
+                            "step's forward pass is under 100 M multiply-adds, else the process's threads less the "
+                            "cores other programs keep busy (the 1-minute load average), at least 1; a number sets "
+                            "it; null leaves it as the process has it (torch's default, or a sweep worker's share)",
+        json_schema_extra={"allowed": "auto, integer >= 1 or null"})
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, v: Any) -> Any:
+        if v is None or v == "auto" or (type(v) is int and v >= 1):
+            return v
+        raise ValueError("expected auto, null or a number of threads >= 1")
 
 
 class PretrainConfig(_Section):

@@ -153,3 +153,25 @@ def check_output(net: nn.Module, x: torch.Tensor, classes: int) -> None:
     if shape != (len(x), classes):
         raise ConfigError(f"model.target: for a batch of shape {tuple(x.shape)} the model returns {shape}; the data "
                           f"has {classes} classes, so logits of shape {(len(x), classes)} are expected")
+
+
+@torch.no_grad()
+def multiply_adds(net: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-adds of the Linear and Conv layers in a forward pass of `x` (a batch), in eval mode: each
+    weight entry is used once per output position of each example."""
+    total = 0
+
+    def count(layer: nn.Module, inputs, out: torch.Tensor) -> None:
+        nonlocal total
+        total += layer.weight.numel() * (out.numel() // out.shape[1])  # (examples x positions) x weight
+
+    hooks = [m.register_forward_hook(count) for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    was_training = net.training
+    net.eval()
+    try:
+        net(x)
+    finally:
+        net.train(was_training)
+        for h in hooks:
+            h.remove()
+    return total

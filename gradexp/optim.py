@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
 
+
+def _eager(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """`cls` whose step, zero_grad and add_param_group are torch's own, without their torch.compile guards.
+
+    torch.optim wraps these so that torch.compile graph-breaks at or skips them; outside compilation
+    the wrappers change nothing but import torch._dynamo on the first call: ~1 s of a one-step
+    `gradexp run` on 2 cores (bench/startup.py). The runner never compiles its optimizer, so it skips
+    them. The step hooks the probes read are Optimizer's and stay (Optimizer wraps this `step` too).
+    """
+    step = inspect.unwrap(cls.step)
+
+    @torch.no_grad()  # what the guard does besides: the step is not differentiable
+    def eager_step(self, closure=None):
+        return step(self, closure)
+
+    return type(cls.__name__, (cls,), {
+        "step": eager_step, "__module__": __name__,
+        "zero_grad": inspect.unwrap(cls.zero_grad), "add_param_group": inspect.unwrap(cls.add_param_group)})
+
+
+SGD, Adam, AdamW = _eager(torch.optim.SGD), _eager(torch.optim.Adam), _eager(torch.optim.AdamW)
+
 OPTIMIZERS: dict[str, Callable] = {
-    "sgd": lambda p, o: torch.optim.SGD(p, lr=o.lr, weight_decay=o.weight_decay),
-    "momentum": lambda p, o: torch.optim.SGD(p, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay),
-    "adam": lambda p, o: torch.optim.Adam(p, lr=o.lr, weight_decay=o.weight_decay),
-    "adamw": lambda p, o: torch.optim.AdamW(p, lr=o.lr, weight_decay=o.weight_decay),
+    "sgd": lambda p, o: SGD(p, lr=o.lr, weight_decay=o.weight_decay),
+    "momentum": lambda p, o: SGD(p, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay),
+    "adam": lambda p, o: Adam(p, lr=o.lr, weight_decay=o.weight_decay),
+    "adamw": lambda p, o: AdamW(p, lr=o.lr, weight_decay=o.weight_decay),
 }
 
 # name -> fn(parameters, max) that clips the gradients in place; norm clipping returns the total norm

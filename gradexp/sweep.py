@@ -379,9 +379,9 @@ def cores() -> int:
 
 
 # What every run imports, imported once by the fork server rather than again by each worker: seconds
-# each (torch; torch._dynamo, which torch.optim imports on first use; matplotlib for the figures).
-# Two workers importing them side by side on two cores take about as long again as one.
-PRELOAD = ["gradexp.train", "torch._dynamo", "matplotlib.pyplot"]
+# each (torch; matplotlib for the figures). Two workers importing them side by side on two cores take
+# about as long again as one.
+PRELOAD = ["gradexp.train", "matplotlib.pyplot"]
 
 
 def _mp_context():

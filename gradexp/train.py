@@ -6,6 +6,7 @@ folder, trains with probes, and writes summary.json, the events and the gradient
 from __future__ import annotations
 
 import math
+import os
 import platform
 import time
 from contextlib import nullcontext
@@ -22,7 +23,7 @@ from .board import Board, layer_name
 from .config import Config, ConfigError, TrainConfig, flat, to_yaml
 from .data import Batches, Dataset, load_dataset
 from .diagnosis import diagnose, watched_context
-from .models import Net, build_model, check_output
+from .models import Net, build_model, check_output, multiply_adds
 from .pretrain import pretrain
 from .optim import CLIPPERS, OPTIMIZERS
 from .probes import Layer, Watcher, due
@@ -70,6 +71,29 @@ def prepare(cfg: Config) -> Experiment:
     if cfg.model.kind == "custom":
         check_output(model, data.x_train[:2], data.classes)
     return Experiment(cfg, device, data, model)
+
+
+# Forward multiply-adds per step under which one thread is the faster (bench/threads.py, 2 cores): the
+# 20x64 MLP (11 M) runs 1.2x faster on one thread idle and 6x while other programs keep the cores busy;
+# the 16-channel CNN (209 M) 1.25x faster on two when idle, 10x slower on two when busy.
+SMALL_STEP = 100_000_000
+
+
+def choose_threads(exp: Experiment) -> int | None:
+    """The CPU threads for this run: `train.threads` if a number; for `auto`, one for a step of less
+    than SMALL_STEP multiply-adds, else the process's threads less the cores other programs keep busy
+    (the 1-minute load average): OpenMP threads wait on each other at every op, and a thread that has
+    to share its core makes every op wait for a time slice. None: leave torch's as they are."""
+    t = exp.cfg.train.threads
+    if t != "auto" or exp.device.type != "cpu":
+        return t if t != "auto" else None
+    x = exp.data.x_train[:2]
+    if multiply_adds(exp.model, x) // len(x) * exp.cfg.data.batch_size < SMALL_STEP:
+        return 1
+    from .sweep import cores
+
+    free = cores() - (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0)
+    return max(1, min(torch.get_num_threads(), round(free)))
 
 
 @torch.no_grad()
@@ -265,6 +289,7 @@ def summarize(cfg: Config, exp: Experiment, result: dict, wall_time: float) -> d
                               result["diverged"], theory),
         "versions": {"gradexp": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "device": str(exp.device),
+        "threads": torch.get_num_threads() if exp.device.type == "cpu" else None,
         "probe_kernel": result.get("probe_kernel"),  # None: nothing was trained (interrupted pre-training)
         "wall_time_s": round(wall_time, 3),
     }
@@ -310,11 +335,9 @@ def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Exper
     # Denormal floats (below ~1.2e-38: a deep sigmoid net's first-layer gradients) make x86 CPU
     # arithmetic many times slower; flushing them to 0 is the default, restored afterwards.
     flushed = exp.device.type == "cpu" and cfg.train.flush_denormal and torch.set_flush_denormal(True)
-    # Small nets (64 units) train faster on one thread than on two, and two times slower still when
-    # another program keeps a core busy (OpenMP threads wait on each other): `train.threads`.
-    threads = torch.get_num_threads()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    threads, chosen = torch.get_num_threads(), choose_threads(exp)
+    if chosen:
+        torch.set_num_threads(chosen)
     bars = progress_factory or (lambda total, label="training": nullcontext(lambda step, stats: None))
     try:
         phases = None
@@ -352,7 +375,7 @@ def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Exper
         board.close()
         if flushed:
             torch.set_flush_denormal(False)
-        if cfg.train.threads:
+        if chosen:
             torch.set_num_threads(threads)
     return Outcome(folder, summary["status"], summary)
 

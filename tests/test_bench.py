@@ -39,3 +39,14 @@ def test_overhead_benchmark_tiny_mode_produces_every_row(tmp_path):
             assert ("met" in row) == (row["target"] is not None)
             assert f"| {case} | {variant} |" in done.stdout  # the markdown table
         assert rows[overhead.BARE]["ratio"] == 1.0
+
+
+def test_startup_benchmark_times_each_command(tmp_path):
+    out = tmp_path / "startup.json"
+    done = subprocess.run([sys.executable, "bench/startup.py", "--repeats", "1", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    assert set(results["median_s"]) == {"import torch", "gradexp run"} and list(results["extra_s"]) == ["gradexp run"]
+    assert all(len(t) == 1 and t[0] > 0 for t in results["wall_s"].values())
+    assert "gradexp run - import torch" in done.stdout

@@ -96,3 +96,14 @@ def test_init_scheme_and_gain_set_the_weight_std(init, gain):
     }[init] * gain
     assert w.std().item() == pytest.approx(expected, rel=0.02)
     assert (net.weight_layers[1].bias == 0).all()
+
+
+def test_multiply_adds_counts_each_weight_once_per_output_position():
+    from gradexp.models import multiply_adds
+
+    mlp = build_model(ModelConfig(depth=3, width=16), (1, 8, 8), 10)  # 64 -> 16 -> 16 -> 16 -> 10
+    assert multiply_adds(mlp, torch.randn(5, 1, 8, 8)) == 5 * (64 * 16 + 16 * 16 * 2 + 16 * 10)
+    # padded 3x3 convs keep the 8x8 positions; the 1x1 projection of the first residual block too
+    cnn = build_model(ModelConfig(kind="cnn", depth=2, width=4, residual=True), (1, 8, 8), 10)
+    assert multiply_adds(cnn, torch.randn(3, 1, 8, 8)) == 3 * (64 * (1 * 4 * 9 + 1 * 4 + 4 * 4 * 9) + 4 * 10)
+    assert cnn.training  # put back as it was

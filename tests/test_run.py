@@ -189,6 +189,27 @@ def test_train_threads_holds_for_the_run_and_is_restored(tmp_path):
     assert saved["train"]["threads"] == wanted
 
 
+def test_train_threads_auto_is_one_for_a_small_step_and_is_saved(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    outcome = run(load_config(CONFIGS / "deep_sigmoid.yaml", TINY), tmp_path)  # 20 x 64 units: 11 M multiply-adds
+    assert outcome.summary["threads"] == 1 and torch.get_num_threads() == before
+    assert yaml.safe_load((outcome.folder / "config.yaml").read_text())["train"]["threads"] == "auto"
+
+
+@pytest.mark.parametrize("load, threads", [(0.0, 3), (1.4, 3), (2.6, 1), (9.0, 1)])
+def test_train_threads_auto_leaves_a_large_step_the_cores_others_do_not_use(monkeypatch, load, threads):
+    import torch
+    from gradexp import sweep, train
+
+    exp = train.prepare(load_config(CONFIGS / "cnn_residual.yaml", []))  # 209 M multiply-adds a step
+    monkeypatch.setattr(sweep, "cores", lambda: 4)
+    monkeypatch.setattr(train.os, "getloadavg", lambda: (load, 0.0, 0.0))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # the process's own: never more
+    assert train.choose_threads(exp) == threads
+
+
 def test_train_threads_must_be_positive(cli, tmp_path):
     result = cli("run", CONFIGS / "deep_sigmoid.yaml", "train.threads=0", *TINY, "--out", tmp_path)
     assert result.exit_code == 2 and "train.threads" in result.output
