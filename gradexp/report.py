@@ -52,8 +52,9 @@ def flow_table(first: dict, last: dict, layer_names: list[str], predicted: list[
                   box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
     s0, s1, sw = first["step"], last["step"], last.get("weight_step")
     moved = last.get("dist_from_init") or [None] * len(layer_names)
-    headers = ["layer", f"act-grad\n@{s0}"] + (["pred."] if predicted else []) + \
-        [f"grad\n@{s0}", f"grad\n@{s1}", f"moved\n@{'-' if sw is None else sw}", f"satur.\n@{s1}"]
+    later = s1 != s0  # a run that stopped after its first logged step has one step to show
+    headers = ["layer", f"act-grad\n@{s0}"] + (["pred."] if predicted else []) + [f"grad\n@{s0}"] + \
+        ([f"grad\n@{s1}"] if later else []) + [f"moved\n@{'-' if sw is None else sw}", f"satur.\n@{s1}"]
     for header in headers:
         table.add_column(header, justify="left" if header == "layer" else "right", no_wrap=True)
     table.add_column(f"act-grad @{s0}\nlog: █ = 100x", no_wrap=True, min_width=BAR_WIDTH)
@@ -64,7 +65,7 @@ def flow_table(first: dict, last: dict, layer_names: list[str], predicted: list[
         pred = [cell(predicted[i]) if i < len(predicted) else "-"] if predicted else []
         table.add_row(
             name + ("*" if i == len(layer_names) - 1 else ""), cell(delta[i]), *pred,
-            cell(first["grad_norm"][i]), cell(last["grad_norm"][i]),
+            cell(first["grad_norm"][i]), *([cell(last["grad_norm"][i])] if later else []),
             "-" if moved[i] is None else cell(moved[i]), "-" if sat is None or math.isnan(sat) else f"{sat:.0%}",
             _log_bar(delta[i], top),
         )
@@ -124,8 +125,9 @@ def sweep_progress_bar(console: Console, total: int, done: int = 0):
 
 def gradient_flow_figure(path: Path, first: dict, last: dict, title: str = "",
                          extra: list[tuple[str, list[float], dict]] | None = None,
-                         names: list[str] | None = None, diverged: dict | None = None) -> None:
+                         names: list[str] | None = None, diverged: dict | None = None) -> tuple[str, list[str]]:
     """Grad norm and act-grad norm against layer index, first and last logged step, log scale.
+    Returns what the figure says in words: its title and its legend's entries.
 
     Exact zeros (float32 underflow) cannot sit on a log axis: they are drawn as 'x' on the bottom edge.
     `names`: the layers' names, written under the axis where there are few enough to read.
@@ -161,7 +163,9 @@ def gradient_flow_figure(path: Path, first: dict, last: dict, title: str = "",
     fig.suptitle(heading)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    legend = list(dict.fromkeys(label for ax in axes for label in ax.get_legend_handles_labels()[1]))
     plt.close(fig)
+    return heading, legend
 
 
 def profile_frames(profiles: list[dict], names: list[str], title: str, frames: int,

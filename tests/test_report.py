@@ -1,0 +1,80 @@
+"""What a person reads in the terminal and the run's figure: the table's bars on one fixed log
+scale, one number format, and a diverged run that says where it stopped."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+from rich.console import Console
+
+from conftest import CONFIGS, TINY, only_run, summary_of
+from gradexp.report import flow_table, gradient_flow_figure
+from gradexp.stats import fmt_number
+
+BLOCK_LENGTH = {"█": 1.0, **{c: k / 8 for k, c in enumerate(" ▏▎▍▌▋▊▉") if k}}
+
+
+def snapshot(act_grad: list[float]) -> dict:
+    n = len(act_grad)
+    return {"step": 0, "act_grad_norm": act_grad, "grad_norm": [1.0] * n, "saturation": [0.0] * n,
+            "dist_from_init": None, "weight_step": None}
+
+
+def bar_lengths(act_grad: list[float]) -> list[float]:
+    """The bar column of the terminal table, as rendered, in characters (eighths included)."""
+    names = [f"layer_{i:02d}" for i in range(len(act_grad))]
+    console = Console(width=100, record=True, color_system=None)
+    console.print(flow_table(snapshot(act_grad), snapshot(act_grad), names))
+    rows = [line for line in console.export_text().splitlines() if line.lstrip().startswith("layer_")]
+    return [sum(BLOCK_LENGTH.get(c, 0.0) for c in row.split("%")[-1]) for row in rows]
+
+
+@pytest.mark.parametrize("spread", [2.6, 1e17])
+def test_the_bars_are_two_factors_of_10_a_character_below_the_largest(spread):
+    depth = 21
+    act_grad = [0.08 * spread ** ((i - depth + 1) / (depth - 1)) for i in range(depth)]  # geometric, largest last
+    lengths = bar_lengths(act_grad)
+    for v, length in zip(act_grad, lengths):
+        expected = 12 - math.log10(max(act_grad) / v) / 2  # the table's full width, 12, at the largest value
+        assert abs(length - expected) <= 1 / 8, (v, length, expected)
+
+
+def test_a_healthy_net_and_a_vanishing_one_look_as_different_as_they_are():
+    healthy = bar_lengths([0.2 / 2.6 ** (i / 20) for i in range(21)])
+    vanishing = bar_lengths([0.08 * 1e-17 ** ((20 - i) / 20) for i in range(21)])
+    assert max(healthy) - min(healthy) < 0.3  # 2.6x is 0.41 factors of 10: 0.21 characters
+    assert max(vanishing) - min(vanishing) > 8  # 17 factors of 10: 8.5 characters
+
+
+@pytest.mark.parametrize("v, text", [(8.1e-19, "8.10e-19"), (0.0017, "0.00170"), (0.084, "0.0840"), (2.3, "2.30"),
+                                     (720.3, "720"), (8582.0, "8582"), (13000.0, "1.30e+04"), (0.0, "0"),
+                                     (None, "-"), (math.nan, "-"), (math.inf, "inf"), (-0.5, "-0.500")])
+def test_one_number_format(v, text):
+    assert fmt_number(v) == text
+
+
+SCIENTIFIC = re.compile(r"\d+(?:\.\d+)?e[+-]?\d+")
+
+
+def test_a_diverged_run_says_where_it_stopped(cli, tmp_path):
+    """The exploding config diverges at once: the progress bar ends at the steps done, the table shows
+    the one step logged before, the figure's title says so, and every number in e-notation is written one way."""
+    result = cli("run", CONFIGS / "exploding.yaml", *TINY, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    folder = only_run(tmp_path)
+    s = summary_of(folder)
+    assert s["status"] == "diverged"
+    done, planned = s["steps"]["done"], s["steps"]["planned"]
+    assert done < planned
+    bar = next(line for line in result.output.splitlines() if line.startswith("training"))
+    assert f"{done}/{planned}" in bar and "diverged" in bar, bar
+    header = "\n".join(result.output.split("gradient flow:")[1].splitlines()[:4])
+    assert header.count("@0") >= 2 and "@1" not in header  # one logged step: one column of each
+    numbers = SCIENTIFIC.findall(result.output)
+    assert numbers and all(re.fullmatch(r"\d\.\d+e[+-]\d{2,}", n) for n in numbers), numbers
+    title, legend = gradient_flow_figure(tmp_path / "again.png", s["layers"]["first"], s["layers"]["last"],
+                                         title="exploding", diverged=s["diverged"])
+    assert f"diverged at step {s['diverged']['step']}" in title
+    assert legend == ["step 0"]
