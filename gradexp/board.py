@@ -1,6 +1,7 @@
 """What gradexp writes to TensorBoard, laid out for TensorBoard's default view.
 
-- Per-layer probes: one sub-run per layer, `<run>/layers/<layer name>/`, each writing the tag
+- Per-layer probes: one sub-run per charted layer (CHART_LAYERS of them, first and last included),
+  `<run>/layers/<layer name>/`, each writing the tag
   `<N> <probe>/<run label>`, or `<N> <probe> (log10)/<run label>` for the probes whose values span
   orders of magnitude (`Stat.log`); N orders the sections (CHART_ORDER). TensorBoard draws every run holding a tag in one chart, one colour per
   run: so each probe is one chart per run with a line per layer, on a scale where a vanishing
@@ -50,6 +51,19 @@ def layer_tag(probe: str, i: int) -> str:
 
 LAYERS_DIR = "layers"  # the run's sub-folder of per-layer sub-runs
 IMAGE_FRAMES = 10  # TensorBoard keeps 10 images per tag and run (a random 10 of more): no more are written
+# Layers charted per run: TensorBoard selects every run of a folder only while there are at most 500
+# (sub-runs included), and draws lines in 7 colours; 7 layers (first, last and evenly between) keep
+# a folder of ~60 runs drawn with no click and each line its own colour. All layers are in the profile
+# image and summary.json; None charts them all.
+CHART_LAYERS = 7
+
+
+def charted_layers(n: int, most: int | None = CHART_LAYERS) -> list[int]:
+    """Indices of the layers drawn as lines: all of them if `most` is None or n <= most, else `most`
+    of them evenly spread over the depth, the first and the last included."""
+    if most is None or n <= most:
+        return list(range(n))
+    return sorted({round(k * (n - 1) / (most - 1)) for k in range(most)})
 
 
 # TensorBoard lists sections in ASCII order of their names and opens only the first two: the
@@ -221,27 +235,29 @@ class Board:
     (`set_layers`), one sub-run per layer (see the module's docstring). `label`: the run's name in
     the per-layer tags and the HParams table (default: the folder's name)."""
 
-    def __init__(self, folder: str, label: str | None = None):
+    def __init__(self, folder: str, label: str | None = None, chart_layers: int | None = CHART_LAYERS):
         self.folder = folder
+        self.chart_layers = chart_layers
         self.label = label or os.path.basename(os.path.normpath(folder))
         self.events = EventFile(folder)
-        self.layer_events: list[EventFile] = []
+        self.layer_events: dict[int, EventFile] = {}  # charted layer -> its sub-run's events
         self.layers_flushed = 0.0  # time.monotonic() when `tick` last looked at them (one look a second)
         self.names: list[str] = []
         self.available: dict[str, list[bool]] = {}
         # Logged steps write the same tags again and again: their encoding is made once per layer and
         # set of probes (gradient probes, weight probes or both), and per set of extra scalars.
-        self.templates: dict[tuple[str, ...], list[tuple[ScalarSummary, list[str]] | None]] = {}
+        self.templates: dict[tuple[str, ...], dict[int, tuple[ScalarSummary, list[str]] | None]] = {}
         self.extras: dict[tuple[str, ...], ScalarSummary] = {}
 
     def set_layers(self, names: list[str], available: dict[str, list[bool]]) -> None:
         """The layers in depth order, and which probes each has (`Watcher.available`)."""
         self.names, self.available = list(names), available
         self.templates.clear()
-        for events in self.layer_events:
+        for events in self.layer_events.values():
             events.close()
-        self.layer_events = [EventFile(os.path.join(self.folder, LAYERS_DIR, safe_folder_name(name)), keep_open=False)
-                             for name in self.names]
+        self.layer_events = {i: EventFile(os.path.join(self.folder, LAYERS_DIR, safe_folder_name(self.names[i])),
+                                          keep_open=False)
+                             for i in charted_layers(len(self.names), self.chart_layers)}
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self.events.add(Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in values.items()]), step)
@@ -251,14 +267,14 @@ class Board:
         for k, v in enumerate(values):
             self.scalars(first_step + k, {tag: v})
 
-    def _templates(self, probes: tuple[str, ...]) -> list[tuple[ScalarSummary, list[str]] | None]:
-        """Per layer: the encoding of its tags for these probes, and the probes it has (None: none)."""
+    def _templates(self, probes: tuple[str, ...]) -> dict[int, tuple[ScalarSummary, list[str]] | None]:
+        """Per charted layer: the encoding of its tags for these probes, and the probes it has (None: none)."""
         if probes not in self.templates:
-            per_layer = []
-            for i in range(len(self.names)):
+            per_layer = {}
+            for i in self.layer_events:
                 own = [p for p in probes if self.available[p][i]]
                 tags = [f"{probe_section(p)}/{self.label}" for p in own]
-                per_layer.append((ScalarSummary(tags), own) if own else None)
+                per_layer[i] = (ScalarSummary(tags), own) if own else None
             self.templates[probes] = per_layer
         return self.templates[probes]
 
@@ -266,7 +282,7 @@ class Board:
         """The per-layer probes in `stats` (one event per layer's sub-run), and `scalars` (tag -> value)
         as one event in the run's own file: one add_scalar each would cost ~200 events."""
         now = time.time()
-        for i, slot in enumerate(self._templates(tuple(p for p in LAYER_PROBES if p in stats))):
+        for i, slot in self._templates(tuple(p for p in LAYER_PROBES if p in stats)).items():
             if slot is not None:
                 template, probes = slot
                 values = [_log10(stats[p][i]) if STATS[p].log else _number(stats[p][i]) for p in probes]
@@ -317,13 +333,13 @@ class Board:
         """Once a step: events waiting for a second go to the file."""
         self.events.flush_if_due()
         if self.layer_events and time.monotonic() - self.layers_flushed >= EventFile.FLUSH_SECONDS:
-            for events in self.layer_events:
+            for events in self.layer_events.values():
                 events.flush_if_due()
             self.layers_flushed = time.monotonic()
 
     def close(self) -> None:
         self.events.close()
-        for events in self.layer_events:
+        for events in self.layer_events.values():
             events.close()
 
 

@@ -147,6 +147,11 @@ class TrainConfig(_Section):
                                                      "and at init) and make ~11 passes over weight-sized buffers: the "
                                                      "costliest probes on a CPU")
     hist_every: int = Field(100, ge=0, description="histograms every N steps (0: off)")
+    chart_layers: int | None = Field(7, ge=2, description="layers drawn as lines in TensorBoard's per-layer charts: "
+                                                           "the first, the last and evenly between (null: all). "
+                                                           "TensorBoard selects a folder's runs only while they are "
+                                                           "500 or fewer, a layer's line being one; the profile "
+                                                           "image and summary.json have every layer")
     flush_denormal: bool = Field(True, description="on the CPU, flush float32 denormals (below ~1.2e-38) to 0: they "
                                                    "make x86 arithmetic many times slower")
     threads: Literal["auto"] | int | None = Field(

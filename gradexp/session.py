@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .board import Board
+from .board import CHART_LAYERS, Board
 from .diagnosis import diagnose, watched_context
 from .probes import Watcher
 from .rundir import write_json
@@ -49,11 +49,13 @@ class Watch:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  logdir: str | Path = "runs/watch", every: int = 10, weight_every: int | None = None,
                  hist_every: int = 0, layers: Any = None, scaler: Any = None, name: str | None = None,
-                 vanishing_below: float = 1e-2, exploding_above: float = 1e2, last_step: int | None = None):
+                 vanishing_below: float = 1e-2, exploding_above: float = 1e2, last_step: int | None = None,
+                 chart_layers: int | None = CHART_LAYERS):
         self.logdir = _fresh_folder(logdir)
         self.name = name or type(model).__name__
         self.thresholds = (vanishing_below, exploding_above)
-        self.board = Board(str(self.logdir), label=f"{self.name} {time.strftime('%m-%d %H:%M:%S')}")
+        self.board = Board(str(self.logdir), label=f"{self.name} {time.strftime('%m-%d %H:%M:%S')}",
+                           chart_layers=chart_layers)
         try:
             self.probes = Watcher(model, optimizer, board=self.board, every=every, weight_every=weight_every,
                                   hist_every=hist_every, layers=layers, scaler=scaler, last_step=last_step)
@@ -156,7 +158,7 @@ class Adapter:
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, logdir: str | Path = "runs/watch",
           every: int = 10, weight_every: int | None = None, layers: Any = None, scaler: Any = None,
           name: str | None = None, hist_every: int = 0, vanishing_below: float = 1e-2,
-          exploding_above: float = 1e2, last_step: int | None = None) -> Watch:
+          exploding_above: float = 1e2, last_step: int | None = None, chart_layers: int | None = CHART_LAYERS) -> Watch:
     """Watch the gradient flow of any `nn.Module` as it trains; returns a `Watch` (a context manager).
 
     - `optimizer`: measured at each of its steps through its step hooks. Without one, call
@@ -174,7 +176,10 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, l
     - `vanishing_below`, `exploding_above`: the diagnosis' thresholds on the first-to-last ratio of
       ||dL/dz||.
     - `last_step`: the index of the training's last step, where known: it is measured too.
+    - `chart_layers`: layers drawn as lines in TensorBoard's per-layer charts, the first, the last and
+      evenly between (None: all; TensorBoard selects a folder's runs only while they are 500 or
+      fewer, a charted layer being one). The profile image and the summary have every layer.
     A model compiled with torch.compile is refused: watch the uncompiled one."""
     return Watch(model, optimizer, logdir=logdir, every=every, weight_every=weight_every, hist_every=hist_every,
                  layers=layers, scaler=scaler, name=name, vanishing_below=vanishing_below,
-                 exploding_above=exploding_above, last_step=last_step)
+                 exploding_above=exploding_above, last_step=last_step, chart_layers=chart_layers)

@@ -330,7 +330,7 @@ def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Exper
     exp = exp or prepare(cfg)
     folder = new_run_dir(out, cfg.name)
     write_atomic(folder / "config.yaml", to_yaml(cfg))
-    board = Board(str(folder), label=run_label(cfg.name, folder))
+    board = Board(str(folder), label=run_label(cfg.name, folder), chart_layers=cfg.train.chart_layers)
     started = time.time()
     # Denormal floats (below ~1.2e-38: a deep sigmoid net's first-layer gradients) make x86 CPU
     # arithmetic many times slower; flushing them to 0 is the default, restored afterwards.

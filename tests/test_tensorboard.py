@@ -596,7 +596,7 @@ def test_events_reach_the_file_within_a_second_and_all_of_them_on_close(tmp_path
     board.layers(1, stats, {"grad_norm/total": 4.0})
     board.tick()
     assert not logged_steps(0) and not logged_steps(-1)  # made just now: waits in memory
-    for events in [board.events, *board.layer_events]:
+    for events in [board.events, *board.layer_events.values()]:
         events.oldest -= events.FLUSH_SECONDS  # a second later, with no other event since
     board.layers_flushed -= board.events.FLUSH_SECONDS
     board.tick()  # (the training loop's, every step)
@@ -656,3 +656,20 @@ def test_a_watched_model_shows_its_layers_in_depth_order(tmp_path, tmp_path_fact
         assert close(10 ** series[0][2], w.summary()["layers"]["first"]["act_grad_norm"][0])
         (image,) = srv.get("/data/plugin/images/tags")["mine"]
         assert [im["step"] for im in srv.get("/data/plugin/images/images", run="mine", tag=image)] == [0, 2, 4]
+
+
+@pytest.mark.parametrize("chart_layers, expected", [(7, [0, 2, 3, 5, 7, 8, 10]), (None, list(range(11))),
+                                                    (20, list(range(11)))])
+def test_a_deep_run_charts_its_first_last_and_evenly_spread_layers(tmp_path, chart_layers, expected):
+    """TensorBoard selects a folder's runs only while there are 500 or fewer: each run charts a few of its
+    layers (index round(k * 10 / 6) of 11 for 7), or all of them when asked."""
+    from gradexp.board import Board
+
+    board = Board(str(tmp_path), label="deep", chart_layers=chart_layers)
+    board.set_layers([layer(i) for i in range(11)], {"grad_norm": [True] * 11})
+    board.layers(0, {"grad_norm": [float(i + 1) for i in range(11)]})
+    board.close()
+    assert sorted(p.name for p in (tmp_path / "layers").iterdir()) == [layer(i) for i in expected]
+    for i in expected:
+        values = layer_accumulator(tmp_path, i).Scalars(f"{SECTIONS['grad_norm']}/deep")
+        assert [10 ** e.value for e in values] == pytest.approx([i + 1.0])
