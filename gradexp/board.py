@@ -10,7 +10,7 @@
   changed it), `loss/train`, `loss/eval`, `acc/train`, `acc/eval`, `lr`, the image
   `0 gradient_flow/<run label>` (the profile of `gradient_flow.png` at up to IMAGE_FRAMES logged
   steps, written when the run ends), `hist/grad_log10/<layer>` and `hist/act/<layer>`, `final/*` (the HParams metrics) and
-  the HParams session, whose `run` column is the run label.
+  the HParams session, whose first columns `Run` and `Started` are the run's name and start time.
 Layer names sort by depth (the runner's `layer_XX`, counted from the input and zero padded).
 """
 
@@ -232,13 +232,17 @@ def scalar_event(wall_time: float, step: int, summary: bytes) -> bytes:
 
 class Board:
     """A run's TensorBoard events: its own event file, and once the probes have found the layers
-    (`set_layers`), one sub-run per layer (see the module's docstring). `label`: the run's name in
-    the per-layer tags and the HParams table (default: the folder's name)."""
+    (`set_layers`), one sub-run per layer (see the module's docstring). `name` and `started` (its start,
+    "MM-DD HH:MM:SS") make the run's label, f"{name} {started}", in the per-layer tags, and are the
+    HParams table's first two columns.     the per-layer tags and the HParams table (default: the folder's name)."""
 
-    def __init__(self, folder: str, label: str | None = None, chart_layers: int | None = CHART_LAYERS):
+    def __init__(self, folder: str, name: str | None = None, started: str | None = None,
+                 chart_layers: int | None = CHART_LAYERS):
         self.folder = folder
+        self.name = name or os.path.basename(os.path.normpath(folder))
+        self.started = started
         self.chart_layers = chart_layers
-        self.label = label or os.path.basename(os.path.normpath(folder))
+        self.label = f"{self.name} {started}" if started else self.name
         self.events = EventFile(folder)
         self.layer_events: dict[int, EventFile] = {}  # charted layer -> its sub-run's events
         self.layers_flushed = 0.0  # time.monotonic() when `tick` last looked at them (one look a second)
@@ -321,7 +325,7 @@ class Board:
         STATUS_FAILURE (torch's hparams() always writes success). `experiment=False` leaves out the
         experiment summary (the list of hparams and metrics): a sweep writes one for all its runs at
         its root, which TensorBoard reads only if no run has its own."""
-        summaries = list(hparams(hparam_values({"run": self.label, **params}), metrics))
+        summaries = list(hparams(hparam_values({"Run": self.name, "Started": self.started, **params}), metrics))
         if status != "completed":
             summaries[2] = _session_end(Status.Value("STATUS_FAILURE"))
         for summary in summaries[0 if experiment else 1:]:
@@ -350,6 +354,11 @@ def hparam_values(params: dict[str, Any]) -> dict[str, float | str]:
             for k, v in params.items() if v is not None}
 
 
+# The HParams table's columns that tell runs apart (the session's name, their folder's path, is cut
+# short there, as is any cell past ~16 characters): TensorBoard sorts the columns by name, and
+# capitals sort before the config's lower-case keys, so these come first.
+RUN_HPARAMS = ("Run", "Started")
+
 EXPERIMENT_SUFFIX = ".gradexp-experiment"  # marks the event files write_experiment owns
 
 
@@ -371,9 +380,10 @@ def write_experiment(folder: str, runs: list[dict[str, Any]], known: dict[str, t
             present[k] = present.get(k, 0) + 1
             if v not in values.setdefault(k, []):
                 values[k].append(v)
-    # the run's label (Board.label) first, as free text: no domain, so no run's label is filtered out
-    infos = [HParamInfo(name="run", type=DataType.Value("DATA_TYPE_STRING"), differs=True)]
-    values.pop("run", None)
+    # free text: with no domain, no run's name or start is filtered out
+    infos = [HParamInfo(name=k, type=DataType.Value("DATA_TYPE_STRING"), differs=True) for k in RUN_HPARAMS]
+    for k in RUN_HPARAMS:
+        values.pop(k, None)
     for name, seen in values.items():
         domain = list(known.get(name, ())) or seen
         numeric = all(isinstance(v, (int, float)) for v in domain)

@@ -27,14 +27,10 @@ def new_run_dir(out: str | Path, name: str) -> Path:
     raise FileExistsError(f"could not create a new run folder under {parent}")
 
 
-def run_label(name: str, folder: Path) -> str:
-    """A run's short, readable name (TensorBoard's per-layer charts, the HParams table): its config
-    name and the time in its folder's name, e.g. "deep_sigmoid 12-01 19:30:05"."""
-    stamp = folder.name.split("-")
-    if len(stamp) >= 2 and len(stamp[0]) == 8 and len(stamp[1]) == 6:
-        d, t = stamp[0], stamp[1]
-        return f"{name} {d[4:6]}-{d[6:]} {t[:2]}:{t[2:4]}:{t[4:]}"
-    return f"{name} {folder.name}"
+def start_stamp(folder: Path) -> str:
+    """When a run started, from its folder's name, as TensorBoard shows it: "12-01 19:30:05"."""
+    d, t = folder.name.split("-")[:2]
+    return f"{d[4:6]}-{d[6:]} {t[:2]}:{t[2:4]}:{t[4:]}"
 
 
 def jsonable(obj: Any) -> Any:

@@ -54,8 +54,7 @@ class Watch:
         self.logdir = _fresh_folder(logdir)
         self.name = name or type(model).__name__
         self.thresholds = (vanishing_below, exploding_above)
-        self.board = Board(str(self.logdir), label=f"{self.name} {time.strftime('%m-%d %H:%M:%S')}",
-                           chart_layers=chart_layers)
+        self.board = Board(str(self.logdir), self.name, time.strftime("%m-%d %H:%M:%S"), chart_layers=chart_layers)
         try:
             self.probes = Watcher(model, optimizer, board=self.board, every=every, weight_every=weight_every,
                                   hist_every=hist_every, layers=layers, scaler=scaler, last_step=last_step)

@@ -27,7 +27,7 @@ from .models import Net, build_model, check_output, multiply_adds
 from .pretrain import pretrain
 from .optim import CLIPPERS, OPTIMIZERS
 from .probes import Layer, Watcher, due
-from .rundir import run_label, new_run_dir, write_atomic, write_json
+from .rundir import new_run_dir, start_stamp, write_atomic, write_json
 
 def resolve_device(name: str) -> torch.device:
     """`auto` is CUDA when present; asking for CUDA that is not there is a user error."""
@@ -330,7 +330,7 @@ def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Exper
     exp = exp or prepare(cfg)
     folder = new_run_dir(out, cfg.name)
     write_atomic(folder / "config.yaml", to_yaml(cfg))
-    board = Board(str(folder), label=run_label(cfg.name, folder), chart_layers=cfg.train.chart_layers)
+    board = Board(str(folder), cfg.name, start_stamp(folder), chart_layers=cfg.train.chart_layers)
     started = time.time()
     # Denormal floats (below ~1.2e-38: a deep sigmoid net's first-layer gradients) make x86 CPU
     # arithmetic many times slower; flushing them to 0 is the default, restored afterwards.

@@ -301,7 +301,7 @@ def test_hparams_session_is_in_the_runs_own_event_file(runs):
     assert hp["train.steps"].number_value == STEPS
     assert hp["model.activation"].string_value == "sigmoid"
     assert hp["status"].string_value == "completed"
-    assert hp["run"].string_value == label(runs["main"])  # the column that tells the runs apart
+    assert f'{hp["Run"].string_value} {hp["Started"].string_value}' == label(runs["main"])  # tell the runs apart
     assert hp["verdict"].string_value == summary_of(runs["main"])["diagnosis"]["verdict"]
     assert hp["model.residual"].string_value == "false"  # booleans read as words, not 0.0
     assert "data.n_train" not in hp  # None is left out, not written as "None"
@@ -462,7 +462,8 @@ ALL_STATUSES = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RU
 def test_server_hparams_experiment_lists_config_and_final_metrics(server):
     experiment = server.post("/data/plugin/hparams/experiment", {"experimentName": ""})
     names = {h["name"] for h in experiment["hparamInfos"]}
-    assert {"run", "model.depth", "model.activation", "optim.lr", "train.steps", "seed", "status", "verdict"} <= names
+    assert [h["name"] for h in experiment["hparamInfos"]][:2] == ["Run", "Started"]  # the table's first columns
+    assert {"Run", "Started", "model.depth", "model.activation", "optim.lr", "train.steps", "seed", "status", "verdict"} <= names
     assert {m["name"]["tag"] for m in experiment["metricInfos"]} == set(FINAL_METRICS)
 
 
@@ -491,7 +492,7 @@ def test_server_hparams_session_per_run_with_config_values_and_metrics(server, r
         assert hp["model.depth"] == depth
         assert hp["train.steps"] == STEPS and hp["model.activation"] == "sigmoid"
         assert hp["status"] == "completed"
-        assert hp["run"] == label(runs[key])  # readable, where the session's name is cut short
+        assert f'{hp["Run"]} {hp["Started"]}' == label(runs[key])  # readable, where the session's name is cut short
         summary = summary_of(runs[key])
         metrics = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
         assert set(metrics) == set(FINAL_METRICS)
@@ -533,12 +534,13 @@ def test_server_hparams_of_a_sweep_mark_the_swept_keys(sweep_server):
     assert seen == [(2, "relu"), (2, "sigmoid"), (3, "relu"), (3, "sigmoid")]
     assert all(len(g["sessions"]) == 1 and g["sessions"][0]["status"] == "STATUS_SUCCESS" for g in groups)
     # each run's label, free text (a domain would filter out the runs not in it), names its point
-    assert infos["run"]["differs"] and "domainDiscrete" not in infos["run"]
-    cols.append({"hparam": "run", "includeInResult": True})
+    assert infos["Run"]["differs"] and "domainDiscrete" not in infos["Run"]
+    assert [h["name"] for h in experiment["hparamInfos"]][:2] == ["Run", "Started"]  # the table's first columns
+    cols.append({"hparam": "Run", "includeInResult": True})
     groups = sweep_server.post("/data/plugin/hparams/session_groups", {**body, "colParams": cols})["sessionGroups"]
     for g in groups:
         point = g["name"].split("/")[0]  # <point>/<stamp-id>
-        assert g["hparams"]["run"].startswith(f"{point} "), (g["name"], g["hparams"]["run"])
+        assert g["hparams"]["Run"] == point, (g["name"], g["hparams"]["Run"])
 
 
 def test_sweep_experiment_marks_keys_some_runs_lack_and_keeps_other_event_files(tmp_path):
@@ -665,7 +667,7 @@ def test_a_deep_run_charts_its_first_last_and_evenly_spread_layers(tmp_path, cha
     layers (index round(k * 10 / 6) of 11 for 7), or all of them when asked."""
     from gradexp.board import Board
 
-    board = Board(str(tmp_path), label="deep", chart_layers=chart_layers)
+    board = Board(str(tmp_path), "deep", chart_layers=chart_layers)
     board.set_layers([layer(i) for i in range(11)], {"grad_norm": [True] * 11})
     board.layers(0, {"grad_norm": [float(i + 1) for i in range(11)]})
     board.close()
