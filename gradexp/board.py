@@ -33,6 +33,7 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, Sessi
 from tensorboard.compat.proto.event_pb2 import Event
 from torch.utils.tensorboard.summary import histogram_raw, hparams
 
+from .rundir import writing
 from .stats import ACT_HIST, GRAD_HIST, LAYER_PROBES, STATS, bucket_limits
 
 # The HParams dashboard's metrics, as scalar tags written at the end of the run.
@@ -149,16 +150,17 @@ class EventFile:
             self.flush()
 
     def flush(self) -> None:
-        if self.file is None:
-            if not self.pending:
-                return
-            self.file = open(self.path, "ab")
-        self.file.write(b"".join(self.pending))
-        self.file.flush()
-        self.pending.clear()
-        if not self.keep_open:
-            self.file.close()
-            self.file = None
+        with writing(self.path):  # a full disk's error says which file
+            if self.file is None:
+                if not self.pending:
+                    return
+                self.file = open(self.path, "ab")
+            self.file.write(b"".join(self.pending))
+            self.file.flush()
+            self.pending.clear()
+            if not self.keep_open:
+                self.file.close()
+                self.file = None
 
     def add(self, summary: Summary, step: int | None = None) -> None:
         event = Event(wall_time=time.time(), summary=summary)
@@ -167,10 +169,16 @@ class EventFile:
         self.write(event)
 
     def close(self) -> None:
-        self.flush()
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        """Write what is pending and close the file, which is closed even when the write fails."""
+        try:
+            self.flush()
+        finally:
+            file, self.file = self.file, None
+            if file is not None:
+                try:
+                    file.close()
+                except OSError:  # the bytes the flush could not write fail again: its error says it
+                    pass
 
 
 _file_ids = itertools.count()
@@ -342,9 +350,15 @@ class Board:
             self.layers_flushed = time.monotonic()
 
     def close(self) -> None:
-        self.events.close()
-        for events in self.layer_events.values():
-            events.close()
+        """Close every event file, even when one cannot be written; then raise the first error."""
+        error = None
+        for events in (self.events, *self.layer_events.values()):
+            try:
+                events.close()
+            except Exception as e:
+                error = error or e
+        if error is not None:
+            raise error
 
 
 def hparam_values(params: dict[str, Any]) -> dict[str, float | str]:

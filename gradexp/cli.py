@@ -83,6 +83,7 @@ def run(
 ) -> None:
     """Train one network and log its per-layer gradient flow to TensorBoard."""
     from .report import print_report, progress_bar
+    from .rundir import WriteError
     from .train import run as run_experiment
 
     if out.exists() and not out.is_dir():
@@ -91,7 +92,12 @@ def run(
     if not quiet:
         console.print(Syntax(to_yaml(cfg), "yaml", theme="ansi_dark", background_color="default"))
     bars = None if quiet else (lambda total, label="training": progress_bar(console, total, label))
-    outcome = run_experiment(cfg, out, progress_factory=bars, exp=exp)
+    try:
+        outcome = run_experiment(cfg, out, progress_factory=bars, exp=exp)
+    except WriteError as e:  # a full disk: no traceback to read, summary.json says `failed` where it could be written
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(e))}; the run failed", highlight=False,
+                          soft_wrap=True)
+        raise typer.Exit(1)
     print_report(console, outcome.summary, outcome.folder, quiet)
     if outcome.exit_code:
         raise typer.Exit(outcome.exit_code)

@@ -12,8 +12,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
+from .rundir import in_words, writing
 from .stats import fmt_number
 
 VERDICT_STYLE = {"vanishing": "bold yellow", "exploding": "bold red", "healthy": "bold green", "unknown": "bold"}
@@ -87,6 +89,8 @@ def print_report(console: Console, summary: dict, folder: Path, quiet: bool) -> 
                           f"({summary['steps']['done']} steps, {summary['wall_time_s']:.1f} s, {summary['device']})")
         console.print(f"status: {summary['status']}")
     console.print(f"run folder: {folder}", soft_wrap=True)
+    if summary.get("figure_error"):
+        console.print(f"[yellow]no gradient_flow.png:[/yellow] {escape(summary['figure_error'])}", soft_wrap=True)
     console.print(f"[{style}]diagnosis:[/{style}] {d['message']}", soft_wrap=True)
 
 
@@ -121,6 +125,18 @@ def sweep_progress_bar(console: Console, total: int, done: int = 0):
     """A progress bar over a sweep's runs (`done` of them finished before); yields advance(name, status)."""
     with _bar(console, "sweep", total, done) as show:
         yield lambda name, status: show(advance=1, info=f"{name}: {status}")
+
+
+def draw_gradient_flow(path: Path, first: dict, last: dict, **options) -> str | None:
+    """gradient_flow_figure for a run that has ended, whose result does not depend on its figure:
+    None when drawn, else why not, in words (and no half-written file is left)."""
+    try:
+        with writing(path):
+            gradient_flow_figure(path, first, last, **options)
+        return None
+    except Exception as e:
+        path.unlink(missing_ok=True)
+        return in_words(e)
 
 
 def gradient_flow_figure(path: Path, first: dict, last: dict, title: str = "",
@@ -162,9 +178,11 @@ def gradient_flow_figure(path: Path, first: dict, last: dict, title: str = "",
         heading += f" (diverged at step {diverged['step']}: the steps shown are before it)"
     fig.suptitle(heading)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)  # also when the file cannot be written: pyplot keeps every figure until closed
     legend = list(dict.fromkeys(label for ax in axes for label in ax.get_legend_handles_labels()[1]))
-    plt.close(fig)
     return heading, legend
 
 

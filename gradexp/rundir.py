@@ -7,8 +7,9 @@ import math
 import os
 import secrets
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def new_run_dir(out: str | Path, name: str) -> Path:
@@ -44,11 +45,41 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
+class WriteError(OSError):
+    """A file of the run could not be written (a full disk): its message says which, in words,
+    e.g. "no space left on device while writing <path>"."""
+
+    def __str__(self) -> str:
+        return f"{self.strerror[:1].lower()}{self.strerror[1:]} while writing {self.filename}"
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """An OSError inside (a write to a full disk names no file) becomes a WriteError naming `path`."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as e:
+        raise WriteError(e.errno, e.strerror or str(e), str(path)) from e
+
+
+def in_words(e: BaseException) -> str:
+    """An error as summary.json and the terminal give it: a file that could not be written says so."""
+    return str(e) if isinstance(e, WriteError) else f"{type(e).__name__}: {e}"
+
+
 def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename: a reader never sees half a file."""
+    """Write to a temporary name, then rename: a reader never sees half a file, and a write that
+    fails (a full disk, Ctrl-C) leaves no temporary file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with writing(path):
+            tmp.write_text(text)
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, obj: Any) -> None:

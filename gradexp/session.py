@@ -99,14 +99,17 @@ class Watch:
             if self.probes.diverged is not None and status == "completed":
                 status = "diverged"
             self.status, self.error = status, error
-            self._summary = self.summary()
-            write_json(self.logdir / "summary.json", self._summary)
-            first, last = self._summary["layers"]["first"], self._summary["layers"]["last"]
+            summary = self.summary()
+            first, last = summary["layers"]["first"], summary["layers"]["last"]
             if first is not None:
-                from .report import gradient_flow_figure  # matplotlib is imported only when drawing
+                from .report import draw_gradient_flow  # matplotlib is imported only when drawing
 
-                gradient_flow_figure(self.logdir / "gradient_flow.png", first, last, title=self.name,
-                                     names=self.probes.names, diverged=self.probes.diverged)
+                figure_error = draw_gradient_flow(self.logdir / "gradient_flow.png", first, last, title=self.name,
+                                                  names=self.probes.names, diverged=self.probes.diverged)
+                if figure_error:  # the loop's result stands; the summary says why there is no figure
+                    summary["figure_error"] = figure_error
+            self._summary = summary
+            write_json(self.logdir / "summary.json", summary)
             self.probes.profile_images(self.name)
         finally:
             self.board.close()

@@ -9,7 +9,7 @@ import math
 import os
 import platform
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,7 +27,8 @@ from .models import Net, build_model, check_output, multiply_adds
 from .pretrain import pretrain
 from .optim import CLIPPERS, OPTIMIZERS
 from .probes import Layer, Watcher, due
-from .rundir import new_run_dir, start_stamp, write_atomic, write_json
+from .interrupts import Interrupts, interruptible
+from .rundir import in_words, new_run_dir, start_stamp, write_atomic, write_json
 
 def resolve_device(name: str) -> torch.device:
     """`auto` is CUDA when present; asking for CUDA that is not there is a user error."""
@@ -140,10 +141,11 @@ class Outcome:
     folder: Path
     status: str
     summary: dict = field(default_factory=dict)
+    signal_exit: int | None = None  # 128 + the first SIGINT/SIGTERM the run received (130, 143)
 
     @property
     def exit_code(self) -> int:
-        return 130 if self.status == "interrupted" else 0
+        return self.signal_exit or (130 if self.status == "interrupted" else 0)
 
 
 STATUSES = ("completed", "diverged", "interrupted", "failed")  # every status a run ends with
@@ -205,39 +207,40 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
     steps_done, status = 0, "completed"
     model.train()
     try:
-        for step in range(t.steps):
-            # --- forward and backward (the probes read the gradients at the end of backward)
-            x, y = batches.next()
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            objective(loss, model, cfg.optim.l1).backward()
-            divergence.add(step, loss)
-            # --- clipping, then the step (the probes read the weights at the optimizer's step hooks)
-            if clip is not None:
-                total = clip(model.parameters(), cfg.clip.max)
-                if total is not None:  # norm clipping measured the gradient: check it for free
-                    divergence.add(step, total)
-            sync = host_sync(t, step)
-            if probes.logging:  # read with the statistics, in their one transfer
-                probes.attach({"loss/train": loss.detach(), "acc/train": (logits.argmax(1) == y).float().mean(),
-                               "lr": optimizer.param_groups[0]["lr"]})
-                if sync and divergence.pending:
-                    probes.attach({"_diverged": divergence.values()})
-            optimizer.step()
-            steps_done = step + 1
-            logged = probes.latest if probes.latest.get("step") == step else {}
-            if "_diverged" in logged:
-                divergence.read(logged.pop("_diverged"))
-            if due(t.eval_every, step, last):
-                loss_ev, acc_ev = evaluate(model, data.x_eval, data.y_eval)
-                board.scalars(step, {"loss/eval": loss_ev, "acc/eval": acc_ev})
-            # --- divergence is a result: stop here and say where
-            if sync and divergence.check() is not None:
-                status = "diverged"
-                break
-            progress(step + 1, {"loss": [logged["loss/train"]]} if "loss/train" in logged else {})
-            board.tick()
+        with interruptible():  # Ctrl-C, SIGTERM: stop here; a second one waits for the files
+            for step in range(t.steps):
+                # --- forward and backward (the probes read the gradients at the end of backward)
+                x, y = batches.next()
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                objective(loss, model, cfg.optim.l1).backward()
+                divergence.add(step, loss)
+                # --- clipping, then the step (the probes read the weights at the optimizer's step hooks)
+                if clip is not None:
+                    total = clip(model.parameters(), cfg.clip.max)
+                    if total is not None:  # norm clipping measured the gradient: check it for free
+                        divergence.add(step, total)
+                sync = host_sync(t, step)
+                if probes.logging:  # read with the statistics, in their one transfer
+                    probes.attach({"loss/train": loss.detach(), "acc/train": (logits.argmax(1) == y).float().mean(),
+                                   "lr": optimizer.param_groups[0]["lr"]})
+                    if sync and divergence.pending:
+                        probes.attach({"_diverged": divergence.values()})
+                optimizer.step()
+                steps_done = step + 1
+                logged = probes.latest if probes.latest.get("step") == step else {}
+                if "_diverged" in logged:
+                    divergence.read(logged.pop("_diverged"))
+                if due(t.eval_every, step, last):
+                    loss_ev, acc_ev = evaluate(model, data.x_eval, data.y_eval)
+                    board.scalars(step, {"loss/eval": loss_ev, "acc/eval": acc_ev})
+                # --- divergence is a result: stop here and say where
+                if sync and divergence.check() is not None:
+                    status = "diverged"
+                    break
+                progress(step + 1, {"loss": [logged["loss/train"]]} if "loss/train" in logged else {})
+                board.tick()
     except KeyboardInterrupt:
         status = "interrupted"
     finally:
@@ -323,14 +326,45 @@ def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Exper
         hparams_experiment: bool = True) -> Outcome:
     """Run one experiment end to end. Bad input raises ConfigError before the run folder exists.
 
-    A run that raises still leaves summary.json with status `failed` and the error, then re-raises.
+    summary.json is written last, and always: a run that raises leaves status `failed` and the error
+    in words (with its results, if training ended), then re-raises; a figure that cannot be drawn is
+    `figure_error`, not a failure. SIGINT and SIGTERM stop training as Ctrl-C does (`interrupted`),
+    and while the run writes its files any further one waits (gradexp.interrupts).
     `hparams_experiment=False`: the run's HParams session without an experiment summary of its own
     (a sweep's runs: the sweep writes one for all of them).
     """
     exp = exp or prepare(cfg)
-    folder = new_run_dir(out, cfg.name)
-    write_atomic(folder / "config.yaml", to_yaml(cfg))
-    board = Board(str(folder), cfg.name, start_stamp(folder), chart_layers=cfg.train.chart_layers)
+    with Interrupts() as signals:
+        folder = new_run_dir(out, cfg.name)
+        summary = {"status": "failed", "name": cfg.name, "steps": {"planned": cfg.train.steps}}
+        try:
+            write_atomic(folder / "config.yaml", to_yaml(cfg))
+            board = Board(str(folder), cfg.name, start_stamp(folder), chart_layers=cfg.train.chart_layers)
+            try:
+                summary = train_and_summarize(cfg, exp, board, progress_factory)
+                board.hparams({**flat(cfg), "status": summary["status"], "verdict": summary["diagnosis"]["verdict"]},
+                              hparam_metrics(summary), max(summary["steps"]["done"] - 1, 0), summary["status"],
+                              experiment=hparams_experiment)
+                figure_error = draw_figure(folder / "gradient_flow.png", cfg, summary)
+                if figure_error:
+                    summary["figure_error"] = figure_error
+            except BaseException:
+                with suppress(Exception):  # the error that stopped the run is the one to tell
+                    board.close()
+                raise
+            board.close()  # a full disk here fails the run, which keeps its results
+        except BaseException as e:
+            interrupted = isinstance(e, KeyboardInterrupt)  # one the handlers did not turn into a stop
+            summary = {**summary, "status": "interrupted" if interrupted else "failed",
+                       **({} if interrupted else {"error": in_words(e)})}
+            write_json(folder / "summary.json", summary)
+            raise
+        write_json(folder / "summary.json", summary)
+    return Outcome(folder, summary["status"], summary, signals.exit_code)
+
+
+def train_and_summarize(cfg: Config, exp: Experiment, board: Board, progress_factory) -> dict:
+    """Pre-train if asked, train, and make the run's summary."""
     started = time.time()
     # Denormal floats (below ~1.2e-38: a deep sigmoid net's first-layer gradients) make x86 CPU
     # arithmetic many times slower; flushing them to 0 is the default, restored afterwards.
@@ -343,7 +377,7 @@ def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Exper
         phases = None
         if cfg.pretrain.enabled:
             try:
-                with bars(cfg.model.depth * cfg.pretrain.steps, "pre-training") as update:
+                with interruptible(), bars(cfg.model.depth * cfg.pretrain.steps, "pre-training") as update:
                     phases = pretrain(exp.model, exp.data.x_train, cfg.pretrain, cfg.model.activation,
                                       cfg.data.batch_size, cfg.seed, board, update)
             except KeyboardInterrupt:
@@ -355,28 +389,23 @@ def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Exper
                 result = train(exp, board, update)
                 update(result["steps_done"], {"status": result["status"]})  # the bar ends where the run did
         summary = summarize(cfg, exp, result, time.time() - started)
-        summary["pretrain"] = phases
-        board.hparams({**flat(cfg), "status": summary["status"], "verdict": summary["diagnosis"]["verdict"]},
-                      hparam_metrics(summary), max(result["steps_done"] - 1, 0), summary["status"],
-                      experiment=hparams_experiment)
-        write_json(folder / "summary.json", summary)
-        first, last = summary["layers"]["first"], summary["layers"]["last"]
-        if first is not None:
-            from .report import gradient_flow_figure  # matplotlib is imported only when drawing
-
-            predicted = summary["theory"].get("predicted_act_grad_norm")
-            extra = [("predicted at init (mean-field)", predicted, dict(ls="--", color="gray"))] if predicted else None
-            gradient_flow_figure(folder / "gradient_flow.png", first, last, title=cfg.name, extra=extra,
-                                 diverged=summary["diverged"])
-    except Exception as e:
-        write_json(folder / "summary.json", {"status": "failed", "name": cfg.name, "error": f"{type(e).__name__}: {e}"})
-        raise
     finally:
-        board.close()
         if flushed:
             torch.set_flush_denormal(False)
         if chosen:
             torch.set_num_threads(threads)
-    return Outcome(folder, summary["status"], summary)
+    summary["pretrain"] = phases
+    return summary
 
 
+def draw_figure(path: Path, cfg: Config, summary: dict) -> str | None:
+    """gradient_flow.png, with the mean-field prediction where there is one; None when drawn (or
+    nothing was logged to draw), else why it could not be."""
+    first, last = summary["layers"]["first"], summary["layers"]["last"]
+    if first is None:
+        return None
+    from .report import draw_gradient_flow  # matplotlib is imported only when drawing
+
+    predicted = summary["theory"].get("predicted_act_grad_norm")
+    extra = [("predicted at init (mean-field)", predicted, dict(ls="--", color="gray"))] if predicted else None
+    return draw_gradient_flow(path, first, last, title=cfg.name, extra=extra, diverged=summary["diverged"])

@@ -1,0 +1,76 @@
+"""Ctrl-C (SIGINT) and SIGTERM during a run: the first one stops training as Ctrl-C always did (a
+KeyboardInterrupt in the loop, which ends the run `interrupted`); any later one, and any that arrives
+while the run is not in an interruptible phase (setting up, writing its files at the end), is
+recorded and waits until the run has written summary.json. So a second Ctrl-C cannot cut the writes
+short, and a SIGTERM ends the run as Ctrl-C does, with exit code 143 (128 + 15) instead of 130.
+
+    with Interrupts() as signals:       # the run
+        with interruptible():           # its training loop
+            ...
+    signals.received                    # the first signal, or None
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+# Signals handled, each with the handler Python starts with: a handler someone else set (a sweep's
+# worker ignores SIGINT; Ray sets its own) is theirs, and is left alone.
+DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+
+_active: list["Interrupts"] = []  # the run's, while it runs (signal handlers are per process)
+
+
+class Interrupts:
+    """SIGINT and SIGTERM, handled for one run (a context manager); handlers are installed only in
+    the main thread (Python delivers signals there alone) and the previous ones restored on exit."""
+
+    def __init__(self):
+        self.received: int | None = None  # the first SIGINT or SIGTERM, by number
+        self.armed = False  # inside `interruptible()`: the next signal raises KeyboardInterrupt
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "Interrupts":
+        if threading.current_thread() is threading.main_thread():
+            for number, default in DEFAULTS.items():
+                if signal.getsignal(number) is default:
+                    self._previous[number] = signal.signal(number, self._handle)
+        _active.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _active.remove(self)
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, number: int, frame) -> None:
+        if self.received is None:
+            self.received = number
+        if self.armed:  # once: the run is stopping from here on, and later signals wait
+            self.armed = False
+            raise KeyboardInterrupt
+
+    @property
+    def exit_code(self) -> int | None:
+        """128 + the signal's number (130: SIGINT, 143: SIGTERM), or None when none arrived."""
+        return None if self.received is None else 128 + self.received
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """A phase a signal may stop (training, pre-training) with a KeyboardInterrupt; one that arrived
+    before it (while the run was setting up) stops it at once. Does nothing outside `Interrupts`."""
+    current = _active[-1] if _active else None
+    if current is None or current.armed:
+        yield
+        return
+    if current.received is not None:
+        raise KeyboardInterrupt
+    current.armed = True
+    try:
+        yield
+    finally:
+        current.armed = False

@@ -1,0 +1,207 @@
+"""A run's summary.json ends true to what happened, whatever arrives when: signals (a second Ctrl-C,
+SIGTERM) to a real `gradexp run` process, and a full disk (ENOSPC injected at Python's file writes,
+as a disk that is full raises it) during training, at the end and while the figure is saved."""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import io
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import gradexp
+from conftest import CONFIGS, TINY, only_run, run_folders, summary_of
+from gradexp.board import EventFile
+from gradexp.config import load_config
+from gradexp.rundir import write_atomic
+from gradexp.train import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def leftovers(out: Path) -> list[Path]:
+    """Temporary files a run left behind (write_atomic's `.<name>.tmp`)."""
+    return [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------------------------------- signals
+
+def start_long_run(out: Path) -> tuple[subprocess.Popen, Path]:
+    """`python -m gradexp run` on a run far too long to finish, once it is training (its folder has
+    events); returns the process and its run folder."""
+    cmd = [sys.executable, "-m", "gradexp", "run", str(CONFIGS / "deep_relu.yaml"), "model.depth=3",
+           "train.steps=1000000", "train.log_every=5", "train.eval_every=0", "train.hist_every=0",
+           "--out", str(out), "-q"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        folders = run_folders(out)
+        if folders and any(p.name.startswith("events.out") for p in folders[0].iterdir()):
+            time.sleep(1.0)  # well into the loop
+            return proc, folders[0]
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("the run did not start training within 120 s")
+
+
+@pytest.mark.parametrize("signals, code", [
+    ([signal.SIGINT, 0.01, signal.SIGINT], 130),  # a second Ctrl-C while the first is handled
+    ([signal.SIGINT, 0.4, signal.SIGINT], 130),  # ... while the summary is made and matplotlib imported
+    ([signal.SIGTERM], 143),  # `kill`, a job scheduler's stop
+    ([signal.SIGTERM, 0.2, signal.SIGINT, 0.2, signal.SIGTERM], 143),
+], ids=["ctrl-c-twice-10ms", "ctrl-c-twice-400ms", "sigterm", "sigterm-then-more"])
+def test_signals_leave_an_interrupted_run_with_its_files(tmp_path, signals, code):
+    proc, folder = start_long_run(tmp_path)
+    for s in signals:
+        if isinstance(s, float):
+            time.sleep(s)
+        else:
+            proc.send_signal(s)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err, err
+    s = summary_of(folder)
+    assert s["status"] == "interrupted", s
+    assert 0 < s["steps"]["done"] < 1000000 and s["layers"]["last"] is not None
+    assert (folder / "gradient_flow.png").stat().st_size > 0 and "figure_error" not in s
+    assert not leftovers(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------- a full disk
+
+class FullDisk:
+    """Python's file writes under `root`, to files whose name contains `name`, raise ENOSPC while
+    `full` is set, as writes to a full disk do (the file itself opens)."""
+
+    def __init__(self, monkeypatch, root: Path, name: str, full: bool = True):
+        self.root, self.name, self.full = str(root), name, full
+        real_open = builtins.open
+
+        def open_(file, mode="r", *args, **kwargs):
+            f = real_open(file, mode, *args, **kwargs)
+            path = str(file)
+            if any(c in mode for c in "wax+") and path.startswith(self.root) and self.name in Path(path).name:
+                return _Limited(f, self)
+            return f
+
+        monkeypatch.setattr(builtins, "open", open_)
+        monkeypatch.setattr(io, "open", open_)  # pathlib's write_text
+
+
+class _Limited:
+    def __init__(self, f, disk: FullDisk):
+        self._f, self._disk = f, disk
+
+    def write(self, data):
+        if self._disk.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+    def __iter__(self):
+        return iter(self._f)
+
+
+def fill_at(disk: FullDisk, step_to_fill: int | None):
+    """A progress factory that fills the disk at a step of training (None: once training has ended)."""
+    @contextmanager
+    def bars(total, phase="training"):
+        def update(step, stats):
+            if step == step_to_fill if step_to_fill is not None else "status" in stats:
+                disk.full = True
+        yield update
+    return bars
+
+
+def test_write_atomic_leaves_no_temporary_file_and_says_which_file(tmp_path, monkeypatch):
+    FullDisk(monkeypatch, tmp_path, "summary.json")
+    with pytest.raises(OSError) as e:
+        write_atomic(tmp_path / "summary.json", "{}\n")
+    assert e.value.errno == errno.ENOSPC
+    assert str(e.value) == f"no space left on device while writing {tmp_path / 'summary.json'}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_during_training_is_a_failed_run_in_words(tmp_path, monkeypatch):
+    monkeypatch.setattr(EventFile, "FLUSH_SECONDS", 0.0)  # the events go to the file at every step
+    disk = FullDisk(monkeypatch, tmp_path, "events.out", full=False)
+    cfg = load_config(CONFIGS / "deep_relu.yaml", ["model.depth=3", "train.steps=40", "train.log_every=5"])
+    with pytest.raises(OSError, match="no space left on device while writing .*events.out.tfevents"):
+        run(cfg, tmp_path, progress_factory=fill_at(disk, 20))
+    s = summary_of(only_run(tmp_path))
+    assert s["status"] == "failed"
+    assert s["error"].startswith("no space left on device while writing ") and "events.out.tfevents" in s["error"]
+    assert s["steps"]["planned"] == 40
+    assert not leftovers(tmp_path)
+
+
+def test_a_full_disk_at_the_end_fails_the_run_and_keeps_its_results(tmp_path, monkeypatch):
+    # the events could not be written when the run closed them: failed, with what training measured
+    disk = FullDisk(monkeypatch, tmp_path, "events.out", full=False)
+    cfg = load_config(CONFIGS / "deep_relu.yaml", ["model.depth=3", *TINY])
+    with pytest.raises(OSError, match="no space left on device"):
+        run(cfg, tmp_path, progress_factory=fill_at(disk, None))
+    s = summary_of(only_run(tmp_path))
+    assert s["status"] == "failed" and s["error"].startswith("no space left on device while writing ")
+    assert s["steps"]["done"] == 12 and set(s["final"]) == {"loss_train", "acc_train", "loss_eval", "acc_eval"}
+    assert s["layers"]["last"]["step"] == 11
+    assert not leftovers(tmp_path)
+
+
+def test_a_full_disk_from_the_start_fails_in_words_on_the_command_line(cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(EventFile, "FLUSH_SECONDS", 0.0)
+    FullDisk(monkeypatch, tmp_path, "events.out")
+    result = cli("run", CONFIGS / "deep_relu.yaml", "model.depth=3", *TINY, "--out", tmp_path, "-q")
+    assert result.exit_code == 1
+    assert "no space left on device while writing" in result.output and "Traceback" not in result.output
+    s = summary_of(only_run(tmp_path))
+    assert s["status"] == "failed" and s["error"].startswith("no space left on device while writing ")
+    assert not leftovers(tmp_path)
+
+
+def test_a_figure_that_cannot_be_saved_leaves_the_run_completed(cli, tmp_path, monkeypatch):
+    FullDisk(monkeypatch, tmp_path, "gradient_flow.png")
+    result = cli("run", CONFIGS / "deep_relu.yaml", "model.depth=3", *TINY, "--out", tmp_path, "-q")
+    assert result.exit_code == 0, result.output
+    folder = only_run(tmp_path)
+    s = summary_of(folder)
+    assert s["status"] == "completed" and "error" not in s
+    assert s["figure_error"] == f"no space left on device while writing {folder / 'gradient_flow.png'}"
+    assert set(s["final"]) == {"loss_train", "acc_train", "loss_eval", "acc_eval"}
+    assert not (folder / "gradient_flow.png").exists()  # no half-written figure
+    assert not leftovers(tmp_path)
+
+
+def test_a_watch_whose_figure_cannot_be_saved_keeps_its_summary(tmp_path, monkeypatch):
+    FullDisk(monkeypatch, tmp_path, "gradient_flow.png")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    with gradexp.watch(model, opt, logdir=tmp_path / "w", every=1) as w:
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    s = summary_of(w.logdir)
+    assert s["status"] == "completed" and s["steps"]["done"] == 3
+    assert s["figure_error"].startswith("no space left on device while writing ")
+    assert not (w.logdir / "gradient_flow.png").exists() and not leftovers(tmp_path)
