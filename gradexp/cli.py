@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.syntax import Syntax
 
 from .config import ConfigError, load_config, to_yaml
+from .rundir import check_out
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="gradexp: see, measure and explain gradient flow in deep networks.")
@@ -52,8 +53,10 @@ def fail(e: ConfigError) -> typer.Exit:
 
 
 def print_problems(e: ConfigError) -> None:
-    """Each problem of a ConfigError on a line of its own, as typed (brackets are not rich markup)."""
-    for line in e.problems:
+    """Each problem of a ConfigError on a line of its own, as typed (brackets are not rich markup); a long
+    list is cut ('... and N more'), and so is a line that quotes a huge value."""
+    for line in e.shown():
+        line = line if len(line) <= 1000 else line[:997] + "..."
         err_console.print(f"  - {escape(line)}", highlight=False, soft_wrap=True)
 
 
@@ -89,11 +92,17 @@ def run(
     if out.exists() and not out.is_dir():
         raise fail(ConfigError(f"--out: '{out}' is a file; give a folder (it is created if missing)"))
     cfg, exp = load_experiment(config, overrides)
+    try:
+        check_out(out, cfg.name)
+    except ConfigError as e:
+        raise fail(e)
     if not quiet:
         console.print(Syntax(to_yaml(cfg), "yaml", theme="ansi_dark", background_color="default"))
     bars = None if quiet else (lambda total, label="training": progress_bar(console, total, label))
     try:
         outcome = run_experiment(cfg, out, progress_factory=bars, exp=exp)
+    except ConfigError as e:  # the run folder could not be made (what check_out cannot see: /proc)
+        raise fail(e)
     except WriteError as e:  # a full disk: no traceback to read, summary.json says `failed` where it could be written
         err_console.print(f"[bold red]error:[/bold red] {escape(str(e))}; the run failed", highlight=False,
                           soft_wrap=True)
@@ -169,7 +178,10 @@ def sweep(
         console.print(f"sweep [bold]{plan.name}[/bold]: {len(job.todo)} of {len(plan.points)} runs to do, "
                       f"{job.describe()}", highlight=False)
     bars = None if quiet else (lambda total, done: sweep_progress_bar(console, total, done))
-    outcome = sweeps.run(job, progress_factory=bars)
+    try:
+        outcome = sweeps.run(job, progress_factory=bars)
+    except ConfigError as e:  # the sweep folder could not be made (what check_out cannot see: /proc)
+        raise fail(e)
     if not quiet:
         console.print(sweeps.results_table(outcome.rows))
         for r in outcome.rows:

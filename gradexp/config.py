@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 import types
 from dataclasses import dataclass
@@ -29,12 +30,33 @@ DATASET_NAMES = ("digits", "gaussian", "spirals", "mnist", "fashion_mnist", "cif
 OPTIMIZER_NAMES = ("sgd", "momentum", "adam", "adamw")
 
 
+SHOWN_PROBLEMS = 20  # a longer list of problems is cut: "... and N more"
+SHOWN_CHARS = 60  # a value quoted in a message is cut to this many characters
+
+
 class ConfigError(Exception):
     """Bad user input: each entry of `problems` is one line naming the key, the value and what is allowed."""
 
     def __init__(self, problems: list[str] | str):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__("\n".join(self.problems))
+        super().__init__("\n".join(self.shown()))
+
+    def shown(self, limit: int = SHOWN_PROBLEMS) -> list[str]:
+        """The problems as printed: the first `limit`, then '... and N more' (20,000 unknown keys are
+        not 20,000 lines)."""
+        if len(self.problems) <= limit:
+            return self.problems
+        return self.problems[:limit] + [f"... and {len(self.problems) - limit} more"]
+
+
+def shorten(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """`value` as a message quotes it (repr for text, so control characters show as escapes), cut to
+    `limit` characters with '...': a 10 MB name is not echoed whole."""
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class _Section(BaseModel):
@@ -52,6 +74,16 @@ class _Section(BaseModel):
                     raise ValueError(f".{key}: expected a number (got {str(value).lower()})")
         return data
 
+    @model_validator(mode="after")
+    def _float32_sized(self) -> Any:
+        # The model trains in float32 (or float64): a number float32 cannot hold (optim.lr=1e308) would
+        # overflow inside torch, or in the init's arithmetic, with a traceback instead of a message.
+        for key, field in type(self).model_fields.items():
+            value = getattr(self, key)
+            if field.annotation is float and abs(value) > FLOAT32_MAX:
+                raise ValueError(f".{key}: at most {FLOAT32_MAX:.4g}, the largest float32 (got {value:g})")
+        return self
+
 
 # Every field has a description: `gradexp keys` and the README's table of keys are made from them.
 
@@ -61,7 +93,8 @@ class DataConfig(_Section):
         "file without importing it, ~0.9 s saved a run); `gaussian`, `spirals`: synthetic; `mnist`, "
         "`fashion_mnist`, `cifar10`: read from their files under `data.root`")
     batch_size: int = Field(128, ge=1, description="examples per optimizer step")
-    n_train: int | None = Field(None, ge=1, description="training examples (null: the dataset's own split; "
+    n_train: int | None = Field(None, ge=2, description="training examples, at least 2 (the inputs are "
+                                                         "standardised by their spread; null: the dataset's own split; "
                                                          "digits: 80% of it, gaussian and spirals: 2048)")
     n_eval: int | None = Field(None, ge=1, description="held-out examples (null: the dataset's own split; "
                                                         "digits: 20% of it, gaussian and spirals: 512)")
@@ -77,7 +110,7 @@ class DataConfig(_Section):
                                               "`data.root` (never unless true)")
 
 
-_TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_TARGET = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 BUILT_IN_KEYS = ("depth", "width", "activation", "norm", "residual", "init", "init_gain", "bias_init")
 
 
@@ -111,8 +144,8 @@ class ModelConfig(_Section):
         if self.kind == "custom":
             if self.target is None:
                 raise ValueError(".target: model.kind=custom needs model.target='package.module:factory'")
-            if not _TARGET.match(self.target):
-                raise ValueError(f".target: expected 'package.module:factory' (got {self.target!r})")
+            if not _TARGET.fullmatch(self.target):
+                raise ValueError(f".target: expected 'package.module:factory' (got {shorten(self.target)})")
             unused = [k for k in BUILT_IN_KEYS if k in self.model_fields_set]
             if unused:
                 raise ValueError(f".{unused[0]}: not used by model.kind=custom (its factory builds the whole "
@@ -188,7 +221,7 @@ class DiagnosisConfig(_Section):
     exploding_above: float = Field(1e2, gt=1, description="first/last gradient ratio above this: exploding")
 
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # What a validator allows, said once: in its error message and in `gradexp keys` (a field's "allowed").
 NAME_RULE = "1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
 DEVICE_RULE = "auto, cpu, cuda or cuda:N"
@@ -197,7 +230,9 @@ DEVICE_RULE = "auto, cpu, cuda or cuda:N"
 class Config(_Section):
     name: str = Field("experiment", description="run name: the folder under `--out`",
                       json_schema_extra={"allowed": NAME_RULE})
-    seed: int = Field(0, description="seeds the init, the data split and synthetic data, and batch order")
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds the init, the data split and synthetic data, and batch "
+                                                      "order (torch's generator keeps 32 bits: 2^32 would be seed 0)",
+                      json_schema_extra={"allowed": "integer in [0, 4294967295]"})
     device: str = Field("auto", description="`auto`: CUDA when present, else the CPU",
                         json_schema_extra={"allowed": DEVICE_RULE})
     precision: Literal["float32", "float64"] = Field(
@@ -222,25 +257,80 @@ class Config(_Section):
     @classmethod
     def _safe_name(cls, v: str) -> str:
         # The name becomes a folder under --out: it must not be able to escape it.
-        if not _NAME.match(v) or len(v) > 100:
+        if not _NAME.fullmatch(v) or len(v) > 100:  # fullmatch: '$' would let a trailing newline through
             raise ValueError(f"must be {NAME_RULE}")
         return v
 
     @field_validator("device")
     @classmethod
     def _device_syntax(cls, v: str) -> str:
-        if not re.match(r"^(auto|cpu|cuda|cuda:\d+)$", v):
+        if not re.fullmatch(r"auto|cpu|cuda|cuda:[0-9]+", v):
             raise ValueError(f"must be {DEVICE_RULE}")
         return v
 
 
 # ---------------------------------------------------------------------------------------------- loading
 
+class Loader(yaml.SafeLoader):
+    """The safe loader, stricter in two ways that make a typo run a different experiment silently:
+    a key repeated in one mapping is refused (else the last one wins), and YAML 1.1's base-60 numbers
+    are text (`depth: 1:20` would be 80)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {shorten(key)} (first on line {seen[key]})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+            except TypeError:  # an unhashable key: the constructor itself refuses it
+                continue
+        return super().construct_mapping(node, deep)
+
+
+# YAML 1.1's int and float patterns without their base-60 forms (1:20, 1:20.5)
+_INT = re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$")
+_FLOAT = re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+                    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+Loader.yaml_implicit_resolvers = {
+    first: [(tag, {"tag:yaml.org,2002:int": _INT, "tag:yaml.org,2002:float": _FLOAT}.get(tag, rx))
+            for tag, rx in resolvers]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+MAX_DEPTH = 32  # a config is 2 levels deep, a sweep file 4; Python's stack ends near 1000 (RecursionError)
+
+
+def yaml_load(text: str) -> Any:
+    """YAML text through `Loader`; nesting deeper than MAX_DEPTH is a YAMLError like any other."""
+    try:
+        value = yaml.load(text, Loader=Loader)
+    except RecursionError:
+        value = None
+    else:
+        stack, deepest = [(value, 1)], {}  # deepest: id -> depth seen (aliases share a node)
+        while stack:  # without recursion: what is checked here could be too deep for the stack
+            node, depth = stack.pop()
+            if not isinstance(node, (dict, list)) or deepest.get(id(node), 0) >= depth:
+                continue
+            if depth > MAX_DEPTH:
+                break
+            deepest[id(node)] = depth
+            stack += [(v, depth + 1) for v in (node.values() if isinstance(node, dict) else node)]
+        else:
+            return value
+    raise yaml.YAMLError(f"nested more than {MAX_DEPTH} levels deep")
+
+
 def yaml_scalar(text: str) -> Any:
     """A command-line value parsed as a YAML scalar: 5 -> int, true -> bool, relu -> str; '' and what
     YAML cannot read stay the text."""
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        return yaml_load(text) if text != "" else ""
     except yaml.YAMLError:
         return text
 
@@ -277,10 +367,16 @@ def _fields_at(path: tuple[str, ...]) -> list[str] | None:
     return list(model.model_fields)
 
 
+def _cut(text: str, limit: int = SHOWN_CHARS) -> str:
+    """Text cut to `limit` characters with '...' (a key as typed, not quoted)."""
+    text = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _unknown_key(path: tuple[str, ...]) -> str:
     known = _fields_at(path[:-1]) or []
-    where = ".".join(path)
-    hint = difflib.get_close_matches(path[-1], known, n=1)
+    where = ".".join(_cut(p) for p in path)
+    hint = difflib.get_close_matches(path[-1], known, n=1) if len(path[-1]) <= 100 else []
     msg = f"{where}: unknown key"
     if hint:
         msg += f" (did you mean '{'.'.join(path[:-1] + (hint[0],))}'?)"
@@ -293,11 +389,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     parsed, problems = {}, []
     for item in overrides:
         if "=" not in item:
-            problems.append(f"override '{item}': expected key.path=value, e.g. model.depth=10")
+            problems.append(f"override '{_cut(item)}': expected key.path=value, e.g. model.depth=10")
             continue
         key, value = item.split("=", 1)
         if not all(key.strip().split(".")):
-            problems.append(f"override '{item}': empty key")
+            problems.append(f"override '{_cut(item)}': empty key")
             continue
         parsed[key.strip()] = yaml_scalar(value)
     if problems:
@@ -313,7 +409,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def _describe(err: dict) -> str:
-    path = tuple(str(p) for p in err["loc"])
+    path = tuple(shorten(p, 40) if not isinstance(p, str) else _cut(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         return _unknown_key(path)
     where = ".".join(path)
@@ -325,7 +421,7 @@ def _describe(err: dict) -> str:
         return f"{where}{msg}"
     if isinstance(got, (dict, list)):
         return f"{where}: {msg}"
-    return f"{where}: {msg} (got {got!r})"
+    return f"{where}: {msg} (got {shorten(got)})"
 
 
 def validate(raw: Any) -> Config:
@@ -341,12 +437,20 @@ def validate(raw: Any) -> Config:
 
 
 def read_yaml(path: str | Path) -> Any:
-    """Read a YAML file with the safe loader; syntax errors become ConfigError naming the line."""
+    """Read a UTF-8 YAML file with the safe `Loader`; syntax errors (and duplicate keys) become
+    ConfigError naming the line."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        return yaml.safe_load(p.read_text())
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: config files must be UTF-8; byte {e.start} is not (0x{e.object[e.start]:02x}; "
+                          "a UTF-16 or Latin-1 file? save it as UTF-8)") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot be read ({e.strerror})") from None
+    try:
+        return yaml_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(p)

@@ -44,13 +44,24 @@ def _standardize(x_train: torch.Tensor, x_eval: torch.Tensor) -> tuple[torch.Ten
 
 def _split(x: torch.Tensor, y: torch.Tensor, n_train: int | None, n_eval: int | None, g: torch.Generator,
            eval_fraction: float = 0.2) -> Split:
+    check_split(len(x), n_train, n_eval, eval_fraction)
     perm = torch.randperm(len(x), generator=g)
     n_ev = n_eval or max(1, int(len(x) * eval_fraction))
     n_tr = n_train or len(x) - n_ev
-    if n_tr + n_ev > len(x):
-        raise ConfigError(f"data.n_train + data.n_eval: {n_tr} + {n_ev} is more than the {len(x)} examples there are")
     tr, ev = perm[:n_tr], perm[n_tr:n_tr + n_ev]
     return x[tr], y[tr], x[ev], y[ev]
+
+
+def check_split(n: int, n_train: int | None, n_eval: int | None, eval_fraction: float = 0.2) -> None:
+    """Refuse a split of `n` examples that leaves fewer than 2 for training (the inputs are standardised
+    by the training split's spread) or asks for more than there are, with the counts."""
+    n_ev = n_eval or max(1, int(n * eval_fraction))
+    if n_train is None and n_ev > n - 2:
+        raise ConfigError(f"data.n_eval: {n_ev} leaves {max(n - n_ev, 0)} of the {n} examples for training; "
+                          f"at most {n - 2} (at least 2 train)")
+    n_tr = n_train or n - n_ev
+    if n_tr + n_ev > n:
+        raise ConfigError(f"data.n_train + data.n_eval: {n_tr} + {n_ev} is more than the {n} examples there are")
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,6 +149,26 @@ DATASETS = {
     "fashion_mnist": load_images,
     "cifar10": load_images,
 }
+
+
+# What each dataset holds, known before loading it: (training, held-out) examples, input shape, classes.
+# Digits' split is 80/20 of 1797; the synthetic sets are made to the size asked.
+SHAPES = {
+    "digits": ((1438, 359), (1, 8, 8), 10),
+    "mnist": ((60000, 10000), (1, 28, 28), 10),
+    "fashion_mnist": ((60000, 10000), (1, 28, 28), 10),
+    "cifar10": ((50000, 10000), (3, 32, 32), 10),
+}
+
+
+def planned(cfg: DataConfig) -> tuple[int, int, tuple[int, ...], int]:
+    """(training examples, held-out examples, input shape, classes) of the configured dataset, from the
+    config alone (for the memory estimate made before anything is loaded)."""
+    if cfg.name in SHAPES:
+        (n_tr, n_ev), shape, classes = SHAPES[cfg.name]
+        return cfg.n_train or n_tr, cfg.n_eval or n_ev, shape, classes
+    shape = (cfg.dim,) if cfg.name == "gaussian" else (2,)
+    return cfg.n_train or 2048, cfg.n_eval or 512, shape, cfg.classes
 
 
 def load_dataset(cfg: DataConfig, seed: int) -> Dataset:

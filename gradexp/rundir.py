@@ -11,13 +11,33 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from .config import ConfigError
 
-def new_run_dir(out: str | Path, name: str) -> Path:
-    """Create a new, empty run folder. `name` is validated by the config and cannot leave `out`."""
+
+def check_out(out: str | Path, name: str) -> Path:
+    """The folder `<out>/<name>` that run folders go in, checked before anything runs: ConfigError when
+    it would leave `out` (a symlink there pointing elsewhere), lies under a file, or cannot be created
+    (a read-only file system, no permission)."""
     root = Path(out).resolve()
     parent = (root / name).resolve()
     if root != parent and root not in parent.parents:
-        raise ValueError(f"run name {name!r} would leave the output folder {root}")
+        raise ConfigError(f"--out: {root / name} is a link to {parent}, outside {root}; a run folder is made "
+                          f"only inside --out: remove the link or give another --out or name")
+    existing = parent
+    while not existing.exists():  # the deepest part of the path that is there already
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--out: {existing} is a file, so {parent} cannot be made; give a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out: cannot create folders in {existing} (read-only or no permission); give a "
+                          "writable folder")
+    return parent
+
+
+def new_run_dir(out: str | Path, name: str) -> Path:
+    """Create a new, empty run folder. `name` is validated by the config and cannot leave `out`;
+    a folder that cannot be made is a ConfigError (check_out says why)."""
+    parent = check_out(out, name)
     for _ in range(10):
         path = parent / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         try:
@@ -25,6 +45,8 @@ def new_run_dir(out: str | Path, name: str) -> Path:
             return path
         except FileExistsError:
             continue
+        except OSError as e:  # what os.access does not see: /proc, a full disk, root on a read-only mount
+            raise ConfigError(f"--out: cannot create {path} ({e.strerror}); give a writable folder") from None
     raise FileExistsError(f"could not create a new run folder under {parent}")
 
 

@@ -33,9 +33,9 @@ from typing import Any, Callable
 import yaml
 
 from . import __version__
-from .config import (Config, ConfigError, flat, flatten, load_config, parse_overrides, read_yaml, set_key, validate,
-                     yaml_scalar)
-from .rundir import new_run_dir, write_atomic, write_json
+from .config import (Config, ConfigError, flat, flatten, load_config, parse_overrides, read_yaml, set_key, shorten,
+                     validate, yaml_scalar)
+from .rundir import check_out, new_run_dir, write_atomic, write_json
 
 DEFAULT_SWEEP = Path("configs/sweep.yaml")
 SWEEP_KEYS = ("name", "base", "grid", "runs", "seeds")
@@ -309,9 +309,18 @@ def resume_plan(folder: str | Path) -> Plan:
     if not path.is_file():
         raise ConfigError(f"--resume {folder}: no plan.json there; expected a sweep folder "
                           "(<out>/<sweep name>/<stamp>/)")
-    saved = json.loads(path.read_text())
-    return Plan(saved["name"], saved["base"], [Point(**p) for p in saved["points"]], saved.get("spec", {}),
-                saved.get("overrides", {}))
+    try:
+        saved = json.loads(path.read_bytes().decode("utf-8"))
+        plan = Plan(saved["name"], saved["base"], [Point(**p) for p in saved["points"]], saved.get("spec", {}),
+                    saved.get("overrides", {}))
+        if not (isinstance(plan.name, str) and isinstance(plan.base, dict) and isinstance(plan.spec, dict)
+                and isinstance(plan.overrides, dict) and all(isinstance(p.name, str) and isinstance(p.overrides, dict)
+                                                              for p in plan.points)):
+            raise TypeError("a value of the wrong type")
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"--resume {folder}: plan.json is not a plan gradexp wrote ({type(e).__name__}: "
+                          f"{shorten(str(e))}); start the sweep again") from None
+    return plan
 
 
 # -------------------------------------------------------------------------------------------- a worker
@@ -529,6 +538,11 @@ def prepare(plan: Plan, out: str | Path = "runs", resume: str | Path | None = No
             problems.append(f"--workers: must be at least 1 (got {workers})")
     if (cpus_per_run is not None and cpus_per_run <= 0) or (gpus_per_run is not None and gpus_per_run < 0):
         problems.append("--cpus-per-run must be > 0 and --gpus-per-run >= 0")
+    if resume is None:
+        try:
+            check_out(out, plan.name)
+        except ConfigError as e:
+            problems += e.problems
     if problems:
         raise ConfigError(problems)
     root = Path(resume) if resume is not None else None

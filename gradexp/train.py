@@ -23,6 +23,7 @@ from .board import Board, layer_name
 from .config import Config, ConfigError, TrainConfig, flat, to_yaml
 from .data import Batches, Dataset, load_dataset
 from .diagnosis import diagnose, watched_context
+from .memory import check_fits
 from .models import Net, build_model, check_output, multiply_adds
 from .pretrain import pretrain
 from .optim import CLIPPERS, OPTIMIZERS
@@ -55,6 +56,7 @@ class Experiment:
 def prepare(cfg: Config) -> Experiment:
     """Everything that can fail on bad input, before any file is written."""
     device = resolve_device(cfg.device)
+    check_fits(cfg, device)  # before allocating: width=1000000 is refused with its size, not a MemoryError
     data = load_dataset(cfg.data, cfg.seed)
     torch.manual_seed(cfg.seed)
     try:

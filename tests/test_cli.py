@@ -59,7 +59,7 @@ def test_keys_lists_every_key_of_the_schema_with_its_default_and_meaning(cli):
             assert allowed == ", ".join(get_args(annotation)), (key, allowed)
     assert "| `model.depth` | integer in [1, 1000] | `20` |" in table
     assert "| `optim.momentum` | number in [0, 1) | `0.9` |" in table
-    assert "| `data.n_train` | integer >= 1 or null | `null` |" in table
+    assert "| `data.n_train` | integer >= 2 or null | `null` |" in table
 
 
 def test_keys_of_a_section_and_an_unknown_one(cli):

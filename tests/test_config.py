@@ -3,6 +3,8 @@ message naming the key, the value and what is allowed, exit code 2, and no run f
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -137,3 +139,101 @@ def test_out_that_is_a_file_is_refused(cli, tmp_path):
     result = cli("run", CONFIGS / "deep_relu.yaml", *TINY, "--out", target)
     assert result.exit_code == 2 and "is a file" in result.output
     assert target.read_text() == "mine"
+
+
+# ------------------------------------------------------------------ issue 14: inputs refused up front
+
+@pytest.mark.parametrize("overrides, must_say", [
+    (["seed=4294967296"], ["seed", "less than 4294967296"]),  # torch keeps 32 bits: it would be seed 0
+    (["seed=-1"], ["seed", "greater than or equal to 0"]),
+    (["seed=9223372036854775807"], ["seed", "less than 4294967296"]),
+    (["seed=18446744073709551616"], ["seed"]),  # outside 64 bits: a traceback inside torch before
+    (["optim.lr=1e308"], ["optim.lr", "largest float32"]),
+    (["optim.weight_decay=1e308"], ["optim.weight_decay", "largest float32"]),
+    (["clip.mode=value", "clip.max=1e308"], ["clip.max", "largest float32"]),
+    (["model.init_gain=1e308"], ["model.init_gain", "largest float32"]),
+    (["model.width=1000000"], ["model.width", "TB", "free on cpu"]),
+    (["data.name=gaussian", "data.dim=1000000000"], ["data.dim", "TB", "free on cpu"]),
+    (["data.n_eval=1797"], ["data.n_eval", "1797", "leaves 0", "at most 1795"]),  # no training set left
+    (["data.n_eval=2000"], ["data.n_eval", "2000", "1797"]),  # ran with 203 eval examples before
+    (["data.n_train=1"], ["data.n_train", "greater than or equal to 2"]),  # NaN std, "exploding"
+    (["model.depth=1:20"], ["model.depth", "'1:20'"]),  # YAML 1.1 base 60: depth 80 before
+    (["name=" + "x" * 200], ["name", "'xxxx", "..."]),
+])
+def test_bad_input_of_issue_14_is_refused_with_exit_2_and_nothing_written(cli, tmp_path, overrides, must_say):
+    result = cli("run", CONFIGS / "deep_sigmoid.yaml", *overrides, *TINY, "--out", tmp_path)
+    assert result.exit_code == 2, result.output
+    for text in must_say:
+        assert text in result.output, (text, result.output)
+    assert "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dataset_or_logits_larger_than_memory_is_refused_naming_the_size():
+    from gradexp.memory import check_fits
+
+    cfg = load_config(CONFIGS / "deep_sigmoid.yaml", ["data.name=spirals", "data.classes=1000000"])
+    with pytest.raises(ConfigError, match=r"data.classes: .*about 34.8 GB .*logits: 32.8 GB.*8.0 GB free on cpu"):
+        check_fits(cfg, torch.device("cpu"), free=8_000_000_000)
+    check_fits(load_config(CONFIGS / "deep_sigmoid.yaml"), torch.device("cpu"), free=100_000_000)  # 8 MB: fits
+
+
+@pytest.mark.parametrize("text, encoding, must_say", [
+    ("name: x\ndevice: \"cpu\\n\"\n", "utf-8", ["device", "'cpu\\n'", "auto, cpu"]),
+    ("name: \"run\\n\"\n", "utf-8", ["name", "'run\\n'", "letters, digits"]),  # made such a folder before
+    ("name: x\nmodel:\n  depth: 3\n  width: 8\n  depth: 5\n", "utf-8", ["duplicate key 'depth'", "line 5",
+                                                                      "first on line 3"]),
+    ("model:\n  depth: 1:20\n", "utf-8", ["model.depth", "'1:20'"]),
+    ("name: x\n# é\n", "utf-16", ["must be UTF-8"]),
+    ("name: x\n# é\n", "latin-1", ["must be UTF-8", "0xe9"]),
+    ("a:\n" + "".join(" " * (i + 1) + "a:\n" for i in range(1000)), "utf-8", ["nested more than 32 levels"]),
+    ("[" * 1000 + "]" * 1000, "utf-8", ["nested more than 32 levels"]),
+], ids=["device-newline", "name-newline", "duplicate-key", "sexagesimal", "utf-16", "latin-1", "deep-block",
+        "deep-flow"])
+def test_bad_config_file_of_issue_14_is_refused(cli, tmp_path, text, encoding, must_say):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(text.encode(encoding))
+    result = cli("run", path, *TINY, "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    for message in must_say:
+        assert message in result.output, (message, result.output)
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_huge_value_is_shortened_and_a_long_list_of_problems_is_cut(cli, tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"name": "n" * 10_000_000, **{f"k{i}": 1 for i in range(20_000)}}))
+    result = cli("run", path, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert len(result.output) < 5000 and "... and 19981 more" in result.output, result.output[:3000]
+    assert "'nnnnnnnn" in result.output and "n" * 100 not in result.output
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "proc", "symlink-out-of-out"])
+def test_an_out_folder_that_cannot_hold_the_run_is_refused(cli, tmp_path, where):
+    if where == "under-a-file":
+        (tmp_path / "somefile").write_text("mine")
+        out = tmp_path / "somefile" / "sub"
+    elif where == "proc":
+        out = Path("/proc/x")
+        if not Path("/proc").is_dir():
+            pytest.skip("no /proc here")
+    else:
+        out = tmp_path / "out"
+        out.mkdir()
+        (tmp_path / "elsewhere").mkdir()
+        (out / "deep_sigmoid").symlink_to(tmp_path / "elsewhere")
+    result = cli("run", CONFIGS / "deep_sigmoid.yaml", *TINY, "--out", out)
+    assert result.exit_code == 2 and "--out" in result.output, result.output
+    assert "Traceback" not in result.output
+    made = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    assert made in ([], ["somefile"], ["elsewhere", "out", "out/deep_sigmoid"]), made
+
+
+@pytest.mark.parametrize("text", ["garbage", "[]", "{}", '{"name": "a", "base": {}, "points": [1]}',
+                                  '{"name": "a", "base": [], "points": []}'])
+def test_a_corrupt_sweep_plan_is_refused_on_resume(cli, tmp_path, text):
+    (tmp_path / "plan.json").write_text(text)
+    result = cli("sweep", "--resume", tmp_path)
+    assert result.exit_code == 2 and "plan.json" in result.output, result.output
+    assert "Traceback" not in result.output
