@@ -697,16 +697,22 @@ class Watcher:
         logged = [s for s in self.logged if before is None or s["step"] < before] or self.logged[:1]
         return (logged[0], logged[-1]) if logged else (None, None)
 
-    def profile_images(self, title: str, diverged: dict | None = None) -> None:
+    def profile_images(self, title: str, diverged: dict | None = None) -> str | None:
         """The gradient-flow profile at up to IMAGE_FRAMES logged steps, as TensorBoard images
-        (board.PROFILE_SECTION): drawn when the run ends, not while it trains (~50 ms a frame)."""
+        (board.PROFILE_SECTION): drawn when the run ends, not while it trains (~0.13 s a frame).
+        None when written (or nothing to draw), else why they could not be drawn, in words."""
         if self.board is None or not self.profiles:
-            return
+            return None
         from .board import IMAGE_FRAMES
         from .report import profile_frames  # matplotlib is imported only when drawing
+        from .rundir import in_words
 
-        self.board.profile_images(profile_frames(self.profiles, self.names, title, IMAGE_FRAMES,
-                                                 diverged or self.diverged))
+        try:
+            frames = profile_frames(self.profiles, self.names, title, IMAGE_FRAMES, diverged or self.diverged)
+        except Exception as e:  # a run's result does not depend on its pictures
+            return f"TensorBoard's profile images: {in_words(e)}"
+        self.board.profile_images(frames)
+        return None
 
     def layer_info(self) -> dict:
         """What the summary says of the layers."""

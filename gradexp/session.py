@@ -104,13 +104,13 @@ class Watch:
             if first is not None:
                 from .report import draw_gradient_flow  # matplotlib is imported only when drawing
 
-                figure_error = draw_gradient_flow(self.logdir / "gradient_flow.png", first, last, title=self.name,
-                                                  names=self.probes.names, diverged=self.probes.diverged)
-                if figure_error:  # the loop's result stands; the summary says why there is no figure
-                    summary["figure_error"] = figure_error
+                errors = [draw_gradient_flow(self.logdir / "gradient_flow.png", first, last, title=self.name,
+                                             names=self.probes.names, diverged=self.probes.diverged),
+                          self.probes.profile_images(self.name)]
+                if any(errors):  # the loop's result stands; the summary says why there is no figure
+                    summary["figure_error"] = "; ".join(e for e in errors if e)
             self._summary = summary
             write_json(self.logdir / "summary.json", summary)
-            self.probes.profile_images(self.name)
         finally:
             self.board.close()
             self.probes.closed = True

@@ -255,10 +255,9 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
         diverged = {"step": bad, "first_nonfinite_layer": first_nonfinite_layer(probes.layers)}
         steps_done = bad + 1
         first, last_snap = probes.snapshots(before=bad)
-    probes.profile_images(cfg.name, diverged)
     kernel = probes.probe_kernel(not_float32=cfg.precision != "float32")
     return {"status": status, "steps_done": steps_done, "first": first, "last": last_snap, "diverged": diverged,
-            "probe_kernel": kernel, "layers": probes.layer_info()}
+            "probe_kernel": kernel, "layers": probes.layer_info(), "watcher": probes}
 
 
 def layer_snapshot(snap: dict | None) -> dict | None:
@@ -343,13 +342,14 @@ def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Exper
             write_atomic(folder / "config.yaml", to_yaml(cfg))
             board = Board(str(folder), cfg.name, start_stamp(folder), chart_layers=cfg.train.chart_layers)
             try:
-                summary = train_and_summarize(cfg, exp, board, progress_factory)
+                summary, watcher = train_and_summarize(cfg, exp, board, progress_factory)
                 board.hparams({**flat(cfg), "status": summary["status"], "verdict": summary["diagnosis"]["verdict"]},
                               hparam_metrics(summary), max(summary["steps"]["done"] - 1, 0), summary["status"],
                               experiment=hparams_experiment)
-                figure_error = draw_figure(folder / "gradient_flow.png", cfg, summary)
-                if figure_error:
-                    summary["figure_error"] = figure_error
+                errors = [draw_figure(folder / "gradient_flow.png", cfg, summary),
+                          watcher.profile_images(cfg.name, summary["diverged"]) if watcher is not None else None]
+                if any(errors):
+                    summary["figure_error"] = "; ".join(e for e in errors if e)
             except BaseException:
                 with suppress(Exception):  # the error that stopped the run is the one to tell
                     board.close()
@@ -365,8 +365,9 @@ def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Exper
     return Outcome(folder, summary["status"], summary, signals.exit_code)
 
 
-def train_and_summarize(cfg: Config, exp: Experiment, board: Board, progress_factory) -> dict:
-    """Pre-train if asked, train, and make the run's summary."""
+def train_and_summarize(cfg: Config, exp: Experiment, board: Board, progress_factory) -> tuple[dict, Watcher | None]:
+    """Pre-train if asked, train, and make the run's summary; the probes too (None if nothing was trained),
+    whose profile images are drawn once the summary is made."""
     started = time.time()
     # Denormal floats (below ~1.2e-38: a deep sigmoid net's first-layer gradients) make x86 CPU
     # arithmetic many times slower; flushing them to 0 is the default, restored afterwards.
@@ -397,7 +398,7 @@ def train_and_summarize(cfg: Config, exp: Experiment, board: Board, progress_fac
         if chosen:
             torch.set_num_threads(threads)
     summary["pretrain"] = phases
-    return summary
+    return summary, result.get("watcher")
 
 
 def draw_figure(path: Path, cfg: Config, summary: dict) -> str | None:
