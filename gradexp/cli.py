@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -164,6 +165,9 @@ def sweep(
                       f"{job.describe()}", highlight=False)
     bars = None if quiet else (lambda total, done: sweep_progress_bar(console, total, done))
     outcome = sweeps.run(job, progress_factory=bars)
+    if outcome.interrupted:  # the summaries are written: a second Ctrl-C would only cut the printing short
+        for sig in sweeps.STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
     if not quiet:
         console.print(sweeps.results_table(outcome.rows))
         for r in outcome.rows:
