@@ -160,6 +160,9 @@ def sweep(
         job = sweeps.prepare(plan, out, resume, executor.value, workers, address, cpus_per_run, gpus_per_run)
     except ConfigError as e:
         raise fail(e)
+    except sweeps.Busy as e:
+        err_console.print(f"[bold red]error:[/bold red] --resume {escape(str(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
     if not quiet:
         console.print(f"sweep [bold]{plan.name}[/bold]: {len(job.todo)} of {len(plan.points)} runs to do, "
                       f"{job.describe()}", highlight=False)

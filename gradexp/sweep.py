@@ -520,6 +520,7 @@ class Job:
     address: str | None = None
     cpus_per_run: float = 1.0
     gpus_per_run: float = 0.0
+    lock: Any = None  # the sweep folder's lock (an open file): a resume's is taken before reading which points are done
 
     def describe(self) -> str:
         """How the points will run, for the terminal."""
@@ -578,23 +579,56 @@ def prepare(plan: Plan, out: str | Path = "runs", resume: str | Path | None = No
     if problems:
         raise ConfigError(problems)
     root = Path(resume) if resume is not None else None
+    held = lock(root) if root is not None else None  # Busy if another sweep runs there
     todo = [p for p in plan.points if root is None or attempt(root, p)[1].get("status") not in DONE]
     n = cores()
     procs = max(1, min(workers or n, len(todo) or 1))
     return Job(plan, configs, Path(out), root, todo, executor, procs, max(1, n // procs), address,
-               cpus_per_run or 1.0, gpus_per_run or 0.0)
+               cpus_per_run or 1.0, gpus_per_run or 0.0, held)
+
+
+LOCK = "sweep.lock"
+
+
+class Busy(Exception):
+    """Another process runs a sweep in the folder (holds its lock)."""
+
+
+def lock(root: Path):
+    """The sweep folder's lock: an exclusive flock on `<root>/sweep.lock`, which holds the taker's pid.
+    Held while the returned file is open; the OS releases it when the process ends, however it ends.
+    Raises Busy, naming the folder and the holder's pid, when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    f = open(root / LOCK, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "unknown"
+        f.close()
+        raise Busy(f"{root}: another sweep is running in this folder (pid {pid}); let it end or stop it, "
+                   "then resume") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def run(job: Job, progress_factory=None) -> SweepOutcome:
     """Make (or reuse) the sweep folder, run every point still to do, read the results back and write
     summary.csv, summary.json and gradient_flow.png. SIGINT (Ctrl-C, once or more) or SIGTERM stops it
     cleanly: finished runs kept, running ones `interrupted`, every worker ended before the summaries are
-    written."""
+    written. The sweep folder is locked (`lock`) until it returns."""
     received: list[int] = []
     previous = _catch_signals(received)
     try:
         return _run(job, progress_factory, received)
     finally:
+        if job.lock is not None:
+            job.lock.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -603,6 +637,7 @@ def _run(job: Job, progress_factory, received: list[int]) -> SweepOutcome:
     plan = job.plan
     if job.resume is None:
         root = new_run_dir(job.out, plan.name)
+        job.lock = lock(root)
         save_plan(plan, root)
     else:
         root = job.resume

@@ -5,6 +5,7 @@ and the Ray executor on a local instance."""
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
 import re
@@ -459,8 +460,30 @@ def test_ctrl_c_twice_stops_the_sweep_process_and_its_summary_says_what_its_runs
         assert_stopped(proc, 130, tmp_path)
 
 
-def test_sigterm_stops_the_sweep_process_and_its_workers(tmp_path):
+def test_sigterm_stops_the_sweep_process_and_its_workers_and_a_resume_meanwhile_is_refused(tmp_path):
     with sweep_process(tmp_path, *LONG, "--workers", "2") as proc:
+        root = sweep_folder(tmp_path)
+        with pytest.raises(sweeps.Busy, match=f"{root}: .*pid {proc.pid}"):  # the running sweep holds the lock
+            sweeps.prepare(sweeps.resume_plan(root), resume=root)
         proc.send_signal(signal.SIGTERM)  # to the sweep process only, as `kill PID` sends it
         assert_stopped(proc, 143, tmp_path)
 
+
+def test_a_second_resume_of_a_folder_is_refused_and_writes_nothing(cli, tmp_path):
+    plan = sweeps.load_plan(CONFIGS / "deep_relu.yaml", ["model.depth=2,3", *TINY])
+    root = tmp_path / "deep_relu" / "20260101-000000-abcdef"
+    root.mkdir(parents=True)
+    sweeps.save_plan(plan, root)
+    with open(root / "sweep.lock", "w") as held:  # what another process's sweep holds while it runs
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242\n")
+        held.flush()
+        before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+        result = cli("sweep", "--resume", root, "--workers", "1")
+        assert result.exit_code == 2, result.output
+        assert "(pid 4242)" in result.output and str(root) in result.output.replace("\n", "")
+        assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
+    # released (as the OS releases it when its holder dies): a resume takes it, and says who holds it
+    job = sweeps.prepare(sweeps.resume_plan(root), resume=root)
+    assert (root / "sweep.lock").read_text() == f"{os.getpid()}\n"
+    job.lock.close()
