@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -174,6 +175,9 @@ def sweep(
         job = sweeps.prepare(plan, out, resume, executor.value, workers, address, cpus_per_run, gpus_per_run)
     except ConfigError as e:
         raise fail(e)
+    except sweeps.Busy as e:
+        err_console.print(f"[bold red]error:[/bold red] --resume {escape(str(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
     if not quiet:
         console.print(f"sweep [bold]{plan.name}[/bold]: {len(job.todo)} of {len(plan.points)} runs to do, "
                       f"{job.describe()}", highlight=False)
@@ -182,6 +186,9 @@ def sweep(
         outcome = sweeps.run(job, progress_factory=bars)
     except ConfigError as e:  # the sweep folder could not be made (what check_out cannot see: /proc)
         raise fail(e)
+    if outcome.interrupted:  # the summaries are written: a second Ctrl-C would only cut the printing short
+        for sig in sweeps.STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
     if not quiet:
         console.print(sweeps.results_table(outcome.rows))
         for r in outcome.rows:

@@ -325,14 +325,17 @@ def resume_plan(folder: str | Path) -> Plan:
 
 # -------------------------------------------------------------------------------------------- a worker
 
-_STOP = None  # in a local worker process: the sweep's stop event, set by the parent on Ctrl-C
+_STOP = None  # in a local worker process: the sweep's stop event, set by the parent once it is signalled
 
 
 def _init_worker(threads: int, stop) -> None:
     global _STOP
-    # Ctrl-C reaches every process of the terminal's group; the parent alone handles it, by setting
-    # `stop`, which each run checks at every step (and then ends as `interrupted`, files written).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C reaches every process of the terminal's group, and SIGTERM may (systemd, `kill -- -PGID`); the
+    # parent alone answers them, by setting `stop`, which each run checks at every step (and then ends as
+    # `interrupted`, files written). (They are blocked here already, as in the fork server that forked
+    # this worker, unless that was started otherwise: see _mp_context.)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     _STOP = stop
     import torch
 
@@ -345,10 +348,14 @@ def _stop_check(total: int, label: str = "training"):
     inside the loop once the sweep is stopped."""
     def update(step: int, stats: dict) -> None:
         # the run's last call says where it stopped ("status"): it has stopped already
-        if _STOP is not None and _STOP.is_set() and "status" not in stats:
+        if _stopped() and "status" not in stats:
             raise KeyboardInterrupt
 
     yield update
+
+
+def _stopped() -> bool:
+    return _STOP is not None and _STOP.is_set()
 
 
 def run_point(base: dict, point: Point, root: str, threads: int | None = None) -> dict:
@@ -357,7 +364,7 @@ def run_point(base: dict, point: Point, root: str, threads: int | None = None) -
     Never raises for a failing run: returns {"name", "error"} (error None when the run ended, whatever
     its status); the results themselves are read back from the run folder.
     """
-    if _STOP is not None and _STOP.is_set():  # stopped before this point started
+    if _stopped():  # stopped before this point started
         return {"name": point.name, "error": None}
     import torch
 
@@ -369,6 +376,8 @@ def run_point(base: dict, point: Point, root: str, threads: int | None = None) -
         cfg = point_config(base, point)
         # What only this machine can tell (device, dataset files, shapes) fails here, for this point alone.
         exp = prepare(cfg)
+        if _stopped():  # stopped while it loaded its data: it makes no run folder, and stays `not run`
+            return {"name": point.name, "error": None}
         run(cfg, root, progress_factory=_stop_check, exp=exp, hparams_experiment=False)
         return {"name": point.name, "error": None}
     except ConfigError as e:
@@ -395,38 +404,70 @@ PRELOAD = ["gradexp.train", "matplotlib.pyplot"]
 
 def _mp_context():
     """'forkserver' where there is one (POSIX): a clean process, started once, that imports PRELOAD and
-    forks each worker from there; else 'spawn'. Never plain 'fork' of this process (threads, CUDA)."""
+    forks each worker from there; else 'spawn'. Never plain 'fork' of this process (threads, CUDA).
+
+    The fork server is started here with SIGINT and SIGTERM blocked, which it and every worker it forks
+    keep: a Ctrl-C killed it while it imported PRELOAD (seconds), or a worker before it could ignore it.
+    The sweep process alone answers them (`_catch_signals`), by stopping the workers."""
     import multiprocessing
+    from multiprocessing import forkserver, resource_tracker
 
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
+    # The resource tracker first: CPython starts it with them blocked too, and then unblocks them here.
+    resource_tracker.ensure_running()
+    # (A signal mask survives fork and exec; one that came meanwhile reaches this process when unblocked.)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
     return ctx
 
 
+# SIGINT (Ctrl-C) and SIGTERM stop a sweep: the running points end as `interrupted` (their files written),
+# the queued ones do not start, the summaries are written, and the exit code is 128 + the first signal's number.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _catch_signals(received: list[int]) -> dict:
+    """While a sweep runs, a stop signal is appended to `received`, never raised: an exception raised at
+    any line (starting the workers, waiting on them, writing the summaries) would cut that call in half.
+    The executors poll `received` between short waits; a second Ctrl-C changes nothing more. Returns the
+    handlers it replaced ({} outside the main thread, where Python cannot catch signals)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in STOP_SIGNALS}
+
+
 def run_local(plan: Plan, root: Path, todo: list[Point], workers: int, threads: int,
-              on_done: Callable[[dict], None]) -> bool:
-    """Each point in a worker process of a pool. Returns True when stopped by Ctrl-C.
+              on_done: Callable[[dict], None], received: list[int]) -> None:
+    """Each point in a worker process of a pool, until `received` (the stop signals) is not empty.
 
     A script that calls this needs the `if __name__ == "__main__":` guard, as for any process pool."""
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     ctx = _mp_context()
     stop = ctx.Event()
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, stop))
-    futures = {}
+    futures = {pool.submit(run_point, plan.base, p, str(root)): p for p in todo}
+    pending = set(futures)
     try:
-        futures = {pool.submit(run_point, plan.base, p, str(root)): p for p in todo}
-        for fut in as_completed(futures):
-            on_done(_result(fut, futures[fut]))
-        return False
-    except KeyboardInterrupt:
-        stop.set()  # running points end as `interrupted` at their next step
-        for fut in futures:
-            fut.cancel()
-        return True
+        while pending:
+            if received and not stop.is_set():
+                stop.set()  # running points end as `interrupted` at their next step
+                pending = {fut for fut in pending if not fut.cancel()}  # queued ones never start
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            for fut in done:
+                on_done(_result(fut, futures[fut]))
     finally:
+        # also when on_done raised: nothing more starts, and every worker has ended (its run's files
+        # written) before the results are read back, so that a worker outlives no sweep
+        stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -438,9 +479,10 @@ def _result(fut, point: Point) -> dict:
 
 
 def run_ray(plan: Plan, root: Path, todo: list[Point], address: str | None, cpus: float, gpus: float,
-            on_done: Callable[[dict], None]) -> bool:
-    """Each point a plain Ray task asking for `cpus` CPUs and `gpus` GPUs. Connects to `address` (or
-    RAY_ADDRESS, or starts a local instance) unless Ray is already initialised. True when stopped by Ctrl-C."""
+            on_done: Callable[[dict], None], received: list[int]) -> None:
+    """Each point a plain Ray task asking for `cpus` CPUs and `gpus` GPUs, until `received` (the stop
+    signals) is not empty. Connects to `address` (or RAY_ADDRESS, or starts a local instance) unless Ray
+    is already initialised."""
     import logging
 
     import ray  # optional: pip install 'gradexp[ray]'
@@ -449,25 +491,24 @@ def run_ray(plan: Plan, root: Path, todo: list[Point], address: str | None, cpus
     if started:
         ray.init(address=address, logging_level=logging.WARNING,
                  **({} if address else {"include_dashboard": False}))
+        _catch_signals(received)  # ray.init makes SIGTERM exit the process at once
     task = ray.remote(num_cpus=cpus, num_gpus=gpus)(run_point)
     refs = {task.remote(plan.base, p, str(root), max(1, int(cpus))): p for p in todo}
     waiting = list(refs)
     try:
-        while waiting:
-            done, waiting = ray.wait(waiting, num_returns=1)
-            try:
-                result = ray.get(done[0])
-            except Exception as e:  # the task or its worker died
-                result = {"name": refs[done[0]].name, "error": f"{type(e).__name__}: {e}"}
-            on_done(result)
-        return False
-    except KeyboardInterrupt:
+        while waiting and not received:
+            done, waiting = ray.wait(waiting, num_returns=1, timeout=0.2)
+            for ref in done:
+                try:
+                    result = ray.get(ref)
+                except Exception as e:  # the task or its worker died
+                    result = {"name": refs[ref].name, "error": f"{type(e).__name__}: {e}"}
+                on_done(result)
+    finally:
         for ref in waiting:  # a running task gets a KeyboardInterrupt and ends as `interrupted`
             ray.cancel(ref)
         if waiting:
             ray.wait(waiting, num_returns=len(waiting), timeout=60)
-        return True
-    finally:
         if started:
             ray.shutdown()
 
@@ -488,6 +529,7 @@ class Job:
     address: str | None = None
     cpus_per_run: float = 1.0
     gpus_per_run: float = 0.0
+    lock: Any = None  # the sweep folder's lock (an open file): a resume's is taken before reading which points are done
 
     def describe(self) -> str:
         """How the points will run, for the terminal."""
@@ -500,15 +542,20 @@ class Job:
 
 @dataclass
 class SweepOutcome:
-    """What a sweep ended with: its folder, one row per point (as in summary.json), and whether Ctrl-C stopped it."""
+    """What a sweep ended with: its folder, one row per point (as in summary.json), and the signal that
+    stopped it (SIGINT, SIGTERM), if one did."""
     folder: Path
     rows: list[dict]
-    interrupted: bool
+    stopped_by: int | None = None
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stopped_by is not None
 
     @property
     def exit_code(self) -> int:
         if self.interrupted:
-            return 130
+            return 128 + self.stopped_by  # as a shell reports a process a signal ended: 130 Ctrl-C, 143 SIGTERM
         return 1 if any(r["status"] == "failed" for r in self.rows) else 0
 
 
@@ -546,19 +593,65 @@ def prepare(plan: Plan, out: str | Path = "runs", resume: str | Path | None = No
     if problems:
         raise ConfigError(problems)
     root = Path(resume) if resume is not None else None
+    held = lock(root) if root is not None else None  # Busy if another sweep runs there
     todo = [p for p in plan.points if root is None or attempt(root, p)[1].get("status") not in DONE]
     n = cores()
     procs = max(1, min(workers or n, len(todo) or 1))
     return Job(plan, configs, Path(out), root, todo, executor, procs, max(1, n // procs), address,
-               cpus_per_run or 1.0, gpus_per_run or 0.0)
+               cpus_per_run or 1.0, gpus_per_run or 0.0, held)
+
+
+LOCK = "sweep.lock"
+
+
+class Busy(Exception):
+    """Another process runs a sweep in the folder (holds its lock)."""
+
+
+def lock(root: Path):
+    """The sweep folder's lock: an exclusive flock on `<root>/sweep.lock`, which holds the taker's pid.
+    Held while the returned file is open; the OS releases it when the process ends, however it ends.
+    Raises Busy, naming the folder and the holder's pid, when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    f = open(root / LOCK, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "unknown"
+        f.close()
+        raise Busy(f"{root}: another sweep is running in this folder (pid {pid}); let it end or stop it, "
+                   "then resume") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def run(job: Job, progress_factory=None) -> SweepOutcome:
     """Make (or reuse) the sweep folder, run every point still to do, read the results back and write
-    summary.csv, summary.json and gradient_flow.png. Ctrl-C stops it cleanly (finished runs kept)."""
+    summary.csv, summary.json and gradient_flow.png. SIGINT (Ctrl-C, once or more) or SIGTERM stops it
+    cleanly: finished runs kept, running ones `interrupted`, every worker ended before the summaries are
+    written. The sweep folder is locked (`lock`) until it returns."""
+    received: list[int] = []
+    previous = _catch_signals(received)
+    try:
+        return _run(job, progress_factory, received)
+    finally:
+        if job.lock is not None:
+            job.lock.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(job: Job, progress_factory, received: list[int]) -> SweepOutcome:
     plan = job.plan
     if job.resume is None:
         root = new_run_dir(job.out, plan.name)
+        job.lock = lock(root)
         save_plan(plan, root)
     else:
         root = job.resume
@@ -568,7 +661,6 @@ def run(job: Job, progress_factory=None) -> SweepOutcome:
     errors: dict[str, str] = {}
     bar = progress_factory(len(plan.points), len(plan.points) - len(job.todo)) if progress_factory \
         else nullcontext(lambda result, status: None)
-    interrupted = False
     with bar as advance:
         def on_done(result: dict) -> None:
             if result.get("error"):
@@ -576,18 +668,18 @@ def run(job: Job, progress_factory=None) -> SweepOutcome:
             _, summary = attempt(root, _point(plan, result["name"]))
             advance(result["name"], "failed" if result.get("error") else summary.get("status", "not run"))
 
-        if job.todo:
+        if job.todo and not received:
             try:
                 if job.executor == "ray":
-                    interrupted = run_ray(plan, root, job.todo, job.address, job.cpus_per_run,
-                                          job.gpus_per_run, on_done)
+                    run_ray(plan, root, job.todo, job.address, job.cpus_per_run, job.gpus_per_run, on_done,
+                            received)
                 else:
-                    interrupted = run_local(plan, root, job.todo, job.workers, job.threads, on_done)
-            except KeyboardInterrupt:  # between starting the executor and waiting on it
-                interrupted = True
+                    run_local(plan, root, job.todo, job.workers, job.threads, on_done, received)
+            except KeyboardInterrupt:  # raised by the progress bar, or a Ctrl-C outside the main thread
+                received.append(signal.SIGINT)
     rows = collect(plan, job.configs, root, errors)
     write_summaries(root, plan, rows)
-    return SweepOutcome(root, rows, interrupted)
+    return SweepOutcome(root, rows, received[0] if received else None)
 
 
 def _point(plan: Plan, name: str) -> Point:

@@ -1,20 +1,27 @@
 """`gradexp sweep`: expansion and naming, the whole sweep validated up front, real sweeps on tiny budgets
 (two worker processes; a failing and a diverging point among completing ones; Ctrl-C then --resume),
-and the Ray executor on a local instance."""
+sweep processes stopped by SIGINT and SIGTERM, the sweep folder's lock, and the Ray executor on a local
+instance."""
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import CONFIGS, TINY, summary_of
+from conftest import CONFIGS, ROOT, TINY, summary_of
 from gradexp import sweep as sweeps
 from gradexp.config import ConfigError, flat, load_config
 
@@ -377,3 +384,109 @@ def test_overrides_reach_every_run_and_resume_keeps_them(cli, tmp_path):
     assert "1 of 2 runs to do" in result.output
     cfg = saved_config("depth-3")
     assert (cfg["model"]["depth"], cfg["model"]["width"], cfg["train"]["steps"]) == (3, 8, 12)
+
+
+# ------------------------------------------------------------------- stopping a sweep process; the lock
+
+# Three points of 100000 steps, two workers: two points are training, one waits, when a signal comes. An
+# interrupted run still writes its files (one profile frame per logged step: a second or two here).
+LONG = [str(CONFIGS / "deep_relu.yaml"), "--grid", "optim.lr=0.01,0.02,0.03", "model.depth=2", "model.width=16",
+        "train.steps=100000", "train.log_every=100", "train.hist_every=0", "train.eval_every=0"]
+
+
+def group_of(pgid: int) -> list[int]:
+    """The live processes of a process group (from /proc: the group is field 5 of stat, after the name)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@contextmanager
+def sweep_process(tmp_path: Path, *args: str):
+    """`python -m gradexp sweep` in a process group of its own (as a terminal runs a job), yielded once two
+    points are training; every process of the group is killed afterwards, whatever the test found."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "gradexp", "sweep", *args, "--out", str(tmp_path), "--quiet"],
+                            cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("*/*/*/*/config.yaml"))) < 2:  # <out>/<sweep>/<stamp>/<point>/<run>/
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.1)
+        time.sleep(0.5)  # past the first steps
+        yield proc
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the group is gone, as a passing test leaves it
+            pass
+        proc.wait()
+
+
+def assert_stopped(proc: subprocess.Popen, code: int, out: Path) -> None:
+    """The sweep ended within seconds with `code`, left no process (workers, fork server, resource
+    tracker: all in its group), and its summary.csv says what each point's run folder says."""
+    try:  # the runs' files, then the sweep's summaries: 6 s on the 2 busy cores here; a hang took minutes
+        output = proc.communicate(timeout=20)[0]
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the sweep did not stop within 20 s") from None
+    assert proc.returncode == code, output
+    deadline = time.monotonic() + 5
+    while group_of(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not group_of(proc.pid), [Path(f"/proc/{p}/cmdline").read_text() for p in group_of(proc.pid)]
+    root = sweep_folder(out)
+    with open(root / "summary.csv") as f:
+        table = {r["name"]: r["status"] for r in csv.DictReader(f)}
+    found = {}
+    for name in table:
+        runs = attempts(root, name)
+        assert len(runs) <= 1, runs  # one attempt each: no other sweep ran a point meanwhile
+        found[name] = summary_of(runs[-1])["status"] if runs else "not run"
+    assert table == found
+    assert sorted(table.values()) == ["interrupted", "interrupted", "not run"], table
+    assert f"interrupted: finish it with  gradexp sweep --resume {root}" in output.replace("\n", "")
+
+
+def test_ctrl_c_twice_stops_the_sweep_process_and_its_summary_says_what_its_runs_say(tmp_path):
+    with sweep_process(tmp_path, *LONG, "--workers", "2") as proc:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: to every process of the terminal's group
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert_stopped(proc, 130, tmp_path)
+
+
+def test_sigterm_stops_the_sweep_process_and_its_workers_and_a_resume_meanwhile_is_refused(tmp_path):
+    with sweep_process(tmp_path, *LONG, "--workers", "2") as proc:
+        root = sweep_folder(tmp_path)
+        with pytest.raises(sweeps.Busy, match=f"{root}: .*pid {proc.pid}"):  # the running sweep holds the lock
+            sweeps.prepare(sweeps.resume_plan(root), resume=root)
+        proc.send_signal(signal.SIGTERM)  # to the sweep process only, as `kill PID` sends it
+        assert_stopped(proc, 143, tmp_path)
+
+
+def test_a_second_resume_of_a_folder_is_refused_and_writes_nothing(cli, tmp_path):
+    plan = sweeps.load_plan(CONFIGS / "deep_relu.yaml", ["model.depth=2,3", *TINY])
+    root = tmp_path / "deep_relu" / "20260101-000000-abcdef"
+    root.mkdir(parents=True)
+    sweeps.save_plan(plan, root)
+    with open(root / "sweep.lock", "w") as held:  # what another process's sweep holds while it runs
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242\n")
+        held.flush()
+        before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+        result = cli("sweep", "--resume", root, "--workers", "1")
+        assert result.exit_code == 2, result.output
+        assert "(pid 4242)" in result.output and str(root) in result.output.replace("\n", "")
+        assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
+    # released (as the OS releases it when its holder dies): a resume takes it, and says who holds it
+    job = sweeps.prepare(sweeps.resume_plan(root), resume=root)
+    assert (root / "sweep.lock").read_text() == f"{os.getpid()}\n"
+    job.lock.close()
