@@ -162,6 +162,13 @@ class OptimConfig(_Section):
     momentum: float = Field(0.9, ge=0, lt=1, description="for `momentum` only")
     weight_decay: float = Field(0.0, ge=0, description="L2 penalty (decoupled for `adamw`)")
     l1: float = Field(0.0, ge=0, description="L1 penalty on the weights (not biases), added to the loss")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up: step s < N trains at `optim.lr` * (s + 1) / N, "
+                                                   "reaching `optim.lr` at step N - 1; at most `train.steps` "
+                                                   "(0: none)")
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="the learning rate after warm-up: `constant` keeps `optim.lr`; `cosine` decays it "
+                                "from `optim.lr` towards 0 along half a cosine, reaching 0 at step `train.steps` "
+                                "(the last step trains just above 0)")
 
 
 class ClipConfig(_Section):
@@ -251,6 +258,13 @@ class Config(_Section):
         if self.pretrain.enabled and self.model.kind != "mlp":
             raise ValueError("pretrain.enabled: greedy layer-wise pre-training is for model.kind=mlp; "
                              f"got model.kind={self.model.kind}")
+        return self
+
+    @model_validator(mode="after")
+    def _warmup_within_training(self) -> "Config":
+        if self.optim.warmup_steps > self.train.steps:
+            raise ValueError(f"optim.warmup_steps: at most train.steps ({self.train.steps}), the steps there are to "
+                             f"warm up over (got {self.optim.warmup_steps})")
         return self
 
     @field_validator("name")

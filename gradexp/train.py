@@ -26,7 +26,7 @@ from .diagnosis import diagnose, watched_context
 from .memory import check_fits
 from .models import Net, build_model, check_output, multiply_adds
 from .pretrain import pretrain
-from .optim import CLIPPERS, OPTIMIZERS
+from .optim import CLIPPERS, OPTIMIZERS, lr_schedule
 from .probes import Layer, Watcher, due
 from .interrupts import Interrupts, interruptible
 from .rundir import in_words, new_run_dir, start_stamp, write_atomic, write_json
@@ -197,6 +197,7 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
     cfg, model, data, t = exp.cfg, exp.model, exp.data, exp.cfg.train
     last = t.steps - 1
     optimizer = OPTIMIZERS[cfg.optim.name](model.parameters(), cfg.optim)
+    schedule = lr_schedule(optimizer, cfg.optim, t.steps)  # warm-up and decay; the lr logged is the step's
     clip = CLIPPERS[cfg.clip.mode]
     # the same engine as gradexp.watch, told which activation follows each weight layer
     own = {} if cfg.model.kind == "custom" else dict(  # a custom model's layers are found as gradexp.watch finds them
@@ -218,7 +219,7 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
                 optimizer.zero_grad(set_to_none=True)
                 objective(loss, model, cfg.optim.l1).backward()
                 divergence.add(step, loss)
-                # --- clipping, then the step (the probes read the weights at the optimizer's step hooks)
+                # --- clipping, then the step and the next lr (the probes read the weights at the optimizer's step hooks)
                 if clip is not None:
                     total = clip(model.parameters(), cfg.clip.max)
                     if total is not None:  # norm clipping measured the gradient: check it for free
@@ -230,6 +231,7 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
                     if sync and divergence.pending:
                         probes.attach({"_diverged": divergence.values()})
                 optimizer.step()
+                schedule.step()  # the next step's learning rate
                 steps_done = step + 1
                 logged = probes.latest if probes.latest.get("step") == step else {}
                 if "_diverged" in logged:
