@@ -101,7 +101,7 @@ def run(
         console.print(Syntax(to_yaml(cfg), "yaml", theme="ansi_dark", background_color="default"))
     bars = None if quiet else (lambda total, label="training": progress_bar(console, total, label))
     try:
-        outcome = run_experiment(cfg, out, progress_factory=bars, exp=exp)
+        outcome = run_experiment(cfg, out, progress_factory=bars, exp=exp, deliver_signals=False)
     except ConfigError as e:  # the run folder could not be made (what check_out cannot see: /proc)
         raise fail(e)
     except WriteError as e:  # a full disk: no traceback to read, summary.json says `failed` where it could be written

@@ -21,7 +21,15 @@ from typing import Iterator
 # worker ignores SIGINT; Ray sets its own) is theirs, and is left alone.
 DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
-_active: list["Interrupts"] = []  # the run's, while it runs (signal handlers are per process)
+# The runs in progress, per thread: a run in another thread must not take the main thread's signals
+# (Python runs signal handlers in the main thread, and only the main thread's run installs them).
+_local = threading.local()
+
+
+def _active() -> list["Interrupts"]:
+    if not hasattr(_local, "runs"):
+        _local.runs = []
+    return _local.runs
 
 
 class Interrupts:
@@ -30,23 +38,37 @@ class Interrupts:
 
     def __init__(self):
         self.received: int | None = None  # the first SIGINT or SIGTERM, by number
+        self.count = 0  # signals received
         self.armed = False  # inside `interruptible()`: the next signal raises KeyboardInterrupt
         self._previous: dict[int, object] = {}
+        self._seen: set[int] = set()
 
     def __enter__(self) -> "Interrupts":
         if threading.current_thread() is threading.main_thread():
             for number, default in DEFAULTS.items():
                 if signal.getsignal(number) is default:
                     self._previous[number] = signal.signal(number, self._handle)
-        _active.append(self)
+        _active().append(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        _active.remove(self)
+        _active().remove(self)
         for number, handler in self._previous.items():
             signal.signal(number, handler)
 
+    def deliver(self) -> None:
+        """Once the run's files are written (and the handlers restored): what the signals would have
+        done without the run, for a program that calls runs in a loop. SIGTERM is raised again (by
+        default it ends the process, exit 143), and a second Ctrl-C raises KeyboardInterrupt; the
+        first Ctrl-C only stopped the run, as it always has."""
+        if signal.SIGTERM in self._seen:
+            signal.raise_signal(signal.SIGTERM)
+        if self.count >= 2:
+            raise KeyboardInterrupt
+
     def _handle(self, number: int, frame) -> None:
+        self.count += 1
+        self._seen.add(number)
         if self.received is None:
             self.received = number
         if self.armed:  # once: the run is stopping from here on, and later signals wait
@@ -63,7 +85,8 @@ class Interrupts:
 def interruptible() -> Iterator[None]:
     """A phase a signal may stop (training, pre-training) with a KeyboardInterrupt; one that arrived
     before it (while the run was setting up) stops it at once. Does nothing outside `Interrupts`."""
-    current = _active[-1] if _active else None
+    runs = _active()
+    current = runs[-1] if runs else None
     if current is None or current.armed:
         yield
         return

@@ -210,30 +210,33 @@ def profile_frames(profiles: list[dict], names: list[str], title: str, frames: i
         limits[key] = (min(positive) / 30, max(positive) * 3) if positive else (1e-3, 1e3)
     out = []
     fig, axes = plt.subplots(1, 2, figsize=(7, 3), sharex=True)  # a TensorBoard card shows ~350 px across
-    for k in picks:
-        snap = profiles[k]
-        for ax, (key, label) in zip(axes, keys):
-            ax.clear()
-            values = [[math.nan if v is None else v for v in p[key]] for p in (profiles[0], snap)]
-            _plot_log(ax, values[0], f"step {profiles[0]['step']}", dict(color="0.6", ls="--"),
-                      floor=limits[key][0] * 1.5)
-            if k:
-                _plot_log(ax, values[1], f"step {snap['step']}", dict(color="tab:orange", marker="o", ms=3),
+    try:
+        for k in picks:
+            snap = profiles[k]
+            for ax, (key, label) in zip(axes, keys):
+                ax.clear()
+                values = [[math.nan if v is None else v for v in p[key]] for p in (profiles[0], snap)]
+                _plot_log(ax, values[0], f"step {profiles[0]['step']}", dict(color="0.6", ls="--"),
                           floor=limits[key][0] * 1.5)
-            _layer_axis(ax, "layer (0 = input side)", label)
-            ax.set_ylim(*limits[key])
-            ax.legend(fontsize=8, loc="best")
-        late = diverged is not None and snap["step"] >= diverged["step"]
-        fig.suptitle(f"{title}: step {snap['step']}" + (f" (diverged at step {diverged['step']})" if late else ""),
-                     fontsize=10)
-        # fixed margins, not tight_layout (~0.3 s a figure): the axes' limits and labels are the same in every frame
-        fig.subplots_adjust(left=0.1, right=0.98, bottom=0.16, top=0.83, wspace=0.3)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90)
-        png = buf.getvalue()
-        width, height = struct.unpack(">II", png[16:24])  # the PNG's IHDR
-        out.append((snap["step"], png, height, width))
-    plt.close(fig)
+                if k:
+                    _plot_log(ax, values[1], f"step {snap['step']}", dict(color="tab:orange", marker="o", ms=3),
+                              floor=limits[key][0] * 1.5)
+                _layer_axis(ax, "layer (0 = input side)", label)
+                ax.set_ylim(*limits[key])
+                if ax.get_legend_handles_labels()[0]:  # a layer-less or all-absent profile draws nothing
+                    ax.legend(fontsize=8, loc="best")
+            late = diverged is not None and snap["step"] >= diverged["step"]
+            fig.suptitle(f"{title}: step {snap['step']}" + (f" (diverged at step {diverged['step']})" if late else ""),
+                         fontsize=10)
+            # fixed margins, not tight_layout (~0.3 s a figure): the axes' limits and labels are the same in every frame
+            fig.subplots_adjust(left=0.1, right=0.98, bottom=0.16, top=0.83, wspace=0.3)
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=90)
+            png = buf.getvalue()
+            width, height = struct.unpack(">II", png[16:24])  # the PNG's IHDR
+            out.append((snap["step"], png, height, width))
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -51,6 +51,9 @@ class Watch:
                  hist_every: int = 0, layers: Any = None, scaler: Any = None, name: str | None = None,
                  vanishing_below: float = 1e-2, exploding_above: float = 1e2, last_step: int | None = None,
                  chart_layers: int | None = CHART_LAYERS):
+        if chart_layers is not None and (not isinstance(chart_layers, int) or chart_layers < 2):
+            raise ValueError(f"chart_layers: expected a whole number >= 2 (the first and the last layer at least) "
+                             f"or None (all), got {chart_layers!r}")
         self.logdir = _fresh_folder(logdir)
         self.name = name or type(model).__name__
         self.thresholds = (vanishing_below, exploding_above)

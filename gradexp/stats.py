@@ -79,6 +79,7 @@ def fmt_number(v: float | None, digits: int = 3) -> str:
         return "-"
     if v == 0 or math.isinf(v):
         return "0" if v == 0 else ("inf" if v > 0 else "-inf")
+    v = float(f"{v:.{digits - 1}e}")  # rounded first: 9999.6 is 1.00e+04, 0.00099996 is 0.00100
     exponent = math.floor(math.log10(abs(v)))
     if -3 <= exponent < 4:
         return f"{v:.{max(digits - 1 - exponent, 0)}f}"

@@ -326,7 +326,7 @@ def hparam_metrics(summary: dict) -> dict[str, float]:
 
 
 def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Experiment | None = None,
-        hparams_experiment: bool = True) -> Outcome:
+        hparams_experiment: bool = True, deliver_signals: bool = True) -> Outcome:
     """Run one experiment end to end. Bad input raises ConfigError before the run folder exists.
 
     summary.json is written last, and always: a run that raises leaves status `failed` and the error
@@ -334,7 +334,10 @@ def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Exper
     `figure_error`, not a failure. SIGINT and SIGTERM stop training as Ctrl-C does (`interrupted`),
     and while the run writes its files any further one waits (gradexp.interrupts).
     `hparams_experiment=False`: the run's HParams session without an experiment summary of its own
-    (a sweep's runs: the sweep writes one for all of them).
+    (a sweep's runs: the sweep writes one for all of them). Once the files are written, a SIGTERM
+    the run received is raised again and a second Ctrl-C raises KeyboardInterrupt, so that a program
+    calling runs in a loop stops (Interrupts.deliver); `deliver_signals=False` leaves that to the
+    caller, which reads `Outcome.exit_code` (the command line).
     """
     exp = exp or prepare(cfg)
     with Interrupts() as signals:
@@ -364,6 +367,8 @@ def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Exper
             write_json(folder / "summary.json", summary)
             raise
         write_json(folder / "summary.json", summary)
+    if deliver_signals:
+        signals.deliver()
     return Outcome(folder, summary["status"], summary, signals.exit_code)
 
 

@@ -49,8 +49,9 @@ def test_a_healthy_net_and_a_vanishing_one_look_as_different_as_they_are():
 
 
 @pytest.mark.parametrize("v, text", [(8.1e-19, "8.10e-19"), (0.0017, "0.00170"), (0.084, "0.0840"), (2.3, "2.30"),
-                                     (720.3, "720"), (8582.0, "8582"), (13000.0, "1.30e+04"), (0.0, "0"),
-                                     (None, "-"), (math.nan, "-"), (math.inf, "inf"), (-0.5, "-0.500")])
+                                     (720.3, "720"), (8582.0, "8580"), (13000.0, "1.30e+04"), (0.0, "0"),
+                                     (None, "-"), (math.nan, "-"), (math.inf, "inf"), (-0.5, "-0.500"),
+                                     (9999.6, "1.00e+04"), (99.996, "100"), (0.00099996, "0.00100")])  # rounded first
 def test_one_number_format(v, text):
     assert fmt_number(v) == text
 

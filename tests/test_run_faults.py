@@ -205,3 +205,64 @@ def test_a_watch_whose_figure_cannot_be_saved_keeps_its_summary(tmp_path, monkey
     assert s["status"] == "completed" and s["steps"]["done"] == 3
     assert s["figure_error"].startswith("no space left on device while writing ")
     assert not (w.logdir / "gradient_flow.png").exists() and not leftovers(tmp_path)
+
+
+# ------------------------------------------------------------------- runs called from a program
+
+LOOP = """
+import sys
+from gradexp.config import load_config
+from gradexp.train import run
+for k in range(3):
+    cfg = load_config(sys.argv[1], ["model.depth=3", "train.steps=1000000", "train.log_every=5",
+                                    "train.eval_every=0", "train.hist_every=0"])
+    outcome = run(cfg, sys.argv[2])
+    print("returned", outcome.status, flush=True)
+"""
+
+
+def test_a_program_running_runs_in_a_loop_still_stops_on_sigterm(tmp_path):
+    """`gradexp.train.run` called in a loop: a SIGTERM ends the first run `interrupted` with its files,
+    then ends the program as SIGTERM always did, instead of starting the next run."""
+    proc = subprocess.Popen([sys.executable, "-c", LOOP, str(CONFIGS / "deep_relu.yaml"), str(tmp_path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run_folders(tmp_path) and any(p.name.startswith("events.out") for p in run_folders(tmp_path)[0].iterdir())):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, out, err)
+    (folder,) = run_folders(tmp_path)  # no second run was started
+    assert summary_of(folder)["status"] == "interrupted"
+    assert "returned" not in out and not leftovers(tmp_path)
+
+
+def test_a_run_in_another_thread_does_not_take_the_main_threads_ctrl_c():
+    """Signal handlers run in the main thread: a run going on in another thread must not catch (and
+    so swallow) the Ctrl-C meant for the main thread's training loop."""
+    import threading
+
+    from gradexp.interrupts import Interrupts, interruptible
+
+    in_thread, release = threading.Event(), threading.Event()
+
+    def other_run():
+        with Interrupts():  # installs nothing outside the main thread
+            in_thread.set()
+            release.wait(10)
+
+    t = threading.Thread(target=other_run)
+    t.start()
+    in_thread.wait(10)
+    try:
+        with Interrupts() as main:
+            with pytest.raises(KeyboardInterrupt):
+                with interruptible():
+                    signal.raise_signal(signal.SIGINT)
+                    time.sleep(1)  # the handler runs between bytecodes: it has raised by now
+            assert main.received == signal.SIGINT
+    finally:
+        release.set()
+        t.join()

@@ -675,3 +675,16 @@ def test_a_deep_run_charts_its_first_last_and_evenly_spread_layers(tmp_path, cha
     for i in expected:
         values = layer_accumulator(tmp_path, i).Scalars(f"{SECTIONS['grad_norm']}/deep")
         assert [10 ** e.value for e in values] == pytest.approx([i + 1.0])
+
+
+@pytest.mark.parametrize("chart_layers", [0, 1, 2.5, "all"])
+def test_watch_refuses_a_chart_of_fewer_than_two_layers(tmp_path, chart_layers):
+    import torch
+    from torch import nn
+
+    import gradexp
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="chart_layers"):
+        gradexp.watch(net, torch.optim.SGD(net.parameters(), lr=0.1), logdir=tmp_path / "w", chart_layers=chart_layers)
+    assert not (tmp_path / "w").exists()
