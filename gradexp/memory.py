@@ -50,9 +50,11 @@ def parts(cfg: Config) -> dict[str, tuple[int, str]]:
 
 def available(device: torch.device) -> int | None:
     """Bytes free to a run on `device`: the kernel's MemAvailable on Linux (else the physical memory),
-    free memory on a CUDA device; None where unknown."""
+    on a CUDA device its free memory plus what PyTorch's allocator holds unused (an earlier run's
+    cache, which the device counts as taken); None where unknown."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     try:
         with open("/proc/meminfo") as f:
             for line in f:
