@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .config import Config
-from .stats import fmt_number
+from .report import fmt_number
 
 SATURATED = 0.5  # a hidden layer with more than half its units saturated (or dead) is named
 AT_INIT = 1e-3  # a layer whose weights moved less than 0.1% from their init is "still at its init"
