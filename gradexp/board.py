@@ -38,7 +38,7 @@ from .stats import ACT_HIST, GRAD_HIST, LAYER_PROBES, STATS, bucket_limits
 
 # The HParams dashboard's metrics, as scalar tags written at the end of the run.
 FINAL_METRICS = ("final/loss_train", "final/acc_train", "final/loss_eval", "final/acc_eval",
-                 "final/grad_ratio", "final/log10_grad_ratio")
+                 "final/loss_eval_vs_baseline", "final/grad_ratio", "final/log10_grad_ratio")
 
 
 def layer_name(i: int) -> str:

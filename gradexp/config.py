@@ -26,7 +26,8 @@ NORM_NAMES = ("none", "batchnorm", "layernorm")
 INIT_NAMES = (
     "default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal", "normal",
 )
-DATASET_NAMES = ("digits", "gaussian", "spirals", "mnist", "fashion_mnist", "cifar10")
+DATASET_NAMES = ("digits", "gaussian", "spirals", "mnist", "fashion_mnist", "cifar10", "adding", "copy", "reverse", "sort")
+SEQUENCE_TASKS = ("adding", "copy", "reverse", "sort")  # gradexp/sequences.py
 OPTIMIZER_NAMES = ("sgd", "momentum", "adam", "adamw")
 
 
@@ -91,19 +92,30 @@ class DataConfig(_Section):
     name: Literal[DATASET_NAMES] = Field(  # type: ignore[valid-type]
         "digits", description="`digits`: scikit-learn's 8x8 digits, 1797 images, offline (read from scikit-learn's "
         "file without importing it, ~0.9 s saved a run); `gaussian`, `spirals`: synthetic; `mnist`, "
-        "`fashion_mnist`, `cifar10`: read from their files under `data.root`")
+        "`fashion_mnist`, `cifar10`: read from their files under `data.root`; sequence tasks, made from the seed: "
+        "`adding` (regression on the sum of two marked numbers), `copy` (recall `data.symbols` tokens after "
+        "`data.length` blanks), `reverse`, `sort` (a token sequence, per position)")
     batch_size: int = Field(128, ge=1, description="examples per optimizer step")
     n_train: int | None = Field(None, ge=2, description="training examples, at least 2 (the inputs are "
                                                          "standardised by their spread; null: the dataset's own split; "
-                                                         "digits: 80% of it, gaussian and spirals: 2048)")
+                                                         "digits: 80% of it, gaussian and spirals: 2048, sequence "
+                                                         "tasks: 10000)")
     n_eval: int | None = Field(None, ge=1, description="held-out examples (null: the dataset's own split; "
-                                                        "digits: 20% of it, gaussian and spirals: 512)")
+                                                        "digits: 20% of it, gaussian and spirals: 512, sequence "
+                                                        "tasks: 1000)")
     dim: int = Field(64, ge=1, description="gaussian: input size (standard-normal inputs)")
     classes: int = Field(10, ge=2, description="gaussian, spirals: number of classes")
     labels: Literal["teacher", "random"] = Field(
         "teacher", description="gaussian: `teacher`, a random one-hidden-layer tanh net labels the points; "
                                "`random`: labels drawn at random")
     noise: float = Field(0.2, ge=0, description="spirals: std of the added noise")
+    length: int | None = Field(None, ge=1, le=100_000, description="sequence tasks: `adding`'s steps (default 100), "
+                                                                "`copy`'s delay (default 100), `reverse`'s and `sort`'s "
+                                                                "tokens (default 8)")
+    vocab: int | None = Field(None, ge=2, le=100_000, description="`reverse`, `sort`: distinct tokens (default 10); "
+                                                                   "`copy`: the alphabet of symbols to recall "
+                                                                   "(default 8)")
+    symbols: int = Field(10, ge=1, le=10_000, description="`copy`: the symbols to recall")
     root: str = Field("data", description="mnist, fashion_mnist, cifar10: the folder holding their files "
                                           "(see the README's Datasets)")
     download: bool = Field(False, description="mnist, fashion_mnist, cifar10: download missing files into "
@@ -111,36 +123,90 @@ class DataConfig(_Section):
 
 
 _TARGET = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
-BUILT_IN_KEYS = ("depth", "width", "activation", "norm", "residual", "init", "init_gain", "bias_init")
+BUILT_IN_KEYS = ("depth", "width", "activation", "norm", "residual", "init", "init_gain", "bias_init",
+                 "recurrent_init", "recurrent_gain", "heads", "norm_position", "residual_scale")
+RECURRENT_KINDS = ("rnn", "lstm", "gru")
+SEQUENCE_KINDS = RECURRENT_KINDS + ("transformer",)
+MODEL_KINDS = ("mlp", "cnn") + SEQUENCE_KINDS + ("custom",)
+# The keys only some kinds use, with the kinds (a key set for another kind is refused: it would do nothing).
+KIND_KEYS = {
+    "norm": ("mlp", "cnn"), "residual": ("mlp", "cnn"),
+    "recurrent_init": RECURRENT_KINDS, "recurrent_gain": RECURRENT_KINDS,
+    "heads": ("transformer",), "norm_position": ("transformer",), "residual_scale": ("transformer",),
+}
+# Each kind's defaults where the schema's (made for the 20-layer sigmoid MLP) would be wrong for it.
+KIND_DEFAULTS = {
+    "rnn": {"depth": 1, "activation": "tanh"},
+    "lstm": {"depth": 1, "activation": "tanh"},
+    "gru": {"depth": 1, "activation": "tanh"},
+    "transformer": {"depth": 2, "activation": "gelu"},
+}
+# The activations a kind can take: a vanilla RNN cell is tanh or ReLU (torch.nn.RNNCell); the LSTM's and
+# GRU's cells fix theirs; the transformer's is its MLP's.
+KIND_ACTIVATIONS = {"rnn": ("tanh", "relu"), "lstm": ("tanh",), "gru": ("tanh",)}
 
 
 class ModelConfig(_Section):
-    kind: Literal["mlp", "cnn", "custom"] = Field(
-        "mlp", description="`mlp`: fully connected, `cnn`: conv blocks, `custom`: your own module, built by "
-                       "`model.target`")
-    depth: int = Field(20, ge=1, le=1000, description="hidden layers (mlp) or conv blocks (cnn)")
-    width: int = Field(64, ge=1, description="units (mlp) or channels (cnn)")
+    kind: Literal[MODEL_KINDS] = Field(  # type: ignore[valid-type]
+        "mlp", description="`mlp`: fully connected, `cnn`: conv blocks, `rnn`: a vanilla recurrent net (tanh or "
+                       "ReLU), `lstm`, `gru`: gated ones, `transformer`: an encoder of self-attention blocks "
+                       "(sequence tasks only: `data.name` adding, copy, reverse or sort), `custom`: your own "
+                       "module, built by `model.target`")
+    depth: int = Field(20, ge=1, le=1000, description="hidden layers (mlp), conv blocks (cnn), stacked recurrent "
+                                                      "layers (rnn, lstm, gru: default 1) or blocks (transformer: "
+                                                      "default 2)")
+    width: int = Field(64, ge=1, description="units (mlp, the hidden state of rnn, lstm, gru), channels (cnn), "
+                                             "model dimension (transformer)")
     activation: Literal[ACTIVATION_NAMES] = Field(  # type: ignore[valid-type]
-        "sigmoid", description="the hidden layers' nonlinearity; `leaky_relu` has slope 0.01")
+        "sigmoid", description="the hidden layers' nonlinearity; `leaky_relu` has slope 0.01. rnn: tanh (default) "
+                               "or relu; lstm, gru: tanh only (their gates fix it); transformer: its MLP's "
+                               "(default gelu)")
     norm: Literal[NORM_NAMES] = Field(  # type: ignore[valid-type]
         "none", description="normalisation before each activation; `layernorm` is GroupNorm with one group "
-                            "in conv blocks")
+                            "in conv blocks (mlp, cnn)")
     residual: bool = Field(False, description="identity skip around each hidden block; a bias-free linear / 1x1 "
-                                              "conv projection only where the shapes differ")
+                                              "conv projection only where the shapes differ (mlp, cnn; a "
+                                              "transformer is always residual)")
     init: Literal[INIT_NAMES] = Field(  # type: ignore[valid-type]
         "default", description="weight init: `default` is PyTorch's own; `kaiming_*` (He) use the ReLU gain, "
-                               "the leaky-ReLU gain for leaky_relu")
+                               "the leaky-ReLU gain for leaky_relu. rnn, lstm, gru: the input weights; "
+                               "transformer: every linear map in the blocks")
     init_gain: float = Field(1.0, gt=0, description="multiplies the scheme's weights (so their std); for `normal` "
                                                     "the std is init_gain / sqrt(fan_in)")
     bias_init: Literal["default", "zero"] = Field(
         "default", description="`default` is PyTorch's own; `zero` sets the biases to 0")
+    recurrent_init: Literal["default", "orthogonal", "normal"] = Field(
+        "default", description="rnn, lstm, gru: the recurrent weights W_hh (each gate's block): `default` is "
+                               "PyTorch's U(±1/sqrt(width)); `orthogonal` an orthogonal matrix times "
+                               "`recurrent_gain`; `normal` N(0, recurrent_gain² / width), whose spectral radius is "
+                               "about recurrent_gain")
+    recurrent_gain: float = Field(1.0, gt=0, description="rnn, lstm, gru: the gain g of `recurrent_init` (orthogonal, "
+                                                         "normal): below 1 the gradient through time vanishes, above "
+                                                         "1 a linear or ReLU RNN's explodes")
+    heads: int = Field(4, ge=1, description="transformer: attention heads; `model.width` must be a multiple of it")
+    norm_position: Literal["pre", "post"] = Field(
+        "pre", description="transformer: LayerNorm `pre`: x + f(LN(x)), a final LN before the head; `post`: "
+                           "LN(x + f(x)), the original transformer's, which needs a warm-up (Xiong et al. 2020)")
+    residual_scale: Literal["none", "gpt2", "deepnet", "rezero"] = Field(
+        "none", description="transformer: `gpt2` draws each branch's output projection at 1/sqrt(2 depth) of its "
+                            "init; `deepnet` (post only) is DeepNorm, LN(α x + f(x)) with α = (2 depth)^(1/4) and "
+                            "the branches' value and output maps at β = (8 depth)^(-1/4); `rezero`: x + a f(x) with "
+                            "a learned a starting at 0, and no LayerNorm")
     target: str | None = Field(None, description="custom: `package.module:factory`, called as "
                                                  "`factory(in_shape, classes, **kwargs)`; this runs that code. The "
-                                                 "keys depth to bias_init are refused beside it")
+                                                 "keys depth to residual_scale are refused beside it")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="custom: the factory's keyword arguments")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_defaults(cls, data: Any) -> Any:
+        # Fill the kind's own defaults for the keys not given (depth 1 for an LSTM, not the MLP's 20).
+        if isinstance(data, dict) and isinstance(data.get("kind"), str) and data["kind"] in KIND_DEFAULTS:
+            data = {**KIND_DEFAULTS[data["kind"]], **data}
+        return data
+
     @model_validator(mode="after")
-    def _custom_needs_a_target(self) -> "ModelConfig":
+    def _keys_for_the_kind(self) -> "ModelConfig":
         if self.kind == "custom":
             if self.target is None:
                 raise ValueError(".target: model.kind=custom needs model.target='package.module:factory'")
@@ -150,8 +216,24 @@ class ModelConfig(_Section):
             if unused:
                 raise ValueError(f".{unused[0]}: not used by model.kind=custom (its factory builds the whole "
                                  f"model); leave out {', '.join('model.' + k for k in unused)}")
-        elif self.target is not None or self.kwargs:
+            return self
+        if self.target is not None or self.kwargs:
             raise ValueError(f".target: model.target and model.kwargs are for model.kind=custom (got {self.kind})")
+        for key, kinds in KIND_KEYS.items():
+            if self.kind not in kinds and key in self.model_fields_set and \
+                    getattr(self, key) != type(self).model_fields[key].default:
+                raise ValueError(f".{key}: used by model.kind {', '.join(kinds)} only (got model.kind={self.kind}); "
+                                 f"leave it out")
+        allowed = KIND_ACTIVATIONS.get(self.kind)
+        if allowed and self.activation not in allowed:
+            raise ValueError(f".activation: model.kind={self.kind} takes {' or '.join(allowed)} (got {self.activation})")
+        if self.kind == "transformer":
+            if self.width % self.heads:
+                raise ValueError(f".heads: model.width ({self.width}) must be a multiple of model.heads "
+                                 f"(got {self.heads})")
+            if self.residual_scale == "deepnet" and self.norm_position != "post":
+                raise ValueError(".residual_scale: deepnet is DeepNorm, a post-LN scheme; set model.norm_position=post "
+                                 "(got pre)")
         return self
 
 
@@ -258,6 +340,20 @@ class Config(_Section):
         if self.pretrain.enabled and self.model.kind != "mlp":
             raise ValueError("pretrain.enabled: greedy layer-wise pre-training is for model.kind=mlp; "
                              f"got model.kind={self.model.kind}")
+        return self
+
+    @model_validator(mode="after")
+    def _model_fits_the_data(self) -> "Config":
+        sequence_data = self.data.name in SEQUENCE_TASKS
+        if self.model.kind in SEQUENCE_KINDS and not sequence_data:
+            raise ValueError(f"model.kind: {self.model.kind} needs a sequence task, data.name one of "
+                             f"{', '.join(SEQUENCE_TASKS)} (got data.name={self.data.name})")
+        if self.model.kind == "cnn" and sequence_data:
+            raise ValueError(f"model.kind: cnn needs images (got data.name={self.data.name}); for a sequence task use "
+                             f"{', '.join(SEQUENCE_KINDS)}")
+        if self.model.kind == "mlp" and self.data.name in ("copy", "reverse", "sort"):
+            raise ValueError(f"model.kind: an mlp gives one answer per example and {self.data.name} asks one per "
+                             f"position; use {', '.join(SEQUENCE_KINDS)}")
         return self
 
     @model_validator(mode="after")

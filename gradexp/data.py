@@ -21,19 +21,33 @@ Split = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 @dataclass
 class Dataset:
+    """x: float inputs, or (N, T) long tokens when `vocab` > 0. y: (N,) class labels; for a task with
+    an answer per position (N, T) labels (sequences.IGNORE where a position does not count); for loss
+    "mse" (N,) float targets (`classes` is then 1, the one output)."""
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_eval: torch.Tensor
     y_eval: torch.Tensor
     classes: int
+    loss: str = "cross_entropy"  # or "mse"
+    vocab: int = 0
+    baseline: float | None = None  # the held-out loss of the best answer that ignores the input (sequences.baseline)
 
     @property
     def in_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
+    @property
+    def every_step(self) -> bool:
+        """An answer per position (copy, reverse, sort), not one per example."""
+        return self.loss == "cross_entropy" and self.y_train.dim() == 2
+
     def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> "Dataset":
-        return Dataset(self.x_train.to(device, dtype), self.y_train.to(device), self.x_eval.to(device, dtype),
-                       self.y_eval.to(device), self.classes)
+        def move(t: torch.Tensor) -> torch.Tensor:  # floats take the run's precision; tokens and labels stay long
+            return t.to(device, dtype) if t.is_floating_point() else t.to(device)
+
+        return Dataset(move(self.x_train), move(self.y_train), move(self.x_eval), move(self.y_eval), self.classes,
+                       self.loss, self.vocab, self.baseline)
 
 
 def _standardize(x_train: torch.Tensor, x_eval: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,6 +155,24 @@ def load_images(cfg: DataConfig, g: torch.Generator) -> Dataset:
     return Dataset((x_tr - mean) / std, y_tr, (x_ev - mean) / std, y_ev, 10)
 
 
+def load_sequences(cfg: DataConfig, g: torch.Generator) -> Dataset:
+    """A sequence task of gradexp/sequences.py, made from the seed (no files)."""
+    from .sequences import TASKS, baseline
+
+    sizes = {"length" if cfg.name != "copy" else "delay": cfg.length, "vocab" if cfg.name != "copy" else "alphabet":
+             cfg.vocab, **({"symbols": cfg.symbols} if cfg.name == "copy" else {})}
+    if cfg.name == "adding" and cfg.vocab is not None:
+        raise ConfigError("data.vocab: the adding task's inputs are numbers, not tokens; leave it out")
+    sizes = {k: v for k, v in sizes.items() if v is not None and not (cfg.name == "adding" and k == "vocab")}
+    seed = int(torch.randint(0, 2**31, (1,), generator=g))
+    task = TASKS[cfg.name](cfg.n_train or SEQUENCE_SPLIT[0], cfg.n_eval or SEQUENCE_SPLIT[1], seed, **sizes)
+    return Dataset(task.x_train, task.y_train, task.x_eval, task.y_eval, task.classes, task.loss, task.vocab,
+                   baseline(task, "eval"))
+
+
+SEQUENCE_SPLIT = (10_000, 1_000)  # examples made for a sequence task (data.n_train, data.n_eval at null)
+
+
 DATASETS = {
     "digits": load_digits,
     "gaussian": load_gaussian,
@@ -148,6 +180,10 @@ DATASETS = {
     "mnist": load_images,
     "fashion_mnist": load_images,
     "cifar10": load_images,
+    "adding": load_sequences,
+    "copy": load_sequences,
+    "reverse": load_sequences,
+    "sort": load_sequences,
 }
 
 
@@ -167,6 +203,13 @@ def planned(cfg: DataConfig) -> tuple[int, int, tuple[int, ...], int]:
     if cfg.name in SHAPES:
         (n_tr, n_ev), shape, classes = SHAPES[cfg.name]
         return cfg.n_train or n_tr, cfg.n_eval or n_ev, shape, classes
+    if cfg.name in ("adding", "copy", "reverse", "sort"):
+        n_tr, n_ev = cfg.n_train or SEQUENCE_SPLIT[0], cfg.n_eval or SEQUENCE_SPLIT[1]
+        if cfg.name == "adding":
+            return n_tr, n_ev, (cfg.length or 100, 2), 1
+        if cfg.name == "copy":
+            return n_tr, n_ev, ((cfg.length or 100) + 2 * cfg.symbols,), cfg.vocab or 8
+        return n_tr, n_ev, (cfg.length or 8,), cfg.vocab or 10
     shape = (cfg.dim,) if cfg.name == "gaussian" else (2,)
     return cfg.n_train or 2048, cfg.n_eval or 512, shape, cfg.classes
 

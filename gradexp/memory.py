@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from .config import Config, ConfigError
+from .config import SEQUENCE_KINDS, Config, ConfigError
 from .data import planned
 
 EVAL_CHUNK = 4096  # train.evaluate's forward chunk
@@ -33,6 +33,9 @@ def parts(cfg: Config) -> dict[str, tuple[int, str]]:
                        "data.dim, data.n_train, data.n_eval" if cfg.data.name == "gaussian"
                        else "data.n_train, data.n_eval")}
     m = cfg.model
+    if m.kind in SEQUENCE_KINDS:
+        out.update(_sequence_parts(cfg, shape, classes, batch, n_tr, n_ev, elt))
+        return out
     if m.kind != "custom":  # a custom model's size is its factory's business
         k = 9 if m.kind == "cnn" else 1  # 3x3 kernels
         fan_in = shape[0] if m.kind == "cnn" else features
@@ -46,6 +49,28 @@ def parts(cfg: Config) -> dict[str, tuple[int, str]]:
     rows = max(batch, min(EVAL_CHUNK, max(min(n_tr, 10_000), n_ev)))
     out["logits"] = (rows * classes * elt * 4, "data.classes")
     return out
+
+
+def _sequence_parts(cfg: Config, shape: tuple[int, ...], classes: int, batch: int, n_tr: int, n_ev: int,
+                    elt: int) -> dict[str, tuple[int, str]]:
+    """The recurrent nets and the transformer: per time step and layer, the cell's gates (or a block's
+    attention scores, heads x steps, and its 4x MLP) are kept for backward, and the probes hold every
+    h_t's gradient."""
+    m, steps = cfg.model, shape[0]
+    features = shape[1] if len(shape) == 2 else m.width  # float features, else an embedding of width
+    every_step = cfg.data.name != "adding"
+    if m.kind == "transformer":
+        weights = m.depth * 12 * m.width * m.width + (classes + features + steps) * m.width
+        per_position = m.depth * (16 * m.width + 2 * m.heads * steps)
+    else:
+        gates = {"rnn": 1, "lstm": 4, "gru": 3}[m.kind]
+        weights = m.depth * gates * (features + m.width + 2) * m.width + m.width * (classes + features)
+        per_position = m.depth * (3 * gates + 3) * m.width
+    rows = max(batch, min(EVAL_CHUNK, max(min(n_tr, 10_000), n_ev)))
+    return {"parameters": (weights * elt * 8, "model.width, model.depth"),
+            "activations": (max(batch * 3, min(EVAL_CHUNK, n_ev)) * steps * per_position * elt,
+                            "model.width, model.depth, data.length, data.batch_size"),
+            "logits": (rows * classes * (steps if every_step else 1) * elt * 4, "data.length, data.vocab")}
 
 
 def available(device: torch.device) -> int | None:

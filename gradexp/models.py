@@ -1,4 +1,5 @@
-"""The MLP and the CNN, built from the registries in layers.py.
+"""The models by kind (MODELS): the MLP and the CNN here, built from the registries in layers.py; the
+recurrent nets (recurrent.py) and the transformer (transformer.py) for the sequence tasks; a user's own.
 
 Both are a stack of hidden blocks (weight layer -> norm -> activation, with an optional identity skip)
 and an output layer. "Layer i" is the i-th weight layer counted from the input: blocks 0..depth-1,
@@ -20,6 +21,8 @@ from torch import nn
 
 from .config import ConfigError, ModelConfig
 from .layers import ACTIVATIONS, NORMS, init_weight_layer
+from .recurrent import build_recurrent
+from .transformer import build_transformer
 
 
 class Block(nn.Module):
@@ -125,14 +128,20 @@ def build_custom(cfg: ModelConfig, in_shape: tuple[int, ...], classes: int) -> n
     return net
 
 
-MODELS = {"mlp": build_mlp, "cnn": build_cnn, "custom": build_custom}
+MODELS = {"mlp": build_mlp, "cnn": build_cnn, "rnn": build_recurrent, "lstm": build_recurrent,
+          "gru": build_recurrent, "transformer": build_transformer, "custom": build_custom}
+SELF_INITIALISED = ("rnn", "lstm", "gru", "transformer", "custom")  # their builders initialise them
 
 
-def build_model(cfg: ModelConfig, in_shape: tuple[int, ...], classes: int) -> nn.Module:
+def build_model(cfg: ModelConfig, in_shape: tuple[int, ...], classes: int, vocab: int = 0,
+                every_step: bool = False) -> nn.Module:
     """Build the configured network and initialise its weight layers (projections keep PyTorch's init;
-    a custom model keeps its own)."""
+    a custom model keeps its own). Sequence kinds: `vocab` > 0 for token inputs; `every_step` for an
+    answer at every position (N, T, classes) rather than one per sequence."""
+    if cfg.kind in ("rnn", "lstm", "gru", "transformer"):
+        return MODELS[cfg.kind](cfg, in_shape, classes, vocab=vocab, every_step=every_step)
     net = MODELS[cfg.kind](cfg, in_shape, classes)
-    for layer in getattr(net, "weight_layers", []) if cfg.kind != "custom" else []:
+    for layer in getattr(net, "weight_layers", []) if cfg.kind not in SELF_INITIALISED else []:
         init_weight_layer(layer, cfg.init, cfg.init_gain, cfg.bias_init, cfg.activation)
     return net
 
@@ -163,9 +172,21 @@ def multiply_adds(net: nn.Module, x: torch.Tensor) -> int:
 
     def count(layer: nn.Module, inputs, out: torch.Tensor) -> None:
         nonlocal total
-        total += layer.weight.numel() * (out.numel() // out.shape[1])  # (examples x positions) x weight
+        outputs = out.shape[-1] if isinstance(layer, nn.Linear) else out.shape[1]  # features last, channels second
+        total += layer.weight.numel() * (out.numel() // outputs)  # (examples x positions) x weight
 
-    hooks = [m.register_forward_hook(count) for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    def count_cell(cell: nn.Module, inputs, out) -> None:  # called once per time step
+        nonlocal total
+        total += (cell.weight_ih.numel() + cell.weight_hh.numel()) * inputs[0].shape[0]
+
+    def count_attention(attn: nn.Module, inputs, out) -> None:  # its projections: F.linear, not modules
+        nonlocal total
+        total += (attn.in_proj_weight.numel() + attn.out_proj.weight.numel()) * inputs[0].shape[:2].numel()
+
+    hooks = [m.register_forward_hook(count) for m in net.modules()
+             if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and not isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)]
+    hooks += [m.register_forward_hook(count_cell) for m in net.modules() if isinstance(m, nn.RNNCellBase)]
+    hooks += [m.register_forward_hook(count_attention) for m in net.modules() if isinstance(m, nn.MultiheadAttention)]
     was_training = net.training
     net.eval()
     try:

@@ -88,6 +88,19 @@ def flow_table(first: dict, last: dict, layer_names: list[str], predicted: list[
     return table
 
 
+def final_text(f: dict) -> str:
+    """The final losses (and accuracies, where the task has classes); a sequence task's held-out loss
+    beside its baseline, the loss of the best answer that ignores the input."""
+    def acc(k: str) -> str:
+        return f"  acc/{k} {f[f'acc_{k}']:.1%}" if f.get(f"acc_{k}") is not None else ""
+
+    text = f"loss/train {fmt_number(f['loss_train'], 4)}{acc('train')}  loss/eval {fmt_number(f['loss_eval'], 4)}" \
+           f"{acc('eval')}"
+    if f.get("baseline_eval") is not None:
+        text += f" = {f['loss_eval_vs_baseline']:.2f} x baseline {fmt_number(f['baseline_eval'], 4)}"
+    return text
+
+
 def print_report(console: Console, summary: dict, folder: Path, quiet: bool) -> None:
     d = summary["diagnosis"]
     style = VERDICT_STYLE.get(d["verdict"], "bold")
@@ -97,9 +110,8 @@ def print_report(console: Console, summary: dict, folder: Path, quiet: bool) -> 
             predicted = (summary.get("theory") or {}).get("predicted_act_grad_norm")
             console.print(flow_table(layers["first"], layers["last"], layers["names"], predicted))
         f = summary["final"]
-        if f:
-            console.print(f"final: loss/train {fmt_number(f['loss_train'], 4)}  acc/train {f['acc_train']:.1%}  "
-                          f"loss/eval {fmt_number(f['loss_eval'], 4)}  acc/eval {f['acc_eval']:.1%}  "
+        if "loss_eval" in f:
+            console.print(f"final: {final_text(f)}  "
                           f"({summary['steps']['done']} steps, {summary['wall_time_s']:.1f} s, {summary['device']})")
         console.print(f"status: {summary['status']}")
     console.print(f"run folder: {folder}", soft_wrap=True)

@@ -29,6 +29,7 @@ from .pretrain import pretrain
 from .optim import CLIPPERS, OPTIMIZERS, lr_schedule
 from .probes import Layer, Watcher, due
 from .interrupts import Interrupts, interruptible
+from .sequences import IGNORE
 from .rundir import in_words, new_run_dir, start_stamp, write_atomic, write_json
 
 def resolve_device(name: str) -> torch.device:
@@ -60,7 +61,7 @@ def prepare(cfg: Config) -> Experiment:
     data = load_dataset(cfg.data, cfg.seed)
     torch.manual_seed(cfg.seed)
     try:
-        model = build_model(cfg.model, data.in_shape, data.classes)
+        model = build_model(cfg.model, data.in_shape, data.classes, data.vocab, data.every_step)
     except ValueError as e:
         raise ConfigError(f"model.kind: {e}; use model.kind=mlp for this dataset") from None
     if cfg.model.norm == "batchnorm":  # batch statistics of a single example are undefined
@@ -99,18 +100,43 @@ def choose_threads(exp: Experiment) -> int | None:
     return max(1, min(torch.get_num_threads(), round(free)))
 
 
+def task_loss(kind: str, out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The data loss. "cross_entropy": logits (N, classes) against labels (N,), or per position
+    (N, T, classes) against (N, T), where positions labelled sequences.IGNORE do not count; "mse":
+    outputs (N, 1) against targets (N,)."""
+    if kind == "mse":
+        return F.mse_loss(out.squeeze(-1), y, reduction=reduction)
+    if out.dim() == 3:
+        return F.cross_entropy(out.transpose(1, 2), y, reduction=reduction)  # it wants (N, classes, T)
+    return F.cross_entropy(out, y, reduction=reduction)
+
+
+def hits(kind: str, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(right answers, answers counted) as device tensors: examples, or positions that count; for "mse"
+    (no classes to be right about) none."""
+    if kind == "mse":
+        return out.new_zeros(()), out.new_zeros(())
+    counted = y != IGNORE
+    return ((out.argmax(-1) == y) & counted).sum(), counted.sum()
+
+
 @torch.no_grad()
-def evaluate(model: Net, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
-    """Mean loss and accuracy over (x, y), in eval mode."""
+def evaluate(model: Net, x: torch.Tensor, y: torch.Tensor, kind: str = "cross_entropy",
+             chunk: int = 4096) -> tuple[float, float | None]:
+    """Mean loss and accuracy (None for "mse") over (x, y), in eval mode: the mean over the answers
+    that count (examples, or positions not at IGNORE), as the training loss is."""
     was_training = model.training
     model.eval()
-    loss = correct = 0.0
+    loss = correct = counted = 0.0
     for i in range(0, len(x), chunk):
-        logits = model(x[i:i + chunk])
-        loss += F.cross_entropy(logits, y[i:i + chunk], reduction="sum").item()
-        correct += (logits.argmax(1) == y[i:i + chunk]).sum().item()
+        out, target = model(x[i:i + chunk]), y[i:i + chunk]
+        loss += task_loss(kind, out, target, reduction="sum").item()
+        right, n = hits(kind, out, target)
+        correct, counted = correct + right.item(), counted + n.item()
     model.train(was_training)
-    return loss / len(x), correct / len(x)
+    if kind == "mse":
+        return loss / len(x), None
+    return loss / max(counted, 1), correct / max(counted, 1)
 
 
 def weights(model: nn.Module) -> list[torch.Tensor]:
@@ -215,7 +241,7 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
                 # --- forward and backward (the probes read the gradients at the end of backward)
                 x, y = batches.next()
                 logits = model(x)
-                loss = F.cross_entropy(logits, y)
+                loss = task_loss(data.loss, logits, y)
                 optimizer.zero_grad(set_to_none=True)
                 objective(loss, model, cfg.optim.l1).backward()
                 divergence.add(step, loss)
@@ -226,8 +252,9 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
                         divergence.add(step, total)
                 sync = host_sync(t, step)
                 if probes.logging:  # read with the statistics, in their one transfer
-                    probes.attach({"loss/train": loss.detach(), "acc/train": (logits.argmax(1) == y).float().mean(),
-                                   "lr": optimizer.param_groups[0]["lr"]})
+                    right, counted = hits(data.loss, logits, y)
+                    probes.attach({"loss/train": loss.detach(), "lr": optimizer.param_groups[0]["lr"],
+                                   **({"acc/train": right / counted} if data.loss != "mse" else {})})
                     if sync and divergence.pending:
                         probes.attach({"_diverged": divergence.values()})
                 optimizer.step()
@@ -237,8 +264,8 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
                 if "_diverged" in logged:
                     divergence.read(logged.pop("_diverged"))
                 if due(t.eval_every, step, last):
-                    loss_ev, acc_ev = evaluate(model, data.x_eval, data.y_eval)
-                    board.scalars(step, {"loss/eval": loss_ev, "acc/eval": acc_ev})
+                    loss_ev, acc_ev = evaluate(model, data.x_eval, data.y_eval, data.loss)
+                    board.scalars(step, {"loss/eval": loss_ev, **({"acc/eval": acc_ev} if acc_ev is not None else {})})
                 # --- divergence is a result: stop here and say where
                 if sync and divergence.check() is not None:
                     status = "diverged"
@@ -277,8 +304,13 @@ def summarize(cfg: Config, exp: Experiment, result: dict, wall_time: float) -> d
     final = {}
     if result["status"] != "diverged":
         n = min(len(exp.data.x_train), 10_000)
-        final["loss_train"], final["acc_train"] = evaluate(exp.model, exp.data.x_train[:n], exp.data.y_train[:n])
-        final["loss_eval"], final["acc_eval"] = evaluate(exp.model, exp.data.x_eval, exp.data.y_eval)
+        data = exp.data
+        final["loss_train"], final["acc_train"] = evaluate(exp.model, data.x_train[:n], data.y_train[:n], data.loss)
+        final["loss_eval"], final["acc_eval"] = evaluate(exp.model, data.x_eval, data.y_eval, data.loss)
+    if exp.data.baseline is not None:  # a sequence task: its loss means something only beside this
+        final["baseline_eval"] = exp.data.baseline
+        if "loss_eval" in final:
+            final["loss_eval_vs_baseline"] = final["loss_eval"] / exp.data.baseline
     first, last = layer_snapshot(result["first"]), layer_snapshot(result["last"])
     info = result.get("layers") or {}
     names = info.get("names") or [layer_name(i) for i in range(len(getattr(exp.model, "weight_layers", [])))]
@@ -317,8 +349,9 @@ def theory_beside(cfg: Config, exp: Experiment, first: dict | None) -> dict:
 
 def hparam_metrics(summary: dict) -> dict[str, float]:
     """The HParams dashboard's metrics (NaN where a run has none, e.g. after diverging)."""
-    metrics = {f"final/{k}": summary["final"].get(k, math.nan)
-               for k in ("loss_train", "acc_train", "loss_eval", "acc_eval")}
+    final = summary["final"]
+    metrics = {f"final/{k}": final[k] if final.get(k) is not None else math.nan
+               for k in ("loss_train", "acc_train", "loss_eval", "acc_eval", "loss_eval_vs_baseline")}
     ratio = summary["diagnosis"].get("ratio")
     metrics["final/grad_ratio"] = ratio if ratio is not None else math.nan
     metrics["final/log10_grad_ratio"] = math.log10(ratio) if ratio and ratio > 0 else math.nan

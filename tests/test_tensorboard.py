@@ -53,7 +53,7 @@ HIDDEN_ONLY_PROBES = ("act_deriv", "saturation")
 TRAINING_TAGS = ("loss/train", "acc/train", "lr")
 EVAL_TAGS = ("loss/eval", "acc/eval")
 FINAL_METRICS = ("final/loss_train", "final/acc_train", "final/loss_eval", "final/acc_eval",
-                 "final/grad_ratio", "final/log10_grad_ratio")
+                 "final/loss_eval_vs_baseline", "final/grad_ratio", "final/log10_grad_ratio")
 HPARAMS_TAGS = {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"}
 
 SERVER_START_TIMEOUT_S = 40.0
