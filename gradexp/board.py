@@ -8,7 +8,7 @@
   gradient shows, and a folder of many runs has a chart per run, not one of hundreds of lines.
 - The run's own event file: `grad_norm/total` (and `grad_norm/total_applied` where clipping
   changed it), `loss/train`, `loss/eval`, `acc/train`, `acc/eval`, `lr`, the image
-  `0 gradient_flow/<run label>` (the profile of `gradient_flow.png` at up to IMAGE_FRAMES logged
+  `00 gradient_flow/<run label>` (the profile of `gradient_flow.png` at up to IMAGE_FRAMES logged
   steps, written when the run ends), `hist/grad_log10/<layer>` and `hist/act/<layer>`, `final/*` (the HParams metrics) and
   the HParams session, whose first columns `Run` and `Started` are the run's name and start time.
 Layer names sort by depth (the runner's `layer_XX`, counted from the input and zero padded).
@@ -69,14 +69,15 @@ def charted_layers(n: int, most: int | None = CHART_LAYERS) -> list[int]:
 
 # TensorBoard lists sections in ASCII order of their names and opens only the first two: the
 # numbers put the profile image and the back-propagated gradient there, then the rest in reading order.
-PROFILE_SECTION = "0 gradient_flow"
-CHART_ORDER = ("act_grad_norm", "grad_norm", "update_ratio", "saturation", "act_deriv", "act_std", "act_mean",
+PROFILE_SECTION = "00 gradient_flow"
+CHART_ORDER = ("act_grad_norm", "grad_norm", "time_factor", "update_ratio", "saturation", "act_deriv", "act_std", "act_mean",
                "dist_from_init", "weight_norm")
 
 
 def probe_section(probe: str) -> str:
     """The first part of a per-layer probe's tag: TensorBoard's section, and the chart's title."""
-    return f"{CHART_ORDER.index(probe) + 1} {probe}" + (" (log10)" if STATS[probe].log else "")
+    # two digits: TensorBoard sorts sections as text, where "10 ..." would come before "2 ..."
+    return f"{CHART_ORDER.index(probe) + 1:02d} {probe}" + (" (log10)" if STATS[probe].log else "")
 
 
 def _number(v: float | None) -> float:

@@ -11,6 +11,10 @@ activations grow forward as fast as dLoss/dz grows backward, and ||dLoss/dW|| lo
 Why the last hidden layer and not the output layer: the output layer's gradient is the loss's own
 (softmax minus one-hot); the step from it into the stack is the head, not depth.
 The thresholds are `diagnosis.vanishing_below` and `diagnosis.exploding_above`.
+
+A recurrent net is deep in time more than in layers: where a layer is called once per time step (its
+per-call profile, `dz_calls`), the measure is ||dL/dh_t|| at the first time step over that at the
+last, at the first logged step, and the verdict says "through time".
 """
 
 from __future__ import annotations
@@ -41,6 +45,15 @@ REMEDIES = {
         ("a smaller model.init_gain", lambda c: False),
         ("clip.mode=norm", lambda c: c.clip.mode == "norm"),
         ("optim.weight_decay", lambda c: c.optim.weight_decay > 0),
+    ],
+    # a recurrent net's gradient through time (Hochreiter & Schmidhuber 1997; Pascanu et al. 2013)
+    "vanishing through time": [
+        ("model.kind=lstm (or gru)", lambda c: c.model.kind in ("lstm", "gru")),
+        ("model.recurrent_init=orthogonal", lambda c: c.model.recurrent_init == "orthogonal"),
+    ],
+    "exploding through time": [
+        ("clip.mode=norm", lambda c: c.clip.mode == "norm"),
+        ("a smaller model.recurrent_gain", lambda c: False),
     ],
     "diverged": [
         ("clip.mode=norm", lambda c: c.clip.mode == "norm"),
@@ -123,6 +136,8 @@ def generic_advice(verdict: str) -> str | None:
         "vanishing": "try a ReLU-family activation with He (kaiming) init, normalisation layers, or residual connections",
         "exploding": "try a smaller init scale, gradient norm clipping, or normalisation layers",
         "diverged": "try gradient norm clipping, a smaller learning rate (or a warm-up), or a smaller init scale",
+        "vanishing through time": "try a gated cell (LSTM, GRU) or an orthogonal recurrent init",
+        "exploding through time": "try gradient norm clipping or a smaller recurrent weight scale",
     }.get(verdict)
 
 
@@ -187,6 +202,56 @@ def _findings(first: dict, last: dict | None, ctx: Context, ratio: float) -> lis
     return found
 
 
+def through_time(snap: dict | None) -> tuple[int, list[float]] | None:
+    """The first layer (from the input) with a profile over its calls in one backward pass (a recurrent
+    cell: ||dL/dh_t|| at each time step), and that profile; None for a net without one."""
+    for i, norms in enumerate((snap or {}).get("dz_calls") or []):
+        if norms:
+            return i, norms
+    return None
+
+
+def _time_ratio(norms: list[float]) -> float:
+    """||dL/dh_0|| / ||dL/dh_(T-1)||: what survives of the gradient back through the whole sequence."""
+    first, last = norms[0], norms[-1]
+    if not (math.isfinite(first) and math.isfinite(last)) or last == 0:
+        return float("nan")
+    return first / last
+
+
+def _through_time_verdict(first: dict, last: dict | None, ctx: Context, theory: dict | None) -> dict | None:
+    """For a recurrent net, the verdict is through time, the depth that counts: the ratio of the
+    first time step's ||dL/dh|| to the last's, at the first logged step."""
+    found = through_time(first)
+    if found is None:
+        return None
+    i, norms = found
+    ratio, steps = _time_ratio(norms), len(norms) - 1
+    factor = ratio ** (1 / steps) if ratio > 0 and math.isfinite(ratio) else None
+    if math.isnan(ratio):
+        verdict = "unknown"
+    elif ratio < ctx.vanishing_below:
+        verdict = "vanishing"
+    elif ratio > ctx.exploding_above:
+        verdict = "exploding"
+    else:
+        verdict = "healthy"
+    text = f" (x{fmt_number(factor)} per time step" if factor is not None else ""
+    if text and theory and theory.get("applies") and theory.get("predicted_time_factor"):
+        text += f"; predicted x{fmt_number(theory['predicted_time_factor'])}: {theory.get('setting', '')}"
+    msg = (f"{verdict} through time: at step {first['step']} {ctx.labels[i]}'s ||dL/dh_t|| at t = 0 is "
+           f"{fmt_number(ratio)}x that at t = {steps}{text + ')' if text else ''}; thresholds "
+           f"{ctx.vanishing_below:g} / {ctx.exploding_above:g}")
+    result = {"verdict": verdict, "ratio": ratio, "measure": "through time", "time_layer": i, "time_steps": steps,
+              "time_factor": factor}
+    later = through_time(last) if last is not None and last["step"] != first["step"] else None
+    if later is not None:
+        result["ratio_last"] = _time_ratio(later[1])
+        msg += f"; at step {last['step']}: {fmt_number(result['ratio_last'])}x"
+    result["message"] = msg
+    return result
+
+
 def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diverged: dict | None = None,
              theory: dict | None = None) -> dict:
     """A verdict with the numbers behind it; `message` is the explanation for the terminal. `ctx`:
@@ -212,6 +277,13 @@ def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diver
         return {"verdict": "unknown", "ratio": None, "findings": [], "advice": None,
                 "message": "unknown: probes are off, nothing was measured"}
 
+    timed = _through_time_verdict(first, last, ctx, theory)
+    if timed is not None:
+        next_step = ctx.advice(f"{timed['verdict']} through time") if timed["verdict"] != "healthy" else None
+        findings = _findings(first, last, ctx, float("nan"))
+        msg = timed.pop("message") + "".join(f"\n  - {line}" for line in findings) + (f"\n  {next_step}" if next_step else "")
+        return {**timed, "findings": findings, "advice": next_step,
+                "underflow_layers": [i for i, v in enumerate(first["grad_norm"]) if v == 0.0], "message": msg}
     delta = first["act_grad_norm"]
     hidden = [i for i in ctx.hidden if delta[i] is not None]
     ratio = grad_ratio(delta, hidden)

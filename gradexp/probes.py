@@ -120,11 +120,12 @@ class Layer:
 @dataclass
 class Record:
     """What a logged step has gathered so far (device tensors until the one transfer)."""
-    dz: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (layer, dL/dz) of this backward
-    dz_sums: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)  # measured backwards
+    dz: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (layer, call, dL/dz) of this backward
+    dz_sums: list[tuple[list[int], list[int], torch.Tensor]] = field(default_factory=list)  # (layers, calls,
+    # squares) of each measured backward
     acts: dict[int, list[tuple]] = field(default_factory=dict)  # layer -> activation_sums per call
     z_acts: dict[int, list[tuple]] = field(default_factory=dict)  # the same of z (no activation known)
-    dz_eager: list[tuple] = field(default_factory=list)  # (layer, squares of dL/dz) summed in its hook
+    dz_eager: list[tuple] = field(default_factory=list)  # (layer, call, squares of dL/dz) summed in its hook
     pending: list[tuple] = field(default_factory=list)  # (layer, h, a, activation, version): summed after backward
     batched: list[tuple] = field(default_factory=list)  # ([(layer, (n, units))], rows (k, 5)) of each backward
     learn: list[tuple] = field(default_factory=list)  # (layer, h, version) of the first step: changed later?
@@ -141,6 +142,22 @@ class Record:
 
 
 PROFILES_KEPT = 64  # logged steps whose profile is kept for the figures drawn at the end (board.IMAGE_FRAMES)
+
+
+def through_calls(dz_sums: list[tuple[list[int], list[int], torch.Tensor]], dz_sq: list[float],
+                  unscale: float = 1.0) -> dict[int, list[float]]:
+    """layer -> ||dL/dz|| of each of its calls, in call order, for the layers called more than once in
+    the step's latest backward pass: a recurrent cell's ||dL/dh_t|| at each time step t. `dz_sq`: the
+    squares of every measured backward's entries, in `dz_sums` order (read from the device)."""
+    if not dz_sums:
+        return {}
+    ids, calls, _ = dz_sums[-1]
+    latest = dz_sq[len(dz_sq) - len(ids):]
+    by_layer: dict[int, list[tuple[int, float]]] = {}
+    for i, call, v in zip(ids, calls, latest):
+        by_layer.setdefault(i, []).append((call, v))
+    return {i: [math.sqrt(v * unscale) for _, v in sorted(entries)] for i, entries in by_layer.items()
+            if len(entries) > 1}
 
 
 def due(every: int, step: int, last: int | None = None) -> bool:
@@ -338,6 +355,7 @@ class Watcher:
                 self._depth[k] = len(self._order)
                 self._order.append(k)
             self._calls[k] = self._calls.get(k, 0) + 1
+            call = self._calls[k] - 1
         elif k not in self._depth:
             return
         z = _first_tensor(output)
@@ -352,8 +370,9 @@ class Watcher:
             self._first_z[k] = z
         else:
             self.layers[i].calls += 1
-        if z.requires_grad:
-            z.register_hook(partial(self._on_dz, i))
+            call = self.layers[i].calls - 1
+        if z.requires_grad:  # `call`: the order of the calls, for the profile through a recurrent cell's calls
+            z.register_hook(partial(self._on_dz, i, call))
         if k not in self._act_of:  # statistics of z itself, unless a known activation follows
             self._activation(record, i, z, None, None, record.z_acts)
             if self._hist:
@@ -390,14 +409,14 @@ class Watcher:
         else:
             record.pending.append((i, h, a, name, h._version))
 
-    def _on_dz(self, i: int, grad: torch.Tensor) -> None:
+    def _on_dz(self, i: int, call: int, grad: torch.Tensor) -> None:
         record = self.record
         if record is None:
             return
         if grad.is_cpu and grad.numel() * grad.element_size() > EAGER_BYTES:
-            record.dz_eager.append((i, sum_squares([grad.detach()], threads=1)))  # while it is in the cache
+            record.dz_eager.append((i, call, sum_squares([grad.detach()], threads=1)))  # while it is in the cache
         else:
-            record.dz.append((i, grad))
+            record.dz.append((i, call, grad))
         if not record.queued:
             record.queued = True
             Variable._execution_engine.queue_callback(self._after_backward)
@@ -426,20 +445,20 @@ class Watcher:
                 self._eager.add(i)
         record.pending = []
         grads = [p.grad for p in self._params]
-        dz = [g for _, g in record.dz]
+        dz = [g for *_, g in record.dz]
         tensors = [g.detach() if g is not None else p.new_zeros(0) for g, p in zip(grads, self._params)] + dz
         sums, metas, rows, native_ok = batched_sums(tensors, acts)
         if rows is not None:
             record.batched.append((list(zip(owners, metas)), rows))
         if record.dz_eager:
-            sums = torch.cat([sums] + [t for _, t in record.dz_eager])
-            record.dz = record.dz + [(i, None) for i, _ in record.dz_eager]
+            sums = torch.cat([sums] + [t for *_, t in record.dz_eager])
+            record.dz = record.dz + [(i, call, None) for i, call, _ in record.dz_eager]
             record.dz_eager = []
         if tensors and tensors[0].is_cpu and not record.dz_sums:
             self.kernel_steps += native_ok
             self.torch_steps += not native_ok
         record.grad_sq = sums[:len(grads)]
-        record.dz_sums.append(([i for i, _ in record.dz], sums[len(grads):]))
+        record.dz_sums.append(([i for i, *_ in record.dz], [c for _, c, _ in record.dz], sums[len(grads):]))
         record.dz = []
         record.grads = grads
         record.versions = [g._version if g is not None else -1 for g in grads]
@@ -511,6 +530,8 @@ class Watcher:
                 out[name] = [bool(layer.params) for layer in self.layers]
             elif name == "act_grad_norm":  # a frozen first layer's output needs no gradient
                 out[name] = [layer.gradient for layer in self.layers]
+            elif name == "time_factor":  # a layer called more than once in a forward: a recurrent cell
+                out[name] = [layer.gradient and layer.calls > 1 for layer in self.layers]
             else:
                 out[name] = [True] * len(self.layers)
         return out
@@ -581,7 +602,7 @@ class Watcher:
                 self._after_backward()
             stats["grad_sq"] = record.grad_sq
             if record.dz_sums:
-                stats["dz_sq"] = torch.cat([s for _, s in record.dz_sums])
+                stats["dz_sq"] = torch.cat([s for *_, s in record.dz_sums])
             eager = [(i, meta, t) for i, calls in sorted({**record.z_acts, **record.acts}.items()) for meta, t in calls]
             parts = [torch.stack([t for *_, t in eager])] if eager else []
             record.owners = [(i, meta) for i, meta, _ in eager]
@@ -638,8 +659,12 @@ class Watcher:
             totals["grad_norm_total"] = math.sqrt(sum(sq) * unscale) if sq else None
             applied = host.pop("applied_sq", None)
             totals["grad_norm_total_applied"] = math.sqrt(applied[0]) if applied else None
-            for i, v in zip([i for ids, _ in record.dz_sums for i in ids], host.pop("dz_sq", [])):
+            dz_sq = host.pop("dz_sq", [])
+            for i, v in zip([i for ids, *_ in record.dz_sums for i in ids], dz_sq):
                 raw[i]["dz_sq"] = raw[i].get("dz_sq", 0.0) + v * unscale
+            through = through_calls(record.dz_sums, dz_sq, unscale)
+            for i, norms in through.items():
+                raw[i]["dz_calls"] = norms
             calls: dict[int, list[list[float]]] = {}
             for (i, meta), row in zip(record.owners, host.pop("acts", [])):
                 calls.setdefault(i, []).append([*meta, *row])
@@ -675,7 +700,8 @@ class Watcher:
                 **{k: v for k, v in extras.items() if not k.startswith("_")},
                 "weight_step": self.weights["step"] if self.weights else None,
                 **{k: self.weights[k] if self.weights else None for k in WEIGHT_PROBES},
-                "calls": [layer.calls for layer in self.layers]}
+                "calls": [layer.calls for layer in self.layers],
+                "dz_calls": [r.get("dz_calls") for r in raw]}  # ||dL/dz|| per call: through time in an RNN
         if self.diverged is None:
             bad = [i for i in range(n) for k in ("grad_norm", "act_grad_norm")
                    if values[k][i] is not None and not math.isfinite(values[k][i])]

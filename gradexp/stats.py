@@ -31,7 +31,7 @@ ACT_HIST = (-5.0, 5.0, 100)  # activation values; outliers land in the edge bins
 @dataclass(frozen=True)
 class Stat:
     """One per-layer statistic: its group (what must be measured for it), what it means, and its value
-    from a layer's raw sums (host floats: grad_sq, dz_sq, n, pivot, s, s2, ds, flat, w_sq, step_sq, dist_sq,
+    from a layer's raw sums (host floats: grad_sq, dz_sq, dz_calls (a list), n, pivot, s, s2, ds, flat, w_sq, step_sq, dist_sq,
     w0_sq; see `combine` and `probes.Watcher._finish`)."""
     group: str  # "gradient" (every logged step), "activation" (the same steps), "weight" (weight steps)
     doc: str
@@ -52,6 +52,11 @@ STATS: dict[str, Stat] = {
                       lambda r: math.sqrt(r["grad_sq"]), log=True),
     "act_grad_norm": Stat("gradient", "||dL/dz||, the back-propagated gradient at the layer's output z "
                                       "(over all its calls in the step)", lambda r: math.sqrt(r["dz_sq"]), log=True),
+    "time_factor": Stat("gradient", "a layer called more than once in a forward pass (a recurrent cell, once per time "
+                                    "step): the factor ||dL/dz|| changes by per call, going back from the last call to "
+                                    "the first: (||dL/dz_first|| / ||dL/dz_last||)^(1/(calls - 1)); below 1 the "
+                                    "gradient vanishes through time, above 1 it explodes",
+                        lambda r: (r["dz_calls"][0] / r["dz_calls"][-1]) ** (1 / (len(r["dz_calls"]) - 1))),
     "act_mean": Stat("activation", "mean of the layer's activation (the known activation after it, else z)",
                      lambda r: r["pivot"] + r["s"] / r["n"]),
     "act_std": Stat("activation", "sample std of the layer's activation", _std, log=True),

@@ -597,3 +597,67 @@ def linear_rnn_regime(g: float) -> dict:
         regime = "critical"
     return {"spectral_radius_expected": g, "largest_singular_value_expected": 2.0 * g,
             "per_step_factor": g, "regime": regime}
+
+
+RNN_GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+
+
+def rnn_variances(model, input_size: int) -> tuple[float, float, float]:
+    """(sigma_w2, sigma_u2, sigma_b2) of a vanilla RNN cell as gradexp initialises it (recurrent.py):
+    W_hh entries of variance sigma_w2 / width, W_ih of sigma_u2 / input_size, b_ih + b_hh of sigma_b2.
+    PyTorch's own init draws each from U(±1/sqrt(width)), variance 1 / (3 width); an orthogonal W_hh
+    x g keeps E||W^T v||^2 = g^2 ||v||^2 exactly, as Gaussian entries of variance g^2 / width do."""
+    width, rows = model.width, RNN_GATES[model.kind] * model.width
+    default = 1 / (3 * width)  # U(-a, a) with a = 1/sqrt(width)
+    sigma_w2 = width * default if model.recurrent_init == "default" else model.recurrent_gain ** 2
+    per_entry = {
+        "default": default,
+        "normal": 1 / input_size,
+        "xavier_normal": 2 / (input_size + rows), "xavier_uniform": 2 / (input_size + rows),
+        "kaiming_normal": (2 / (1 + 0.01 ** 2) if model.activation == "leaky_relu" else 2) / input_size,
+        "orthogonal": 1 / max(input_size, rows),
+    }
+    per_entry["kaiming_uniform"] = per_entry["kaiming_normal"]
+    sigma_u2 = input_size * per_entry[model.init] * model.init_gain ** 2
+    sigma_b2 = 0.0 if model.bias_init == "zero" else 2 * default
+    return sigma_w2, sigma_u2, sigma_b2
+
+
+def for_rnn(model, input_size: int, input_second_moment: float, steps: int,
+            last_step_loss: bool = True) -> tuple[RNNPrediction | None, str]:
+    """The through-time prediction for a ModelConfig at init, or None and the reason it does not apply."""
+    if model.kind != "rnn":
+        return None, (f"model.kind={model.kind}: the through-time theory is for a vanilla RNN (tanh or ReLU); "
+                      "gates change the factor at every step")
+    if model.depth != 1:
+        return None, f"model.depth={model.depth}: the through-time theory is for one recurrent layer"
+    if not last_step_loss:
+        return None, ("the through-time theory is for a loss at the last step and independent inputs at each step "
+                      "(data.name=adding); here the loss enters at many steps")
+    sigma_w2, sigma_u2, sigma_b2 = rnn_variances(model, input_size)
+    pred = predict_rnn(math.sqrt(sigma_w2), steps, model.activation, sigma_u2, input_second_moment, sigma_b2)
+    return pred, f"vanilla {model.activation} RNN: mean-field theory through time (exact as the width grows)"
+
+
+def compare_rnn(pred: RNNPrediction, model, dz_calls: list[float]) -> dict:
+    """Measured ||dL/dh_t|| (step 0, t = 0..T-1) beside the prediction anchored at the last time step,
+    and the measured per-step factor (||dL/dh_0|| / ||dL/dh_(T-1)||)^(1/(T-1)) beside the predicted
+    geometric mean of sqrt(chi) over the same steps."""
+    steps = len(dz_calls)
+    predicted = [dz_calls[-1]]
+    for t in range(steps - 2, -1, -1):  # back through step t + 1 multiplies by sqrt(chi[t + 1])
+        predicted.append(predicted[-1] * math.sqrt(pred.chi[t + 1]))
+    first, last = dz_calls[0], dz_calls[-1]
+    measured = (first / last) ** (1 / (steps - 1)) if steps > 1 and last > 0 and math.isfinite(first / last) else None
+    g = math.sqrt(pred.sigma_w2)
+    return {
+        "applies": True, "measure": "through time",
+        "setting": f"{model.activation} RNN, recurrent weights of variance g²/width with g = {g:.3g}",
+        "sigma_w2": pred.sigma_w2, "input_variance": pred.input_variance, "q_star": pred.q_star,
+        "chi_star": pred.chi_star, "time_scale": pred.time_scale,
+        "predicted_time_factor": rnn_step_factor(pred, range(steps - 1)) if steps > 1 else None,
+        "measured_time_factor": measured,
+        "predicted_dz_calls": predicted[::-1],
+        "linear": linear_rnn_regime(g),
+    }
+

@@ -20,9 +20,9 @@ from torch import nn
 
 from . import __version__, theory
 from .board import Board, layer_name
-from .config import Config, ConfigError, TrainConfig, flat, to_yaml
+from .config import RECURRENT_KINDS, Config, ConfigError, TrainConfig, flat, to_yaml
 from .data import Batches, Dataset, load_dataset
-from .diagnosis import diagnose, watched_context
+from .diagnosis import diagnose, through_time, watched_context
 from .memory import check_fits
 from .models import Net, build_model, check_output, multiply_adds
 from .pretrain import pretrain
@@ -338,6 +338,8 @@ def theory_beside(cfg: Config, exp: Experiment, first: dict | None) -> dict:
     if cfg.pretrain.enabled:
         return {"applies": False, "reason": "pretrain.enabled: the theory is for random weights at init, "
                                             "and step 0 is measured on pre-trained ones"}
+    if cfg.model.kind in RECURRENT_KINDS:
+        return rnn_theory_beside(cfg, exp, first)
     x2 = float(exp.data.x_train.double().pow(2).mean())  # the inputs' second moment sets q^0
     pred, reason = theory.for_model(cfg.model, exp.data.in_shape, x2)
     if pred is None:
@@ -345,6 +347,22 @@ def theory_beside(cfg: Config, exp: Experiment, first: dict | None) -> dict:
     if first is None or first["step"] != 0:
         return {"applies": False, "reason": "nothing was measured at initialisation (train.log_every=0)"}
     return theory.compare(pred, first["act_grad_norm"])
+
+
+def rnn_theory_beside(cfg: Config, exp: Experiment, first: dict | None) -> dict:
+    """The through-time prediction for a vanilla RNN at init beside ||dL/dh_t|| measured at step 0."""
+    data = exp.data
+    if data.vocab:  # the cell's input is the embedding's output
+        input_size, x2 = cfg.model.width, float(exp.model.embed.weight.double().pow(2).mean())
+    else:
+        input_size, x2 = data.in_shape[-1], float(data.x_train.double().pow(2).mean())
+    pred, reason = theory.for_rnn(cfg.model, input_size, x2, data.in_shape[0], last_step_loss=not data.every_step)
+    if pred is None:
+        return {"applies": False, "reason": reason}
+    timed = through_time(first)
+    if first is None or first["step"] != 0 or timed is None:
+        return {"applies": False, "reason": "nothing was measured at initialisation (train.log_every=0)"}
+    return theory.compare_rnn(pred, cfg.model, timed[1])
 
 
 def hparam_metrics(summary: dict) -> dict[str, float]:

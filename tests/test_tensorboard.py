@@ -62,12 +62,12 @@ HTTP_TIMEOUT_S = 10.0
 
 # The per-layer charts' sections, as TensorBoard shows them (it sorts sections by name and opens
 # the first two): a probe whose values span orders of magnitude is charted as its log10.
-SECTIONS = {"act_grad_norm": "1 act_grad_norm (log10)", "grad_norm": "2 grad_norm (log10)",
-            "update_ratio": "3 update_ratio (log10)", "saturation": "4 saturation", "act_deriv": "5 act_deriv",
-            "act_std": "6 act_std (log10)", "act_mean": "7 act_mean", "dist_from_init": "8 dist_from_init (log10)",
-            "weight_norm": "9 weight_norm"}
+SECTIONS = {"act_grad_norm": "01 act_grad_norm (log10)", "grad_norm": "02 grad_norm (log10)",
+            "time_factor": "03 time_factor", "update_ratio": "04 update_ratio (log10)", "saturation": "05 saturation",
+            "act_deriv": "06 act_deriv", "act_std": "07 act_std (log10)", "act_mean": "08 act_mean",
+            "dist_from_init": "09 dist_from_init (log10)", "weight_norm": "10 weight_norm"}
 LOG10 = {p for p, section in SECTIONS.items() if section.endswith("(log10)")}
-PROFILE = "0 gradient_flow"  # the profile image's section
+PROFILE = "00 gradient_flow"  # the profile image's section
 
 
 def layer(i: int) -> str:
