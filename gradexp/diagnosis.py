@@ -202,6 +202,15 @@ def _findings(first: dict, last: dict | None, ctx: Context, ratio: float) -> lis
     return found
 
 
+def _verdict(ratio: float, ctx: Context) -> str:
+    """A first-to-last gradient ratio against the thresholds."""
+    if math.isnan(ratio):
+        return "unknown"
+    if ratio < ctx.vanishing_below:
+        return "vanishing"
+    return "exploding" if ratio > ctx.exploding_above else "healthy"
+
+
 def through_time(snap: dict | None) -> tuple[int, list[float]] | None:
     """The first layer (from the input) with a profile over its calls in one backward pass (a recurrent
     cell: ||dL/dh_t|| at each time step), and that profile; None for a net without one."""
@@ -228,14 +237,7 @@ def _through_time_verdict(first: dict, last: dict | None, ctx: Context, theory: 
     i, norms = found
     ratio, steps = _time_ratio(norms), len(norms) - 1
     factor = ratio ** (1 / steps) if ratio > 0 and math.isfinite(ratio) else None
-    if math.isnan(ratio):
-        verdict = "unknown"
-    elif ratio < ctx.vanishing_below:
-        verdict = "vanishing"
-    elif ratio > ctx.exploding_above:
-        verdict = "exploding"
-    else:
-        verdict = "healthy"
+    verdict = _verdict(ratio, ctx)
     text = f" (x{fmt_number(factor)} per time step" if factor is not None else ""
     if text and theory and theory.get("applies") and theory.get("predicted_time_factor"):
         text += f"; predicted x{fmt_number(theory['predicted_time_factor'])}: {theory.get('setting', '')}"
@@ -289,14 +291,7 @@ def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diver
     ratio = grad_ratio(delta, hidden)
     hops = len(hidden) - 1
     factor = ratio ** (1.0 / hops) if hops > 0 and ratio > 0 and math.isfinite(ratio) else None
-    if math.isnan(ratio) or hops < 1:  # one hidden layer: nothing to compare it with
-        verdict = "unknown"
-    elif ratio < ctx.vanishing_below:
-        verdict = "vanishing"
-    elif ratio > ctx.exploding_above:
-        verdict = "exploding"
-    else:
-        verdict = "healthy"
+    verdict = _verdict(ratio if hops >= 1 else float("nan"), ctx)  # one hidden layer: nothing to compare it with
     a, b = (ctx.labels[hidden[0]], ctx.labels[hidden[-1]]) if hidden else ("?", "?")
     msg = (f"{verdict}: at step {first['step']} {a}'s back-propagated gradient ||dL/dz|| is "
            f"{fmt_number(ratio)}x {b}'s{_cause(verdict, factor, ctx, theory)}; "
