@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .config import Config
-from .report import fmt_number
+from .report import fmt_number, through_time
 
 SATURATED = 0.5  # a hidden layer with more than half its units saturated (or dead) is named
 AT_INIT = 1e-3  # a layer whose weights moved less than 0.1% from their init is "still at its init"
@@ -209,15 +209,6 @@ def _verdict(ratio: float, ctx: Context) -> str:
     if ratio < ctx.vanishing_below:
         return "vanishing"
     return "exploding" if ratio > ctx.exploding_above else "healthy"
-
-
-def through_time(snap: dict | None) -> tuple[int, list[float]] | None:
-    """The first layer (from the input) with a profile over its calls in one backward pass (a recurrent
-    cell: ||dL/dh_t|| at each time step), and that profile; None for a net without one."""
-    for i, norms in enumerate((snap or {}).get("dz_calls") or []):
-        if norms:
-            return i, norms
-    return None
 
 
 def _time_ratio(norms: list[float]) -> float:

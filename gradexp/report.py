@@ -58,6 +58,41 @@ def _log_bar(v: float | None, top: float) -> str:
     return "█" * full + (_EIGHTHS[eighths] if eighths else "")
 
 
+def through_time(snap: dict | None) -> tuple[int, list[float]] | None:
+    """The first layer (from the input) with a profile over its calls in one backward pass (a recurrent
+    cell: ||dL/dh_t|| at each time step), and that profile; None for a net without one."""
+    for i, norms in enumerate((snap or {}).get("dz_calls") or []):
+        if norms:
+            return i, norms
+    return None
+
+
+TIME_ROWS = 8  # time steps the terminal's through-time table shows, evenly spread
+
+
+def time_table(first: dict, last: dict, layer_names: list[str], predicted: list[float] | None = None) -> Table | None:
+    """||dL/dh_t|| of the first recurrent layer at a few time steps t, at the first and the last logged
+    step (and the mean-field prediction), with a log-scale bar of the first; None for a net without."""
+    found = through_time(first)
+    if found is None:
+        return None
+    i, norms = found
+    later = through_time(last) if last is not None and last["step"] != first["step"] else None
+    steps = len(norms)
+    picks = sorted({round(k * (steps - 1) / (TIME_ROWS - 1)) for k in range(TIME_ROWS)})
+    table = Table(title=f"through time: ||dL/dh_t|| of {layer_names[i]}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
+                  collapse_padding=True)
+    headers = ["t", f"@{first['step']}"] + (["pred."] if predicted else []) + ([f"@{last['step']}"] if later else [])
+    for header in headers:
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_column(f"@{first['step']}\nlog: █ = 100x", no_wrap=True, min_width=BAR_WIDTH)
+    top = max((math.log10(v) for v in norms if v and math.isfinite(v) and v > 0), default=0.0)
+    for t in picks:
+        table.add_row(str(t), fmt_number(norms[t], 2), *([fmt_number(predicted[t], 2)] if predicted else []),
+                      *([fmt_number(later[1][t], 2)] if later else []), _log_bar(norms[t], top))
+    return table
+
+
 def flow_table(first: dict, last: dict, layer_names: list[str], predicted: list[float] | None = None) -> Table:
     """One row per layer: the back-propagated gradient at init (and its mean-field prediction), the
     weight gradient at the first and last logged step, and a log-scale bar of the first."""
@@ -109,6 +144,10 @@ def print_report(console: Console, summary: dict, folder: Path, quiet: bool) -> 
         if layers["first"] is not None:
             predicted = (summary.get("theory") or {}).get("predicted_act_grad_norm")
             console.print(flow_table(layers["first"], layers["last"], layers["names"], predicted))
+            timed = time_table(layers["first"], layers["last"], layers["names"],
+                               (summary.get("theory") or {}).get("predicted_dz_calls"))
+            if timed is not None:
+                console.print(timed)
         f = summary["final"]
         if "loss_eval" in f:
             console.print(f"final: {final_text(f)}  "
@@ -167,9 +206,11 @@ def draw_gradient_flow(path: Path, first: dict, last: dict, **options) -> str | 
 
 def gradient_flow_figure(path: Path, first: dict, last: dict, title: str = "",
                          extra: list[tuple[str, list[float], dict]] | None = None,
-                         names: list[str] | None = None, diverged: dict | None = None) -> tuple[str, list[str]]:
-    """Grad norm and act-grad norm against layer index, first and last logged step, log scale.
-    Returns what the figure says in words: its title and its legend's entries.
+                         names: list[str] | None = None, diverged: dict | None = None,
+                         time_predicted: list[float] | None = None) -> tuple[str, list[str]]:
+    """Grad norm and act-grad norm against layer index, first and last logged step, log scale; for a
+    recurrent net a third panel, ||dL/dh_t|| against time step t (`time_predicted`: the mean-field
+    line). Returns what the figure says in words: its title and its legend's entries.
 
     Exact zeros (float32 underflow) cannot sit on a log axis: they are drawn as 'x' on the bottom edge.
     `names`: the layers' names, written under the axis where there are few enough to read.
@@ -181,10 +222,14 @@ def gradient_flow_figure(path: Path, first: dict, last: dict, title: str = "",
     import matplotlib.pyplot as plt
 
     few = names is not None and len(names) <= 32
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2 if few else 4.2), sharex=True)
+    timed = through_time(first) is not None
+    fig, axes = plt.subplots(1, 3 if timed else 2, figsize=(16 if timed else 11, 5.2 if few else 4.2))
+    axes[1].sharex(axes[0])
     snaps = [(first, dict(color="tab:blue", marker="o"))]
     if last is not None and (first is None or last["step"] != first["step"]):
         snaps.append((last, dict(color="tab:orange", marker="s")))
+    if timed:
+        _time_panel(axes[2], snaps, time_predicted, names)
     for ax, key, label in ((axes[0], "grad_norm", "||dLoss/dW||  (weight gradient)"),
                            (axes[1], "act_grad_norm", "||dLoss/dz||  (back-propagated gradient)")):
         for snap, style in snaps:
@@ -212,6 +257,27 @@ def gradient_flow_figure(path: Path, first: dict, last: dict, title: str = "",
     return heading, legend
 
 
+def _time_panel(ax, snaps: list[tuple[dict, dict]], predicted: list[float] | None, names: list[str] | None,
+                floor: float | None = None) -> None:
+    """||dL/dh_t|| against t for each snapshot that has it, its per-step factor in the legend."""
+    layer = None
+    for snap, style in snaps:
+        found = through_time(snap)
+        if found is None:
+            continue
+        layer, norms = found
+        factor = (norms[0] / norms[-1]) ** (1 / (len(norms) - 1)) if norms[-1] > 0 and math.isfinite(norms[0]) \
+            and len(norms) > 1 else None
+        _plot_log(ax, norms, f"step {snap['step']}" + (f": x{fmt_number(factor)} per step" if factor else ""),
+                  {**style, "markersize": 2}, floor=floor)
+    if predicted:
+        _plot_log(ax, predicted, "predicted at init (mean-field)", dict(ls="--", color="gray"), floor=floor)
+    where = "" if layer is None else f" of {names[layer]}" if names else f" of layer {layer}"
+    _layer_axis(ax, "time step t (0 = the sequence's first)", f"||dLoss/dh_t||{where}  (through time)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
 def profile_frames(profiles: list[dict], names: list[str], title: str, frames: int,
                    diverged: dict | None = None) -> list[tuple[int, bytes, int, int]]:
     """The gradient-flow profile (||dL/dW|| and ||dL/dz|| against layer index) at up to `frames`
@@ -235,7 +301,13 @@ def profile_frames(profiles: list[dict], names: list[str], title: str, frames: i
         positive = [v for p in profiles for v in p[key] if v is not None and math.isfinite(v) and v > 0]
         limits[key] = (min(positive) / 30, max(positive) * 3) if positive else (1e-3, 1e3)
     out = []
-    fig, axes = plt.subplots(1, 2, figsize=(7, 3), sharex=True)  # a TensorBoard card shows ~350 px across
+    timed = through_time(profiles[0]) is not None
+    if timed:
+        positive = [v for p in profiles for v in (through_time(p) or (0, []))[1] if math.isfinite(v) and v > 0]
+        limits["time"] = (min(positive) / 30, max(positive) * 3) if positive else (1e-3, 1e3)
+    # a TensorBoard card shows ~350 px across
+    fig, axes = plt.subplots(1, 3 if timed else 2, figsize=(10.5 if timed else 7, 3))
+    axes[1].sharex(axes[0])
     try:
         for k in picks:
             snap = profiles[k]
@@ -251,11 +323,17 @@ def profile_frames(profiles: list[dict], names: list[str], title: str, frames: i
                 ax.set_ylim(*limits[key])
                 if ax.get_legend_handles_labels()[0]:  # a layer-less or all-absent profile draws nothing
                     ax.legend(fontsize=8, loc="best")
+            if timed:
+                axes[2].clear()
+                _time_panel(axes[2], [(profiles[0], dict(color="0.6", ls="--"))] +
+                            ([(snap, dict(color="tab:orange", marker="o"))] if k else []), None, names,
+                            floor=limits["time"][0] * 1.5)
+                axes[2].set_ylim(*limits["time"])
             late = diverged is not None and snap["step"] >= diverged["step"]
             fig.suptitle(f"{title}: step {snap['step']}" + (f" (diverged at step {diverged['step']})" if late else ""),
                          fontsize=10)
             # fixed margins, not tight_layout (~0.3 s a figure): the axes' limits and labels are the same in every frame
-            fig.subplots_adjust(left=0.1, right=0.98, bottom=0.16, top=0.83, wspace=0.3)
+            fig.subplots_adjust(left=0.07 if timed else 0.1, right=0.98, bottom=0.16, top=0.83, wspace=0.3)
             buf = io.BytesIO()
             fig.savefig(buf, format="png", dpi=90)
             png = buf.getvalue()

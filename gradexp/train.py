@@ -22,7 +22,7 @@ from . import __version__, theory
 from .board import Board, layer_name
 from .config import RECURRENT_KINDS, Config, ConfigError, TrainConfig, flat, to_yaml
 from .data import Batches, Dataset, load_dataset
-from .diagnosis import diagnose, through_time, watched_context
+from .diagnosis import diagnose, watched_context
 from .memory import check_fits
 from .models import Net, build_model, check_output, multiply_adds
 from .pretrain import pretrain
@@ -30,6 +30,7 @@ from .optim import CLIPPERS, OPTIMIZERS, lr_schedule
 from .probes import Layer, Watcher, due
 from .interrupts import Interrupts, interruptible
 from .sequences import IGNORE
+from .report import through_time
 from .rundir import in_words, new_run_dir, start_stamp, write_atomic, write_json
 
 def resolve_device(name: str) -> torch.device:
@@ -469,4 +470,5 @@ def draw_figure(path: Path, cfg: Config, summary: dict) -> str | None:
 
     predicted = summary["theory"].get("predicted_act_grad_norm")
     extra = [("predicted at init (mean-field)", predicted, dict(ls="--", color="gray"))] if predicted else None
-    return draw_gradient_flow(path, first, last, title=cfg.name, extra=extra, diverged=summary["diverged"])
+    return draw_gradient_flow(path, first, last, title=cfg.name, extra=extra, diverged=summary["diverged"],
+                              time_predicted=summary["theory"].get("predicted_dz_calls"))
