@@ -685,7 +685,8 @@ class Watcher:
             self.weights = {"step": step, **{k: values[k] for k in WEIGHT_PROBES}}
         hists = {k: host.pop(k) for k in ("grad_hist", "act_hist") if k in host}
         extras = {k: v[0] if len(v) == 1 else v for k, v in host.items()}
-        self.latest = {"step": step, **values, **totals, **extras}
+        dz_calls = [r.get("dz_calls") for r in raw]  # ||dL/dz|| per call: through time in an RNN
+        self.latest = {"step": step, **values, **totals, **extras, "dz_calls": dz_calls}
         if self.board is not None:
             scalars = {"grad_norm/total": totals.get("grad_norm_total"),
                        "grad_norm/total_applied": totals.get("grad_norm_total_applied"),
@@ -701,7 +702,7 @@ class Watcher:
                 "weight_step": self.weights["step"] if self.weights else None,
                 **{k: self.weights[k] if self.weights else None for k in WEIGHT_PROBES},
                 "calls": [layer.calls for layer in self.layers],
-                "dz_calls": [r.get("dz_calls") for r in raw]}  # ||dL/dz|| per call: through time in an RNN
+                "dz_calls": dz_calls}
         if self.diverged is None:
             bad = [i for i in range(n) for k in ("grad_norm", "act_grad_norm")
                    if values[k][i] is not None and not math.isfinite(values[k][i])]
