@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.syntax import Syntax
 
-from .config import ConfigError, load_config, to_yaml
+from .config import RECURRENT_KINDS, ConfigError, load_config, to_yaml
 from .rundir import check_out
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -243,8 +243,13 @@ def explain(
     from .theory import explain as predict_flow
 
     cfg, exp = load_experiment(config, overrides)
-    x2 = float(exp.data.x_train.double().pow(2).mean())
-    info = predict_flow(cfg.model, exp.data.in_shape, x2)
+    if cfg.model.kind in RECURRENT_KINDS:
+        from .train import recurrent_explanation
+
+        info = recurrent_explanation(cfg, exp)
+    else:
+        x2 = float(exp.data.x_train.double().pow(2).mean())
+        info = predict_flow(cfg.model, exp.data.in_shape, x2)
     print_explanation(console, cfg.model, info)
     if plot is not None and info["applies"]:
         plot.parent.mkdir(parents=True, exist_ok=True)

@@ -547,8 +547,47 @@ ARTICLE = {
 }
 
 
+def print_recurrent_explanation(console: Console, model, info: dict) -> None:
+    """Through time: Pascanu et al.'s linear condition, then the mean-field prediction where it applies."""
+    recurrent = f"recurrent {model.recurrent_init} init" + (f" x{model.recurrent_gain:g}"
+                                                            if model.recurrent_init != "default" else "")
+    console.print(f"[bold]{model.kind}[/bold], depth {model.depth}, width {model.width}, {model.activation}, "
+                  f"{recurrent}, input {model.init} init x{model.init_gain:g}; sequences of {info['steps']} steps")
+    lin = info.get("linear")
+    if info.get("spectral_radius") is not None:
+        console.print(f"recurrent matrix W_hh as drawn: spectral radius {fmt_number(info['spectral_radius'])}, "
+                      f"largest singular value {fmt_number(info['top_singular'])}")
+    if lin is not None:
+        cond = {"vanishing": "below 1: sufficient for the gradient through time to vanish",
+                "exploding": "above 1: necessary for it to explode (and with Gaussian W_hh it does)",
+                "critical": "at 1: the linear RNN neither vanishes nor explodes on average"}[lin["regime"]]
+        console.print(f"linear RNN (Pascanu, Mikolov & Bengio 2013): dL/dh_t = (W^T)^(T-t) dL/dh_T; spectral radius "
+                      f"{cond}; a nonlinearity with |phi'| <= 1 (tanh, ReLU) only shrinks it further")
+    if not info["applies"]:
+        console.print(f"mean-field theory through time does not apply here: {info['reason']}.")
+        if model.kind in ("lstm", "gru"):
+            console.print("the gates: an LSTM's cell state c_t = f_t c_(t-1) + i_t g_t carries the gradient through "
+                          "time multiplied by the forget gate f_t alone, not by W_hh and phi' (Hochreiter & "
+                          "Schmidhuber's constant error carousel): it survives where a vanilla RNN's vanishes")
+        console.print("Run it (`gradexp run`) to measure ||dL/dh_t|| through time instead.")
+        return
+    p = info["prediction"]
+    change = "shrinks" if info["per_step"] < 1 else "grows"
+    console.print(f"mean-field (Chen, Pennington & Schoenholz 2018): sigma_w^2 = {fmt_number(p.sigma_w2, 4)}, input "
+                  f"variance {fmt_number(p.input_variance)}; q* = {fmt_number(p.q_star, 4)}, chi* = "
+                  f"{fmt_number(p.chi_star, 4)}")
+    scale = "infinite" if math.isinf(p.time_scale) else f"{fmt_number(abs(p.time_scale))} steps"
+    console.print(f"per time step: ||dL/dh_t|| {change} x{fmt_number(info['per_step'])} going back (x"
+                  f"{fmt_number(info['per_step_star'])} at the fixed point; time scale {scale})")
+    console.print(f"whole sequence: ||dL/dh_0|| is predicted {fmt_number(info['whole'])}x ||dL/dh_"
+                  f"{info['steps'] - 1}||")
+
+
 def print_explanation(console: Console, model, info: dict) -> None:
     """The mean-field prediction for a config, in words and a per-layer table."""
+    if info.get("through_time"):
+        print_recurrent_explanation(console, model, info)
+        return
     console.print(f"[bold]{model.kind}[/bold], depth {model.depth}, width {model.width}, {model.activation}, "
                   f"{model.init} init x{model.init_gain:g}, bias {model.bias_init}, norm {model.norm}, "
                   f"residual {str(model.residual).lower()}")
@@ -586,7 +625,8 @@ def print_explanation(console: Console, model, info: dict) -> None:
 
 
 def theory_figure(path: Path, model, info: dict) -> None:
-    """The predicted ||dL/dz|| profile (relative to the last hidden layer) against layer index."""
+    """The predicted ||dL/dz|| profile (relative to the last hidden layer) against layer index; for
+    a recurrent net ||dL/dh_t|| (relative to the last time step) against t."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -595,6 +635,19 @@ def theory_figure(path: Path, model, info: dict) -> None:
 
     p = info["prediction"]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    if info.get("through_time"):
+        ratio = [1.0]
+        for t in range(info["steps"] - 2, -1, -1):
+            ratio.append(ratio[-1] * math.sqrt(p.chi[t + 1]))
+        ax.plot(range(info["steps"]), ratio[::-1], ls="--", color="gray", label=f"predicted, chi* = {fmt_number(p.chi_star)}")
+        _layer_axis(ax, "time step t (0 = the sequence's first)",
+                    f"mean-field prediction at init: {model.activation} RNN, g = {fmt_number(math.sqrt(p.sigma_w2))}")
+        ax.set_ylabel(f"||dL/dh_t|| / ||dL/dh_{info['steps'] - 1}||")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
     ax.plot(range(len(p.log10_delta_ratio)), [10 ** r for r in p.log10_delta_ratio], ls="--", marker="o",
             color="gray", label=f"predicted, chi_1 = {fmt_number(p.chi_1)}")
     ax.set_yscale("log")

@@ -661,3 +661,23 @@ def compare_rnn(pred: RNNPrediction, model, dz_calls: list[float]) -> dict:
         "linear": linear_rnn_regime(g),
     }
 
+
+
+def explain_rnn(model, input_size: int, input_second_moment: float, steps: int, last_step_loss: bool,
+                spectral_radius: float | None = None, top_singular: float | None = None) -> dict:
+    """What `gradexp explain` shows for a recurrent net: Pascanu et al.'s linear condition on the
+    recurrent matrix (the drawn matrix's spectral radius and largest singular value when given, else
+    what the circular law expects), and the mean-field prediction through time where it applies."""
+    sigma_w2 = rnn_variances(model, input_size)[0] if model.kind == "rnn" else None
+    g = math.sqrt(sigma_w2) if sigma_w2 is not None else None
+    info = {"applies": False, "through_time": True, "steps": steps, "spectral_radius": spectral_radius,
+            "top_singular": top_singular, "linear": linear_rnn_regime(spectral_radius if spectral_radius else g)
+            if (spectral_radius or g) else None}
+    pred, reason = for_rnn(model, input_size, input_second_moment, steps, last_step_loss)
+    info["reason"] = reason
+    if pred is None:
+        return info
+    per_step = rnn_step_factor(pred, range(steps - 1)) if steps > 1 else 1.0
+    info.update(applies=True, prediction=pred, per_step=per_step, per_step_star=math.sqrt(pred.chi_star),
+                whole=per_step ** (steps - 1))
+    return info

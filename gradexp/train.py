@@ -350,14 +350,32 @@ def theory_beside(cfg: Config, exp: Experiment, first: dict | None) -> dict:
     return theory.compare(pred, first["act_grad_norm"])
 
 
-def rnn_theory_beside(cfg: Config, exp: Experiment, first: dict | None) -> dict:
-    """The through-time prediction for a vanilla RNN at init beside ||dL/dh_t|| measured at step 0."""
+def rnn_inputs(cfg: Config, exp: Experiment) -> tuple[int, float, int, bool]:
+    """What the through-time theory needs of the data: the first cell's input size and the second
+    moment of its input (an embedding's output for tokens), the sequence length, and whether the loss
+    is at the last step only."""
     data = exp.data
     if data.vocab:  # the cell's input is the embedding's output
         input_size, x2 = cfg.model.width, float(exp.model.embed.weight.double().pow(2).mean())
     else:
         input_size, x2 = data.in_shape[-1], float(data.x_train.double().pow(2).mean())
-    pred, reason = theory.for_rnn(cfg.model, input_size, x2, data.in_shape[0], last_step_loss=not data.every_step)
+    return input_size, x2, data.in_shape[0], not data.every_step
+
+
+def recurrent_explanation(cfg: Config, exp: Experiment) -> dict:
+    """`gradexp explain` for a recurrent net: theory.explain_rnn with the spectral radius and largest
+    singular value of the first cell's W_hh as drawn (a vanilla RNN's; gated cells' blocks each feed
+    a gate, where the linear condition says little)."""
+    radius = top = None
+    if cfg.model.kind == "rnn":
+        w = exp.model.recurrent_cells[0].weight_hh.detach().double().cpu()
+        radius, top = float(torch.linalg.eigvals(w).abs().max()), float(torch.linalg.matrix_norm(w, 2))
+    return theory.explain_rnn(cfg.model, *rnn_inputs(cfg, exp), spectral_radius=radius, top_singular=top)
+
+
+def rnn_theory_beside(cfg: Config, exp: Experiment, first: dict | None) -> dict:
+    """The through-time prediction for a vanilla RNN at init beside ||dL/dh_t|| measured at step 0."""
+    pred, reason = theory.for_rnn(cfg.model, *rnn_inputs(cfg, exp))
     if pred is None:
         return {"applies": False, "reason": reason}
     timed = through_time(first)

@@ -83,3 +83,40 @@ def test_advice_leaves_out_remedies_already_in_use(cli, tmp_path):
     d = summary_of(only_run(tmp_path))["diagnosis"]
     assert d["verdict"] == "exploding" and "init_gain" in d["advice"]
     assert "clip.mode" not in d["advice"] and "weight_decay" not in d["advice"]
+
+
+def _sequence_config(tmp_path, kind: str) -> str:
+    path = tmp_path / f"{kind}.yaml"
+    path.write_text(f"data: {{name: adding, length: 30, n_train: 64, n_eval: 8}}\nmodel: {{kind: {kind}}}\n")
+    return str(path)
+
+
+def test_explain_a_vanilla_rnn_says_the_linear_condition_and_the_factor_through_time(cli, tmp_path):
+    """The spectral radius printed is the drawn W_hh's (numpy's eigenvalues of the same seed's matrix)
+    and the per-step factor is theory.for_rnn's for the data's inputs."""
+    import numpy as np
+
+    from gradexp import theory
+    from gradexp.config import load_config
+    from gradexp.report import fmt_number
+    from gradexp.train import prepare, rnn_inputs
+
+    config, overrides = _sequence_config(tmp_path, "rnn"), ["model.recurrent_init=normal", "model.recurrent_gain=0.8"]
+    plot = tmp_path / "through_time.png"
+    result = cli("explain", config, *overrides, f"--plot={plot}")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    exp = prepare(load_config(config, overrides))
+    w = exp.model.recurrent_cells[0].weight_hh.detach().double().numpy()
+    assert f"spectral radius {fmt_number(float(np.abs(np.linalg.eigvals(w)).max()))}" in text
+    assert "below 1: sufficient for the gradient through time to vanish" in text
+    pred, _ = theory.for_rnn(exp.cfg.model, *rnn_inputs(exp.cfg, exp))
+    assert f"shrinks x{fmt_number(theory.rnn_step_factor(pred, range(29)))} going back" in text
+    assert plot.stat().st_size > 0
+
+
+def test_explain_an_lstm_says_why_the_theory_does_not_apply(cli, tmp_path):
+    result = cli("explain", _sequence_config(tmp_path, "lstm"))
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "does not apply here: model.kind=lstm" in text and "constant error carousel" in text
