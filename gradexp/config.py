@@ -124,14 +124,14 @@ class DataConfig(_Section):
 
 _TARGET = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 BUILT_IN_KEYS = ("depth", "width", "activation", "norm", "residual", "init", "init_gain", "bias_init",
-                 "recurrent_init", "recurrent_gain", "heads", "norm_position", "residual_scale")
+                 "recurrent_init", "recurrent_gain", "forget_bias", "heads", "norm_position", "residual_scale")
 RECURRENT_KINDS = ("rnn", "lstm", "gru")
 SEQUENCE_KINDS = RECURRENT_KINDS + ("transformer",)
 MODEL_KINDS = ("mlp", "cnn") + SEQUENCE_KINDS + ("custom",)
 # The keys only some kinds use, with the kinds (a key set for another kind is refused: it would do nothing).
 KIND_KEYS = {
     "norm": ("mlp", "cnn"), "residual": ("mlp", "cnn"),
-    "recurrent_init": RECURRENT_KINDS, "recurrent_gain": RECURRENT_KINDS,
+    "recurrent_init": RECURRENT_KINDS, "recurrent_gain": RECURRENT_KINDS, "forget_bias": ("lstm",),
     "heads": ("transformer",), "norm_position": ("transformer",), "residual_scale": ("transformer",),
 }
 # Each kind's defaults where the schema's (made for the 20-layer sigmoid MLP) would be wrong for it.
@@ -183,6 +183,10 @@ class ModelConfig(_Section):
     recurrent_gain: float = Field(1.0, gt=0, description="rnn, lstm, gru: the gain g of `recurrent_init` (orthogonal, "
                                                          "normal): below 1 the gradient through time vanishes, above "
                                                          "1 a linear or ReLU RNN's explodes")
+    forget_bias: float | None = Field(None, description="lstm: the forget gate's bias at init (null: PyTorch's, "
+                                                          "about 0, so the gate starts half closed and the cell state "
+                                                          "keeps ~1/2 of its gradient per step; 1 or more starts it "
+                                                          "open: Gers et al. 2000, Jozefowicz et al. 2015)")
     heads: int = Field(4, ge=1, description="transformer: attention heads; `model.width` must be a multiple of it")
     norm_position: Literal["pre", "post"] = Field(
         "pre", description="transformer: LayerNorm `pre`: x + f(LN(x)), a final LN before the head; `post`: "

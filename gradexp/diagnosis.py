@@ -49,6 +49,7 @@ REMEDIES = {
     # a recurrent net's gradient through time (Hochreiter & Schmidhuber 1997; Pascanu et al. 2013)
     "vanishing through time": [
         ("model.kind=lstm (or gru)", lambda c: c.model.kind in ("lstm", "gru")),
+        ("model.forget_bias=1 or more", lambda c: c.model.kind != "lstm" or (c.model.forget_bias or 0) >= 1),
         ("model.recurrent_init=orthogonal", lambda c: c.model.recurrent_init == "orthogonal"),
     ],
     "exploding through time": [

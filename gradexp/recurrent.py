@@ -103,10 +103,13 @@ def build_recurrent(cfg: ModelConfig, in_shape: tuple[int, ...], classes: int, v
             # the input weights as a weight layer would be (init_weight_layer reads .weight)
             init_weight_layer(_InputView(cell), cfg.init, cfg.init_gain, "default", cfg.activation)
         init_recurrent(cell.weight_hh, cfg.recurrent_init, cfg.recurrent_gain, GATES[cfg.kind])
-        if cfg.bias_init == "zero":
-            with torch.no_grad():
+        with torch.no_grad():
+            if cfg.bias_init == "zero":
                 cell.bias_ih.zero_()
                 cell.bias_hh.zero_()
+            if cfg.forget_bias is not None:  # the gates are stacked input, forget, cell, output
+                cell.bias_ih[cfg.width:2 * cfg.width] = cfg.forget_bias
+                cell.bias_hh[cfg.width:2 * cfg.width] = 0.0
         layers.append(Unrolled(cell))
         size = cfg.width
     head = nn.Linear(cfg.width, classes)

@@ -353,6 +353,7 @@ class Profile:
     first: list[float | None] | None
     last: list[float | None] | None
     note: str = ""
+    axis: str = "layer"  # or "time": a recurrent net's ||dL/dh_t|| against time step t
 
 
 # More lines than this on one chart stop being readable: the figures turn to small multiples instead.
@@ -394,7 +395,7 @@ def sweep_panels(rows: list[dict]) -> list[tuple[str, list[Profile]]]:
     inner = [k for k in varying if any(len({value(r, k) for r in group}) > 1 for group in members.values())]
     labels = _labels(inner)
     return [(name, [Profile(" ".join(f"{labels[k]} {value(r, k)}" for k in inner), *r["_flow"],
-                            note(r["verdict"], r["status"])) for r in group])
+                            note(r["verdict"], r["status"]), r.get("_axis", "layer")) for r in group])
             for name, group in members.items()]
 
 
@@ -439,14 +440,18 @@ def flow_grid(path: Path, panels: list[tuple[str, list[Profile]]], title: str, y
     variants = list(dict.fromkeys(p.label for _, profiles in panels for p in profiles))
     cmap = plt.get_cmap("tab10") if len(variants) <= 10 else plt.get_cmap("viridis", len(variants))
     color = {v: cmap(i) for i, v in enumerate(variants)}
-    floor = _floor([p for _, profiles in panels for p in profiles])
+    # a panel's x axis is layers, or time steps for a recurrent net: panels share axes only when all are alike
+    axis = {name: "time" if any(p.axis == "time" for p in profiles) else "layer" for name, profiles in panels}
+    alike = len(set(axis.values())) <= 1
+    floors = {name: _floor([p for _, profiles in panels for p in profiles] if alike else profiles)
+              for name, profiles in panels}
     cols = min(len(panels), 3 if len(panels) <= 9 else 4) or 1
     rows = max(1, math.ceil(len(panels) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 2.9 * rows + 0.8), sharex=True, sharey=True,
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 2.9 * rows + 0.8), sharex=alike, sharey=alike,
                              squeeze=False)
     for ax, (name, profiles) in zip(axes.flat, panels):
         for p in profiles:
-            _draw(ax, p, color[p.label], floor)
+            _draw(ax, p, color[p.label], floors[name])
         ax.set_yscale("log")
         ax.grid(True, which="major", alpha=0.3)
         ax.set_title(f"{name}\n{_verdicts(profiles)}", fontsize=9)
@@ -456,11 +461,13 @@ def flow_grid(path: Path, panels: list[tuple[str, list[Profile]]], title: str, y
         ax.set_visible(False)
     from matplotlib.ticker import MaxNLocator
 
-    for ax in axes[-1]:
+    xlabel = {"layer": "layer (0 = next to the input)", "time": "time step t (0 = the sequence's first)"}
+    for ax, (name, _) in zip(axes.flat, panels):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("layer (0 = next to the input)", fontsize=8)
-    for ax in axes[:, 0]:
-        ax.set_ylabel(ylabel, fontsize=8)
+        if not alike or ax in axes[-1]:
+            ax.set_xlabel(xlabel[axis[name]], fontsize=8)
+        if not alike or ax in axes[:, 0]:
+            ax.set_ylabel(ylabel if axis[name] == "layer" else "||dLoss/dh_t||", fontsize=8)
     handles = [plt.Line2D([], [], color=color[v], label=v) for v in variants if v] + _style_handles(plt)
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
     fig.suptitle(title)
@@ -567,8 +574,10 @@ def print_recurrent_explanation(console: Console, model, info: dict) -> None:
         console.print(f"mean-field theory through time does not apply here: {info['reason']}.")
         if model.kind in ("lstm", "gru"):
             console.print("the gates: an LSTM's cell state c_t = f_t c_(t-1) + i_t g_t carries the gradient through "
-                          "time multiplied by the forget gate f_t alone, not by W_hh and phi' (Hochreiter & "
-                          "Schmidhuber's constant error carousel): it survives where a vanilla RNN's vanishes")
+                          "time multiplied by the forget gate f_t, not by W_hh and phi' (Hochreiter & Schmidhuber's "
+                          "constant error carousel, whose factor was 1): with f_t near 1 it survives where a vanilla "
+                          "RNN's vanishes. PyTorch's init starts f_t near 1/2 (bias ~0), which halves it each step "
+                          "until training opens the gate; model.forget_bias=1 or more starts it open")
         console.print("Run it (`gradexp run`) to measure ||dL/dh_t|| through time instead.")
         return
     p = info["prediction"]

@@ -704,8 +704,8 @@ def attempt(root: Path, point: Point) -> tuple[Path | None, dict]:
     return folder, summary
 
 
-RESULT_KEYS = ("status", "loss_train", "acc_train", "loss_eval", "acc_eval", "ratio_first", "ratio_last",
-               "verdict", "steps_done", "wall_time_s", "folder", "error", "diagnosis")
+RESULT_KEYS = ("status", "loss_train", "acc_train", "loss_eval", "acc_eval", "loss_eval_vs_baseline", "ratio_first",
+               "ratio_last", "measure", "verdict", "steps_done", "wall_time_s", "folder", "error", "diagnosis")
 
 
 def collect(plan: Plan, configs: dict[str, Config], root: Path, errors: dict[str, str]) -> list[dict]:
@@ -720,17 +720,30 @@ def collect(plan: Plan, configs: dict[str, Config], root: Path, errors: dict[str
             **results(s, "failed" if p.name in errors else "not run"),
             "folder": str(folder.relative_to(root)) if folder else None, "error": errors.get(p.name) or s.get("error"),
             "_params": flat(configs[p.name]) if p.name in configs else {},
-            "_flow": [((s.get("layers") or {}).get(at) or {}).get("act_grad_norm") for at in ("first", "last")],
+            **flow_profile(s),
         })
     return rows
+
+
+def flow_profile(summary: dict) -> dict:
+    """What the sweep's figure draws of a run: its ||dL/dz|| per layer at the first and last logged
+    step, or for a recurrent net ||dL/dh_t|| per time step (its depth is in time)."""
+    from .report import through_time
+
+    snaps = [(summary.get("layers") or {}).get(at) for at in ("first", "last")]
+    timed = [through_time(snap) for snap in snaps]
+    if timed[0] is not None:
+        return {"_flow": [t[1] if t else None for t in timed], "_axis": "time"}
+    return {"_flow": [(snap or {}).get("act_grad_norm") for snap in snaps], "_axis": "layer"}
 
 
 def results(summary: dict, status: str = "not run") -> dict:
     """A run's results as a sweep row has them, from its summary.json ({}: the run has none; `status` then)."""
     final, d = summary.get("final") or {}, summary.get("diagnosis") or {}
     return {"status": summary.get("status") or status,
-            **{k: final.get(k) for k in ("loss_train", "acc_train", "loss_eval", "acc_eval")},
+            **{k: final.get(k) for k in ("loss_train", "acc_train", "loss_eval", "acc_eval", "loss_eval_vs_baseline")},
             "ratio_first": d.get("ratio"), "ratio_last": d.get("ratio_last"), "verdict": d.get("verdict"),
+            "measure": d.get("measure", "through depth") if d.get("ratio") is not None else None,
             "steps_done": (summary.get("steps") or {}).get("done"), "wall_time_s": summary.get("wall_time_s"),
             "diagnosis": d.get("message")}
 
@@ -801,17 +814,22 @@ def results_table(rows: list[dict]):
     def _fmt(v: float | None) -> str:
         return fmt_number(v, 3)
 
-    table = Table(title="runs (ratio: ||dL/dz|| of layer 0 / of the last hidden layer)",
-                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+    timed = any(r.get("measure") == "through time" for r in rows)
+    baseline = any(r.get("loss_eval_vs_baseline") is not None for r in rows)
+    title = "runs (ratio: ||dL/dz|| of layer 0 / of the last hidden layer" + \
+        ("; a recurrent net's, 'in time': ||dL/dh_t|| at the first time step / at the last" if timed else "") + \
+        ("; eval/base: held-out loss / the baseline's, that of the best answer ignoring the input" if baseline else "")
+    table = Table(title=title + ")", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
     table.add_column("run", no_wrap=True, min_width=max((len(r["name"]) for r in rows), default=3))
     table.add_column("status", no_wrap=True)
-    for header in ("loss\ntrain", "acc\neval", "ratio\nfirst", "ratio\nlast"):
+    for header in ("loss\ntrain", "acc\neval", *(["eval/\nbase"] if baseline else []), "ratio\nfirst", "ratio\nlast"):
         table.add_column(header, justify="right", no_wrap=True)
     table.add_column("diagnosis", no_wrap=True)
     for r in rows:
         verdict = r["verdict"] or "-"
+        where = " in time" if r.get("measure") == "through time" else ""
         table.add_row(r["name"], Text(r["status"], style=_STYLE.get(r["status"], "")), _fmt(r["loss_train"]),
-                      _fmt(r["acc_eval"]), _fmt(r["ratio_first"]), _fmt(r["ratio_last"]),
-                      Text(verdict, style=_VERDICT.get(verdict, "")))
+                      _fmt(r["acc_eval"]), *([_fmt(r.get("loss_eval_vs_baseline"))] if baseline else []),
+                      _fmt(r["ratio_first"]), _fmt(r["ratio_last"]), Text(verdict + where, style=_VERDICT.get(verdict, "")))
     return table
 
