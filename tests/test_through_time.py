@@ -1,0 +1,125 @@
+"""The gradient through time: ||dL/dz|| of each call of a layer called more than once in a backward
+pass (a recurrent cell, once per time step), as a run and gradexp.watch report it, against autograd."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import TINY, layer_charts, only_run, summary_of
+from gradexp import watch
+from gradexp.probes import Watcher
+from gradexp.report import fmt_number
+
+STEPS, WIDTH, BATCH = 12, 16, 8
+
+
+class UserRNN(nn.Module):
+    """A user's own recurrent net: an nn.GRUCell unrolled in their forward (not gradexp's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.GRUCell(3, WIDTH)
+        self.head = nn.Linear(WIDTH, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = None
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+        return self.head(h)
+
+
+def _reference(net: UserRNN, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """||dL/dh_t|| for every t by autograd: the same forward with every h_t's gradient retained."""
+    h, states = None, []
+    for t in range(x.shape[1]):
+        h = net.cell(x[:, t], h)
+        h.retain_grad()
+        states.append(h)
+    F.cross_entropy(net.head(h), y).backward()
+    net.zero_grad(set_to_none=True)
+    return [s.grad.norm().item() for s in states]
+
+
+def test_a_users_unrolled_cell_gets_its_gradient_through_time(tmp_path):
+    torch.manual_seed(0)
+    net = UserRNN().double()
+    x, y = torch.randn(BATCH, STEPS, 3, dtype=torch.float64), torch.randint(0, 2, (BATCH,))
+    expected = _reference(net, x, y)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)  # lr 0: every step sees the same weights
+    with watch(net, opt, logdir=tmp_path / "log", every=1) as w:
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+        latest, layers = w.probes.latest, w.probes.layers
+    cell = [layer.name for layer in layers].index("cell")
+    assert latest["dz_calls"][cell] == pytest.approx(expected, rel=1e-9)
+    assert latest["dz_calls"][1 - cell] is None  # the head is called once: no profile
+    factor = (expected[0] / expected[-1]) ** (1 / (STEPS - 1))
+    assert latest["time_factor"][cell] == pytest.approx(factor, rel=1e-9) and latest["time_factor"][1 - cell] is None
+
+
+def test_fused_rnn_and_micro_batches_have_no_profile_and_a_cell_in_micro_batches_keeps_the_latest():
+    """nn.RNN runs its time loop inside one call: nothing per time step to hook (a profile needs the
+    loop in Python). Gradient accumulation calls a layer once per backward: no profile either. A cell
+    in two micro-batches: the profile is the latest backward's, not the two concatenated."""
+    torch.manual_seed(1)
+    fused = nn.RNN(3, WIDTH, batch_first=True)
+    probes = Watcher(fused, every=1)
+    try:
+        fused(torch.randn(BATCH, STEPS, 3))[0].sum().backward()
+        probes.step()
+        assert probes.latest["dz_calls"] == [None] and probes.latest["time_factor"] == [None]
+    finally:
+        probes.detach()
+
+    net = UserRNN().double()
+    x, y = torch.randn(2 * BATCH, STEPS, 3, dtype=torch.float64), torch.randint(0, 2, (2 * BATCH,))
+    expected = _reference(net, x[BATCH:], y[BATCH:])
+    probes = Watcher(net, every=1)
+    try:
+        for half in (slice(0, BATCH), slice(BATCH, None)):
+            F.cross_entropy(net(x[half]), y[half]).backward()
+        probes.step()
+        cell = [layer.name for layer in probes.layers].index("cell")
+        assert probes.latest["dz_calls"][cell] == pytest.approx(expected, rel=1e-9)
+    finally:
+        probes.detach()
+
+
+def test_a_recurrent_run_charts_its_time_factor_and_prints_its_profile(cli, tmp_path):
+    out = tmp_path / "runs"
+    config = tmp_path / "rnn.yaml"
+    config.write_text("data: {name: adding, length: 20, n_train: 64, n_eval: 16, batch_size: 16}\n"
+                      "model: {kind: rnn, width: 16}\n")
+    result = cli("run", config, *TINY, f"--out={out}")
+    assert result.exit_code == 0, result.output
+    folder = only_run(out)
+    s = summary_of(folder)
+    first = s["layers"]["first"]
+    norms = first["dz_calls"][0]  # layer 0: the cell (adding's inputs are numbers: no embedding)
+    assert len(norms) == 20 and first["dz_calls"][1] is None
+    assert first["time_factor"][0] == pytest.approx((norms[0] / norms[-1]) ** (1 / 19), rel=1e-12)
+    # the diagnosis is through time, with the ratio of t = 0 to t = 19
+    assert s["diagnosis"]["measure"] == "through time"
+    assert s["diagnosis"]["ratio"] == pytest.approx(norms[0] / norms[-1], rel=1e-12)
+    # TensorBoard: the cell's sub-run charts time_factor at every logged step, the head's does not
+    charts = layer_charts(folder)
+    assert "time_factor" not in charts["layer_01"]
+    logged = dict(charts["layer_00"]["time_factor"])
+    assert sorted(logged) == [0, 5, 10, 11]
+    assert logged[0] == pytest.approx(first["time_factor"][0], rel=1e-6)
+    assert logged[11] == pytest.approx(s["layers"]["last"]["time_factor"][0], rel=1e-6)
+    text = " ".join(result.output.split())
+    assert "through time: ||dL/dh_t|| of layer_00" in text
+    assert f"||dL/dh_t|| at t = 0 is {fmt_number(s['diagnosis']['ratio'])}x that at t = 19" in text
+    # the theory beside it: a one-layer tanh RNN on the adding task
+    theory = s["theory"]
+    assert theory["applies"] and theory["measured_time_factor"] == pytest.approx(first["time_factor"][0], rel=1e-12)
+    assert len(theory["predicted_dz_calls"]) == 20 and theory["predicted_dz_calls"][-1] == norms[-1]
+    assert math.isfinite(theory["predicted_time_factor"])
