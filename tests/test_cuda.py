@@ -116,3 +116,40 @@ def test_steps_that_log_nothing_never_wait_for_the_gpu(optim):
             torch.cuda.set_sync_debug_mode("default")
             board.close()
     assert result["status"] == "completed" and result["steps_done"] == t.steps
+
+
+@pytest.mark.parametrize("kind, task", [("rnn", "adding"), ("lstm", "copy"), ("gru", "adding"),
+                                        ("transformer", "reverse")])
+def test_sequence_kinds_on_cuda_equal_the_cpu_computation(kind, task, monkeypatch):
+    """A recurrent net's probes, its gradient through time included, and a transformer's, on the GPU
+    against the CPU; then a whole run of the kind on CUDA."""
+    from gradexp.train import task_loss
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    overrides = [f"model.kind={kind}", f"data.name={task}", "data.length=12", "data.symbols=3", "data.n_train=64",
+                 "data.n_eval=16", "model.width=32", "device=cpu", "train.steps=3", "train.log_every=1"]
+    exp = prepare(load_config(None, overrides))
+    cpu, gpu = exp.model, copy.deepcopy(exp.model).cuda()
+    x, y = exp.data.x_train[:32], exp.data.y_train[:32]
+
+    def step(net, x, y) -> dict:
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        probes = Watcher(net, opt, every=1, weight_every=1, layers=net.weight_layers, activations=net.activations)
+        try:
+            task_loss(exp.data.loss, net(x), y).backward()
+            opt.step()
+        finally:
+            probes.detach()
+        return probes.latest
+
+    expected, got = step(cpu, x, y), step(gpu, x.cuda(), y.cuda())
+    for key in ("grad_norm", "act_grad_norm", "time_factor", "act_std"):
+        assert [v is None for v in got[key]] == [v is None for v in expected[key]], key
+        assert [v for v in got[key] if v is not None] == \
+            pytest.approx([v for v in expected[key] if v is not None], rel=1e-3), key
+    for g, e in zip(got["dz_calls"], expected["dz_calls"]):
+        assert (g is None) == (e is None) and (e is None or g == pytest.approx(e, rel=1e-3, abs=1e-12))
+    with tempfile.TemporaryDirectory() as out:
+        outcome = run(load_config(None, overrides[:-3] + ["device=cuda", "train.steps=5", "train.log_every=2"]), out)
+        assert outcome.status == "completed" and outcome.summary["device"].startswith("cuda")
