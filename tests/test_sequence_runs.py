@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import only_run, run_folders, summary_of
+from conftest import CONFIGS, only_run, run_folders, summary_of
 from gradexp.config import load_config
 from gradexp.data import load_dataset
 from gradexp.sequences import SeqTask, baseline
@@ -110,3 +110,17 @@ def test_sweep_over_the_sequence_kinds(cli, base, tmp_path):
         s = summary_of(folder)
         check_sequence_summary(s, load_config(base, overrides + [f"model.kind={kind}"]))
         assert rows[f"kind-{kind}"]["loss_eval"] == pytest.approx(s["final"]["loss_eval"])
+
+
+def test_the_relu_rnn_explodes_through_time_and_clipping_lets_it_finish(cli, tmp_path):
+    budget = ["train.steps=12", "train.log_every=5", "train.eval_every=6", "train.hist_every=0"]
+    result = cli("run", CONFIGS / "rnn_relu_exploding.yaml", *budget, "--out", tmp_path / "a", "--quiet")
+    assert result.exit_code == 0, result.output
+    s = summary_of(only_run(tmp_path / "a"))
+    assert s["status"] == "diverged" and s["diagnosis"]["verdict"] == "exploding"
+    result = cli("run", CONFIGS / "rnn_relu_clipped.yaml", *budget, "--out", tmp_path / "b", "--quiet")
+    assert result.exit_code == 0, result.output
+    s = summary_of(only_run(tmp_path / "b"))
+    assert s["status"] == "completed" and s["layers"]["first"]["calls"] == [100, 1]
+    first = s["layers"]["first"]  # measured before clipping; applied: clip.max
+    assert first["grad_norm_total"] > 1 and first["grad_norm_total_applied"] == pytest.approx(1.0, rel=1e-3)
