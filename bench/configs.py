@@ -34,6 +34,10 @@ SHOWS = {
     "cnn_residual": "remedy: residual CNN",
     "lr_too_small": "learning rate too small: never arrives",
     "lr_too_large": "learning rate too large: overshoots",
+    "rnn_adding": "through time: a tanh RNN on the 50-step adding problem, stuck at the baseline",
+    "lstm_adding": "remedy: an LSTM on the same task solves it",
+    "rnn_relu_exploding": "exploding through time: ReLU RNN, W_hh drawn at gain 1.5",
+    "rnn_relu_clipped": "remedy: gradient-norm clipping lets it finish",
 }
 ORDER = list(SHOWS)
 

@@ -121,6 +121,13 @@ class DataConfig(_Section):
     download: bool = Field(False, description="mnist, fashion_mnist, cifar10: download missing files into "
                                               "`data.root` (never unless true)")
 
+    @model_validator(mode="after")
+    def _adding_has_two_halves(self) -> "DataConfig":
+        # sequences.adding marks one step in each half: one step has no second half (a ValueError there)
+        if self.name == "adding" and self.length is not None and self.length < 2:
+            raise ValueError(f".length: at least 2 for data.name=adding, a marked step in each half (got {self.length})")
+        return self
+
 
 _TARGET = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 BUILT_IN_KEYS = ("depth", "width", "activation", "norm", "residual", "init", "init_gain", "bias_init",

@@ -22,7 +22,7 @@ def test_every_article_idea_has_a_config():
     names = {p.stem for p in SHIPPED}
     expected = {"deep_sigmoid", "deep_tanh", "deep_relu", "exploding", "exploding_clipped", "weight_decay",
                 "batchnorm", "residual", "cnn_deep_sigmoid", "cnn_residual", "lr_too_small", "lr_too_large",
-                "pretrain_sigmoid"}
+                "pretrain_sigmoid", "rnn_adding", "lstm_adding", "rnn_relu_exploding", "rnn_relu_clipped"}
     assert expected <= names
 
 

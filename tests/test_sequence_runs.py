@@ -1,0 +1,126 @@
+"""The sequence kinds and tasks through the command line: each key's bad values are refused with exit 2,
+a message naming the key and what is allowed, and no run folder; `gradexp run` and `gradexp sweep`
+end to end on tiny budgets, their summaries' loss set beside the task's input-free baseline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import CONFIGS, only_run, run_folders, summary_of
+from gradexp.config import load_config
+from gradexp.data import load_dataset
+from gradexp.sequences import SeqTask, baseline
+
+# A few steps on short sequences: a run in about a second.
+TINY_SEQ = ["data.n_train=32", "data.n_eval=16", "data.batch_size=8", "model.width=8", "train.steps=4",
+            "train.log_every=2", "train.eval_every=2", "train.hist_every=2", "train.weight_every=2",
+            "train.threads=1"]
+
+
+@pytest.fixture
+def base(tmp_path):
+    """A config file that sets nothing but the name: the overrides say the rest."""
+    path = tmp_path / "seq.yaml"
+    path.write_text("name: seq\n")
+    return path
+
+
+@pytest.mark.parametrize("overrides, must_say", [
+    (["model.kind=rnn"], "model.kind: rnn needs a sequence task, data.name one of adding, copy, reverse, sort "
+                         "(got data.name=digits)"),
+    (["model.kind=rnn", "data.name=adding", "model.activation=sigmoid"],
+     "model.activation: model.kind=rnn takes tanh or relu (got sigmoid)"),
+    (["model.kind=lstm", "data.name=adding", "model.activation=relu"],
+     "model.activation: model.kind=lstm takes tanh (got relu)"),
+    (["model.kind=transformer", "data.name=reverse", "model.width=30", "model.heads=4"],
+     "model.heads: model.width (30) must be a multiple of model.heads (got 4)"),
+    (["model.kind=transformer", "data.name=reverse", "model.residual_scale=deepnet", "model.norm_position=pre"],
+     "model.residual_scale: deepnet is DeepNorm, a post-LN scheme; set model.norm_position=post (got pre)"),
+    (["model.kind=gru", "data.name=adding", "model.heads=2"],
+     "model.heads: used by model.kind transformer only (got model.kind=gru)"),
+    (["model.kind=rnn", "model.recurrent_gain=0"], "model.recurrent_gain: Input should be greater than 0"),
+    (["model.kind=mlp", "model.recurrent_init=normal"], "model.recurrent_init: used by model.kind rnn, lstm, gru only"),
+    (["model.kind=rnn", "data.name=adding", "data.vocab=5"],
+     "data.vocab: the adding task's inputs are numbers, not tokens; leave it out"),  # refused by the data, not the schema
+    (["model.kind=rnn", "data.name=adding", "data.length=0"], "data.length: Input should be greater than or equal to 1"),
+    (["model.kind=rnn", "data.name=adding", "data.length=1"], "data.length: at least 2 for data.name=adding"),
+    (["model.kind=mlp", "data.name=copy"], "model.kind: an mlp gives one answer per example and copy asks one per "
+                                           "position; use rnn, lstm, gru, transformer"),
+    (["model.kind=cnn", "data.name=adding"], "model.kind: cnn needs images (got data.name=adding); for a sequence "
+                                             "task use rnn, lstm, gru, transformer"),
+])
+def test_bad_sequence_keys_are_refused_and_nothing_is_run(cli, base, tmp_path, overrides, must_say):
+    result = cli("run", base, *overrides, "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert "nothing was run" in result.output and must_say in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "out").exists() or run_folders(tmp_path / "out") == []
+
+
+def expected_baseline(cfg) -> float:
+    """sequences.baseline on the run's own data (the same config and seed), and for adding its closed
+    form: the held-out targets' variance."""
+    data = load_dataset(cfg.data, cfg.seed)
+    task = SeqTask(data.x_train, data.y_train, data.x_eval, data.y_eval, data.loss, data.vocab, data.classes)
+    if data.loss == "mse":
+        assert baseline(task) == pytest.approx(data.y_eval.var(unbiased=False).item(), rel=1e-5)
+    return baseline(task, "eval")
+
+
+def check_sequence_summary(s: dict, cfg) -> None:
+    assert s["status"] == "completed" and s["steps"]["done"] == cfg.train.steps
+    final = s["final"]
+    assert final["baseline_eval"] == pytest.approx(expected_baseline(cfg), rel=1e-6)
+    assert final["loss_eval_vs_baseline"] == pytest.approx(final["loss_eval"] / final["baseline_eval"], rel=1e-9)
+    assert (final["acc_eval"] is None) == (cfg.data.name == "adding")  # no accuracy for a regression
+
+
+@pytest.mark.parametrize("overrides, calls", [
+    # each layer's calls a step: the embedding (tokens), the cell once per time step, the head
+    (["model.kind=rnn", "data.name=copy", "data.length=3", "data.symbols=2"], [1, 3 + 2 * 2, 1]),
+    (["model.kind=rnn", "model.activation=relu", "model.recurrent_init=normal", "model.recurrent_gain=1.2",
+      "data.name=adding", "data.length=6", "clip.mode=norm"], [6, 1]),
+    (["model.kind=lstm", "data.name=adding", "data.length=6", "optim.name=adam", "optim.lr=0.01"], [6, 1]),
+    (["model.kind=gru", "model.depth=2", "data.name=reverse", "data.length=5"], [1, 5, 5, 1]),
+    (["model.kind=transformer", "model.heads=2", "data.name=sort", "data.length=5", "optim.warmup_steps=2"],
+     [1, 1, 1, 1]),
+    (["model.kind=transformer", "model.norm_position=post", "model.residual_scale=deepnet", "model.heads=2",
+      "data.name=adding", "data.length=6"], [1, 1, 1, 1]),
+])
+def test_run_end_to_end_beside_the_baseline(cli, base, tmp_path, overrides, calls):
+    result = cli("run", base, *overrides, *TINY_SEQ, "--out", tmp_path, "--quiet")
+    assert result.exit_code == 0, result.output
+    s = summary_of(only_run(tmp_path))
+    check_sequence_summary(s, load_config(base, overrides + TINY_SEQ))
+    assert s["layers"]["first"]["calls"] == calls
+
+
+def test_sweep_over_the_sequence_kinds(cli, base, tmp_path):
+    overrides = ["data.name=adding", "data.length=5", *TINY_SEQ]
+    kinds = ["rnn", "lstm", "gru", "transformer"]
+    result = cli("sweep", base, *overrides, "--grid", f"model.kind={','.join(kinds)}", "--workers", "1",
+                 "--out", tmp_path, "--quiet")
+    assert result.exit_code == 0, result.output
+    (root,) = [p for p in tmp_path.glob("*/*") if p.is_dir()]
+    rows = {r["name"]: r for r in json.loads((root / "summary.json").read_text())["runs"]}
+    assert {n: r["status"] for n, r in rows.items()} == {f"kind-{k}": "completed" for k in kinds}
+    for kind in kinds:
+        (folder,) = [p for p in (root / f"kind-{kind}").iterdir() if p.is_dir()]
+        s = summary_of(folder)
+        check_sequence_summary(s, load_config(base, overrides + [f"model.kind={kind}"]))
+        assert rows[f"kind-{kind}"]["loss_eval"] == pytest.approx(s["final"]["loss_eval"])
+
+
+def test_the_relu_rnn_explodes_through_time_and_clipping_lets_it_finish(cli, tmp_path):
+    budget = ["train.steps=12", "train.log_every=5", "train.eval_every=6", "train.hist_every=0"]
+    result = cli("run", CONFIGS / "rnn_relu_exploding.yaml", *budget, "--out", tmp_path / "a", "--quiet")
+    assert result.exit_code == 0, result.output
+    s = summary_of(only_run(tmp_path / "a"))
+    assert s["status"] == "diverged" and s["diagnosis"]["verdict"] == "exploding"
+    result = cli("run", CONFIGS / "rnn_relu_clipped.yaml", *budget, "--out", tmp_path / "b", "--quiet")
+    assert result.exit_code == 0, result.output
+    s = summary_of(only_run(tmp_path / "b"))
+    assert s["status"] == "completed" and s["layers"]["first"]["calls"] == [100, 1]
+    first = s["layers"]["first"]  # measured before clipping; applied: clip.max
+    assert first["grad_norm_total"] > 1 and first["grad_norm_total_applied"] == pytest.approx(1.0, rel=1e-3)
