@@ -34,6 +34,9 @@ SHOWS = {
     "cnn_residual": "remedy: residual CNN",
     "lr_too_small": "learning rate too small: never arrives",
     "lr_too_large": "learning rate too large: overshoots",
+    "transformer_post_ln": "post-LN transformer, no warm-up: stuck above the baseline",
+    "transformer_pre_ln": "remedy: pre-LN, same learning rate",
+    "transformer_post_ln_warmup": "remedy: post-LN with a learning-rate warm-up",
 }
 ORDER = list(SHOWS)
 
