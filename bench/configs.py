@@ -36,7 +36,7 @@ SHOWS = {
     "lr_too_large": "learning rate too large: overshoots",
     "rnn_adding": "through time: a tanh RNN on the 50-step adding problem, stuck at the baseline",
     "lstm_adding": "remedy: an LSTM on the same task solves it",
-    "rnn_relu_exploding": "exploding through time: ReLU RNN, W_hh drawn at gain 2",
+    "rnn_relu_exploding": "exploding through time: ReLU RNN, W_hh drawn at gain 1.7",
     "rnn_relu_clipped": "remedy: gradient-norm clipping lets it finish",
     "transformer_post_ln": "post-LN transformer, no warm-up: stuck above the baseline",
     "transformer_pre_ln": "remedy: pre-LN, same learning rate",

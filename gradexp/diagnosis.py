@@ -59,14 +59,26 @@ REMEDIES = {
     "diverged": [
         ("clip.mode=norm", lambda c: c.clip.mode == "norm"),
         ("a smaller optim.lr", lambda c: False),
-        ("a smaller model.init_gain", lambda c: False),
+        ("a smaller model.init_gain", lambda c: c.model.kind in ("rnn", "lstm", "gru")),
+        ("a smaller model.recurrent_gain", lambda c: c.model.kind not in ("rnn", "lstm", "gru")),
     ],
+}
+
+
+# A transformer's remedies (Xiong et al. 2020: post-LN needs a warm-up, pre-LN does not).
+TRANSFORMER_REMEDIES = {
+    kind: [("optim.warmup_steps", lambda c: c.optim.warmup_steps > 0),
+           ("model.norm_position=pre", lambda c: c.model.norm_position == "pre"),
+           *([("clip.mode=norm", lambda c: c.clip.mode == "norm")] if kind != "vanishing" else []),
+           ("a smaller optim.lr", lambda c: False)]
+    for kind in ("vanishing", "exploding", "diverged")
 }
 
 
 def advice(kind: str, cfg: Config) -> str | None:
     """'try A, B, or C' with the remedies this config does not use yet (None for a healthy run)."""
-    items = [text for text, in_use in REMEDIES.get(kind, []) if not in_use(cfg)]
+    table = TRANSFORMER_REMEDIES if cfg.model.kind == "transformer" else REMEDIES
+    items = [text for text, in_use in table.get(kind, []) if not in_use(cfg)]
     if not items:
         return None
     return "try " + (items[0] if len(items) == 1 else ", ".join(items[:-1]) + ", or " + items[-1])
@@ -212,6 +224,16 @@ def _verdict(ratio: float, ctx: Context) -> str:
     return "exploding" if ratio > ctx.exploding_above else "healthy"
 
 
+def _developed(verdict: str, ratio_last: float | None, ctx: Context, last: dict | None) -> tuple[str, str]:
+    """A net healthy at init whose ratio crosses a threshold by the last logged step (a post-LN
+    transformer cut off from its lower blocks while training) is diagnosed by that: the verdict, and
+    the words that say so ('' when the init's verdict stands)."""
+    later = _verdict(ratio_last, ctx) if ratio_last is not None else "unknown"
+    if verdict == "healthy" and later in ("vanishing", "exploding"):
+        return later, f" by step {last['step']} (healthy at init)"
+    return verdict, ""
+
+
 def _time_ratio(norms: list[float]) -> float:
     """||dL/dh_0|| / ||dL/dh_(T-1)||: what survives of the gradient back through the whole sequence."""
     first, last = norms[0], norms[-1]
@@ -229,16 +251,16 @@ def _through_time_verdict(first: dict, last: dict | None, ctx: Context, theory: 
     i, norms = found
     ratio, steps = _time_ratio(norms), len(norms) - 1
     factor = ratio ** (1 / steps) if ratio > 0 and math.isfinite(ratio) else None
-    verdict = _verdict(ratio, ctx)
+    later = through_time(last) if last is not None and last["step"] != first["step"] else None
+    verdict, developed = _developed(_verdict(ratio, ctx), _time_ratio(later[1]) if later else None, ctx, last)
     text = f" (x{fmt_number(factor)} per time step" if factor is not None else ""
     if text and theory and theory.get("applies") and theory.get("predicted_time_factor"):
         text += f"; predicted x{fmt_number(theory['predicted_time_factor'])}: {theory.get('setting', '')}"
-    msg = (f"{verdict} through time: at step {first['step']} {ctx.labels[i]}'s ||dL/dh_t|| at t = 0 is "
+    msg = (f"{verdict} through time{developed}: at step {first['step']} {ctx.labels[i]}'s ||dL/dh_t|| at t = 0 is "
            f"{fmt_number(ratio)}x that at t = {steps}{text + ')' if text else ''}; thresholds "
            f"{ctx.vanishing_below:g} / {ctx.exploding_above:g}")
     result = {"verdict": verdict, "ratio": ratio, "measure": "through time", "time_layer": i, "time_steps": steps,
               "time_factor": factor}
-    later = through_time(last) if last is not None and last["step"] != first["step"] else None
     if later is not None:
         result["ratio_last"] = _time_ratio(later[1])
         msg += f"; at step {last['step']}: {fmt_number(result['ratio_last'])}x"
@@ -257,14 +279,19 @@ def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diver
         where = f"; first non-finite layer: {ctx.labels[layer] if not ctx.index_ranges else f'layer_{layer:02d}'}" \
             if layer is not None else ""
         next_step = ctx.advice("diverged")
+        timed = through_time(first)
+        ratio = _time_ratio(timed[1]) if timed else grad_ratio(first["act_grad_norm"], ctx.hidden) if first else None
+        before = (f"; at step {first['step']} ||dL/dh_t|| at t = 0 was {fmt_number(ratio)}x that at t = "
+                  f"{len(timed[1]) - 1}") if timed else ""
         return {
             "verdict": "exploding",
             "diverged_step": diverged["step"],
             "first_nonfinite_layer": layer,
-            "ratio": grad_ratio(first["act_grad_norm"], ctx.hidden) if first else None,
+            "ratio": ratio,
+            **({"measure": "through time"} if timed else {}),
             "findings": [],
             "advice": next_step,
-            "message": f"exploding: training became non-finite at step {diverged['step']}{where}"
+            "message": f"exploding: training became non-finite at step {diverged['step']}{where}{before}"
                        + (f"; {next_step}" if next_step else ""),
         }
     if first is None:
@@ -283,10 +310,12 @@ def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diver
     ratio = grad_ratio(delta, hidden)
     hops = len(hidden) - 1
     factor = ratio ** (1.0 / hops) if hops > 0 and ratio > 0 and math.isfinite(ratio) else None
-    verdict = _verdict(ratio if hops >= 1 else float("nan"), ctx)  # one hidden layer: nothing to compare it with
+    later = grad_ratio(last["act_grad_norm"], hidden) if last is not None and last["step"] != first["step"] else None
+    # one hidden layer: nothing to compare it with
+    verdict, developed = _developed(_verdict(ratio if hops >= 1 else float("nan"), ctx), later, ctx, last)
     a, b = (ctx.labels[hidden[0]], ctx.labels[hidden[-1]]) if hidden else ("?", "?")
-    msg = (f"{verdict}: at step {first['step']} {a}'s back-propagated gradient ||dL/dz|| is "
-           f"{fmt_number(ratio)}x {b}'s{_cause(verdict, factor, ctx, theory)}; "
+    msg = (f"{verdict}{developed}: at step {first['step']} {a}'s back-propagated gradient ||dL/dz|| is "
+           f"{fmt_number(ratio)}x {b}'s{'' if developed else _cause(verdict, factor, ctx, theory)}; "
            f"thresholds {ctx.vanishing_below:g} / {ctx.exploding_above:g}")
     if last is not None and last["step"] != first["step"]:
         msg += f"; at step {last['step']}: {fmt_number(grad_ratio(last['act_grad_norm'], hidden))}x"

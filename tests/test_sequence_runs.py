@@ -121,6 +121,10 @@ def test_the_relu_rnn_explodes_through_time_and_clipping_lets_it_finish(cli, tmp
     result = cli("run", CONFIGS / "rnn_relu_clipped.yaml", *budget, "--out", tmp_path / "b", "--quiet")
     assert result.exit_code == 0, result.output
     s = summary_of(only_run(tmp_path / "b"))
-    assert s["status"] == "completed" and s["layers"]["first"]["calls"] == [100, 1]
+    assert s["status"] == "completed" and s["layers"]["first"]["calls"] == [50, 1]
     first = s["layers"]["first"]  # measured before clipping; applied: clip.max
     assert first["grad_norm_total"] > 1 and first["grad_norm_total_applied"] == pytest.approx(1.0, rel=1e-3)
+    # exploding through time at init: ||dL/dh_0|| over ||dL/dh_49||, above the threshold of 100
+    norms = first["dz_calls"][0]
+    assert s["diagnosis"]["measure"] == "through time" and s["diagnosis"]["ratio"] == norms[0] / norms[-1] > 100
+    assert s["diagnosis"]["verdict"] == "exploding"
