@@ -225,11 +225,13 @@ def _verdict(ratio: float, ctx: Context) -> str:
 
 
 def _developed(verdict: str, ratio_last: float | None, ctx: Context, last: dict | None) -> tuple[str, str]:
-    """A net healthy at init whose ratio crosses a threshold by the last logged step (a post-LN
-    transformer cut off from its lower blocks while training) is diagnosed by that: the verdict, and
-    the words that say so ('' when the init's verdict stands)."""
+    """A net healthy at init whose gradient vanishes by the last logged step (a post-LN transformer
+    cut off from its lower blocks while training) is diagnosed by that: the verdict, and the words
+    that say so ('' when the init's verdict stands). Not so for a large ratio at the end: a net that
+    has learned its task has a small gradient at the output, which makes the ratio large without
+    anything exploding (a pre-LN transformer that solved sort: 156x)."""
     later = _verdict(ratio_last, ctx) if ratio_last is not None else "unknown"
-    if verdict == "healthy" and later in ("vanishing", "exploding"):
+    if verdict == "healthy" and later == "vanishing":
         return later, f" by step {last['step']} (healthy at init)"
     return verdict, ""
 

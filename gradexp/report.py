@@ -371,7 +371,9 @@ def sweep_flow_figure(path: Path, rows: list[dict], title: str) -> None:
     against layer index, at initialisation (dashed) and the last logged step (solid), on one shared log
     axis: `sweep_panels` (the default sweep: 9 panels, one per remedy, its 3 depths in 3 colours).
     Exact zeros (float32 underflow) are drawn as 'x' on the bottom edge."""
-    flow_grid(path, sweep_panels(rows), f"sweep {title}: the back-propagated gradient ||dL/dz|| of every run")
+    timed = any(r.get("_axis") == "time" for r in rows)
+    what = "||dL/dz|| through depth, ||dL/dh_t|| through time" if timed else "||dL/dz||"
+    flow_grid(path, sweep_panels(rows), f"sweep {title}: the back-propagated gradient {what} of every run")
 
 
 def sweep_panels(rows: list[dict]) -> list[tuple[str, list[Profile]]]:
@@ -394,8 +396,11 @@ def sweep_panels(rows: list[dict]) -> list[tuple[str, list[Profile]]]:
         members.setdefault(groups[r["name"]], []).append(r)
     inner = [k for k in varying if any(len({value(r, k) for r in group}) > 1 for group in members.values())]
     labels = _labels(inner)
+    def verdict(r: dict) -> str | None:
+        return f"{r['verdict']} in time" if r["verdict"] and r.get("_axis") == "time" else r["verdict"]
+
     return [(name, [Profile(" ".join(f"{labels[k]} {value(r, k)}" for k in inner), *r["_flow"],
-                            note(r["verdict"], r["status"]), r.get("_axis", "layer")) for r in group])
+                            note(verdict(r), r["status"]), r.get("_axis", "layer")) for r in group])
             for name, group in members.items()]
 
 

@@ -822,14 +822,17 @@ def results_table(rows: list[dict]):
     table = Table(title=title + ")", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
     table.add_column("run", no_wrap=True, min_width=max((len(r["name"]) for r in rows), default=3))
     table.add_column("status", no_wrap=True)
-    for header in ("loss\ntrain", "acc\neval", *(["eval/\nbase"] if baseline else []), "ratio\nfirst", "ratio\nlast"):
-        table.add_column(header, justify="right", no_wrap=True)
-    table.add_column("diagnosis", no_wrap=True)
+    # with a baseline, the held-out loss over it says more than the training loss (and the table fits 80 columns)
+    for header in (*(["acc\neval", "eval/\nbase"] if baseline else ["loss\ntrain", "acc\neval"]), "ratio\nfirst",
+                   "ratio\nlast"):
+        table.add_column(header, justify="right", no_wrap=True, min_width=8 if "ratio" in header else 6)
+    table.add_column("diagnosis", no_wrap=True, min_width=9 + 8 * timed)  # "vanishing in time"
     for r in rows:
         verdict = r["verdict"] or "-"
         where = " in time" if r.get("measure") == "through time" else ""
-        table.add_row(r["name"], Text(r["status"], style=_STYLE.get(r["status"], "")), _fmt(r["loss_train"]),
-                      _fmt(r["acc_eval"]), *([_fmt(r.get("loss_eval_vs_baseline"))] if baseline else []),
+        losses = [_fmt(r["acc_eval"]), _fmt(r.get("loss_eval_vs_baseline"))] if baseline else \
+            [_fmt(r["loss_train"]), _fmt(r["acc_eval"])]
+        table.add_row(r["name"], Text(r["status"], style=_STYLE.get(r["status"], "")), *losses,
                       _fmt(r["ratio_first"]), _fmt(r["ratio_last"]), Text(verdict + where, style=_VERDICT.get(verdict, "")))
     return table
 

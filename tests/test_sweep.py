@@ -137,6 +137,22 @@ def test_the_default_sweep_is_the_article():
                                                     "name": f"{run}_depth-20"}, run
 
 
+def test_the_sequences_sweep_is_the_shipped_sequence_configs():
+    """Each run of configs/sequences.yaml trains as its shipped config does (the logging budgets aside:
+    the sweep keeps no histograms); the story it tells is theirs."""
+    plan = sweeps.load_plan(CONFIGS / "sequences.yaml")
+    configs = sweeps.check(plan)
+    shipped = {"rnn": "rnn_adding", "lstm": "lstm_adding", "relu_rnn": "rnn_relu_exploding",
+               "relu_rnn_clipped": "rnn_relu_clipped", "post_ln": "transformer_post_ln",
+               "pre_ln": "transformer_pre_ln", "post_ln_warmup": "transformer_post_ln_warmup"}
+    assert set(configs) == set(shipped)
+    logging = ("name", "train.eval_every", "train.log_every", "train.hist_every")
+    for run, name in shipped.items():
+        ours, theirs = flat(configs[run]), flat(load_config(CONFIGS / f"{name}.yaml"))
+        assert {k: v for k, v in ours.items() if k not in logging} == \
+            {k: v for k, v in theirs.items() if k not in logging}, run
+
+
 # --------------------------------------------------------------------------------- refused up front
 
 def test_bad_grid_is_refused_with_every_problem_and_nothing_runs(cli, tmp_path):
