@@ -1,4 +1,5 @@
-"""Run every shipped config and write the README's table of measured results.
+"""Run every shipped config and write the README's tables of measured results (the article's configs, and
+the sequence configs with their held-out loss against the baseline).
 
     python bench/configs.py            # runs configs/*.yaml, prints the table, rewrites README.md's
     python bench/configs.py --no-write # only prints
@@ -13,8 +14,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from gradexp.config import load_config
-from gradexp.config import read_yaml
+from gradexp.config import SEQUENCE_TASKS, load_config, read_yaml
 from gradexp.sweep import is_sweep_file
 from gradexp.train import run
 
@@ -60,23 +60,48 @@ def row(path: Path, out: str) -> str:
             f"| {loss} | {s['wall_time_s']:.1f} s |")
 
 
+def sequence_row(path: Path, out: str) -> str:
+    """A sequence config's row: its held-out loss against the baseline, and its ratio through time (a
+    recurrent net) or through depth (a transformer)."""
+    s = run(load_config(path), out).summary
+    d, f = s["diagnosis"], s["final"]
+    measure = "time" if d.get("measure") == "through time" else "depth"
+    ratio = "-" if d.get("ratio") is None else f"{d['ratio']:.2g}"
+    ratio_end = "-" if d.get("ratio_last") is None else f"{d['ratio_last']:.2g}"
+    vs = f"{f['loss_eval_vs_baseline']:.3g}" if f.get("loss_eval_vs_baseline") is not None else "-"
+    status = s["status"] + (f" at step {d['diverged_step']}" if s["status"] == "diverged" else "")
+    return (f"| [{path.stem}](configs/{path.name}) | {what_it_shows(path)} | {measure} | {ratio} | {ratio_end} "
+            f"| {d['verdict']} | {status} | {vs} | {s['wall_time_s']:.1f} s |")
+
+
+def is_sequence(path: Path) -> bool:
+    return load_config(path).data.name in SEQUENCE_TASKS
+
+
+def write(readme: Path, marker: str, head: str, rows: list[str]) -> None:
+    text = re.sub(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)",
+                  lambda m: m.group(1) + head + "\n".join(rows) + "\n" + m.group(2), readme.read_text(), flags=re.S)
+    readme.write_text(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     paths = sorted((p for p in ROOT.glob("configs/*.yaml") if not is_sweep_file(read_yaml(p))), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else 99, p.stem))
     with tempfile.TemporaryDirectory() as out:
-        rows = []
+        rows, sequence_rows = [], []
         for p in paths:
-            rows.append(row(p, out))
-            print(rows[-1], flush=True)
+            rows_of = sequence_rows if is_sequence(p) else rows
+            rows_of.append(sequence_row(p, out) if is_sequence(p) else row(p, out))
+            print(rows_of[-1], flush=True)
     if not args.no_write:
         readme = ROOT / "README.md"
-        head = ("| config | what it shows | ratio at init | ratio at end | diagnosis | status | final loss/train "
-                "| wall time |\n|---|---|---|---|---|---|---|---|\n")
-        text = re.sub(r"(<!-- configs-table:start -->\n).*?(<!-- configs-table:end -->)",
-                      lambda m: m.group(1) + head + "\n".join(rows) + "\n" + m.group(2), readme.read_text(), flags=re.S)
-        readme.write_text(text)
+        write(readme, "configs-table", "| config | what it shows | ratio at init | ratio at end | diagnosis | status "
+                                       "| final loss/train | wall time |\n|---|---|---|---|---|---|---|---|\n", rows)
+        write(readme, "sequences-table", "| config | what it shows | ratio in | ratio at init | ratio at end | diagnosis "
+                                         "| status | held-out loss / baseline | wall time |\n"
+                                         "|---|---|---|---|---|---|---|---|---|\n", sequence_rows)
 
 
 if __name__ == "__main__":

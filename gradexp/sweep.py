@@ -817,7 +817,7 @@ def results_table(rows: list[dict]):
     timed = any(r.get("measure") == "through time" for r in rows)
     baseline = any(r.get("loss_eval_vs_baseline") is not None for r in rows)
     title = "runs (ratio: ||dL/dz|| of layer 0 / of the last hidden layer" + \
-        ("; a recurrent net's, 'in time': ||dL/dh_t|| at the first time step / at the last" if timed else "") + \
+        ("; a recurrent net's, '(t)': through time, ||dL/dh_t|| at the first time step / at the last" if timed else "") + \
         ("; eval/base: held-out loss / the baseline's, that of the best answer ignoring the input" if baseline else "")
     table = Table(title=title + ")", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
     table.add_column("run", no_wrap=True, min_width=max((len(r["name"]) for r in rows), default=3))
@@ -826,10 +826,10 @@ def results_table(rows: list[dict]):
     for header in (*(["acc\neval", "eval/\nbase"] if baseline else ["loss\ntrain", "acc\neval"]), "ratio\nfirst",
                    "ratio\nlast"):
         table.add_column(header, justify="right", no_wrap=True, min_width=8 if "ratio" in header else 6)
-    table.add_column("diagnosis", no_wrap=True, min_width=9 + 8 * timed)  # "vanishing in time"
+    table.add_column("diagnosis", no_wrap=True, min_width=9 + 4 * timed)  # "vanishing (t)"
     for r in rows:
         verdict = r["verdict"] or "-"
-        where = " in time" if r.get("measure") == "through time" else ""
+        where = " (t)" if r.get("measure") == "through time" else ""
         losses = [_fmt(r["acc_eval"]), _fmt(r.get("loss_eval_vs_baseline"))] if baseline else \
             [_fmt(r["loss_train"]), _fmt(r["acc_eval"])]
         table.add_row(r["name"], Text(r["status"], style=_STYLE.get(r["status"], "")), *losses,

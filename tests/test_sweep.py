@@ -143,7 +143,7 @@ def test_the_sequences_sweep_is_the_shipped_sequence_configs():
     plan = sweeps.load_plan(CONFIGS / "sequences.yaml")
     configs = sweeps.check(plan)
     shipped = {"rnn": "rnn_adding", "lstm": "lstm_adding", "relu_rnn": "rnn_relu_exploding",
-               "relu_rnn_clipped": "rnn_relu_clipped", "post_ln": "transformer_post_ln",
+               "relu_clipped": "rnn_relu_clipped", "post_ln": "transformer_post_ln",
                "pre_ln": "transformer_pre_ln", "post_ln_warmup": "transformer_post_ln_warmup"}
     assert set(configs) == set(shipped)
     logging = ("name", "train.eval_every", "train.log_every", "train.hist_every")
