@@ -9,7 +9,8 @@
 - The run's own event file: `grad_norm/total` (and `grad_norm/total_applied` where clipping
   changed it), `loss/train`, `loss/eval`, `acc/train`, `acc/eval`, `lr`, the image
   `00 gradient_flow/<run label>` (the profile of `gradient_flow.png` at up to IMAGE_FRAMES logged
-  steps, written when the run ends), `hist/grad_log10/<layer>` and `hist/act/<layer>`, `final/*` (the HParams metrics) and
+  steps, written when the run ends), for a recurrent net `00 through_time/<run label>` (||dL/dh_t||
+  against t at the same steps), `hist/grad_log10/<layer>` and `hist/act/<layer>`, `final/*` (the HParams metrics) and
   the HParams session, whose first columns `Run` and `Started` are the run's name and start time.
 Layer names sort by depth (the runner's `layer_XX`, counted from the input and zero padded).
 """
@@ -70,6 +71,9 @@ def charted_layers(n: int, most: int | None = CHART_LAYERS) -> list[int]:
 # TensorBoard lists sections in ASCII order of their names and opens only the first two: the
 # numbers put the profile image and the back-propagated gradient there, then the rest in reading order.
 PROFILE_SECTION = "00 gradient_flow"
+# A recurrent net's ||dL/dh_t|| against t: sorted right after the profile, so TensorBoard opens it
+# (it opens the first two sections) where a recurrent net's story is
+TIME_SECTION = "00 through_time"
 CHART_ORDER = ("act_grad_norm", "grad_norm", "time_factor", "update_ratio", "saturation", "act_deriv", "act_std", "act_mean",
                "dist_from_init", "weight_norm")
 
@@ -306,12 +310,12 @@ class Board:
                 self.extras[tags] = ScalarSummary(list(tags))
             self.events.write_bytes(scalar_event(now, step, self.extras[tags].encode(list(scalars.values()))))
 
-    def profile_images(self, frames: list[tuple[int, bytes, int, int]]) -> None:
-        """The gradient-flow profile as PNGs, (step, PNG bytes, height, width) each: one image card
-        per run, its slider over the steps."""
+    def profile_images(self, frames: list[tuple[int, bytes, int, int]], section: str = PROFILE_SECTION) -> None:
+        """A profile as PNGs, (step, PNG bytes, height, width) each: one image card per run in
+        `section`, its slider over the steps."""
         for step, png, height, width in frames:
             image = Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=png)
-            self.events.add(Summary(value=[Summary.Value(tag=f"{PROFILE_SECTION}/{self.label}", image=image)]), step)
+            self.events.add(Summary(value=[Summary.Value(tag=f"{section}/{self.label}", image=image)]), step)
 
     def histograms(self, step: int, grad_rows: list[list[float]], act_rows: list[tuple[int, list[float]]]) -> None:
         """Fixed-edge histograms: `grad_rows` one per layer, `act_rows` (layer, row) where measured."""

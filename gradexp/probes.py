@@ -726,19 +726,21 @@ class Watcher:
 
     def profile_images(self, title: str, diverged: dict | None = None) -> str | None:
         """The gradient-flow profile at up to IMAGE_FRAMES logged steps, as TensorBoard images
-        (board.PROFILE_SECTION): drawn when the run ends, not while it trains (~0.13 s a frame).
+        (board.PROFILE_SECTION), and a recurrent net's profile through time (board.TIME_SECTION): drawn when the run ends, not while it trains (~0.13 s a frame).
         None when written (or nothing to draw), else why they could not be drawn, in words."""
         if self.board is None or not self.profiles:
             return None
-        from .board import IMAGE_FRAMES
-        from .report import profile_frames  # matplotlib is imported only when drawing
+        from .board import IMAGE_FRAMES, PROFILE_SECTION, TIME_SECTION
+        from .report import profile_frames, time_frames  # matplotlib is imported only when drawing
         from .rundir import in_words
 
         try:
-            frames = profile_frames(self.profiles, self.names, title, IMAGE_FRAMES, diverged or self.diverged)
+            frames = {section: draw(self.profiles, self.names, title, IMAGE_FRAMES, diverged or self.diverged)
+                      for section, draw in ((PROFILE_SECTION, profile_frames), (TIME_SECTION, time_frames))}
         except Exception as e:  # a run's result does not depend on its pictures
             return f"TensorBoard's profile images: {in_words(e)}"
-        self.board.profile_images(frames)
+        for section, images in frames.items():
+            self.board.profile_images(images, section)
         return None
 
     def layer_info(self) -> dict:

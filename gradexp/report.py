@@ -278,12 +278,16 @@ def _time_panel(ax, snaps: list[tuple[dict, dict]], predicted: list[float] | Non
         ax.legend(fontsize=8)
 
 
-def profile_frames(profiles: list[dict], names: list[str], title: str, frames: int,
-                   diverged: dict | None = None) -> list[tuple[int, bytes, int, int]]:
-    """The gradient-flow profile (||dL/dW|| and ||dL/dz|| against layer index) at up to `frames`
-    logged steps, evenly spread from the first to the last, as PNGs for TensorBoard's image slider:
-    (step, PNG bytes, height, width) each. One y range for every frame, so that moving the slider
-    moves the lines, not the axes; the first step's profile stays in grey beneath each."""
+def _limits(values: list[float | None]) -> tuple[float, float]:
+    """One y range on a log axis for every frame of a slider: the positive finite values, with margins."""
+    positive = [v for v in values if v is not None and math.isfinite(v) and v > 0]
+    return (min(positive) / 30, max(positive) * 3) if positive else (1e-3, 1e3)
+
+
+def _frames(profiles: list[dict], frames: int, panels: int, width: float, draw, title: str,
+            diverged: dict | None, left: float) -> list[tuple[int, bytes, int, int]]:
+    """`draw(axes, k, snap)` at up to `frames` logged steps, evenly spread from the first to the last,
+    as PNGs for TensorBoard's image slider: (step, PNG bytes, height, width) each."""
     import io
 
     import matplotlib
@@ -291,57 +295,75 @@ def profile_frames(profiles: list[dict], names: list[str], title: str, frames: i
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not profiles:
-        return []
     n = min(frames, len(profiles))
     picks = sorted({round(k * (len(profiles) - 1) / max(n - 1, 1)) for k in range(n)})
-    keys = (("grad_norm", "||dLoss/dW||  (weight gradient)"), ("act_grad_norm", "||dLoss/dz||  (back-propagated)"))
-    limits = {}
-    for key, _ in keys:
-        positive = [v for p in profiles for v in p[key] if v is not None and math.isfinite(v) and v > 0]
-        limits[key] = (min(positive) / 30, max(positive) * 3) if positive else (1e-3, 1e3)
     out = []
-    timed = through_time(profiles[0]) is not None
-    if timed:
-        positive = [v for p in profiles for v in (through_time(p) or (0, []))[1] if math.isfinite(v) and v > 0]
-        limits["time"] = (min(positive) / 30, max(positive) * 3) if positive else (1e-3, 1e3)
-    # a TensorBoard card shows ~350 px across
-    fig, axes = plt.subplots(1, 3 if timed else 2, figsize=(10.5 if timed else 7, 3))
-    axes[1].sharex(axes[0])
+    fig, axes = plt.subplots(1, panels, figsize=(width, 3), squeeze=False)  # a TensorBoard card shows ~350 px across
     try:
         for k in picks:
             snap = profiles[k]
-            for ax, (key, label) in zip(axes, keys):
-                ax.clear()
-                values = [[math.nan if v is None else v for v in p[key]] for p in (profiles[0], snap)]
-                _plot_log(ax, values[0], f"step {profiles[0]['step']}", dict(color="0.6", ls="--"),
-                          floor=limits[key][0] * 1.5)
-                if k:
-                    _plot_log(ax, values[1], f"step {snap['step']}", dict(color="tab:orange", marker="o", ms=3),
-                              floor=limits[key][0] * 1.5)
-                _layer_axis(ax, "layer (0 = input side)", label)
-                ax.set_ylim(*limits[key])
-                if ax.get_legend_handles_labels()[0]:  # a layer-less or all-absent profile draws nothing
-                    ax.legend(fontsize=8, loc="best")
-            if timed:
-                axes[2].clear()
-                _time_panel(axes[2], [(profiles[0], dict(color="0.6", ls="--"))] +
-                            ([(snap, dict(color="tab:orange", marker="o"))] if k else []), None, names,
-                            floor=limits["time"][0] * 1.5)
-                axes[2].set_ylim(*limits["time"])
+            draw(axes[0], k, snap)
             late = diverged is not None and snap["step"] >= diverged["step"]
             fig.suptitle(f"{title}: step {snap['step']}" + (f" (diverged at step {diverged['step']})" if late else ""),
                          fontsize=10)
             # fixed margins, not tight_layout (~0.3 s a figure): the axes' limits and labels are the same in every frame
-            fig.subplots_adjust(left=0.07 if timed else 0.1, right=0.98, bottom=0.16, top=0.83, wspace=0.3)
+            fig.subplots_adjust(left=left, right=0.98, bottom=0.16, top=0.83, wspace=0.3)
             buf = io.BytesIO()
             fig.savefig(buf, format="png", dpi=90)
             png = buf.getvalue()
-            width, height = struct.unpack(">II", png[16:24])  # the PNG's IHDR
-            out.append((snap["step"], png, height, width))
+            width_px, height_px = struct.unpack(">II", png[16:24])  # the PNG's IHDR
+            out.append((snap["step"], png, height_px, width_px))
     finally:
         plt.close(fig)
     return out
+
+
+def profile_frames(profiles: list[dict], names: list[str], title: str, frames: int,
+                   diverged: dict | None = None) -> list[tuple[int, bytes, int, int]]:
+    """The gradient-flow profile (||dL/dW|| and ||dL/dz|| against layer index) at up to `frames`
+    logged steps, evenly spread from the first to the last, as PNGs for TensorBoard's image slider:
+    (step, PNG bytes, height, width) each. One y range for every frame, so that moving the slider
+    moves the lines, not the axes; the first step's profile stays in grey beneath each."""
+    if not profiles:
+        return []
+    keys = (("grad_norm", "||dLoss/dW||  (weight gradient)"), ("act_grad_norm", "||dLoss/dz||  (back-propagated)"))
+    limits = {key: _limits([v for p in profiles for v in p[key]]) for key, _ in keys}
+
+    def draw(axes, k: int, snap: dict) -> None:
+        for ax, (key, label) in zip(axes, keys):
+            ax.clear()
+            values = [[math.nan if v is None else v for v in p[key]] for p in (profiles[0], snap)]
+            _plot_log(ax, values[0], f"step {profiles[0]['step']}", dict(color="0.6", ls="--"),
+                      floor=limits[key][0] * 1.5)
+            if k:
+                _plot_log(ax, values[1], f"step {snap['step']}", dict(color="tab:orange", marker="o", ms=3),
+                          floor=limits[key][0] * 1.5)
+            _layer_axis(ax, "layer (0 = input side)", label)
+            ax.set_ylim(*limits[key])
+            if ax.get_legend_handles_labels()[0]:  # a layer-less or all-absent profile draws nothing
+                ax.legend(fontsize=8, loc="best")
+        axes[1].sharex(axes[0])
+
+    return _frames(profiles, frames, 2, 7, draw, title, diverged, left=0.1)
+
+
+def time_frames(profiles: list[dict], names: list[str], title: str, frames: int,
+                diverged: dict | None = None) -> list[tuple[int, bytes, int, int]]:
+    """A recurrent net's ||dL/dh_t|| against time step t at up to `frames` logged steps, one panel a
+    frame (readable in a TensorBoard card), as `profile_frames` draws the depth profile; [] for a net
+    with no layer called more than once."""
+    if not profiles or through_time(profiles[0]) is None:
+        return []
+    low, high = _limits([v for p in profiles for v in (through_time(p) or (0, []))[1]])
+
+    def draw(axes, k: int, snap: dict) -> None:
+        ax = axes[0]
+        ax.clear()
+        _time_panel(ax, [(profiles[0], dict(color="0.6", ls="--"))] +
+                    ([(snap, dict(color="tab:orange", marker="o"))] if k else []), None, names, floor=low * 1.5)
+        ax.set_ylim(low, high)
+
+    return _frames(profiles, frames, 1, 4.6, draw, title, diverged, left=0.16)
 
 
 @dataclass

@@ -115,6 +115,16 @@ def test_a_recurrent_run_charts_its_time_factor_and_prints_its_profile(cli, tmp_
     assert sorted(logged) == [0, 5, 10, 11]
     assert logged[0] == pytest.approx(first["time_factor"][0], rel=1e-6)
     assert logged[11] == pytest.approx(s["layers"]["last"]["time_factor"][0], rel=1e-6)
+    # the through-time card, its own section beside the depth profile: one PNG per logged step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"images": 0}).Reload()
+    sections = sorted(tag.split("/")[0] for tag in acc.Tags()["images"])
+    assert sections == ["00 gradient_flow", "00 through_time"]
+    (tag,) = [t for t in acc.Tags()["images"] if t.startswith("00 through_time/")]
+    images = acc.Images(tag)
+    assert [e.step for e in images] == [0, 5, 10, 11]
+    assert all(e.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n" for e in images)
     text = " ".join(result.output.split())
     assert "through time: ||dL/dh_t|| of layer_00" in text
     assert f"||dL/dh_t|| at t = 0 is {fmt_number(s['diagnosis']['ratio'])}x that at t = 19" in text
