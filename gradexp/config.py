@@ -188,8 +188,9 @@ class ModelConfig(_Section):
                                "`recurrent_gain`; `normal` N(0, recurrent_gain² / width), whose spectral radius is "
                                "about recurrent_gain")
     recurrent_gain: float = Field(1.0, gt=0, description="rnn, lstm, gru: the gain g of `recurrent_init` (orthogonal, "
-                                                         "normal): below 1 the gradient through time vanishes, above "
-                                                         "1 a linear or ReLU RNN's explodes")
+                                                         "normal): below 1 the gradient through time vanishes; above 1 "
+                                                         "a linear RNN's explodes, a ReLU RNN's above ~sqrt(2) (ReLU "
+                                                         "passes about half the units)")
     forget_bias: float | None = Field(None, description="lstm: the forget gate's bias at init (null: PyTorch's, "
                                                           "about 0, so the gate starts half closed and the cell state "
                                                           "keeps ~1/2 of its gradient per step; 1 or more starts it "
