@@ -122,10 +122,17 @@ class DataConfig(_Section):
                                               "`data.root` (never unless true)")
 
     @model_validator(mode="after")
-    def _adding_has_two_halves(self) -> "DataConfig":
+    def _task_keys(self) -> "DataConfig":
         # sequences.adding marks one step in each half: one step has no second half (a ValueError there)
         if self.name == "adding" and self.length is not None and self.length < 2:
             raise ValueError(f".length: at least 2 for data.name=adding, a marked step in each half (got {self.length})")
+        # a key the dataset does not read would do nothing: refused, as the model's are
+        used = {"length": SEQUENCE_TASKS, "vocab": ("copy", "reverse", "sort"), "symbols": ("copy",)}
+        for key, names in used.items():
+            if self.name not in names and key in self.model_fields_set and \
+                    getattr(self, key) != type(self).model_fields[key].default:
+                raise ValueError(f".{key}: used by data.name {', '.join(names)} only (got data.name={self.name}); "
+                                 "leave it out")
         return self
 
 
@@ -133,6 +140,7 @@ _TARGET = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 BUILT_IN_KEYS = ("depth", "width", "activation", "norm", "residual", "init", "init_gain", "bias_init",
                  "recurrent_init", "recurrent_gain", "forget_bias", "heads", "norm_position", "residual_scale")
 RECURRENT_KINDS = ("rnn", "lstm", "gru")
+GATES = {"rnn": 1, "lstm": 4, "gru": 3}  # blocks of a cell's W_hh, one (width, width) block per gate
 SEQUENCE_KINDS = RECURRENT_KINDS + ("transformer",)
 MODEL_KINDS = ("mlp", "cnn") + SEQUENCE_KINDS + ("custom",)
 # The keys only some kinds use, with the kinds (a key set for another kind is refused: it would do nothing).
@@ -236,6 +244,9 @@ class ModelConfig(_Section):
                     getattr(self, key) != type(self).model_fields[key].default:
                 raise ValueError(f".{key}: used by model.kind {', '.join(kinds)} only (got model.kind={self.kind}); "
                                  f"leave it out")
+        if self.kind in RECURRENT_KINDS and self.recurrent_init == "default" and self.recurrent_gain != 1.0:
+            raise ValueError(".recurrent_gain: scales model.recurrent_init orthogonal or normal; PyTorch's default "
+                             "init has no gain (set model.recurrent_init, or leave model.recurrent_gain out)")
         allowed = KIND_ACTIVATIONS.get(self.kind)
         if allowed and self.activation not in allowed:
             raise ValueError(f".activation: model.kind={self.kind} takes {' or '.join(allowed)} (got {self.activation})")
@@ -363,6 +374,10 @@ class Config(_Section):
         if self.model.kind == "cnn" and sequence_data:
             raise ValueError(f"model.kind: cnn needs images (got data.name={self.data.name}); for a sequence task use "
                              f"{', '.join(SEQUENCE_KINDS)}")
+        if self.model.kind == "custom" and self.data.name in ("copy", "reverse", "sort"):
+            raise ValueError(f"model.kind: a custom model gets (in_shape, classes) and returns logits (N, classes), one "
+                             f"answer per example; {self.data.name} asks one per position (use data.name=adding, or "
+                             f"gradexp.watch in your own loop)")
         if self.model.kind == "mlp" and self.data.name in ("copy", "reverse", "sort"):
             raise ValueError(f"model.kind: an mlp gives one answer per example and {self.data.name} asks one per "
                              f"position; use {', '.join(SEQUENCE_KINDS)}")

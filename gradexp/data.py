@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, DataConfig
+from .config import SEQUENCE_TASKS, ConfigError, DataConfig
 from .image_files import READERS
+from .sequences import IGNORE
 
 Split = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -36,6 +37,12 @@ class Dataset:
     @property
     def in_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+    @property
+    def loss_at_first_step(self) -> bool:
+        """The loss counts the first position too (reverse, sort; not adding, copy): the gradient at
+        t = 0 is then not only what came back through time."""
+        return self.every_step and bool((self.y_train[:, 0] != IGNORE).any())
 
     @property
     def every_step(self) -> bool:
@@ -161,13 +168,11 @@ def load_sequences(cfg: DataConfig, g: torch.Generator) -> Dataset:
 
     sizes = {"length" if cfg.name != "copy" else "delay": cfg.length, "vocab" if cfg.name != "copy" else "alphabet":
              cfg.vocab, **({"symbols": cfg.symbols} if cfg.name == "copy" else {})}
-    if cfg.name == "adding" and cfg.vocab is not None:
-        raise ConfigError("data.vocab: the adding task's inputs are numbers, not tokens; leave it out")
     sizes = {k: v for k, v in sizes.items() if v is not None and not (cfg.name == "adding" and k == "vocab")}
     seed = int(torch.randint(0, 2**31, (1,), generator=g))
     task = TASKS[cfg.name](cfg.n_train or SEQUENCE_SPLIT[0], cfg.n_eval or SEQUENCE_SPLIT[1], seed, **sizes)
     return Dataset(task.x_train, task.y_train, task.x_eval, task.y_eval, task.classes, task.loss, task.vocab,
-                   baseline(task, "eval"))
+                   baseline(task))
 
 
 SEQUENCE_SPLIT = (10_000, 1_000)  # examples made for a sequence task (data.n_train, data.n_eval at null)
@@ -203,7 +208,7 @@ def planned(cfg: DataConfig) -> tuple[int, int, tuple[int, ...], int]:
     if cfg.name in SHAPES:
         (n_tr, n_ev), shape, classes = SHAPES[cfg.name]
         return cfg.n_train or n_tr, cfg.n_eval or n_ev, shape, classes
-    if cfg.name in ("adding", "copy", "reverse", "sort"):
+    if cfg.name in SEQUENCE_TASKS:
         n_tr, n_ev = cfg.n_train or SEQUENCE_SPLIT[0], cfg.n_eval or SEQUENCE_SPLIT[1]
         if cfg.name == "adding":
             return n_tr, n_ev, (cfg.length or 100, 2), 1

@@ -23,13 +23,24 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from .config import Config
+from .config import RECURRENT_KINDS, Config
 from .report import fmt_number, through_time
 
 SATURATED = 0.5  # a hidden layer with more than half its units saturated (or dead) is named
 AT_INIT = 1e-3  # a layer whose weights moved less than 0.1% from their init is "still at its init"
 RELU_FAMILY = ("relu", "leaky_relu", "elu", "gelu", "selu")
 VERDICTS = ("vanishing", "exploding", "healthy", "unknown")  # every verdict diagnose() gives
+
+def only_for(cfg: Config, kinds: tuple[str, ...]) -> bool:
+    """A remedy's `in_use` test for one that only these model kinds have: True (so not suggested) for
+    the others, as a remedy already in use is not."""
+    return cfg.model.kind not in kinds
+
+
+def not_for(cfg: Config, kinds: tuple[str, ...]) -> bool:
+    """A remedy's `in_use` test for one these model kinds do not have (see only_for)."""
+    return cfg.model.kind in kinds
+
 
 # What to try next, by verdict (the article's remedies, in the order a student would try them),
 # each with the test that says the config already uses it (then it is not suggested).
@@ -49,7 +60,7 @@ REMEDIES = {
     # a recurrent net's gradient through time (Hochreiter & Schmidhuber 1997; Pascanu et al. 2013)
     "vanishing through time": [
         ("model.kind=lstm (or gru)", lambda c: c.model.kind in ("lstm", "gru")),
-        ("model.forget_bias=1 or more", lambda c: c.model.kind != "lstm" or (c.model.forget_bias or 0) >= 1),
+        ("model.forget_bias=1 or more", lambda c: only_for(c, ("lstm",)) or (c.model.forget_bias or 0) >= 1),
         ("model.recurrent_init=orthogonal", lambda c: c.model.recurrent_init == "orthogonal"),
     ],
     "exploding through time": [
@@ -59,8 +70,9 @@ REMEDIES = {
     "diverged": [
         ("clip.mode=norm", lambda c: c.clip.mode == "norm"),
         ("a smaller optim.lr", lambda c: False),
-        ("a smaller model.init_gain", lambda c: c.model.kind in ("rnn", "lstm", "gru")),
-        ("a smaller model.recurrent_gain", lambda c: c.model.kind not in ("rnn", "lstm", "gru")),
+        # a recurrent net's gain through time is W_hh's, not the input weights'
+        ("a smaller model.init_gain", lambda c: not_for(c, RECURRENT_KINDS)),
+        ("a smaller model.recurrent_gain", lambda c: only_for(c, RECURRENT_KINDS)),
     ],
 }
 
@@ -122,15 +134,19 @@ class Context:
     advice: Callable[[str], str | None] = lambda verdict: None
     setting: str = ""  # the setting the theory's prediction is for, as words
     index_ranges: bool = True  # name layers as "layers 0-3" (numbered layers) rather than by their labels
+    # False where the loss enters at the first time step too (reverse, sort): ||dL/dh_0|| then holds its own
+    # step's loss, and its ratio to the last step's says nothing of the gradient carried back through time
+    time_verdict: bool = True
 
 
-def context_for(cfg: Config, n_layers: int) -> Context:
-    """The runner's context: numbered layers, the last one the output layer, the config's advice."""
+def context_for(cfg: Config, n_layers: int, time_verdict: bool = True) -> Context:
+    """The runner's context: numbered layers, the last one the output layer, the config's advice;
+    `time_verdict`: whether a recurrent net's ratio through time can be the verdict (Context)."""
     m = cfg.model
     return Context(labels=[f"layer {i}" for i in range(n_layers)], hidden=list(range(max(n_layers - 1, 1))),
                    dead=[m.activation in RELU_FAMILY] * n_layers, vanishing_below=cfg.diagnosis.vanishing_below,
                    exploding_above=cfg.diagnosis.exploding_above, precision=cfg.precision,
-                   advice=lambda verdict: advice(verdict, cfg),
+                   advice=lambda verdict: advice(verdict, cfg), time_verdict=time_verdict,
                    setting=f"{m.activation} with {m.init} init{'' if m.init_gain == 1 else f' x{m.init_gain:g}'}")
 
 
@@ -170,7 +186,7 @@ def _cause(verdict: str, factor: float | None, ctx: Context, theory: dict | None
 
 def _named(idx: list[int], ctx: Context) -> str:
     if ctx.index_ranges:
-        return f"layers {_ranges(idx)}"
+        return f"layer{'s' if len(idx) > 1 else ''} {_ranges(idx)}"
     names = [ctx.labels[i] for i in idx]
     return ("layer " if len(names) == 1 else "layers ") + (", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else ""))
 
@@ -196,7 +212,7 @@ def _findings(first: dict, last: dict | None, ctx: Context, ratio: float) -> lis
     underflow = [i for i, v in enumerate(first["grad_norm"]) if v == 0.0]
     if underflow:
         hint = "; precision=float64 shows their true size" if ctx.precision == "float32" else ""
-        found.append(f"{_named(underflow, ctx)} get exactly 0 gradient ({ctx.precision} underflow{hint})")
+        found.append(f"{_named(underflow, ctx)} get{'s' if len(underflow) == 1 else ''} exactly 0 gradient ({ctx.precision} underflow{hint})")
     jump = _jump(first["act_grad_norm"], ctx, ratio)
     if jump:
         found.append(jump)
@@ -210,7 +226,7 @@ def _findings(first: dict, last: dict | None, ctx: Context, ratio: float) -> lis
                              f"1% of its largest slope at step {last['step']})")
         frozen = [i for i, v in enumerate(last["dist_from_init"] or []) if v is not None and v < AT_INIT]
         if frozen and last["weight_step"]:
-            found.append(f"{_named(frozen, ctx)} are still at their init (moved less than {AT_INIT:.1%} "
+            found.append(f"{_named(frozen, ctx)} {'is' if len(frozen) == 1 else 'are'} still at their init (moved less than {AT_INIT:.1%} "
                          f"in {last['weight_step'] + 1} steps)")
     return found
 
@@ -248,7 +264,7 @@ def _through_time_verdict(first: dict, last: dict | None, ctx: Context, theory: 
     """For a recurrent net, the verdict is through time, the depth that counts: the ratio of the
     first time step's ||dL/dh|| to the last's, at the first logged step."""
     found = through_time(first)
-    if found is None:
+    if found is None or not ctx.time_verdict:
         return None
     i, norms = found
     ratio, steps = _time_ratio(norms), len(norms) - 1
@@ -322,6 +338,12 @@ def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diver
     if last is not None and last["step"] != first["step"]:
         msg += f"; at step {last['step']}: {fmt_number(grad_ratio(last['act_grad_norm'], hidden))}x"
     findings = _findings(first, last, ctx, ratio)
+    timed = through_time(first)
+    if timed is not None:  # a recurrent net whose ratio through time cannot be the verdict
+        findings.append(f"the loss enters at every time step, the first included: ||dL/dh_t|| of "
+                        f"{ctx.labels[timed[0]]} at t = 0 ({fmt_number(_time_ratio(timed[1]))}x that at t = "
+                        f"{len(timed[1]) - 1}) holds its own step's loss, so it does not measure the gradient "
+                        f"carried back through time")
     next_step = ctx.advice(verdict)
     for line in findings:
         msg += f"\n  - {line}"

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from .config import SEQUENCE_KINDS, Config, ConfigError
+from .config import GATES, SEQUENCE_KINDS, Config, ConfigError
 from .data import planned
 
 EVAL_CHUNK = 4096  # train.evaluate's forward chunk
@@ -58,12 +58,12 @@ def _sequence_parts(cfg: Config, shape: tuple[int, ...], classes: int, batch: in
     h_t's gradient."""
     m, steps = cfg.model, shape[0]
     features = shape[1] if len(shape) == 2 else m.width  # float features, else an embedding of width
-    every_step = cfg.data.name != "adding"
+    every_step = cfg.data.name != "adding"  # the one task with one answer per sequence
     if m.kind == "transformer":
         weights = m.depth * 12 * m.width * m.width + (classes + features + steps) * m.width
         per_position = m.depth * (16 * m.width + 2 * m.heads * steps)
     else:
-        gates = {"rnn": 1, "lstm": 4, "gru": 3}[m.kind]
+        gates = GATES[m.kind]
         weights = m.depth * gates * (features + m.width + 2) * m.width + m.width * (classes + features)
         per_position = m.depth * (3 * gates + 3) * m.width
     rows = max(batch, min(EVAL_CHUNK, max(min(n_tr, 10_000), n_ev)))

@@ -164,6 +164,10 @@ def check_output(net: nn.Module, x: torch.Tensor, classes: int) -> None:
                           f"has {classes} classes, so logits of shape {(len(x), classes)} are expected")
 
 
+# nn.MultiheadAttention's output projection: a Linear the attention applies itself (F.linear), never called
+ATTENTION_OUTPUT = nn.modules.linear.NonDynamicallyQuantizableLinear
+
+
 @torch.no_grad()
 def multiply_adds(net: nn.Module, x: torch.Tensor) -> int:
     """Multiply-adds of the Linear and Conv layers in a forward pass of `x` (a batch), in eval mode: each
@@ -184,7 +188,7 @@ def multiply_adds(net: nn.Module, x: torch.Tensor) -> int:
         total += (attn.in_proj_weight.numel() + attn.out_proj.weight.numel()) * inputs[0].shape[:2].numel()
 
     hooks = [m.register_forward_hook(count) for m in net.modules()
-             if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and not isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)]
+             if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and not isinstance(m, ATTENTION_OUTPUT)]
     hooks += [m.register_forward_hook(count_cell) for m in net.modules() if isinstance(m, nn.RNNCellBase)]
     hooks += [m.register_forward_hook(count_attention) for m in net.modules() if isinstance(m, nn.MultiheadAttention)]
     was_training = net.training

@@ -113,6 +113,7 @@ class Layer:
     activation: str | None = None  # the known activation after it (layers.activation_name)
     act_module: nn.Module | None = None
     output: bool = False  # its output is the model's output (the head: left out of the depth ratio)
+    recurrent: bool = False  # called once per time step: its calls' dL/dz are a profile through time
     gradient: bool = True  # its output needs a gradient (not so for a frozen first layer)
     calls: int = 0  # calls in the latest logged step
 
@@ -137,6 +138,7 @@ class Record:
     grad_hists: torch.Tensor | None = None
     scale_version: int = -1  # the GradScaler's scale tensor's version at the latest backward
     forwarding: bool = False  # a forward has begun since the latest backward
+    forwards: int = 0  # forward passes of the model ended in this step (a profile through time is one forward's)
     extra: dict[str, torch.Tensor | float] = field(default_factory=dict)
     queued: bool = False  # the end-of-backward callback is queued
 
@@ -144,20 +146,28 @@ class Record:
 PROFILES_KEPT = 64  # logged steps whose profile is kept for the figures drawn at the end (board.IMAGE_FRAMES)
 
 
-def through_calls(dz_sums: list[tuple[list[int], list[int], torch.Tensor]], dz_sq: list[float],
-                  unscale: float = 1.0) -> dict[int, list[float]]:
-    """layer -> ||dL/dz|| of each of its calls, in call order, for the layers called more than once in
-    the step's latest backward pass: a recurrent cell's ||dL/dh_t|| at each time step t. `dz_sq`: the
-    squares of every measured backward's entries, in `dz_sums` order (read from the device)."""
-    if not dz_sums:
+def through_calls(dz_sums: list[tuple[list[int], list[tuple[int, int]], torch.Tensor]], dz_sq: list[float],
+                  recurrent: set[int], unscale: float = 1.0) -> dict[int, list[float]]:
+    """layer -> ||dL/dz|| of each of its calls in the latest forward pass, in call order, for the
+    `recurrent` layers (called once per time step: a cell's ||dL/dh_t|| at each t), from the step's
+    latest backward pass. `dz_sums`' calls are (forward, call); `dz_sq`: the squares of every measured
+    backward's entries, in `dz_sums` order (read from the device). A layer called twice for two inputs
+    (a siamese net) is not recurrent: its two calls are not two time steps."""
+    if not dz_sums or not recurrent:
         return {}
     ids, calls, _ = dz_sums[-1]
     latest = dz_sq[len(dz_sq) - len(ids):]
-    by_layer: dict[int, list[tuple[int, float]]] = {}
+    by_layer: dict[int, list[tuple[tuple[int, int], float]]] = {}
     for i, call, v in zip(ids, calls, latest):
-        by_layer.setdefault(i, []).append((call, v))
-    return {i: [math.sqrt(v * unscale) for _, v in sorted(entries)] for i, entries in by_layer.items()
-            if len(entries) > 1}
+        if i in recurrent:
+            by_layer.setdefault(i, []).append((call, v))
+    out = {}
+    for i, entries in by_layer.items():
+        last = max(forward for (forward, _), _ in entries)  # micro-batches: the latest forward's steps
+        norms = [math.sqrt(v * unscale) for (forward, _), v in sorted(entries) if forward == last]
+        if len(norms) > 1:
+            out[i] = norms
+    return out
 
 
 def due(every: int, step: int, last: int | None = None) -> bool:
@@ -174,11 +184,13 @@ class Watcher:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, board=None,
                  every: int = 10, weight_every: int | None = None, hist_every: int = 0, layers: Any = None,
                  names: list[str] | None = None, activations: dict[nn.Module, nn.Module] | None = None,
-                 scaler: Any = None, last_step: int | None = None):
+                 scaler: Any = None, last_step: int | None = None, recurrent: Any = None):
         """`names`: the layers' names as logged (default: f"{depth:02d}_{qualified name}"). `activations`:
         layer module -> the activation module after it, for a model whose builder knows (the runner;
         nn.Identity counts there as the identity). `last_step`: the last step's index, if known, is
-        logged too. `scaler`: a GradScaler whose scale is divided out of the gradients."""
+        logged too. `scaler`: a GradScaler whose scale is divided out of the gradients. `recurrent`: the
+        layers called once per time step, whose calls' ||dL/dz|| are a profile through time (chosen as
+        `layers` chooses; default: torch's RNN cells, nn.RNNCell, nn.LSTMCell, nn.GRUCell)."""
         if hasattr(model, "_orig_mod"):
             raise ValueError("gradexp.watch: this model is compiled with torch.compile; the probes' hooks cannot "
                              "measure a compiled graph (they would be traced into it or skipped). Watch the "
@@ -200,6 +212,8 @@ class Watcher:
                              "the model has no module with a weight of 2 or more dimensions to watch; "
                              "choose layers= by name pattern or module type")
         self._cand_index = {id(m): k for k, (_, m) in enumerate(self._candidates)}
+        self._recurrent = {id(m) for _, m in candidate_layers(model, recurrent if recurrent is not None
+                                                              else nn.RNNCellBase)}
         self.layers: list[Layer] = []  # in depth order, known after the first forward
         self.names: list[str] = []
         self.step_count = 0  # optimizer steps completed
@@ -328,6 +342,8 @@ class Watcher:
         return self.record
 
     def _on_model_end(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if self.record is not None and torch.is_grad_enabled():
+            self.record.forwards += 1
         if self._discovering and torch.is_grad_enabled():
             self._finish_discovery(output)
 
@@ -371,8 +387,8 @@ class Watcher:
         else:
             self.layers[i].calls += 1
             call = self.layers[i].calls - 1
-        if z.requires_grad:  # `call`: the order of the calls, for the profile through a recurrent cell's calls
-            z.register_hook(partial(self._on_dz, i, call))
+        if z.requires_grad:  # (forward, call): the order of a recurrent cell's calls, its profile through time
+            z.register_hook(partial(self._on_dz, i, (record.forwards, call)))
         if k not in self._act_of:  # statistics of z itself, unless a known activation follows
             self._activation(record, i, z, None, None, record.z_acts)
             if self._hist:
@@ -409,7 +425,7 @@ class Watcher:
         else:
             record.pending.append((i, h, a, name, h._version))
 
-    def _on_dz(self, i: int, call: int, grad: torch.Tensor) -> None:
+    def _on_dz(self, i: int, call: tuple[int, int], grad: torch.Tensor) -> None:
         record = self.record
         if record is None:
             return
@@ -485,7 +501,7 @@ class Watcher:
                                      activation=_act_name(act) if act is not None else None, act_module=act,
                                      output=out is not None and self._first_z.get(k) is out,
                                      gradient=k in self._first_z and self._first_z[k].requires_grad,
-                                     calls=self._calls.get(k, 0)))
+                                     calls=self._calls.get(k, 0), recurrent=id(module) in self._recurrent))
         self._first_z = {}
         if not self.layers:
             raise ValueError("gradexp.watch: the forward pass called none of the chosen layers")
@@ -530,8 +546,8 @@ class Watcher:
                 out[name] = [bool(layer.params) for layer in self.layers]
             elif name == "act_grad_norm":  # a frozen first layer's output needs no gradient
                 out[name] = [layer.gradient for layer in self.layers]
-            elif name == "time_factor":  # a layer called more than once in a forward: a recurrent cell
-                out[name] = [layer.gradient and layer.calls > 1 for layer in self.layers]
+            elif name == "time_factor":  # a recurrent cell, called more than once in a forward
+                out[name] = [layer.gradient and layer.recurrent and layer.calls > 1 for layer in self.layers]
             else:
                 out[name] = [True] * len(self.layers)
         return out
@@ -662,7 +678,8 @@ class Watcher:
             dz_sq = host.pop("dz_sq", [])
             for i, v in zip([i for ids, *_ in record.dz_sums for i in ids], dz_sq):
                 raw[i]["dz_sq"] = raw[i].get("dz_sq", 0.0) + v * unscale
-            through = through_calls(record.dz_sums, dz_sq, unscale)
+            through = through_calls(record.dz_sums, dz_sq, {i for i, layer in enumerate(self.layers) if layer.recurrent},
+                                    unscale)
             for i, norms in through.items():
                 raw[i]["dz_calls"] = norms
             calls: dict[int, list[list[float]]] = {}
@@ -726,7 +743,8 @@ class Watcher:
 
     def profile_images(self, title: str, diverged: dict | None = None) -> str | None:
         """The gradient-flow profile at up to IMAGE_FRAMES logged steps, as TensorBoard images
-        (board.PROFILE_SECTION), and a recurrent net's profile through time (board.TIME_SECTION): drawn when the run ends, not while it trains (~0.13 s a frame).
+        (board.PROFILE_SECTION), and a recurrent net's profile through time (board.TIME_SECTION): drawn
+        when the run ends, not while it trains (~0.13 s a frame).
         None when written (or nothing to draw), else why they could not be drawn, in words."""
         if self.board is None or not self.profiles:
             return None

@@ -21,7 +21,6 @@ from .config import ModelConfig
 from .layers import INITS, init_weight_layer
 
 CELLS = {"rnn": nn.RNNCell, "lstm": nn.LSTMCell, "gru": nn.GRUCell}
-GATES = {"rnn": 1, "lstm": 4, "gru": 3}  # blocks of W_hh, one per gate, each (width, width)
 
 
 class Unrolled(nn.Module):
@@ -73,7 +72,7 @@ class RecurrentNet(nn.Module):
 
 
 @torch.no_grad()
-def init_recurrent(w_hh: torch.Tensor, scheme: str, gain: float, gates: int) -> None:
+def init_recurrent(w_hh: torch.Tensor, scheme: str, gain: float) -> None:
     """W_hh (gates * width, width), gate by gate: `orthogonal` x gain, or N(0, gain^2 / width)."""
     if scheme == "default":
         return
@@ -102,7 +101,7 @@ def build_recurrent(cfg: ModelConfig, in_shape: tuple[int, ...], classes: int, v
         if INITS[cfg.init] is not None or cfg.init_gain != 1.0:
             # the input weights as a weight layer would be (init_weight_layer reads .weight)
             init_weight_layer(_InputView(cell), cfg.init, cfg.init_gain, "default", cfg.activation)
-        init_recurrent(cell.weight_hh, cfg.recurrent_init, cfg.recurrent_gain, GATES[cfg.kind])
+        init_recurrent(cell.weight_hh, cfg.recurrent_init, cfg.recurrent_gain)
         with torch.no_grad():
             if cfg.bias_init == "zero":
                 cell.bias_ih.zero_()

@@ -80,7 +80,8 @@ def time_table(first: dict, last: dict, layer_names: list[str], predicted: list[
     later = through_time(last) if last is not None and last["step"] != first["step"] else None
     steps = len(norms)
     picks = sorted({round(k * (steps - 1) / (TIME_ROWS - 1)) for k in range(TIME_ROWS)})
-    table = Table(title=f"through time: ||dL/dh_t|| of {layer_names[i]}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
+    table = Table(title=f"through time: ||dL/dh_t|| of {layer_names[i]}", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
                   collapse_padding=True)
     headers = ["t", f"@{first['step']}"] + (["pred."] if predicted else []) + ([f"@{last['step']}"] if later else [])
     for header in headers:
@@ -599,7 +600,11 @@ def print_recurrent_explanation(console: Console, model, info: dict) -> None:
                       f"{cond}; a nonlinearity with |phi'| <= 1 (tanh, ReLU) only shrinks it further")
     if not info["applies"]:
         console.print(f"mean-field theory through time does not apply here: {info['reason']}.")
-        if model.kind in ("lstm", "gru"):
+        if model.kind == "gru":
+            console.print("the gates: a GRU's state h_t = (1 - z_t) n_t + z_t h_(t-1) (torch's convention) carries "
+                          "the gradient through time multiplied by the update gate z_t, not only by W_hh and phi': "
+                          "with z_t near 1 it survives where a vanilla RNN's vanishes")
+        if model.kind == "lstm":
             console.print("the gates: an LSTM's cell state c_t = f_t c_(t-1) + i_t g_t carries the gradient through "
                           "time multiplied by the forget gate f_t, not by W_hh and phi' (Hochreiter & Schmidhuber's "
                           "constant error carousel, whose factor was 1): with f_t near 1 it survives where a vanilla "
@@ -624,9 +629,10 @@ def print_explanation(console: Console, model, info: dict) -> None:
     if info.get("through_time"):
         print_recurrent_explanation(console, model, info)
         return
+    shape = (f"{model.heads} heads, {model.norm_position}-LN, residual scale {model.residual_scale}"
+             if model.kind == "transformer" else f"norm {model.norm}, residual {str(model.residual).lower()}")
     console.print(f"[bold]{model.kind}[/bold], depth {model.depth}, width {model.width}, {model.activation}, "
-                  f"{model.init} init x{model.init_gain:g}, bias {model.bias_init}, norm {model.norm}, "
-                  f"residual {str(model.residual).lower()}")
+                  f"{model.init} init x{model.init_gain:g}, bias {model.bias_init}, {shape}")
     if not info["applies"]:
         console.print(f"mean-field theory does not apply here: {info['reason']}.")
         console.print("Run it (`gradexp run`) to measure the gradient flow instead.")

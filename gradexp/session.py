@@ -50,7 +50,7 @@ class Watch:
                  logdir: str | Path = "runs/watch", every: int = 10, weight_every: int | None = None,
                  hist_every: int = 0, layers: Any = None, scaler: Any = None, name: str | None = None,
                  vanishing_below: float = 1e-2, exploding_above: float = 1e2, last_step: int | None = None,
-                 chart_layers: int | None = CHART_LAYERS):
+                 chart_layers: int | None = CHART_LAYERS, recurrent: Any = None):
         if chart_layers is not None and (not isinstance(chart_layers, int) or chart_layers < 2):
             raise ValueError(f"chart_layers: expected a whole number >= 2 (the first and the last layer at least) "
                              f"or None (all), got {chart_layers!r}")
@@ -60,7 +60,8 @@ class Watch:
         self.board = Board(str(self.logdir), self.name, time.strftime("%m-%d %H:%M:%S"), chart_layers=chart_layers)
         try:
             self.probes = Watcher(model, optimizer, board=self.board, every=every, weight_every=weight_every,
-                                  hist_every=hist_every, layers=layers, scaler=scaler, last_step=last_step)
+                                  hist_every=hist_every, layers=layers, scaler=scaler, last_step=last_step,
+                                  recurrent=recurrent)
         except BaseException:
             self.board.close()
             raise
@@ -163,7 +164,8 @@ class Adapter:
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, logdir: str | Path = "runs/watch",
           every: int = 10, weight_every: int | None = None, layers: Any = None, scaler: Any = None,
           name: str | None = None, hist_every: int = 0, vanishing_below: float = 1e-2,
-          exploding_above: float = 1e2, last_step: int | None = None, chart_layers: int | None = CHART_LAYERS) -> Watch:
+          exploding_above: float = 1e2, last_step: int | None = None, chart_layers: int | None = CHART_LAYERS,
+          recurrent: Any = None) -> Watch:
     """Watch the gradient flow of any `nn.Module` as it trains; returns a `Watch` (a context manager).
 
     - `optimizer`: measured at each of its steps through its step hooks. Without one, call
@@ -184,7 +186,12 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, l
     - `chart_layers`: layers drawn as lines in TensorBoard's per-layer charts, the first, the last and
       evenly between (None: all; TensorBoard selects a folder's runs only while they are 500 or
       fewer, a charted layer being one). The profile image and the summary have every layer.
+    - `recurrent`: the layers your forward calls once per time step (chosen as `layers` chooses;
+      default: torch's cells, nn.RNNCell, nn.LSTMCell, nn.GRUCell): ||dL/dh_t|| of each call is kept,
+      the gradient through time, and the diagnosis is through time. A fused nn.RNN/nn.LSTM loops
+      inside one call: there is nothing per time step to hook.
     A model compiled with torch.compile is refused: watch the uncompiled one."""
     return Watch(model, optimizer, logdir=logdir, every=every, weight_every=weight_every, hist_every=hist_every,
                  layers=layers, scaler=scaler, name=name, vanishing_below=vanishing_below,
-                 exploding_above=exploding_above, last_step=last_step, chart_layers=chart_layers)
+                 exploding_above=exploding_above, last_step=last_step, chart_layers=chart_layers,
+                 recurrent=recurrent)

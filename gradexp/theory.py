@@ -27,6 +27,8 @@ from typing import Callable
 import numpy as np
 from numpy.polynomial.legendre import leggauss
 
+from .config import GATES
+
 Fn = Callable[[np.ndarray], np.ndarray]
 
 LEAKY_SLOPE = 0.01  # nn.LeakyReLU's default negative slope, as layers.py builds it
@@ -417,6 +419,10 @@ def applies(norm: str, residual: bool, kind: str) -> tuple[bool, str]:
     reasons = []
     if kind == "custom":
         reasons.append("model.kind=custom: the theory is for gradexp's own fully-connected networks")
+    elif kind == "transformer":
+        return False, ("model.kind=transformer: the mean-field theory here is for plain fully-connected stacks; "
+                       "attention, LayerNorm and the residual stream are not in it (Xiong et al.'s claims at init "
+                       "are measured in tests/test_theory_transformer.py)")
     elif kind != "mlp":
         reasons.append(f"model.kind={kind}: the theory is for fully-connected layers, not convolutions")
     if norm != "none":
@@ -599,15 +605,12 @@ def linear_rnn_regime(g: float) -> dict:
             "per_step_factor": g, "regime": regime}
 
 
-RNN_GATES = {"rnn": 1, "lstm": 4, "gru": 3}
-
-
 def rnn_variances(model, input_size: int) -> tuple[float, float, float]:
     """(sigma_w2, sigma_u2, sigma_b2) of a vanilla RNN cell as gradexp initialises it (recurrent.py):
     W_hh entries of variance sigma_w2 / width, W_ih of sigma_u2 / input_size, b_ih + b_hh of sigma_b2.
     PyTorch's own init draws each from U(±1/sqrt(width)), variance 1 / (3 width); an orthogonal W_hh
     x g keeps E||W^T v||^2 = g^2 ||v||^2 exactly, as Gaussian entries of variance g^2 / width do."""
-    width, rows = model.width, RNN_GATES[model.kind] * model.width
+    width, rows = model.width, GATES[model.kind] * model.width
     default = 1 / (3 * width)  # U(-a, a) with a = 1/sqrt(width)
     sigma_w2 = width * default if model.recurrent_init == "default" else model.recurrent_gain ** 2
     per_entry = {

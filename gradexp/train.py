@@ -22,7 +22,7 @@ from . import __version__, theory
 from .board import Board, layer_name
 from .config import RECURRENT_KINDS, Config, ConfigError, TrainConfig, flat, to_yaml
 from .data import Batches, Dataset, load_dataset
-from .diagnosis import diagnose, watched_context
+from .diagnosis import context_for, diagnose, watched_context
 from .memory import check_fits
 from .models import Net, build_model, check_output, multiply_adds
 from .pretrain import pretrain
@@ -310,7 +310,7 @@ def summarize(cfg: Config, exp: Experiment, result: dict, wall_time: float) -> d
         final["loss_eval"], final["acc_eval"] = evaluate(exp.model, data.x_eval, data.y_eval, data.loss)
     if exp.data.baseline is not None:  # a sequence task: its loss means something only beside this
         final["baseline_eval"] = exp.data.baseline
-        if "loss_eval" in final:
+        if "loss_eval" in final and exp.data.baseline > 0:
             final["loss_eval_vs_baseline"] = final["loss_eval"] / exp.data.baseline
     first, last = layer_snapshot(result["first"]), layer_snapshot(result["last"])
     info = result.get("layers") or {}
@@ -324,7 +324,8 @@ def summarize(cfg: Config, exp: Experiment, result: dict, wall_time: float) -> d
         "final": final,
         "layers": {**info, "names": names, "first": first, "last": last},
         "theory": theory,
-        "diagnosis": diagnose(first, last, cfg if cfg.model.kind != "custom" else watched_context(info, cfg),
+        "diagnosis": diagnose(first, last, context_for(cfg, len(names), not exp.data.loss_at_first_step)
+                              if cfg.model.kind != "custom" else watched_context(info, cfg),
                               result["diverged"], theory),
         "versions": {"gradexp": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "device": str(exp.device),
@@ -356,7 +357,7 @@ def rnn_inputs(cfg: Config, exp: Experiment) -> tuple[int, float, int, bool]:
     is at the last step only."""
     data = exp.data
     if data.vocab:  # the cell's input is the embedding's output
-        input_size, x2 = cfg.model.width, float(exp.model.embed.weight.double().pow(2).mean())
+        input_size, x2 = cfg.model.width, float(exp.model.embed.weight.detach().double().pow(2).mean())
     else:
         input_size, x2 = data.in_shape[-1], float(data.x_train.double().pow(2).mean())
     return input_size, x2, data.in_shape[0], not data.every_step

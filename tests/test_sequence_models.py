@@ -16,7 +16,7 @@ from conftest import measure
 from gradexp.config import DataConfig, ModelConfig
 from gradexp.data import load_dataset
 from gradexp.models import build_model
-from gradexp.recurrent import GATES
+from gradexp.config import GATES
 from gradexp.sequences import TASKS
 from gradexp.train import task_loss
 

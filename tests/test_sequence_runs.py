@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch.nn.functional as F
 
 from conftest import CONFIGS, only_run, run_folders, summary_of
 from gradexp.config import load_config
@@ -43,7 +44,14 @@ def base(tmp_path):
     (["model.kind=rnn", "model.recurrent_gain=0"], "model.recurrent_gain: Input should be greater than 0"),
     (["model.kind=mlp", "model.recurrent_init=normal"], "model.recurrent_init: used by model.kind rnn, lstm, gru only"),
     (["model.kind=rnn", "data.name=adding", "data.vocab=5"],
-     "data.vocab: the adding task's inputs are numbers, not tokens; leave it out"),  # refused by the data, not the schema
+     "data.vocab: used by data.name copy, reverse, sort only (got data.name=adding); leave it out"),
+    (["data.length=5"], "data.length: used by data.name adding, copy, reverse, sort only (got data.name=digits)"),
+    (["model.kind=rnn", "data.name=reverse", "data.symbols=3"], "data.symbols: used by data.name copy only"),
+    (["model.kind=rnn", "data.name=adding", "model.recurrent_gain=2"],
+     "model.recurrent_gain: scales model.recurrent_init orthogonal or normal; PyTorch's default init has no gain"),
+    (["model.kind=custom", "model.target=x:y", "data.name=copy"],
+     "model.kind: a custom model gets (in_shape, classes) and returns logits (N, classes), one answer per example; "
+     "copy asks one per position"),
     (["model.kind=rnn", "data.name=adding", "data.length=0"], "data.length: Input should be greater than or equal to 1"),
     (["model.kind=rnn", "data.name=adding", "data.length=1"], "data.length: at least 2 for data.name=adding"),
     (["model.kind=mlp", "data.name=copy"], "model.kind: an mlp gives one answer per example and copy asks one per "
@@ -59,13 +67,14 @@ def test_bad_sequence_keys_are_refused_and_nothing_is_run(cli, base, tmp_path, o
 
 
 def expected_baseline(cfg) -> float:
-    """sequences.baseline on the run's own data (the same config and seed), and for adding its closed
-    form: the held-out targets' variance."""
+    """sequences.baseline on the run's own data (the same config and seed), and for adding what it
+    is: the held-out MSE of answering the training targets' mean."""
     data = load_dataset(cfg.data, cfg.seed)
     task = SeqTask(data.x_train, data.y_train, data.x_eval, data.y_eval, data.loss, data.vocab, data.classes)
     if data.loss == "mse":
-        assert baseline(task) == pytest.approx(data.y_eval.var(unbiased=False).item(), rel=1e-5)
-    return baseline(task, "eval")
+        mean = data.y_train.mean().expand(len(data.y_eval))
+        assert baseline(task) == pytest.approx(F.mse_loss(mean, data.y_eval).item(), rel=1e-5)
+    return baseline(task)
 
 
 def check_sequence_summary(s: dict, cfg) -> None:

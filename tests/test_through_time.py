@@ -133,3 +133,77 @@ def test_a_recurrent_run_charts_its_time_factor_and_prints_its_profile(cli, tmp_
     assert theory["applies"] and theory["measured_time_factor"] == pytest.approx(first["time_factor"][0], rel=1e-12)
     assert len(theory["predicted_dz_calls"]) == 20 and theory["predicted_dz_calls"][-1] == norms[-1]
     assert math.isfinite(theory["predicted_time_factor"])
+
+
+def test_a_layer_called_for_two_inputs_is_not_a_time_axis():
+    """A siamese loss calls each layer twice in one backward: those calls are two inputs, not two time
+    steps, so no profile, no time_factor, and the diagnosis stays through depth."""
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    probes = Watcher(net, every=1)
+    try:
+        x1, x2 = torch.randn(BATCH, 5), torch.randn(BATCH, 5)
+        (net(x1) - net(x2)).pow(2).mean().backward()
+        probes.step()
+        assert probes.latest["dz_calls"] == [None] * 3 and probes.latest["time_factor"] == [None] * 3
+        assert probes.logged[-1]["calls"] == [2, 2, 2]  # each layer called twice in the step
+    finally:
+        probes.detach()
+
+
+class OwnCell(nn.Module):
+    """A recurrent cell that is not one of torch's: tanh(W [x, h])."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Linear(3 + WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.mix(torch.cat([x, h], 1)))
+
+
+def test_a_cell_of_ones_own_is_recurrent_when_named_so():
+    torch.manual_seed(3)
+    cell, head = OwnCell().double(), nn.Linear(WIDTH, 2).double()
+    net = nn.ModuleDict({"cell": cell, "head": head})
+    x, y = torch.randn(BATCH, STEPS, 3, dtype=torch.float64), torch.randint(0, 2, (BATCH,))
+
+    def forward(keep: list | None = None) -> torch.Tensor:
+        h = torch.zeros(BATCH, WIDTH, dtype=torch.float64)
+        for t in range(STEPS):
+            h = cell(x[:, t], h)
+            if keep is not None:
+                h.retain_grad()
+                keep.append(h)
+        return F.cross_entropy(head(h), y)
+
+    states: list = []
+    forward(states).backward()
+    expected = [s.grad.norm().item() for s in states]
+    net.zero_grad(set_to_none=True)
+    for recurrent, profiled in ((None, False), (OwnCell, True)):
+        probes = Watcher(net, every=1, layers=[cell, head], recurrent=recurrent)
+        try:
+            forward().backward()
+            probes.step()
+            got = probes.latest["dz_calls"][0]
+            assert (got == pytest.approx(expected, rel=1e-9)) if profiled else got is None
+        finally:
+            probes.detach()
+            net.zero_grad(set_to_none=True)
+
+
+def test_the_lstm_forget_bias_is_the_forget_gate_s():
+    """model.forget_bias=b: with every weight and other bias at 0, one step keeps sigmoid(b) of the
+    cell state (torch's gates are stacked input, forget, cell, output; the cell input is tanh(0) = 0)."""
+    from gradexp.config import ModelConfig
+    from gradexp.models import build_model
+
+    net = build_model(ModelConfig(kind="lstm", width=WIDTH, forget_bias=2.5, bias_init="zero"), (STEPS, 3), 1)
+    cell = net.layers[0].cell
+    with torch.no_grad():
+        cell.weight_ih.zero_()
+        cell.weight_hh.zero_()
+    c0 = torch.randn(BATCH, WIDTH)
+    _, c1 = cell(torch.randn(BATCH, 3), (torch.zeros(BATCH, WIDTH), c0))
+    torch.testing.assert_close(c1, torch.sigmoid(torch.tensor(2.5)) * c0)
