@@ -18,7 +18,7 @@ import yaml
 
 from .config import ConfigError, flatten
 from .report import Profile, compare_flow_figure, note
-from .sweep import _labels, _value_text, attempt, resume_plan, results
+from .sweep import _labels, _value_text, attempt, flow_profile, resume_plan, results
 
 
 @dataclass
@@ -130,9 +130,13 @@ def figure(runs: list[Compared], path: Path) -> None:
         return Profile(r.label, first, last, note((r.summary.get("diagnosis") or {}).get("verdict"),
                                                    r.summary.get("status", "not run")))
 
+    def through(r: Compared) -> Profile:
+        flow = flow_profile(r.summary)
+        return Profile(r.label, *(flow["_flow"] if flow["_axis"] == "time" else (None, None)))
+
     path.parent.mkdir(parents=True, exist_ok=True)
     compare_flow_figure(path, [profile(r, "act_grad_norm") for r in runs], [profile(r, "grad_norm") for r in runs],
-                        f"{len(runs)} runs compared")
+                        f"{len(runs)} runs compared", time=[through(r) for r in runs])
 
 
 def default_figure_path(folder: Path = Path(".")) -> Path:

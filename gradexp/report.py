@@ -427,10 +427,13 @@ def sweep_panels(rows: list[dict]) -> list[tuple[str, list[Profile]]]:
             for name, group in members.items()]
 
 
-def compare_flow_figure(path: Path, act_grad: list[Profile], grad: list[Profile], title: str) -> None:
+def compare_flow_figure(path: Path, act_grad: list[Profile], grad: list[Profile], title: str,
+                        time: list[Profile] | None = None) -> None:
     """Runs side by side: ||dL/dz|| (left) and ||dL/dW|| (right) against layer index, one colour per run,
     at the first logged step (dashed) and the last (solid), on log axes; runs of different depths share
-    the layer index. Over MAX_OVERLAID runs: small multiples of ||dL/dz||, one panel per run."""
+    the layer index. `time`: the recurrent runs' ||dL/dh_t|| against t (a third panel, the run's
+    colour; None, or a profile without values, for the others). Over MAX_OVERLAID runs: small
+    multiples of ||dL/dz||, one panel per run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -441,13 +444,21 @@ def compare_flow_figure(path: Path, act_grad: list[Profile], grad: list[Profile]
                   f"{title}: the back-propagated gradient ||dL/dz||")
         return
     colors = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharex=True)
+    timed = time is not None and any(p.first for p in time)
+    fig, axes = plt.subplots(1, 3 if timed else 2, figsize=(19 if timed else 13, 5.2))
+    axes[1].sharex(axes[0])
     for ax, profiles, label in ((axes[0], act_grad, "||dLoss/dz||  (back-propagated gradient)"),
                                 (axes[1], grad, "||dLoss/dW||  (weight gradient)")):
         floor = _floor(profiles)
         for i, p in enumerate(profiles):
             _draw(ax, p, colors(i), floor)
         _layer_axis(ax, "layer (0 = next to the input; each line ends at its run's output layer)", label)
+    if timed:
+        floor = _floor(time)
+        for i, p in enumerate(time):
+            if p.first:
+                _draw(axes[2], p, colors(i), floor)
+        _layer_axis(axes[2], "time step t (0 = the sequence's first)", "||dLoss/dh_t||  (through time, recurrent runs)")
     handles = [plt.Line2D([], [], color=colors(i), label=f"{p.label}: {p.note}") for i, p in enumerate(act_grad)]
     fig.legend(handles=handles + _style_handles(plt), loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(title)

@@ -207,3 +207,27 @@ def test_the_lstm_forget_bias_is_the_forget_gate_s():
     c0 = torch.randn(BATCH, WIDTH)
     _, c1 = cell(torch.randn(BATCH, 3), (torch.zeros(BATCH, WIDTH), c0))
     torch.testing.assert_close(c1, torch.sigmoid(torch.tensor(2.5)) * c0)
+
+
+def test_compare_draws_the_recurrent_runs_through_time(cli, tmp_path):
+    """gradexp compare over a recurrent run and an MLP run: a third panel, ||dL/dh_t|| against t (the
+    figure is 19 inches wide instead of 13 at 100 dpi), and the table marks the ratio through time."""
+    import struct
+
+    config = tmp_path / "rnn.yaml"
+    # more than three keys differ: the table's labels are the names alone (compare.py), short enough for 80 columns
+    config.write_text("name: rnn\ndata: {name: adding, length: 10, n_train: 64, n_eval: 16, batch_size: 16}\n"
+                      "model: {kind: rnn, width: 8}\noptim: {lr: 0.05}\n")
+    mlp = tmp_path / "mlp.yaml"
+    mlp.write_text("name: mlp\ndata: {name: adding, length: 10, n_train: 64, n_eval: 16, batch_size: 16}\n"
+                   "model: {kind: mlp, depth: 3, width: 16}\noptim: {lr: 0.02}\n")
+    for path, out in ((config, "a"), (mlp, "b")):
+        assert cli("run", path, *TINY, f"--out={tmp_path / out}", "--quiet").exit_code == 0
+    figure = tmp_path / "cmp.png"
+    result = cli("compare", only_run(tmp_path / "a"), only_run(tmp_path / "b"), "--out", figure)
+    assert result.exit_code == 0, result.output
+    assert struct.unpack(">II", figure.read_bytes()[16:24])[0] == 1900
+    assert "(t)" in result.output and "through time" in " ".join(result.output.split())
+    figure2 = tmp_path / "cmp2.png"
+    assert cli("compare", only_run(tmp_path / "b"), only_run(tmp_path / "b"), "--out", figure2).exit_code == 0
+    assert struct.unpack(">II", figure2.read_bytes()[16:24])[0] == 1300
