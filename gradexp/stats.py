@@ -52,10 +52,10 @@ STATS: dict[str, Stat] = {
                       lambda r: math.sqrt(r["grad_sq"]), log=True),
     "act_grad_norm": Stat("gradient", "||dL/dz||, the back-propagated gradient at the layer's output z "
                                       "(over all its calls in the step)", lambda r: math.sqrt(r["dz_sq"]), log=True),
-    "time_factor": Stat("gradient", "a layer called more than once in a forward pass (a recurrent cell, once per time "
-                                    "step): the factor ||dL/dz|| changes by per call, going back from the last call to "
-                                    "the first: (||dL/dz_first|| / ||dL/dz_last||)^(1/(calls - 1)); below 1 the "
-                                    "gradient vanishes through time, above 1 it explodes",
+    "time_factor": Stat("gradient", "a recurrent cell (called once per time step): the factor ||dL/dh_t|| changes by "
+                                    "per step, going back from the last time step to the first: (||dL/dh_0|| / "
+                                    "||dL/dh_(T-1)||)^(1/(T-1)); below 1 the gradient vanishes through time, above 1 "
+                                    "it explodes",
                         lambda r: (r["dz_calls"][0] / r["dz_calls"][-1]) ** (1 / (len(r["dz_calls"]) - 1))),
     "act_mean": Stat("activation", "mean of the layer's activation (the known activation after it, else z)",
                      lambda r: r["pivot"] + r["s"] / r["n"]),
