@@ -137,3 +137,30 @@ def test_the_relu_rnn_explodes_through_time_and_clipping_lets_it_finish(cli, tmp
     norms = first["dz_calls"][0]
     assert s["diagnosis"]["measure"] == "through time" and s["diagnosis"]["ratio"] == norms[0] / norms[-1] > 100
     assert s["diagnosis"]["verdict"] == "exploding"
+
+
+@pytest.mark.parametrize("task, kind", [("copy", "lstm"), ("adding", "gru"), ("sort", "transformer")])
+def test_the_final_losses_are_those_of_the_trained_model(tmp_path, task, kind):
+    """summary.json's held-out loss and accuracy, recomputed from the trained model another way:
+    flattened positions, F.cross_entropy's own ignore_index (or the squared error by hand), one pass."""
+    import torch
+
+    from gradexp.sequences import IGNORE
+    from gradexp.train import prepare, run
+
+    cfg = load_config(None, [f"data.name={task}", f"model.kind={kind}", "data.length=6",
+                             *(["data.symbols=2"] if task == "copy" else []), "data.n_train=64", "data.n_eval=40", "model.width=16", "train.steps=8",
+                             "train.log_every=4", "train.threads=1", "optim.name=adam", "optim.lr=0.01"])
+    exp = prepare(cfg)
+    final = run(cfg, tmp_path, exp=exp).summary["final"]
+    model, x, y = exp.model.eval(), exp.data.x_eval, exp.data.y_eval
+    with torch.no_grad():
+        out = model(x)
+    if task == "adding":
+        assert final["loss_eval"] == pytest.approx(((out[:, 0] - y) ** 2).mean().item(), rel=1e-5)
+        assert final["acc_eval"] is None
+        return
+    logits, target = out.reshape(-1, out.shape[-1]), y.reshape(-1)
+    assert final["loss_eval"] == pytest.approx(F.cross_entropy(logits, target, ignore_index=IGNORE).item(), rel=1e-5)
+    counted = target != IGNORE
+    assert final["acc_eval"] == pytest.approx((logits.argmax(1)[counted] == target[counted]).float().mean().item())
