@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.syntax import Syntax
 
-from .config import RECURRENT_KINDS, ConfigError, load_config, to_yaml
+from .config import ConfigError, load_config, to_yaml
 from .rundir import check_out
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -239,17 +239,11 @@ def explain(
     plot: Annotated[Optional[Path], typer.Option(help="write the predicted curve to this PNG")] = None,
 ) -> None:
     """Predict the gradient flow at initialisation from mean-field theory, without training."""
+    from .prediction import explanation
     from .report import print_explanation, theory_figure
-    from .theory import explain as predict_flow
 
     cfg, exp = load_experiment(config, overrides)
-    if cfg.model.kind in RECURRENT_KINDS:
-        from .train import recurrent_explanation
-
-        info = recurrent_explanation(cfg, exp)
-    else:
-        x2 = float(exp.data.x_train.double().pow(2).mean())
-        info = predict_flow(cfg.model, exp.data.in_shape, x2)
+    info = explanation(cfg, exp)
     print_explanation(console, cfg.model, info)
     if plot is not None and info["applies"]:
         plot.parent.mkdir(parents=True, exist_ok=True)

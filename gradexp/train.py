@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__, theory
+from . import __version__
 from .board import Board, layer_name
-from .config import RECURRENT_KINDS, Config, ConfigError, TrainConfig, flat, to_yaml
+from .config import Config, ConfigError, TrainConfig, flat, to_yaml
 from .data import Batches, Dataset, load_dataset
 from .diagnosis import context_for, diagnose, watched_context
 from .memory import check_fits
@@ -30,7 +30,7 @@ from .optim import CLIPPERS, OPTIMIZERS, lr_schedule
 from .probes import Layer, Watcher, due
 from .interrupts import Interrupts, interruptible
 from .sequences import IGNORE
-from .report import through_time
+from .prediction import theory_beside
 from .rundir import in_words, new_run_dir, start_stamp, write_atomic, write_json
 
 def resolve_device(name: str) -> torch.device:
@@ -333,56 +333,6 @@ def summarize(cfg: Config, exp: Experiment, result: dict, wall_time: float) -> d
         "probe_kernel": result.get("probe_kernel"),  # None: nothing was trained (interrupted pre-training)
         "wall_time_s": round(wall_time, 3),
     }
-
-
-def theory_beside(cfg: Config, exp: Experiment, first: dict | None) -> dict:
-    """Mean-field prediction for this network at init beside what step 0 measured (plain MLPs only)."""
-    if cfg.pretrain.enabled:
-        return {"applies": False, "reason": "pretrain.enabled: the theory is for random weights at init, "
-                                            "and step 0 is measured on pre-trained ones"}
-    if cfg.model.kind in RECURRENT_KINDS:
-        return rnn_theory_beside(cfg, exp, first)
-    x2 = float(exp.data.x_train.double().pow(2).mean())  # the inputs' second moment sets q^0
-    pred, reason = theory.for_model(cfg.model, exp.data.in_shape, x2)
-    if pred is None:
-        return {"applies": False, "reason": reason}
-    if first is None or first["step"] != 0:
-        return {"applies": False, "reason": "nothing was measured at initialisation (train.log_every=0)"}
-    return theory.compare(pred, first["act_grad_norm"])
-
-
-def rnn_inputs(cfg: Config, exp: Experiment) -> tuple[int, float, int, bool]:
-    """What the through-time theory needs of the data: the first cell's input size and the second
-    moment of its input (an embedding's output for tokens), the sequence length, and whether the loss
-    is at the last step only."""
-    data = exp.data
-    if data.vocab:  # the cell's input is the embedding's output
-        input_size, x2 = cfg.model.width, float(exp.model.embed.weight.detach().double().pow(2).mean())
-    else:
-        input_size, x2 = data.in_shape[-1], float(data.x_train.double().pow(2).mean())
-    return input_size, x2, data.in_shape[0], not data.every_step
-
-
-def recurrent_explanation(cfg: Config, exp: Experiment) -> dict:
-    """`gradexp explain` for a recurrent net: theory.explain_rnn with the spectral radius and largest
-    singular value of the first cell's W_hh as drawn (a vanilla RNN's; gated cells' blocks each feed
-    a gate, where the linear condition says little)."""
-    radius = top = None
-    if cfg.model.kind == "rnn":
-        w = exp.model.recurrent_cells[0].weight_hh.detach().double().cpu()
-        radius, top = float(torch.linalg.eigvals(w).abs().max()), float(torch.linalg.matrix_norm(w, 2))
-    return theory.explain_rnn(cfg.model, *rnn_inputs(cfg, exp), spectral_radius=radius, top_singular=top)
-
-
-def rnn_theory_beside(cfg: Config, exp: Experiment, first: dict | None) -> dict:
-    """The through-time prediction for a vanilla RNN at init beside ||dL/dh_t|| measured at step 0."""
-    pred, reason = theory.for_rnn(cfg.model, *rnn_inputs(cfg, exp))
-    if pred is None:
-        return {"applies": False, "reason": reason}
-    timed = through_time(first)
-    if first is None or first["step"] != 0 or timed is None:
-        return {"applies": False, "reason": "nothing was measured at initialisation (train.log_every=0)"}
-    return theory.compare_rnn(pred, cfg.model, timed[1])
 
 
 def hparam_metrics(summary: dict) -> dict[str, float]:

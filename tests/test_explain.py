@@ -99,7 +99,8 @@ def test_explain_a_vanilla_rnn_says_the_linear_condition_and_the_factor_through_
     from gradexp import theory
     from gradexp.config import load_config
     from gradexp.report import fmt_number
-    from gradexp.train import prepare, rnn_inputs
+    from gradexp.prediction import rnn_inputs
+    from gradexp.train import prepare
 
     config, overrides = _sequence_config(tmp_path, "rnn"), ["model.recurrent_init=normal", "model.recurrent_gain=0.8"]
     plot = tmp_path / "through_time.png"
