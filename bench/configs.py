@@ -41,6 +41,8 @@ SHOWS = {
     "transformer_post_ln": "post-LN transformer, no warm-up: stuck above the baseline",
     "transformer_pre_ln": "remedy: pre-LN, same learning rate",
     "transformer_post_ln_warmup": "remedy: post-LN with a learning-rate warm-up",
+    "transformer_post_ln_deepnet": "remedy: post-LN with DeepNorm's residual scaling, no warm-up",
+    "transformer_rezero": "remedy: ReZero, no LayerNorm, branches gated from 0, no warm-up",
 }
 ORDER = list(SHOWS)
 

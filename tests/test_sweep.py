@@ -144,7 +144,8 @@ def test_the_sequences_sweep_is_the_shipped_sequence_configs():
     configs = sweeps.check(plan)
     shipped = {"rnn": "rnn_adding", "lstm": "lstm_adding", "relu_rnn": "rnn_relu_exploding",
                "relu_clipped": "rnn_relu_clipped", "post_ln": "transformer_post_ln",
-               "pre_ln": "transformer_pre_ln", "post_ln_warmup": "transformer_post_ln_warmup"}
+               "pre_ln": "transformer_pre_ln", "post_ln_warmup": "transformer_post_ln_warmup",
+               "post_ln_deepnet": "transformer_post_ln_deepnet", "rezero": "transformer_rezero"}
     assert set(configs) == set(shipped)
     logging = ("name", "train.eval_every", "train.log_every", "train.hist_every")
     for run, name in shipped.items():
