@@ -268,7 +268,8 @@ def _through_time_verdict(first: dict, last: dict | None, ctx: Context, theory: 
         return None
     i, norms = found
     ratio, steps = _time_ratio(norms), len(norms) - 1
-    factor = ratio ** (1 / steps) if ratio > 0 and math.isfinite(ratio) else None
+    factor = first["time_factor"][i]  # stats.STATS' definition
+    factor = factor if factor is not None and math.isfinite(factor) and factor > 0 else None
     later = through_time(last) if last is not None and last["step"] != first["step"] else None
     verdict, developed = _developed(_verdict(ratio, ctx), _time_ratio(later[1]) if later else None, ctx, last)
     text = f" (x{fmt_number(factor)} per time step" if factor is not None else ""

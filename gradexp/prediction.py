@@ -74,6 +74,6 @@ def _rnn_theory_beside(cfg: Config, exp: Experiment, first: dict | None) -> dict
     timed = through_time(first)
     if first is None or first["step"] != 0 or timed is None:
         return {"applies": False, "reason": "nothing was measured at initialisation (train.log_every=0)"}
-    return theory.compare_rnn(pred, cfg.model, timed[1])
+    return theory.compare_rnn(pred, cfg.model, timed[1], first["time_factor"][timed[0]])
 
 

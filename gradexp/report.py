@@ -267,8 +267,8 @@ def _time_panel(ax, snaps: list[tuple[dict, dict]], predicted: list[float] | Non
         if found is None:
             continue
         layer, norms = found
-        factor = (norms[0] / norms[-1]) ** (1 / (len(norms) - 1)) if norms[-1] > 0 and math.isfinite(norms[0]) \
-            and len(norms) > 1 else None
+        factor = snap["time_factor"][layer]  # stats.STATS' definition
+        factor = factor if factor is not None and math.isfinite(factor) and factor > 0 else None
         _plot_log(ax, norms, f"step {snap['step']}" + (f": x{fmt_number(factor)} per step" if factor else ""),
                   {**style, "markersize": 2}, floor=floor)
     if predicted:

@@ -642,16 +642,14 @@ def for_rnn(model, input_size: int, input_second_moment: float, steps: int,
     return pred, f"vanilla {model.activation} RNN: mean-field theory through time (exact as the width grows)"
 
 
-def compare_rnn(pred: RNNPrediction, model, dz_calls: list[float]) -> dict:
+def compare_rnn(pred: RNNPrediction, model, dz_calls: list[float], measured: float | None) -> dict:
     """Measured ||dL/dh_t|| (step 0, t = 0..T-1) beside the prediction anchored at the last time step,
-    and the measured per-step factor (||dL/dh_0|| / ||dL/dh_(T-1)||)^(1/(T-1)) beside the predicted
-    geometric mean of sqrt(chi) over the same steps."""
+    and the measured per-step factor (the run's time_factor: (||dL/dh_0|| / ||dL/dh_(T-1)||)^(1/(T-1)))
+    beside the predicted geometric mean of sqrt(chi) over the same steps."""
     steps = len(dz_calls)
     predicted = [dz_calls[-1]]
     for t in range(steps - 2, -1, -1):  # back through step t + 1 multiplies by sqrt(chi[t + 1])
         predicted.append(predicted[-1] * math.sqrt(pred.chi[t + 1]))
-    first, last = dz_calls[0], dz_calls[-1]
-    measured = (first / last) ** (1 / (steps - 1)) if steps > 1 and last > 0 and math.isfinite(first / last) else None
     g = math.sqrt(pred.sigma_w2)
     return {
         "applies": True, "measure": "through time",
