@@ -15,7 +15,7 @@ import torch
 
 from .config import SEQUENCE_TASKS, ConfigError, DataConfig
 from .image_files import READERS
-from .sequences import IGNORE
+from .sequences import IGNORE, TASKS, baseline, sizes
 
 Split = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -164,13 +164,9 @@ def load_images(cfg: DataConfig, g: torch.Generator) -> Dataset:
 
 def load_sequences(cfg: DataConfig, g: torch.Generator) -> Dataset:
     """A sequence task of gradexp/sequences.py, made from the seed (no files)."""
-    from .sequences import TASKS, baseline
-
-    sizes = {"length" if cfg.name != "copy" else "delay": cfg.length, "vocab" if cfg.name != "copy" else "alphabet":
-             cfg.vocab, **({"symbols": cfg.symbols} if cfg.name == "copy" else {})}
-    sizes = {k: v for k, v in sizes.items() if v is not None and not (cfg.name == "adding" and k == "vocab")}
     seed = int(torch.randint(0, 2**31, (1,), generator=g))
-    task = TASKS[cfg.name](cfg.n_train or SEQUENCE_SPLIT[0], cfg.n_eval or SEQUENCE_SPLIT[1], seed, **sizes)
+    task = TASKS[cfg.name](cfg.n_train or SEQUENCE_SPLIT[0], cfg.n_eval or SEQUENCE_SPLIT[1], seed,
+                           **sizes(cfg.name, length=cfg.length, vocab=cfg.vocab, symbols=cfg.symbols))
     return Dataset(task.x_train, task.y_train, task.x_eval, task.y_eval, task.classes, task.loss, task.vocab,
                    baseline(task))
 
@@ -210,11 +206,12 @@ def planned(cfg: DataConfig) -> tuple[int, int, tuple[int, ...], int]:
         return cfg.n_train or n_tr, cfg.n_eval or n_ev, shape, classes
     if cfg.name in SEQUENCE_TASKS:
         n_tr, n_ev = cfg.n_train or SEQUENCE_SPLIT[0], cfg.n_eval or SEQUENCE_SPLIT[1]
+        size = sizes(cfg.name, length=cfg.length, vocab=cfg.vocab, symbols=cfg.symbols)
         if cfg.name == "adding":
-            return n_tr, n_ev, (cfg.length or 100, 2), 1
+            return n_tr, n_ev, (size["length"], 2), 1
         if cfg.name == "copy":
-            return n_tr, n_ev, ((cfg.length or 100) + 2 * cfg.symbols,), cfg.vocab or 8
-        return n_tr, n_ev, (cfg.length or 8,), cfg.vocab or 10
+            return n_tr, n_ev, (size["delay"] + 2 * size["symbols"],), size["alphabet"]
+        return n_tr, n_ev, (size["length"],), size["vocab"]
     shape = (cfg.dim,) if cfg.name == "gaussian" else (2,)
     return cfg.n_train or 2048, cfg.n_eval or 512, shape, cfg.classes
 

@@ -19,6 +19,7 @@ than against a fixed threshold.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -129,6 +130,15 @@ def sort(n_train: int, n_eval: int, seed: int, length: int = 8, vocab: int = 10)
 
 
 TASKS = {"adding": adding, "copy": copy, "reverse": reverse, "sort": sort}
+# The config's keys (data.length, data.vocab, data.symbols) -> each task's own argument names.
+KEYS = {"adding": {"length": "length"}, "copy": {"length": "delay", "vocab": "alphabet", "symbols": "symbols"},
+        "reverse": {"length": "length", "vocab": "vocab"}, "sort": {"length": "length", "vocab": "vocab"}}
+
+
+def sizes(name: str, **keys: int | None) -> dict[str, int]:
+    """The task's arguments for the config's keys, each key that is None at the task's own default."""
+    defaults = {p.name: p.default for p in inspect.signature(TASKS[name]).parameters.values()}
+    return {arg: keys.get(key) if keys.get(key) is not None else defaults[arg] for key, arg in KEYS[name].items()}
 
 
 def baseline(task: SeqTask) -> float:
