@@ -154,13 +154,18 @@ def watched_context(info: dict, cfg: Config | None = None) -> Context:
     """The context of a model gradexp did not build, from what the probes found (`Watcher.layer_info`)."""
     kw = dict(vanishing_below=cfg.diagnosis.vanishing_below, exploding_above=cfg.diagnosis.exploding_above,
               precision=cfg.precision) if cfg is not None else {}
+    gated = any(t in ("LSTMCell", "GRUCell") for t in info.get("types", []))
     return Context(labels=info["names"], hidden=[i for i, out in enumerate(info["output"]) if not out],
-                   dead=[a in RELU_FAMILY for a in info["activations"]], advice=generic_advice, index_ranges=False,
-                   **kw)
+                   dead=[a in RELU_FAMILY for a in info["activations"]], advice=lambda v: generic_advice(v, gated),
+                   index_ranges=False, **kw)
 
 
-def generic_advice(verdict: str) -> str | None:
-    """What to try on a model gradexp did not build."""
+def generic_advice(verdict: str, gated: bool = False) -> str | None:
+    """What to try on a model gradexp did not build (`gated`: its recurrent cells are LSTM or GRU
+    cells already)."""
+    if gated and verdict == "vanishing through time":
+        return ("its gates start half closed: try an LSTM forget-gate bias of 1 or more (the second quarter of "
+                "bias_ih + bias_hh), or an orthogonal recurrent init")
     return {
         "vanishing": "try a ReLU-family activation with He (kaiming) init, normalisation layers, or residual connections",
         "exploding": "try a smaller init scale, gradient norm clipping, or normalisation layers",

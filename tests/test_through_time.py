@@ -231,3 +231,14 @@ def test_compare_draws_the_recurrent_runs_through_time(cli, tmp_path):
     figure2 = tmp_path / "cmp2.png"
     assert cli("compare", only_run(tmp_path / "b"), only_run(tmp_path / "b"), "--out", figure2).exit_code == 0
     assert struct.unpack(">II", figure2.read_bytes()[16:24])[0] == 1300
+
+
+def test_a_watched_lstm_vanishing_through_time_is_told_of_its_gates_not_to_use_gates():
+    from gradexp.diagnosis import watched_context
+
+    info = {"names": ["00_emb", "01_cell", "02_out"], "output": [False, False, True],
+            "activations": [None, None, None]}
+    lstm = watched_context({**info, "types": ["Embedding", "LSTMCell", "Linear"]}).advice("vanishing through time")
+    plain = watched_context({**info, "types": ["Embedding", "RNNCell", "Linear"]}).advice("vanishing through time")
+    assert "forget-gate bias" in lstm and "gated cell" not in lstm
+    assert "gated cell (LSTM, GRU)" in plain
