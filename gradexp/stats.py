@@ -164,7 +164,8 @@ def batched_sums(tensors: list[torch.Tensor], acts: list[tuple[torch.Tensor, tor
     """`sum_squares(tensors)` and `activation_sums` of each (h, a, activation) in `acts`, on the CPU in
     float32 in one call of the C kernel (one pass per tensor, on torch's threads): (squares, each
     activation's (n, units), their sums as (len(acts), 5), whether the kernel did it)."""
-    metas = [(float(b * u), float(u)) for b, u in (examples_units(h) for h, _, _ in acts)]
+    shapes = [examples_units(h) for h, _, _ in acts]
+    metas = [(float(b * u), float(u)) for b, u in shapes]
     if tensors and tensors[0].is_cpu:
         lib = native.kernel()
         names = [name or "identity" for _, _, name in acts]
@@ -172,13 +173,13 @@ def batched_sums(tensors: list[torch.Tensor], acts: list[tuple[torch.Tensor, tor
         hs = [h for h, _, _ in acts]
         if lib is not None and native.usable(tensors + hs + [x for x in inputs if x is not None]) \
                 and all(x is not None for x, name in zip(inputs, names) if name in NEEDS_INPUT):
-            hs = [h.view(*examples_units(h)) for h in hs]  # contiguous (usable): a view, no copy
+            hs = [h.view(b, u) for h, (b, u) in zip(hs, shapes)]  # contiguous (usable): a view, no copy
             sums = native.probe_sums(lib, tensors, hs, inputs, names,
                                      [SATURATION_FRACTION * MAX_SLOPE[name] for name in names])
             if sums is not None:
                 return sums[:len(tensors)], metas, sums[len(tensors):].view(-1, 5) if acts else None, True
     rows = torch.stack([activation_sums(h, a, name)[1] for h, a, name in acts]) if acts else None
-    return sum_squares(tensors), metas, rows, False
+    return sum_squares([t.detach() for t in tensors]), metas, rows, False
 
 
 def histogram_row(values: torch.Tensor, spec: tuple[float, float, int]) -> torch.Tensor:
@@ -215,6 +216,15 @@ def combine(rows: list[list[float]], known: bool) -> dict[str, float]:
     """One layer's raw activation sums over its calls (each [n, units, pivot, s, s2, ds, flat units]):
     around the overall mean, so that calls with different pivots add up; the saturated fraction is
     the mean over calls."""
+    if len(rows) == 1:  # one call (most layers): its own sums, around its own pivot
+        count, units, pivot, s, q, ds, flat = rows[0]
+        if count == 0:
+            return {}
+        if not known:
+            return {"n": count, "pivot": pivot, "s": s, "s2": q}
+        if math.isnan(pivot + s):
+            ds = flat = math.nan
+        return {"n": count, "pivot": pivot, "s": s, "s2": q, "ds": ds, "flat": flat / units}
     n = sum(r[0] for r in rows)
     if n == 0:
         return {}

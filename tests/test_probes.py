@@ -425,6 +425,45 @@ def test_tuple_and_dict_outputs_match_autograd(kind):
     assert stats["act_deriv"][1:] == [None, None]
 
 
+class Halves(nn.Module):
+    """A layer whose output is the second of the two tensors one op made (chunk): dL/dz is the
+    gradient reaching that op's second output, not its first."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 6) / 6 ** 0.5)
+
+    def forward(self, x):
+        first, second = (x @ self.weight.T).chunk(2, dim=1)
+        return second, first
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.halves, self.head = Halves(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        second, first = self.halves(x)
+        return self.head(torch.tanh(second)), first
+
+
+@both
+def test_a_layer_output_made_second_by_its_op_gets_its_own_gradient():
+    torch.manual_seed(0)
+    model = TwoHeads()
+    ref = copy.deepcopy(model)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    stats = measure(model, x, y, loss_fn=lambda out, y: F.cross_entropy(out[0], y) + 3 * out[1].square().mean())
+
+    first, second = (x @ ref.halves.weight.T).chunk(2, dim=1)
+    logits = ref.head(torch.tanh(second))
+    loss = F.cross_entropy(logits, y) + 3 * first.square().mean()
+    d_second, d_first, d_logits = torch.autograd.grad(loss, [second, first, logits])
+    assert stats["act_grad_norm"] == pytest.approx([norm([d_second]), norm([d_logits])], rel=1e-5)
+    assert norm([d_first]) != pytest.approx(norm([d_second]), rel=1e-2)  # the first output's would be wrong
+
+
 class InPlace(nn.Module):
     """ReLU(inplace=True) over a layer's output, and a residual added in place to another's."""
 
