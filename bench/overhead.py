@@ -1,7 +1,7 @@
 """What gradexp.watch costs: steps per second against a bare PyTorch loop, beside the real wandb.watch
 and Lightning's grad_norm.
 
-    python bench/overhead.py                  # CPU, the README's table (about 25 minutes on 2 cores)
+    python bench/overhead.py                  # CPU, the README's table (about 35 minutes on 2 cores)
     python bench/overhead.py --device cuda    # the same on a GPU (bench/gpu.sh adds the sync check)
     python bench/overhead.py --tiny           # seconds: every row, tiny models (the test suite's smoke run)
 
@@ -394,8 +394,9 @@ def machine(device: str) -> str:
 def markdown(results: dict, kind: str) -> str:
     """The table as the README shows it."""
     memory = "peak RSS MB" if kind == "cpu" else "peak CUDA MB"
-    lines = [f"steps/s against a bare PyTorch loop, median of {results['repeats']} paired ratios; "
-             f"{results['machine']}", "", f"| model | variant | ms/step | x bare | target | {memory} |",
+    counts = ", ".join(f"{case} {c['repeats']}" for case, c in results["cases"].items())
+    lines = [f"steps/s against a bare PyTorch loop, median of the paired ratios ({counts}); {results['machine']}",
+             "", f"| model | variant | ms/step | x bare | target | {memory} |",
              "|---|---|---|---|---|---|"]
     for case, c in results["cases"].items():
         for v, r in c["rows"].items():
@@ -409,7 +410,8 @@ def markdown(results: dict, kind: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeats", type=int, default=9, help="timed calls per variant")
+    ap.add_argument("--repeats", nargs="+", default=["5", "mlp20x256=21"], metavar="N or CASE=N",
+                    help="timed calls per variant: N for every case, CASE=N for one (e.g. 5 mlp20x256=21)")
     ap.add_argument("--tiny", action="store_true", help="tiny models and budgets: checks that every row is produced")
     ap.add_argument("--cases", nargs="+", metavar="CASE", help=f"a subset of {', '.join(CASES)}")
     ap.add_argument("--no-memory", action="store_true")
@@ -417,10 +419,14 @@ def main() -> None:
                                                                    "(and the bare loop)")
     ap.add_argument("--check-sync", action="store_true", help="CUDA: fail if a step with no probe due syncs")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "overhead.json"))
+    ap.add_argument("--table", metavar="JSON", help="print the table of a results file, and time nothing")
     ap.add_argument("--child", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(*args.child, args.device, args.tiny)
+    if args.table:
+        results = json.loads(Path(args.table).read_text())
+        return print(markdown(results, "cuda" if results["device"].startswith("cuda") else "cpu"))
     try:
         found = versions()
     except ImportError as e:
@@ -435,19 +441,26 @@ def main() -> None:
         if unknown:
             ap.error(f"unknown case(s) {', '.join(unknown)}; allowed: {', '.join(cases)}")
         cases = {c: cases[c] for c in args.cases}
-    repeats = 2 if args.tiny else args.repeats
+    given: dict[str, int] = {}  # case ("" for every case) -> timed calls per variant
+    for item in args.repeats:
+        case, _, n = item.rpartition("=")
+        if not n.isdigit() or int(n) < 1 or (case and case not in {**CASES, **TINY_CASES}):
+            ap.error(f"--repeats: expected N or CASE=N, N a whole number >= 1 and CASE one of {', '.join(CASES)}; "
+                     f"got {item!r}")
+        given[case] = int(n)
+    repeats = {c: 2 if args.tiny else given.get(c, given.get("", 5)) for c in cases}
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
     targets = TARGETS[kind]
     variants = [v for v in VARIANTS if v == BARE or not args.variants or any(t in v for t in args.variants)]
-    results = {"machine": machine(args.device), "device": args.device, "repeats": repeats, "versions": found,
+    results = {"machine": machine(args.device), "device": args.device, "versions": found,
                "warm_steps": WARM_STEPS, "cases": {}}
     print(f"gradexp overhead benchmark on {results['machine']}; "
           + ", ".join(f"{k} {v}" for k, v in found.items() if k != "torch"), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for case, (build, steps) in cases.items():
-            print(f"timing {case} ({steps} steps x {repeats} repeats per variant)...", flush=True)
+            print(f"timing {case} ({steps} steps x {repeats[case]} repeats per variant)...", flush=True)
             s = build(args.device)
-            timed = time_variants(s, steps, repeats, variants, Path(tmp))
+            timed = time_variants(s, steps, repeats[case], variants, Path(tmp))
             # a fresh process per variant takes seconds: in the tiny mode, the first case's only
             memory = not args.no_memory and not (args.tiny and case != next(iter(cases)))
             rows = {}
@@ -460,7 +473,7 @@ def main() -> None:
                     rows[v]["peak_rss_mb"] = peak_memory_mb(case, v, args.device, args.tiny)
                 elif memory:
                     rows[v]["peak_cuda_mb"] = peak_cuda_mb(s, v, steps, Path(tmp))
-            results["cases"][case] = {"steps": steps, "rows": rows}
+            results["cases"][case] = {"steps": steps, "repeats": repeats[case], "rows": rows}
 
     print(markdown(results, kind))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
