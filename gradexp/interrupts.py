@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from typing import Iterator
 
 # Signals handled, each with the handler Python starts with: a handler someone else set (a sweep's
-# worker ignores SIGINT; Ray sets its own) is theirs, and is left alone.
+# worker ignores SIGINT; Ray sets its own) is theirs, and is left alone, as is a signal ignored since
+# the process started (a shell starts a script's background jobs ignoring Ctrl-C).
 DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
 # The runs in progress, per thread: a run in another thread must not take the main thread's signals

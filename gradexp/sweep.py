@@ -435,13 +435,16 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 def _catch_signals(received: list[int]) -> dict:
     """While a sweep runs, a stop signal is appended to `received`, never raised: an exception raised at
     any line (starting the workers, waiting on them, writing the summaries) would cut that call in half.
-    The executors poll `received` between short waits; a second Ctrl-C changes nothing more. Returns the
-    handlers it replaced ({} outside the main thread, where Python cannot catch signals)."""
+    The executors poll `received` between short waits; a second Ctrl-C changes nothing more. A signal
+    the process was started ignoring stays ignored, as `gradexp run` leaves it: a shell starts a script's
+    background jobs (`gradexp sweep ... &`) ignoring Ctrl-C, which is meant for the foreground. Returns
+    the handlers it replaced ({} outside the main thread, where Python cannot catch signals)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return {}
-    return {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in STOP_SIGNALS}
+    return {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in STOP_SIGNALS
+            if signal.getsignal(sig) is not signal.SIG_IGN}
 
 
 def run_local(plan: Plan, root: Path, todo: list[Point], workers: int, threads: int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,13 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
     return invoke
+
+
+def ctrl_c_reaches_it() -> None:
+    """Popen's `preexec_fn` for a child a test sends Ctrl-C: a shell starts a script's background jobs
+    ignoring SIGINT (the suite run as `.ci/run &`), children inherit that, and gradexp rightly keeps a
+    signal ignored that its process was started ignoring."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_folders(out: Path) -> list[Path]:

@@ -13,13 +13,14 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
 from torch import nn
 
 import gradexp
-from conftest import CONFIGS, TINY, only_run, run_folders, summary_of
+from conftest import CONFIGS, TINY, ctrl_c_reaches_it, only_run, run_folders, summary_of
 from gradexp.board import EventFile
 from gradexp.config import load_config
 from gradexp.rundir import write_atomic
@@ -35,23 +36,27 @@ def leftovers(out: Path) -> list[Path]:
 
 # ------------------------------------------------------------------------------------------- signals
 
-def start_long_run(out: Path) -> tuple[subprocess.Popen, Path]:
+@contextmanager
+def long_run(out: Path, ctrl_c=ctrl_c_reaches_it) -> Iterator[tuple[subprocess.Popen, Path]]:
     """`python -m gradexp run` on a run far too long to finish, once it is training (its folder has
-    events); returns the process and its run folder."""
+    events): the process and its run folder; the process is killed afterwards if it is still there."""
     cmd = [sys.executable, "-m", "gradexp", "run", str(CONFIGS / "deep_relu.yaml"), "model.depth=3",
            "train.steps=1000000", "train.log_every=5", "train.eval_every=0", "train.hist_every=0",
            "--out", str(out), "-q"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        folders = run_folders(out)
-        if folders and any(p.name.startswith("events.out") for p in folders[0].iterdir()):
-            time.sleep(1.0)  # well into the loop
-            return proc, folders[0]
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("the run did not start training within 120 s")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ctrl_c)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((folders := run_folders(out)) and any(p.name.startswith("events.out") for p in folders[0].iterdir())):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the run did not start training within 120 s"
+            time.sleep(0.05)
+        time.sleep(1.0)  # well into the loop
+        yield proc, folders[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 @pytest.mark.parametrize("signals, code", [
@@ -61,13 +66,13 @@ def start_long_run(out: Path) -> tuple[subprocess.Popen, Path]:
     ([signal.SIGTERM, 0.2, signal.SIGINT, 0.2, signal.SIGTERM], 143),
 ], ids=["ctrl-c-twice-10ms", "ctrl-c-twice-400ms", "sigterm", "sigterm-then-more"])
 def test_signals_leave_an_interrupted_run_with_its_files(tmp_path, signals, code):
-    proc, folder = start_long_run(tmp_path)
-    for s in signals:
-        if isinstance(s, float):
-            time.sleep(s)
-        else:
-            proc.send_signal(s)
-    out, err = proc.communicate(timeout=120)
+    with long_run(tmp_path) as (proc, folder):
+        for s in signals:
+            if isinstance(s, float):
+                time.sleep(s)
+            else:
+                proc.send_signal(s)
+        out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     assert "Traceback" not in err, err
     s = summary_of(folder)
@@ -75,6 +80,19 @@ def test_signals_leave_an_interrupted_run_with_its_files(tmp_path, signals, code
     assert 0 < s["steps"]["done"] < 1000000 and s["layers"]["last"] is not None
     assert (folder / "gradient_flow.png").stat().st_size > 0 and "figure_error" not in s
     assert not leftovers(tmp_path)
+
+
+def test_a_run_started_ignoring_ctrl_c_keeps_ignoring_it_and_stops_on_sigterm(tmp_path):
+    """`gradexp run ... &` in a script: the shell starts it ignoring Ctrl-C (meant for the foreground
+    job), as nohup does; the run keeps it ignored and a SIGTERM still stops it with its files."""
+    with long_run(tmp_path, ctrl_c=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) as (proc, folder):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.5)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert summary_of(folder)["status"] == "interrupted"
 
 
 # ---------------------------------------------------------------------------------------- a full disk
@@ -256,6 +274,7 @@ def test_a_run_in_another_thread_does_not_take_the_main_threads_ctrl_c():
     t = threading.Thread(target=other_run)
     t.start()
     in_thread.wait(10)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as Python starts (see ctrl_c_reaches_it)
     try:
         with Interrupts() as main:
             with pytest.raises(KeyboardInterrupt):
@@ -264,5 +283,6 @@ def test_a_run_in_another_thread_does_not_take_the_main_threads_ctrl_c():
                     time.sleep(1)  # the handler runs between bytecodes: it has raised by now
             assert main.received == signal.SIGINT
     finally:
+        signal.signal(signal.SIGINT, before)
         release.set()
         t.join()

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import CONFIGS, ROOT, TINY, summary_of
+from conftest import CONFIGS, ROOT, TINY, ctrl_c_reaches_it, summary_of
 from gradexp import sweep as sweeps
 from gradexp.config import ConfigError, flat, load_config
 
@@ -431,7 +431,7 @@ def sweep_process(tmp_path: Path, *args: str):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "gradexp", "sweep", *args, "--out", str(tmp_path), "--quiet"],
                             cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=ctrl_c_reaches_it)
     try:
         deadline = time.monotonic() + 120
         while len(list(tmp_path.glob("*/*/*/*/config.yaml"))) < 2:  # <out>/<sweep>/<stamp>/<point>/<run>/
@@ -478,6 +478,25 @@ def test_ctrl_c_twice_stops_the_sweep_process_and_its_summary_says_what_its_runs
         time.sleep(0.5)
         os.killpg(proc.pid, signal.SIGINT)
         assert_stopped(proc, 130, tmp_path)
+
+
+def test_a_sweep_started_ignoring_ctrl_c_keeps_ignoring_it():
+    """As `gradexp run` does (a script's background job is started ignoring Ctrl-C); SIGTERM is caught."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        received: list[int] = []
+        replaced = sweeps._catch_signals(received)
+        try:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and list(replaced) == [signal.SIGTERM]
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGTERM)
+            time.sleep(0.1)  # handlers run between bytecodes
+            assert received == [signal.SIGTERM]
+        finally:
+            for sig, handler in replaced.items():
+                signal.signal(sig, handler)
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_sigterm_stops_the_sweep_process_and_its_workers_and_a_resume_meanwhile_is_refused(tmp_path):
