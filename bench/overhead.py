@@ -4,6 +4,7 @@ and Lightning's grad_norm.
     python bench/overhead.py                  # CPU, the README's table (about 35 minutes on 2 cores)
     python bench/overhead.py --device cuda    # the same on a GPU (bench/gpu.sh adds the sync check)
     python bench/overhead.py --tiny           # seconds: every row, tiny models (the test suite's smoke run)
+    python bench/overhead.py --estimator steps  # CPU: each step interleaved with a bare one (see below)
 
 Needs wandb and lightning besides gradexp (`pip install wandb lightning`).
 
@@ -16,6 +17,13 @@ closing it (gradexp's summary and figure, wandb's run files) happen outside the 
 memory: on the CPU the peak resident memory of a fresh child process per variant (a process's peak
 cannot be reset; wandb's own service process is not counted); on CUDA the peak memory allocated on
 the device during one call of the variant.
+
+`--estimator steps` (CPU) times each step alone instead, interleaving a variant's steps with the
+bare loop's on a second copy of the model (bare, variant, variant, bare, ...): both feel the same
+moment of the machine, so the estimate is several times tighter than paired calls on a noisy VM. It
+is also a harsher regime: each step starts on caches another model's step has just used, as a real
+loop's steps start after its data loading, where a tight loop over one in-memory batch finds its
+tensors still cached.
 
 What each row times, per step, on top of the bare loop (forward, loss, zero_grad, backward, step):
 - gradexp.watch(model, optimizer, every=N): attached for the whole call (its hooks on the modules
@@ -49,7 +57,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -147,11 +155,17 @@ TINY_CASES = {
 
 # ------------------------------------------------------------------------------------ the variants
 
-def loop(s: Setup, opt: torch.optim.Optimizer, steps: int, on_step: Callable[[int], None],
+# A variant is a generator: it trains `steps` steps, pausing after each (so that a caller can time
+# them one by one, or interleave two variants' steps), and cleans up (closes its monitor) when the
+# caller asks for more after the last.
+Steps = Iterator[None]
+
+
+def loop(s: Setup, opt: torch.optim.Optimizer, steps: int,
          after_backward: Callable[[], None] | None = None,
-         after_step: Callable[[torch.Tensor], None] | None = None) -> None:
+         after_step: Callable[[torch.Tensor], None] | None = None) -> Steps:
     """The bare loop, with a peer's call slotted in where a user would put it."""
-    for k in range(steps):
+    for _ in range(steps):
         x, y = s.batch()
         loss = s.loss(s.model(x), y)
         opt.zero_grad(set_to_none=True)
@@ -161,29 +175,29 @@ def loop(s: Setup, opt: torch.optim.Optimizer, steps: int, on_step: Callable[[in
         opt.step()
         if after_step is not None:
             after_step(loss)
-        on_step(k + 1)
+        yield
 
 
-def bare(s: Setup, steps: int, on_step: Callable[[int], None], tmp: Path) -> None:
-    loop(s, s.optimizer(), steps, on_step)
+def bare(s: Setup, steps: int, tmp: Path) -> Steps:
+    yield from loop(s, s.optimizer(), steps)
 
 
 _logdirs = itertools.count()
 
 
 def gradexp_watch(every: int) -> Callable:
-    def run(s: Setup, steps: int, on_step: Callable[[int], None], tmp: Path) -> None:
+    def run(s: Setup, steps: int, tmp: Path) -> Steps:
         opt = s.optimizer()
         with gradexp.watch(s.model, opt, logdir=tmp / f"gradexp-{next(_logdirs)}", every=every):
-            loop(s, opt, steps, on_step)
+            yield from loop(s, opt, steps)
     return run
 
 
-def gradexp_torch_ops(s: Setup, steps: int, on_step: Callable[[int], None], tmp: Path) -> None:
+def gradexp_torch_ops(s: Setup, steps: int, tmp: Path) -> Steps:
     """gradexp.watch every step with its statistics from torch ops instead of the C kernel."""
-    os.environ["GRADEXP_NATIVE"] = "0"  # read by gradexp.native at each call
+    os.environ["GRADEXP_NATIVE"] = "0"  # read by gradexp.native at each call (the bare loop never calls it)
     try:
-        gradexp_watch(1)(s, steps, on_step, tmp)
+        yield from gradexp_watch(1)(s, steps, tmp)
     finally:
         del os.environ["GRADEXP_NATIVE"]
 
@@ -211,31 +225,31 @@ class LibraryBoard(Board):
         super().close()
 
 
-def gradexp_library_writer(s: Setup, steps: int, on_step: Callable[[int], None], tmp: Path) -> None:
+def gradexp_library_writer(s: Setup, steps: int, tmp: Path) -> Steps:
     """gradexp's probes every step, written through TensorBoard's SummaryWriter instead of gradexp's writer."""
     opt = s.optimizer()
     board = LibraryBoard(str(tmp / f"library-{next(_logdirs)}"))
     probes = Watcher(s.model, opt, board=board, every=1)
     try:
-        loop(s, opt, steps, on_step)
+        yield from loop(s, opt, steps)
     finally:
         probes.detach()
         board.close()
 
 
-def lightning_grad_norm(s: Setup, steps: int, on_step: Callable[[int], None], tmp: Path) -> None:
+def lightning_grad_norm(s: Setup, steps: int, tmp: Path) -> Steps:
     try:
         from lightning.pytorch.utilities import grad_norm
     except ImportError:
         from pytorch_lightning.utilities import grad_norm
     logged: list[dict[str, float]] = []  # kept in memory: what a logger would write
-    loop(s, s.optimizer(), steps, on_step,
-         after_backward=lambda: logged.append({k: float(v) for k, v in grad_norm(s.model, 2).items()}))
+    yield from loop(s, s.optimizer(), steps,
+                    after_backward=lambda: logged.append({k: float(v) for k, v in grad_norm(s.model, 2).items()}))
 
 
 def wandb_run(log_freq: int | None) -> Callable:
     """wandb.log per step, with wandb.watch(log="gradients", log_freq) when log_freq is given."""
-    def run(s: Setup, steps: int, on_step: Callable[[int], None], tmp: Path) -> None:
+    def run(s: Setup, steps: int, tmp: Path) -> Steps:
         import wandb
 
         opt = s.optimizer()
@@ -243,7 +257,7 @@ def wandb_run(log_freq: int | None) -> Callable:
         try:
             if log_freq:
                 wandb.watch(s.model, log="gradients", log_freq=log_freq)
-            loop(s, opt, steps, on_step, after_step=lambda loss: wandb.log({"loss": loss.item()}))
+            yield from loop(s, opt, steps, after_step=lambda loss: wandb.log({"loss": loss.item()}))
         finally:
             if log_freq:
                 wandb.unwatch(s.model)  # finish() leaves the hooks on the parameters
@@ -252,7 +266,7 @@ def wandb_run(log_freq: int | None) -> Callable:
 
 
 BARE = "bare PyTorch loop"
-VARIANTS: dict[str, Callable[[Setup, int, Callable[[int], None], Path], None]] = {
+VARIANTS: dict[str, Callable[[Setup, int, Path], Steps]] = {
     BARE: bare,
     "gradexp.watch, probes off (every=0)": gradexp_watch(0),
     "gradexp.watch, every 10 (weights every 100)": gradexp_watch(10),
@@ -283,16 +297,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def train(s: Setup, variant: str, steps: int, tmp: Path) -> None:
+    """One call of a variant, untimed."""
+    for _ in VARIANTS[variant](s, steps, tmp):
+        pass
+
+
 def time_call(s: Setup, variant: str, steps: int, tmp: Path) -> float:
     """Seconds per step of one call of a variant, over `steps` steps after WARM_STEPS."""
     marks: dict[int, float] = {}
-
-    def on_step(k: int) -> None:  # called after the k-th step
+    for k, _ in enumerate(VARIANTS[variant](s, WARM_STEPS + steps, tmp), 1):  # after the k-th step
         if k in (WARM_STEPS, WARM_STEPS + steps):
             sync(s.device)
             marks[k] = time.perf_counter()
-
-    VARIANTS[variant](s, WARM_STEPS + steps, on_step, tmp)
     return (marks[WARM_STEPS + steps] - marks[WARM_STEPS]) / steps
 
 
@@ -311,7 +328,7 @@ def time_variants(s: Setup, steps: int, repeats: int, variants: list[str], tmp: 
         return times[v][-1]
 
     for v in variants:  # warm-up
-        VARIANTS[v](s, WARM_STEPS + 2, lambda k: None, tmp)
+        train(s, v, WARM_STEPS + 2, tmp)
     for r in range(repeats):
         k = r % max(len(others), 1)
         for v in others[k:] + others[:k]:
@@ -321,6 +338,35 @@ def time_variants(s: Setup, steps: int, repeats: int, variants: list[str], tmp: 
             timed(BARE)
     ratios[BARE] = [1.0]
     return {v: {"s_per_step": statistics.median(times[v]), "ratio": statistics.median(ratios[v])} for v in variants}
+
+
+# The step-interleaved estimate's block: a multiple of every cadence timed (every 10 with the weights
+# every 100; every step with them every 10), so that each block holds the same share of each.
+BLOCK = 100
+
+
+def interleave_steps(bare_setup: Setup, setup: Setup, variant: str, blocks: int, tmp: Path) -> dict:
+    """A variant's steps interleaved with the bare loop's on a second copy of the model: bare, variant,
+    variant, bare, ... (the order swaps each step), each step timed alone. Both feel the same
+    moment of the machine, so its drift (10-30% between minutes here) cancels within a step or two
+    instead of within a pair of calls. The ratio is the median over blocks of BLOCK steps of the
+    variant's time over the bare loop's, after WARM_STEPS; each block holds everything the variant
+    does at its cadences. CPU only: on a GPU, timing a step alone needs a synchronisation per step."""
+    steps = WARM_STEPS + blocks * BLOCK
+    pair = (VARIANTS[BARE](bare_setup, steps, tmp), VARIANTS[variant](setup, steps, tmp))
+    times: tuple[list[float], list[float]] = ([], [])
+    for k in range(steps):
+        for j in (0, 1) if k % 2 == 0 else (1, 0):
+            start = time.perf_counter()
+            next(pair[j])
+            times[j].append(time.perf_counter() - start)
+    for g in pair:  # the last step's cleanup: the variant's monitor closes
+        for _ in g:
+            pass
+    bare_t, var_t = (t[WARM_STEPS:] for t in times)
+    ratios = [sum(var_t[i:i + BLOCK]) / sum(bare_t[i:i + BLOCK]) for i in range(0, len(bare_t), BLOCK)]
+    return {"s_per_step": sum(var_t) / len(var_t), "ratio": statistics.median(ratios), "blocks": ratios,
+            "bare_s_per_step": sum(bare_t) / len(bare_t)}
 
 
 def peak_memory_mb(case: str, variant: str, device: str, tiny: bool) -> float:
@@ -335,7 +381,7 @@ def peak_cuda_mb(s: Setup, variant: str, steps: int, tmp: Path) -> float:
     variant shares, plus whatever the variant allocates."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    VARIANTS[variant](s, WARM_STEPS + steps, lambda k: None, tmp)
+    train(s, variant, WARM_STEPS + steps, tmp)
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() / 2**20
 
@@ -343,7 +389,7 @@ def peak_cuda_mb(s: Setup, variant: str, steps: int, tmp: Path) -> float:
 def child(case: str, variant: str, device: str, tiny: bool) -> None:
     build, steps = (TINY_CASES if tiny else CASES)[case]
     with tempfile.TemporaryDirectory() as tmp:
-        VARIANTS[variant](build(device), WARM_STEPS + steps, lambda k: None, Path(tmp))
+        train(build(device), variant, WARM_STEPS + steps, Path(tmp))
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
     hwm = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
     print(json.dumps({"maxrss_mb": int(hwm.split()[1]) / 1024}))
@@ -395,7 +441,9 @@ def markdown(results: dict, kind: str) -> str:
     """The table as the README shows it."""
     memory = "peak RSS MB" if kind == "cpu" else "peak CUDA MB"
     counts = ", ".join(f"{case} {c['repeats']}" for case, c in results["cases"].items())
-    lines = [f"steps/s against a bare PyTorch loop, median of the paired ratios ({counts}); {results['machine']}",
+    how = (f"each step interleaved with a bare step, median over blocks of {BLOCK} steps ({counts} blocks)"
+           if results.get("estimator") == "steps" else f"median of the paired ratios of whole calls ({counts})")
+    lines = [f"steps/s against a bare PyTorch loop, {how}; {results['machine']}",
              "", f"| model | variant | ms/step | x bare | target | {memory} |",
              "|---|---|---|---|---|---|"]
     for case, c in results["cases"].items():
@@ -410,15 +458,21 @@ def markdown(results: dict, kind: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--estimator", choices=["calls", "steps"], default="calls",
+                    help="calls: whole calls paired with bare calls (the README's table); steps: each step "
+                         "interleaved with a bare step on a second copy of the model (CPU only)")
     ap.add_argument("--repeats", nargs="+", default=["5", "mlp20x256=21"], metavar="N or CASE=N",
-                    help="timed calls per variant: N for every case, CASE=N for one (e.g. 5 mlp20x256=21)")
+                    help="calls: timed calls per variant, N for every case, CASE=N for one (e.g. 5 mlp20x256=21)")
+    ap.add_argument("--blocks", nargs="+", default=["20", "cnn8x32=10", "transformer6x256=3"], metavar="N or CASE=N",
+                    help=f"steps: blocks of {BLOCK} interleaved steps per variant, as --repeats")
     ap.add_argument("--tiny", action="store_true", help="tiny models and budgets: checks that every row is produced")
     ap.add_argument("--cases", nargs="+", metavar="CASE", help=f"a subset of {', '.join(CASES)}")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--variants", nargs="+", metavar="TEXT", help="only the variants whose name holds one of these "
                                                                    "(and the bare loop)")
     ap.add_argument("--check-sync", action="store_true", help="CUDA: fail if a step with no probe due syncs")
-    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "overhead.json"))
+    ap.add_argument("--json", help="where the results go (default bench/results/overhead.json, "
+                                   "overhead-steps.json for --estimator steps)")
     ap.add_argument("--table", metavar="JSON", help="print the table of a results file, and time nothing")
     ap.add_argument("--child", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -441,44 +495,59 @@ def main() -> None:
         if unknown:
             ap.error(f"unknown case(s) {', '.join(unknown)}; allowed: {', '.join(cases)}")
         cases = {c: cases[c] for c in args.cases}
-    given: dict[str, int] = {}  # case ("" for every case) -> timed calls per variant
-    for item in args.repeats:
+    steps_mode = args.estimator == "steps"
+    kind = "cuda" if args.device.startswith("cuda") else "cpu"
+    if steps_mode and kind != "cpu":
+        ap.error("--estimator steps times each step alone, which on a GPU needs a synchronisation per step; "
+                 "use --estimator calls there")
+    option = "--blocks" if steps_mode else "--repeats"
+    given: dict[str, int] = {}  # case ("" for every case) -> timed calls (blocks) per variant
+    for item in args.blocks if steps_mode else args.repeats:
         case, _, n = item.rpartition("=")
         if not n.isdigit() or int(n) < 1 or (case and case not in {**CASES, **TINY_CASES}):
-            ap.error(f"--repeats: expected N or CASE=N, N a whole number >= 1 and CASE one of {', '.join(CASES)}; "
+            ap.error(f"{option}: expected N or CASE=N, N a whole number >= 1 and CASE one of {', '.join(CASES)}; "
                      f"got {item!r}")
         given[case] = int(n)
     repeats = {c: 2 if args.tiny else given.get(c, given.get("", 5)) for c in cases}
-    kind = "cuda" if args.device.startswith("cuda") else "cpu"
+    json_path = Path(args.json or ROOT / "bench" / "results" / f"overhead{'-steps' if steps_mode else ''}.json")
     targets = TARGETS[kind]
     variants = [v for v in VARIANTS if v == BARE or not args.variants or any(t in v for t in args.variants)]
     results = {"machine": machine(args.device), "device": args.device, "versions": found,
-               "warm_steps": WARM_STEPS, "cases": {}}
+               "warm_steps": WARM_STEPS, "estimator": args.estimator, "cases": {}}
     print(f"gradexp overhead benchmark on {results['machine']}; "
           + ", ".join(f"{k} {v}" for k, v in found.items() if k != "torch"), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for case, (build, steps) in cases.items():
-            print(f"timing {case} ({steps} steps x {repeats[case]} repeats per variant)...", flush=True)
             s = build(args.device)
-            timed = time_variants(s, steps, repeats[case], variants, Path(tmp))
+            if steps_mode:
+                print(f"timing {case} ({repeats[case]} blocks of {BLOCK} steps per variant, each step "
+                      f"interleaved with a bare one)...", flush=True)
+                second = build(args.device)
+                timed = {v: interleave_steps(s, second, v, repeats[case], Path(tmp)) if v != BARE else None
+                         for v in variants}
+                timed[BARE] = {"s_per_step": statistics.median(t["bare_s_per_step"] for t in timed.values() if t)
+                               if len(variants) > 1 else math.nan, "ratio": 1.0}
+            else:
+                print(f"timing {case} ({steps} steps x {repeats[case]} repeats per variant)...", flush=True)
+                timed = time_variants(s, steps, repeats[case], variants, Path(tmp))
             # a fresh process per variant takes seconds: in the tiny mode, the first case's only
             memory = not args.no_memory and not (args.tiny and case != next(iter(cases)))
             rows = {}
             for v in variants:
                 rows[v] = {"ms_per_step": timed[v]["s_per_step"] * 1e3, "ratio": timed[v]["ratio"],
-                           "target": targets.get(v)}
+                           "target": targets.get(v), **({"blocks": timed[v]["blocks"]} if "blocks" in timed[v] else {})}
                 if rows[v]["target"] is not None:
                     rows[v]["met"] = rows[v]["ratio"] <= rows[v]["target"]
                 if memory and kind == "cpu":
                     rows[v]["peak_rss_mb"] = peak_memory_mb(case, v, args.device, args.tiny)
                 elif memory:
                     rows[v]["peak_cuda_mb"] = peak_cuda_mb(s, v, steps, Path(tmp))
-            results["cases"][case] = {"steps": steps, "repeats": repeats[case], "rows": rows}
+            results["cases"][case] = {"steps": BLOCK if steps_mode else steps, "repeats": repeats[case], "rows": rows}
 
     print(markdown(results, kind))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written: {args.json}")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written: {json_path}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,31 @@ def test_overhead_benchmark_tiny_mode_produces_every_row(tmp_path):
         assert rows[overhead.BARE]["ratio"] == 1.0
 
 
+def test_overhead_benchmark_interleaving_steps_gives_each_variant_its_blocks(tmp_path):
+    out = tmp_path / "steps.json"
+    done = subprocess.run([sys.executable, "bench/overhead.py", "--tiny", "--estimator", "steps",
+                           "--cases", "mlp3x16", "--variants", "gradexp", "--no-memory", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    assert results["estimator"] == "steps" and list(results["cases"]) == ["mlp3x16"]
+    rows = results["cases"]["mlp3x16"]["rows"]
+    assert [v for v in rows if "gradexp" not in v] == ["bare PyTorch loop"] and len(rows) > 3
+    for variant, row in rows.items():
+        if variant == "bare PyTorch loop":
+            assert row["ratio"] == 1.0 and "blocks" not in row
+        else:  # the tiny mode: the median of two blocks' ratios
+            assert len(row["blocks"]) == 2 and row["ratio"] == pytest.approx(sum(row["blocks"]) / 2)
+            assert row["ms_per_step"] > 0
+    assert "interleaved with a bare step" in done.stdout
+
+
+def test_overhead_benchmark_refuses_to_interleave_steps_on_a_gpu():
+    done = subprocess.run([sys.executable, "bench/overhead.py", "--estimator", "steps", "--device", "cuda"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "synchronisation per step" in done.stderr
+
+
 def test_startup_benchmark_times_each_command(tmp_path):
     out = tmp_path / "startup.json"
     done = subprocess.run([sys.executable, "bench/startup.py", "--repeats", "1", "--out", str(out)], cwd=ROOT,
