@@ -438,20 +438,28 @@ def machine(device: str) -> str:
 
 
 def markdown(results: dict, kind: str) -> str:
-    """The table as the README shows it."""
+    """The table as the README shows it: with each row's spread over blocks for the steps estimator,
+    and the peak memory column where it was measured."""
     memory = "peak RSS MB" if kind == "cpu" else "peak CUDA MB"
+    steps = results.get("estimator") == "steps"
+    rows = [(case, v, r) for case, c in results["cases"].items() for v, r in c["rows"].items()]
+    measured = any(r.get("peak_rss_mb", r.get("peak_cuda_mb")) is not None for *_, r in rows)
     counts = ", ".join(f"{case} {c['repeats']}" for case, c in results["cases"].items())
     how = (f"each step interleaved with a bare step, median over blocks of {BLOCK} steps ({counts} blocks)"
-           if results.get("estimator") == "steps" else f"median of the paired ratios of whole calls ({counts})")
-    lines = [f"steps/s against a bare PyTorch loop, {how}; {results['machine']}",
-             "", f"| model | variant | ms/step | x bare | target | {memory} |",
-             "|---|---|---|---|---|---|"]
-    for case, c in results["cases"].items():
-        for v, r in c["rows"].items():
-            mark = "" if r["target"] is None else f"<= {r['target']}: " + ("met" if r["met"] else "MISSED")
+           if steps else f"median of the paired ratios of whole calls ({counts})")
+    head = ["model", "variant", "ms/step", "x bare"] + (["blocks (min-max)"] if steps else []) + ["target"] \
+        + ([memory] if measured else [])
+    lines = [f"steps/s against a bare PyTorch loop, {how}; {results['machine']}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for case, v, r in rows:
+        cells = [case, v, f"{r['ms_per_step']:.2f}", f"{r['ratio']:.3f}"]
+        if steps:
+            cells.append(f"{min(r['blocks']):.3f}-{max(r['blocks']):.3f}" if "blocks" in r else "")
+        cells.append("" if r["target"] is None else f"<= {r['target']}: " + ("met" if r["met"] else "MISSED"))
+        if measured:
             mem = r.get("peak_rss_mb", r.get("peak_cuda_mb"))
-            lines.append(f"| {case} | {v} | {r['ms_per_step']:.2f} | {r['ratio']:.3f} | {mark} | "
-                         f"{'-' if mem is None else f'{mem:.0f}'} |")
+            cells.append("-" if mem is None else f"{mem:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
