@@ -21,26 +21,25 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import overhead as O  # noqa: E402
 
-import gradexp  # noqa: E402
 
 STEPS = 100  # the timed window: ten logged steps (places 0), the weight probes at its step 90
 
 
-def steps(s: O.Setup, opt, n: int) -> list[float]:
+def step_times(call: O.Steps) -> list[float]:
+    """Each step's time (ms) of one call of a variant, after the warm-up; its cleanup untimed."""
     times = []
-    for _ in range(n):
+    while True:
         t = time.perf_counter()
-        x, y = s.batch()
-        loss = s.loss(s.model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        try:
+            next(call)
+        except StopIteration:
+            return times[O.WARM_STEPS:]
         times.append((time.perf_counter() - t) * 1e3)
-    return times[O.WARM_STEPS:]
 
 
 def within(calls: list[list[float]]) -> list[float]:
@@ -58,11 +57,9 @@ def main() -> None:
     s = O.CASES[args.case][0]("cpu")
     bare, watched = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for c in range(args.calls):
-            bare.append(steps(s, s.optimizer(), STEPS + O.WARM_STEPS))
-            opt = s.optimizer()
-            with gradexp.watch(s.model, opt, logdir=f"{tmp}/{c}", every=10):
-                watched.append(steps(s, opt, STEPS + O.WARM_STEPS))
+        for _ in range(args.calls):
+            bare.append(step_times(O.VARIANTS[O.BARE](s, STEPS + O.WARM_STEPS, Path(tmp))))
+            watched.append(step_times(O.gradexp_watch(10)(s, STEPS + O.WARM_STEPS, Path(tmp))))
     cycle = 10 * statistics.median(t for b in bare for t in b)
     paired = [statistics.median(w[k] - b[k] for b, w in zip(bare, watched) for k in range(p, STEPS, 10))
               for p in range(10)]
