@@ -28,6 +28,7 @@ demo: $(VENV)/.installed
 
 # two workers on two cores, one torch thread each: two OpenMP teams on two cores spin-wait on each other
 test: $(VENV)/.installed-dev
+	$(BIN)/lint-imports --no-cache
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q
 
 bench: $(VENV)/.installed-dev

@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 
 from gradexp.config import SEQUENCE_TASKS, load_config, read_yaml
-from gradexp.sweep import is_sweep_file
-from gradexp.train import run
+from gradexp.sweep.plan import is_sweep_file
+from gradexp.run.experiment import run
 
 ROOT = Path(__file__).resolve().parents[1]
 # The README's one-line account of each config, in the article's order (unlisted configs go last).

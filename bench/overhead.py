@@ -64,12 +64,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import gradexp
-from gradexp.board import Board
+from gradexp.sinks.tensorboard import Board
 from gradexp.config import load_config
-from gradexp.data import Batches
-from gradexp.optim import OPTIMIZERS
-from gradexp.probes import Watcher
-from gradexp.train import prepare
+from gradexp.data.datasets import Batches
+from gradexp.run.optim import OPTIMIZERS
+from gradexp.probes.watcher import Watcher
+from gradexp.run.experiment import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -195,7 +195,7 @@ def gradexp_watch(every: int) -> Callable:
 
 def gradexp_torch_ops(s: Setup, steps: int, tmp: Path) -> Steps:
     """gradexp.watch every step with its statistics from torch ops instead of the C kernel."""
-    os.environ["GRADEXP_NATIVE"] = "0"  # read by gradexp.native at each call (the bare loop never calls it)
+    os.environ["GRADEXP_NATIVE"] = "0"  # read by gradexp.probes.native at each call (the bare loop never calls it)
     try:
         yield from gradexp_watch(1)(s, steps, tmp)
     finally:

@@ -82,7 +82,7 @@ def main() -> None:
         one_sweep(args.runs, args.steps, *args.child)
         return
 
-    from gradexp.sweep import cores
+    from gradexp.run.threads import cores
 
     steps = args.steps or plan(args.runs, 0).base["train"]["steps"]  # a bad plan fails here, not in every child
     machine = f"{cores()}-core {cpu_name()}"

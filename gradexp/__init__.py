@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # torch is imported on first use, so that `import gradexp` (and the CLI's --help) stays fast
     if name in ("watch", "Watch"):
-        from . import session
+        from gradexp import session
 
         return getattr(session, name)
     raise AttributeError(f"module 'gradexp' has no attribute {name!r}")

@@ -1,3 +1,3 @@
-from .cli import app
+from gradexp.cli import app
 
 app(prog_name="gradexp")

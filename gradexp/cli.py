@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.syntax import Syntax
 
-from .config import ConfigError, load_config, to_yaml
-from .rundir import check_out
+from gradexp.config import ConfigError, load_config, to_yaml
+from gradexp.rundir import check_out
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="gradexp: see, measure and explain gradient flow in deep networks.")
@@ -27,7 +27,7 @@ def print_version(value: bool) -> None:
     if value:
         from importlib.metadata import PackageNotFoundError, version
 
-        from . import __version__
+        from gradexp import __version__
 
         try:
             number = version("gradexp")
@@ -64,8 +64,8 @@ def print_problems(e: ConfigError) -> None:
 def load_experiment(config: Path, overrides: list[str] | None):
     """Config, overrides and everything only the machine can check (device, data), or exit 2; exit 3
     when a dataset's files are missing and could not be downloaded (not invalid input)."""
-    from .image_files import DownloadError
-    from .train import prepare
+    from gradexp.data.images import DownloadError
+    from gradexp.run.experiment import prepare
 
     try:
         cfg = load_config(config, overrides or [])
@@ -86,9 +86,9 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the run folder and the diagnosis")] = False,
 ) -> None:
     """Train one network and log its per-layer gradient flow to TensorBoard."""
-    from .report import print_report, progress_bar
-    from .rundir import WriteError
-    from .train import run as run_experiment
+    from gradexp.sinks.console import print_report, progress_bar
+    from gradexp.rundir import WriteError
+    from gradexp.run.experiment import run as run_experiment
 
     if out.exists() and not out.is_dir():
         raise fail(ConfigError(f"--out: '{out}' is a file; give a folder (it is created if missing)"))
@@ -118,7 +118,7 @@ def validate(
     configs: Annotated[list[Path], typer.Argument(help="config files to check")],
 ) -> None:
     """Check config files (and sweep files: every point) without running them; exit 2 if any is invalid."""
-    from .sweep import check_file
+    from gradexp.sweep.plan import check_file
 
     bad = 0
     for path in configs:
@@ -163,8 +163,8 @@ def sweep(
         "--quiet", "-q", help="print only the sweep folder and the status counts")] = False,
 ) -> None:
     """Run a set of experiments (a grid, named runs, seeds) side by side, in parallel, and compare them."""
-    from . import sweep as sweeps
-    from .report import sweep_progress_bar
+    from gradexp import sweep as sweeps
+    from gradexp.sinks.console import sweep_progress_bar
 
     try:
         if resume is not None and (sweep_file is not None or overrides or grid or seeds is not None):
@@ -213,9 +213,9 @@ def compare(
         help="the figure (a new .png)", show_default="compare-<YYYYmmdd-HHMMSS>.png here")] = None,
 ) -> None:
     """Put runs side by side: their gradient flow at init and at the end in one figure, their results in a table."""
-    from . import compare as comparison
-    from .report import MAX_OVERLAID
-    from .sweep import results_table
+    from gradexp import compare as comparison
+    from gradexp.sinks.figures import MAX_OVERLAID
+    from gradexp.sweep.results import results_table
 
     try:
         runs = comparison.find(paths)
@@ -239,8 +239,9 @@ def explain(
     plot: Annotated[Optional[Path], typer.Option(help="write the predicted curve to this PNG")] = None,
 ) -> None:
     """Predict the gradient flow at initialisation from mean-field theory, without training."""
-    from .prediction import explanation
-    from .report import print_explanation, theory_figure
+    from gradexp.analysis.prediction import explanation
+    from gradexp.sinks.console import print_explanation
+    from gradexp.sinks.figures import theory_figure
 
     cfg, exp = load_experiment(config, overrides)
     info = explanation(cfg, exp)
@@ -259,7 +260,7 @@ def keys(
     markdown: Annotated[bool, typer.Option(help="print a Markdown table (the README's)")] = False,
 ) -> None:
     """List every config key: what it allows, its default and what it means, read from the schema itself."""
-    from .config import key_docs, keys_markdown, keys_table
+    from gradexp.config import key_docs, keys_markdown, keys_table
 
     try:
         docs = key_docs(prefix or "")

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, flatten
-from .report import Profile, compare_flow_figure, note
-from .sweep import _labels, _value_text, attempt, flow_profile, resume_plan, results
+from gradexp.config import ConfigError, flatten
+from gradexp.sinks.figures import Profile, compare_flow_figure, note
+from gradexp.config import key_labels, value_text
+from gradexp.sweep.results import attempt, flow_profile, results
+from gradexp.sweep.plan import resume_plan
 
 
 @dataclass
@@ -98,8 +100,8 @@ def _label(runs: list[Compared]) -> None:
     for r in runs:
         same = [q for q in runs if q.name == r.name]
         keys = _differing([q.config for q in same]) if len(same) > 1 else (everywhere if len(everywhere) <= 3 else [])
-        short = _labels(keys)
-        values = ", ".join(f"{short[k]}={_value_text(r.config.get(k))}" for k in keys)
+        short = key_labels(keys)
+        values = ", ".join(f"{short[k]}={value_text(r.config.get(k))}" for k in keys)
         r.label = f"{r.name} ({values})" if values else r.name
     for r in runs:
         if r.folder is not None and sum(q.label == r.label for q in runs) > 1:
@@ -109,7 +111,7 @@ def _label(runs: list[Compared]) -> None:
 def _differing(configs: list[dict]) -> list[str]:
     """The config keys whose values are not the same in all `configs` (the name aside)."""
     keys = list(dict.fromkeys(k for c in configs for k in c if k != "name"))
-    return [k for k in keys if len({_value_text(c.get(k)) for c in configs}) > 1]
+    return [k for k in keys if len({value_text(c.get(k)) for c in configs}) > 1]
 
 
 def differing(runs: list[Compared]) -> list[str]:

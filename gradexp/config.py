@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 import re
 import types
 from dataclasses import dataclass
@@ -710,3 +709,15 @@ def keys_table(docs: list[KeyDoc]):
     for d in docs:
         table.add_row(d.key, d.allowed, d.default, d.meaning)
     return table
+
+
+def value_text(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return "null" if v is None else str(v)
+
+
+def key_labels(keys: list[str]) -> dict[str, str]:
+    """The name part for each varying grid key: its last component, or the whole key where two share one."""
+    leaves = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: leaf if leaves.count(leaf) == 1 else k for k, leaf in zip(keys, leaves)}

@@ -11,7 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import ConfigError
+from gradexp.config import ConfigError
+
+STATUSES = ("completed", "diverged", "interrupted", "failed")  # every status a run ends with (summary.json)
 
 
 def check_out(out: str | Path, name: str) -> Path:

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
-from .board import CHART_LAYERS, Board
-from .diagnosis import diagnose, watched_context
-from .probes import Watcher
-from .rundir import write_json
+from gradexp import __version__
+from gradexp.sinks.tensorboard import CHART_LAYERS, Board
+from gradexp.analysis.diagnosis import diagnose, watched_context
+from gradexp.probes.watcher import Watcher
+from gradexp.rundir import write_json
 
 
 def _fresh_folder(logdir: str | Path) -> Path:
@@ -106,11 +106,12 @@ class Watch:
             summary = self.summary()
             first, last = summary["layers"]["first"], summary["layers"]["last"]
             if first is not None:
-                from .report import draw_gradient_flow  # matplotlib is imported only when drawing
+                from gradexp.sinks.figures import draw_gradient_flow  # matplotlib is imported only when drawing
 
                 errors = [draw_gradient_flow(self.logdir / "gradient_flow.png", first, last, title=self.name,
                                              names=self.probes.names, diverged=self.probes.diverged),
-                          self.probes.profile_images(self.name)]
+                          self.board.draw_profiles(self.probes.profiles, self.probes.names, self.name,
+                                                     self.probes.diverged)]
                 if any(errors):  # the loop's result stands; the summary says why there is no figure
                     summary["figure_error"] = "; ".join(e for e in errors if e)
             self._summary = summary

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gradexp.cli import app
-from gradexp.probes import Watcher
+from gradexp.probes.watcher import Watcher
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

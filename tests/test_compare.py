@@ -12,7 +12,8 @@ import yaml
 
 from conftest import CONFIGS, TINY, run_folders, summary_of
 from gradexp import sweep as sweeps
-from gradexp.report import fmt_number, sweep_panels
+from gradexp.text import fmt_number
+from gradexp.sinks.figures import sweep_panels
 
 TINY_GRID = [arg for o in TINY for arg in ("--grid", o)]
 

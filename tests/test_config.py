@@ -12,8 +12,8 @@ import yaml
 from conftest import CONFIGS, TINY, run_folders
 from gradexp.config import Config, ConfigError, load_config, to_yaml
 from gradexp.config import read_yaml
-from gradexp.data import first
-from gradexp.sweep import is_sweep_file
+from gradexp.data.datasets import first
+from gradexp.sweep.plan import is_sweep_file
 
 SHIPPED = sorted(p for p in CONFIGS.glob("*.yaml") if not is_sweep_file(read_yaml(p)))
 
@@ -170,7 +170,7 @@ def test_bad_input_of_issue_14_is_refused_with_exit_2_and_nothing_written(cli, t
 
 
 def test_a_dataset_or_logits_larger_than_memory_is_refused_naming_the_size():
-    from gradexp.memory import check_fits
+    from gradexp.run.memory import check_fits
 
     cfg = load_config(CONFIGS / "deep_sigmoid.yaml", ["data.name=spirals", "data.classes=1000000"])
     with pytest.raises(ConfigError, match=r"data.classes: .*about 34.8 GB .*logits: 32.8 GB.*8.0 GB free on cpu"):

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import CONFIGS, measure
-from gradexp.board import Board
+from gradexp.sinks.tensorboard import Board
 from gradexp.config import ModelConfig, load_config
-from gradexp.models import build_model
-from gradexp.probes import Watcher
-from gradexp.train import host_sync, prepare, run, train
+from gradexp.models.build import build_model
+from gradexp.probes.watcher import Watcher
+from gradexp.run.experiment import host_sync, prepare, run, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -123,7 +123,7 @@ def test_steps_that_log_nothing_never_wait_for_the_gpu(optim):
 def test_sequence_kinds_on_cuda_equal_the_cpu_computation(kind, task, monkeypatch):
     """A recurrent net's probes, its gradient through time included, and a transformer's, on the GPU
     against the CPU; then a whole run of the kind on CUDA."""
-    from gradexp.train import task_loss
+    from gradexp.run.experiment import task_loss
 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)

@@ -26,8 +26,8 @@ import torch
 
 from conftest import CONFIGS, TINY, only_run
 from gradexp.config import ConfigError, DataConfig
-from gradexp.data import digits, load_dataset
-from gradexp.image_files import CIFAR_BATCHES, CIFAR_FOLDER, SOURCES, DownloadError
+from gradexp.data.datasets import digits, load_dataset
+from gradexp.data.images import CIFAR_BATCHES, CIFAR_FOLDER, SOURCES, DownloadError
 
 
 def test_digits_are_scikit_learns_without_importing_it():
@@ -42,7 +42,7 @@ def test_digits_are_scikit_learns_without_importing_it():
 
 
 def test_a_run_on_digits_does_not_import_scikit_learn(tmp_path):
-    code = ("import sys; from gradexp.config import load_config; from gradexp.train import prepare; "
+    code = ("import sys; from gradexp.config import load_config; from gradexp.run.experiment import prepare; "
             "prepare(load_config(None, ['data.name=digits'])); print('sklearn' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert out.stdout.strip() == "False"

@@ -7,8 +7,8 @@ import re
 
 from conftest import ROOT
 from gradexp.config import key_docs, keys_markdown
-from gradexp.board import CHART_ORDER, probe_section
-from gradexp.stats import STATS
+from gradexp.sinks.tensorboard import CHART_ORDER, probe_section
+from gradexp.probes.stats import STATS
 
 
 def test_the_statistics_table_lists_every_statistic_and_nothing_else():

@@ -96,11 +96,11 @@ def test_explain_a_vanilla_rnn_says_the_linear_condition_and_the_factor_through_
     and the per-step factor is theory.for_rnn's for the data's inputs."""
     import numpy as np
 
-    from gradexp import theory
+    from gradexp.analysis import theory
     from gradexp.config import load_config
-    from gradexp.report import fmt_number
-    from gradexp.prediction import rnn_inputs
-    from gradexp.train import prepare
+    from gradexp.text import fmt_number
+    from gradexp.analysis.prediction import rnn_inputs
+    from gradexp.run.experiment import prepare
 
     config, overrides = _sequence_config(tmp_path, "rnn"), ["model.recurrent_init=normal", "model.recurrent_gain=0.8"]
     plot = tmp_path / "through_time.png"

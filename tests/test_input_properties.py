@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gradexp.config import Config, ConfigError, flat, load_config, parse_overrides
-from gradexp.sweep import check, load_plan
+from gradexp.sweep.plan import check, load_plan
 
 BUDGET = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 
 from conftest import measure
 from gradexp.config import ACTIVATION_NAMES, INIT_NAMES, NORM_NAMES, ModelConfig
-from gradexp.layers import ACTIVATIONS, DERIVATIVES, INITS, MAX_SLOPE, NORMS
-from gradexp.models import MODELS, build_model
-from gradexp.stats import DERIVATIVE_PROBES, GRADIENT_PROBES
+from gradexp.activations import ACTIVATIONS, DERIVATIVES, MAX_SLOPE
+from gradexp.models.layers import INITS, NORMS
+from gradexp.models.build import MODELS, build_model
+from gradexp.probes.stats import DERIVATIVE_PROBES, GRADIENT_PROBES
 
 
 def test_registries_cover_the_config_contract():
@@ -100,7 +101,7 @@ def test_init_scheme_and_gain_set_the_weight_std(init, gain):
 
 
 def test_multiply_adds_counts_each_weight_once_per_output_position():
-    from gradexp.models import multiply_adds
+    from gradexp.models.build import multiply_adds
 
     mlp = build_model(ModelConfig(depth=3, width=16), (1, 8, 8), 10)  # 64 -> 16 -> 16 -> 16 -> 10
     assert multiply_adds(mlp, torch.randn(5, 1, 8, 8)) == 5 * (64 * 16 + 16 * 16 * 2 + 16 * 10)

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import CONFIGS, TINY
-from gradexp import native
+from gradexp.probes import native
 from gradexp.config import ModelConfig
-from gradexp.layers import ACTIVATIONS
-from gradexp.models import build_model
-from gradexp.probes import Watcher
-from gradexp.stats import GRADIENT_PROBES, WEIGHT_PROBES, sum_squares
+from gradexp.activations import ACTIVATIONS
+from gradexp.models.build import build_model
+from gradexp.probes.watcher import Watcher
+from gradexp.probes.stats import GRADIENT_PROBES, WEIGHT_PROBES, sum_squares
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import CONFIGS, ROOT, layer_charts, only_run, run_folders
 from gradexp.config import OPTIMIZER_NAMES, OptimConfig, load_config
-from gradexp.optim import OPTIMIZERS
-from gradexp.train import run
+from gradexp.run.optim import OPTIMIZERS
+from gradexp.run.experiment import run
 
 TORCH_OWN = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.01),
@@ -47,7 +47,7 @@ def test_steps_match_torch_and_fire_the_step_hooks(name):
 
 
 def test_a_run_does_not_import_torch_dynamo(tmp_path):
-    code = ("import sys; from gradexp.config import load_config; from gradexp.train import run; "
+    code = ("import sys; from gradexp.config import load_config; from gradexp.run.experiment import run; "
             f"cfg = load_config({str(ROOT / 'configs' / 'deep_relu.yaml')!r}, ['train.steps=2', 'optim.name=adam']); "
             f"run(cfg, {str(tmp_path)!r}); assert 'torch._dynamo' not in sys.modules")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

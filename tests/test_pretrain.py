@@ -10,10 +10,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import CONFIGS, TINY, only_run, summary_of
-from gradexp.board import Board
+from gradexp.sinks.tensorboard import Board
 from gradexp.config import load_config
-from gradexp.pretrain import pretrain
-from gradexp.train import prepare, run
+from gradexp.run.pretrain import pretrain
+from gradexp.run.experiment import prepare, run
 
 SMALL = ["model.depth=3", "model.width=16", "pretrain.steps=40", "pretrain.lr=0.01"]
 

@@ -22,14 +22,14 @@ from torch.nn.modules import module as module_globals
 
 import gradexp
 from conftest import CONFIGS, layer_charts, measure
-from gradexp import native
+from gradexp.probes import native
 from gradexp.config import ModelConfig, load_config
-from gradexp.data import Batches
-from gradexp.layers import ACTIVATIONS, MAX_SLOPE
-from gradexp.models import build_model
-from gradexp.probes import Watcher
-from gradexp.stats import GRADIENT_PROBES, WEIGHT_PROBES
-from gradexp.train import prepare, run
+from gradexp.data.datasets import Batches
+from gradexp.activations import ACTIVATIONS, MAX_SLOPE
+from gradexp.models.build import build_model
+from gradexp.probes.watcher import Watcher
+from gradexp.probes.stats import GRADIENT_PROBES, WEIGHT_PROBES
+from gradexp.run.experiment import prepare, run
 
 
 @pytest.fixture(params=["kernel", "torch"])
@@ -931,7 +931,7 @@ def test_step_is_refused_when_an_optimizer_measures(tmp_path):
 def test_tensors_summed_in_their_hooks_read_as_those_summed_after_backward(kind, monkeypatch):
     """On the CPU large tensors are summed in their hooks (while in the cache), small ones with the
     gradients at the end of backward: the same values either way."""
-    import gradexp.probes as probes
+    import gradexp.probes.watcher as probes
 
     cfg = ModelConfig(kind=kind, depth=3, width=8, activation="tanh")
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))

@@ -10,7 +10,9 @@ import pytest
 from rich.console import Console
 
 from conftest import CONFIGS, TINY, only_run, summary_of
-from gradexp.report import flow_table, fmt_number, gradient_flow_figure
+from gradexp.sinks.console import flow_table
+from gradexp.text import fmt_number
+from gradexp.sinks.figures import gradient_flow_figure
 
 BLOCK_LENGTH = {"█": 1.0, **{c: k / 8 for k, c in enumerate(" ▏▎▍▌▋▊▉") if k}}
 

@@ -10,8 +10,8 @@ import yaml
 
 from conftest import CONFIGS, TINY, layer_charts, only_run, run_folders, summary_of
 from gradexp.config import load_config
-from gradexp.stats import WEIGHT_PROBES
-from gradexp.train import run
+from gradexp.probes.stats import WEIGHT_PROBES
+from gradexp.run.experiment import run
 
 
 def test_deep_sigmoid_shows_vanishing(cli, tmp_path):
@@ -201,10 +201,10 @@ def test_train_threads_auto_is_one_for_a_small_step_and_is_saved(tmp_path):
 @pytest.mark.parametrize("load, threads", [(0.0, 3), (1.4, 3), (2.6, 1), (9.0, 1)])
 def test_train_threads_auto_leaves_a_large_step_the_cores_others_do_not_use(monkeypatch, load, threads):
     import torch
-    from gradexp import sweep, train
+    from gradexp.run import experiment as train
 
     exp = train.prepare(load_config(CONFIGS / "cnn_residual.yaml", []))  # 209 M multiply-adds a step
-    monkeypatch.setattr(sweep, "cores", lambda: 4)
+    monkeypatch.setattr(train, "cores", lambda: 4)
     monkeypatch.setattr(train.os, "getloadavg", lambda: (load, 0.0, 0.0))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # the process's own: never more
     assert train.choose_threads(exp) == threads
@@ -223,9 +223,9 @@ def test_the_diverged_step_is_the_first_non_finite_loss_of_a_plain_loop(tmp_path
     import torch
     import torch.nn.functional as F
 
-    from gradexp.data import Batches
-    from gradexp.optim import OPTIMIZERS
-    from gradexp.train import prepare
+    from gradexp.data.datasets import Batches
+    from gradexp.run.optim import OPTIMIZERS
+    from gradexp.run.experiment import prepare
 
     overrides = ["optim.lr=0.05", "train.steps=150", "train.log_every=0", "train.weight_every=0",
                  "train.hist_every=0", "train.eval_every=0"]
@@ -256,7 +256,7 @@ def test_the_diverged_step_is_the_first_non_finite_loss_of_a_plain_loop(tmp_path
 def test_divergence_finds_the_first_non_finite_value_across_reads():
     import torch
 
-    from gradexp.train import Divergence
+    from gradexp.run.experiment import Divergence
 
     divergence = Divergence()
     for step, v in enumerate([1.0, 2.0, 3.0]):

@@ -21,10 +21,10 @@ from torch import nn
 
 import gradexp
 from conftest import CONFIGS, TINY, ctrl_c_reaches_it, only_run, run_folders, summary_of
-from gradexp.board import EventFile
+from gradexp.sinks.tensorboard import EventFile
 from gradexp.config import load_config
 from gradexp.rundir import write_atomic
-from gradexp.train import run
+from gradexp.run.experiment import run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -230,7 +230,7 @@ def test_a_watch_whose_figure_cannot_be_saved_keeps_its_summary(tmp_path, monkey
 LOOP = """
 import sys
 from gradexp.config import load_config
-from gradexp.train import run
+from gradexp.run.experiment import run
 for k in range(3):
     cfg = load_config(sys.argv[1], ["model.depth=3", "train.steps=1000000", "train.log_every=5",
                                     "train.eval_every=0", "train.hist_every=0"])
@@ -240,7 +240,7 @@ for k in range(3):
 
 
 def test_a_program_running_runs_in_a_loop_still_stops_on_sigterm(tmp_path):
-    """`gradexp.train.run` called in a loop: a SIGTERM ends the first run `interrupted` with its files,
+    """`gradexp.run.experiment.run` called in a loop: a SIGTERM ends the first run `interrupted` with its files,
     then ends the program as SIGTERM always did, instead of starting the next run."""
     proc = subprocess.Popen([sys.executable, "-c", LOOP, str(CONFIGS / "deep_relu.yaml"), str(tmp_path)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -262,7 +262,7 @@ def test_a_run_in_another_thread_does_not_take_the_main_threads_ctrl_c():
     so swallow) the Ctrl-C meant for the main thread's training loop."""
     import threading
 
-    from gradexp.interrupts import Interrupts, interruptible
+    from gradexp.run.signals import Interrupts, interruptible
 
     in_thread, release = threading.Event(), threading.Event()
 

@@ -14,11 +14,11 @@ import torch
 
 from conftest import measure
 from gradexp.config import DataConfig, ModelConfig
-from gradexp.data import load_dataset
-from gradexp.models import build_model
+from gradexp.data.datasets import load_dataset
+from gradexp.models.build import build_model
 from gradexp.config import GATES
-from gradexp.sequences import TASKS
-from gradexp.train import task_loss
+from gradexp.data.sequences import TASKS
+from gradexp.run.experiment import task_loss
 
 KINDS = {
     "rnn_tanh": {"kind": "rnn", "activation": "tanh"},

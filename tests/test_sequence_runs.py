@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from conftest import CONFIGS, only_run, run_folders, summary_of
 from gradexp.config import load_config
-from gradexp.data import load_dataset
-from gradexp.sequences import SeqTask, baseline
+from gradexp.data.datasets import load_dataset
+from gradexp.data.sequences import SeqTask, baseline
 
 # A few steps on short sequences: a run in about a second.
 TINY_SEQ = ["data.n_train=32", "data.n_eval=16", "data.batch_size=8", "model.width=8", "train.steps=4",
@@ -145,8 +145,8 @@ def test_the_final_losses_are_those_of_the_trained_model(tmp_path, task, kind):
     flattened positions, F.cross_entropy's own ignore_index (or the squared error by hand), one pass."""
     import torch
 
-    from gradexp.sequences import IGNORE
-    from gradexp.train import prepare, run
+    from gradexp.data.sequences import IGNORE
+    from gradexp.run.experiment import prepare, run
 
     cfg = load_config(None, [f"data.name={task}", f"model.kind={kind}", "data.length=6",
                              *(["data.symbols=2"] if task == "copy" else []), "data.n_train=64", "data.n_eval=40", "model.width=16", "train.steps=8",

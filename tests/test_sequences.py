@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradexp.sequences import IGNORE, TASKS, baseline
+from gradexp.data.sequences import IGNORE, TASKS, baseline
 
 SMALL = {"adding": {"length": 12}, "copy": {"symbols": 3, "alphabet": 4, "delay": 5},
          "reverse": {"length": 6, "vocab": 7}, "sort": {"length": 6, "vocab": 7}}

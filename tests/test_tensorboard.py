@@ -28,7 +28,7 @@ from tensorboard.plugins.hparams import api_pb2, metadata as hparams_metadata
 from typer.testing import CliRunner
 
 from gradexp.cli import app
-from gradexp.train import STATUSES
+from gradexp.rundir import STATUSES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "deep_sigmoid.yaml"
@@ -158,7 +158,7 @@ def test_every_record_passes_tensorboards_checksum_check(runs):
 
     from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
 
-    from gradexp.board import masked_crc32c
+    from gradexp.sinks.tensorboard import masked_crc32c
 
     rng = random.Random(0)
     for n in (0, 1, 7, 64, 6000):
@@ -544,7 +544,7 @@ def test_server_hparams_of_a_sweep_mark_the_swept_keys(sweep_server):
 
 
 def test_sweep_experiment_marks_keys_some_runs_lack_and_keeps_other_event_files(tmp_path):
-    from gradexp.board import EventFile, write_experiment
+    from gradexp.sinks.tensorboard import EventFile, write_experiment
 
     foreign = EventFile(str(tmp_path))  # an event file gradexp's experiment writer does not own
     foreign.close()
@@ -571,7 +571,7 @@ def test_scalar_events_are_protobufs_own_bytes(step):
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.compat.proto.summary_pb2 import Summary
 
-    from gradexp.board import ScalarSummary, scalar_event
+    from gradexp.sinks.tensorboard import ScalarSummary, scalar_event
 
     tags = [layer(i) for i in range(30)] + ["acc/train", "x" * 300]  # a tag longer than 127 bytes too
     values = [0.5 * i - 3 for i in range(30)] + [math.nan, 1.0]
@@ -584,7 +584,7 @@ def test_scalar_events_are_protobufs_own_bytes(step):
 
 
 def test_events_reach_the_file_within_a_second_and_all_of_them_on_close(tmp_path):
-    from gradexp.board import Board
+    from gradexp.sinks.tensorboard import Board
 
     board = Board(str(tmp_path))
     board.set_layers([layer(i) for i in range(3)], {"grad_norm": [True] * 3})
@@ -665,7 +665,7 @@ def test_a_watched_model_shows_its_layers_in_depth_order(tmp_path, tmp_path_fact
 def test_a_deep_run_charts_its_first_last_and_evenly_spread_layers(tmp_path, chart_layers, expected):
     """TensorBoard selects a folder's runs only while there are 500 or fewer: each run charts a few of its
     layers (index round(k * 10 / 6) of 11 for 7), or all of them when asked."""
-    from gradexp.board import Board
+    from gradexp.sinks.tensorboard import Board
 
     board = Board(str(tmp_path), "deep", chart_layers=chart_layers)
     board.set_layers([layer(i) for i in range(11)], {"grad_norm": [True] * 11})

@@ -1,4 +1,4 @@
-"""gradexp.theory against independent references: closed forms, Gauss-Hermite, Monte Carlo, published
+"""gradexp.analysis.theory against independent references: closed forms, Gauss-Hermite, Monte Carlo, published
 values (REFERENCES.md, "Signal propagation at initialisation") and PyTorch autograd on real networks."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import torch
 from numpy.polynomial.hermite_e import hermegauss
 from torch import nn
 
-from gradexp import theory
-from gradexp.layers import ACTIVATIONS, INITS, init_weight_layer
+from gradexp.analysis import theory
+from gradexp.activations import ACTIVATIONS
+from gradexp.models.layers import INITS, init_weight_layer
 
 SMOOTH = ("sigmoid", "tanh", "gelu", "identity")
 

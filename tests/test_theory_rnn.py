@@ -1,4 +1,4 @@
-"""gradexp.theory's vanilla-RNN predictions against PyTorch autograd through time: a width-256 tanh RNN
+"""gradexp.analysis.theory's vanilla-RNN predictions against PyTorch autograd through time: a width-256 tanh RNN
 (torch.nn.RNN's weights, set to the stated init) unrolled by hand over 50 steps, so that a retained
 gradient sits on every h_t; the per-step factor of ||dL/dh_t|| against sqrt(chi), and the linear RNN
 against the spectral-radius condition of Pascanu, Mikolov & Bengio 2013 (REFERENCES.md)."""
@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import measure
-from gradexp import sequences, theory
+from gradexp.data import sequences
+from gradexp.analysis import theory
 from gradexp.config import ModelConfig
-from gradexp.models import build_model
+from gradexp.models.build import build_model
 
 WIDTH, STEPS, BATCH, INPUT_SIZE = 256, 50, 64, 32
 FIT = range(5, 46)  # t: ratios ||dL/dh_t|| / ||dL/dh_(t+1)|| away from both ends of the sequence

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from conftest import measure
 from gradexp.config import ModelConfig
-from gradexp.models import build_model
-from gradexp.sequences import reverse
+from gradexp.models.build import build_model
+from gradexp.data.sequences import reverse
 
 WIDTH, HEADS, LENGTH, VOCAB, BATCH = 64, 4, 8, 10, 32
 XIONG = {"init": "xavier_normal", "activation": "relu"}

@@ -12,8 +12,8 @@ from torch import nn
 
 from conftest import TINY, layer_charts, only_run, summary_of
 from gradexp import watch
-from gradexp.probes import Watcher
-from gradexp.report import fmt_number
+from gradexp.probes.watcher import Watcher
+from gradexp.text import fmt_number
 
 STEPS, WIDTH, BATCH = 12, 16, 8
 
@@ -197,7 +197,7 @@ def test_the_lstm_forget_bias_is_the_forget_gate_s():
     """model.forget_bias=b: with every weight and other bias at 0, one step keeps sigmoid(b) of the
     cell state (torch's gates are stacked input, forget, cell, output; the cell input is tanh(0) = 0)."""
     from gradexp.config import ModelConfig
-    from gradexp.models import build_model
+    from gradexp.models.build import build_model
 
     net = build_model(ModelConfig(kind="lstm", width=WIDTH, forget_bias=2.5, bias_init="zero"), (STEPS, 3), 1)
     cell = net.layers[0].cell
@@ -234,7 +234,7 @@ def test_compare_draws_the_recurrent_runs_through_time(cli, tmp_path):
 
 
 def test_a_watched_lstm_vanishing_through_time_is_told_of_its_gates_not_to_use_gates():
-    from gradexp.diagnosis import watched_context
+    from gradexp.analysis.diagnosis import watched_context
 
     info = {"names": ["00_emb", "01_cell", "02_out"], "output": [False, False, True],
             "activations": [None, None, None]}

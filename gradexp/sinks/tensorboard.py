@@ -26,16 +26,25 @@ import time
 from typing import Any
 
 import google_crc32c
-
-from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
 from google.protobuf import struct_pb2
-from tensorboard.plugins.hparams.api_pb2 import DataType, Experiment, HParamInfo, MetricInfo, MetricName, Status
-from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
 from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboard.plugins.hparams.api_pb2 import (
+    DataType,
+    Experiment,
+    HParamInfo,
+    MetricInfo,
+    MetricName,
+    Status,
+)
+from tensorboard.plugins.hparams.plugin_data_pb2 import (
+    HParamsPluginData,
+    SessionEndInfo,
+)
 from torch.utils.tensorboard.summary import histogram_raw, hparams
 
-from .rundir import writing
-from .stats import ACT_HIST, GRAD_HIST, LAYER_PROBES, STATS, bucket_limits
+from gradexp.probes.stats import ACT_HIST, GRAD_HIST, LAYER_PROBES, STATS, bucket_limits
+from gradexp.rundir import in_words, writing
 
 # The HParams dashboard's metrics, as scalar tags written at the end of the run.
 FINAL_METRICS = ("final/loss_train", "final/acc_train", "final/loss_eval", "final/acc_eval",
@@ -316,6 +325,27 @@ class Board:
         for step, png, height, width in frames:
             image = Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=png)
             self.events.add(Summary(value=[Summary.Value(tag=f"{section}/{self.label}", image=image)]), step)
+
+    def draw_profiles(self, profiles: list[dict], names: list[str], title: str, diverged: dict | None) -> str | None:
+        """The gradient-flow profile at up to IMAGE_FRAMES logged steps (`profiles`, the probes' kept
+        snapshots), as images in PROFILE_SECTION, and a recurrent net's profile through time in
+        TIME_SECTION: drawn when the run ends, not while it trains (~0.13 s a frame).
+        None when written (or nothing to draw), else why they could not be drawn, in words."""
+        if not profiles:
+            return None
+        from gradexp.sinks.figures import (  # matplotlib is imported only when drawing
+            profile_frames,
+            time_frames,
+        )
+
+        try:
+            frames = {section: draw(profiles, names, title, IMAGE_FRAMES, diverged)
+                      for section, draw in ((PROFILE_SECTION, profile_frames), (TIME_SECTION, time_frames))}
+        except Exception as e:  # a run's result does not depend on its pictures
+            return f"TensorBoard's profile images: {in_words(e)}"
+        for section, images in frames.items():
+            self.profile_images(images, section)
+        return None
 
     def histograms(self, step: int, grad_rows: list[list[float]], act_rows: list[tuple[int, list[float]]]) -> None:
         """Fixed-edge histograms: `grad_rows` one per layer, `act_rows` (layer, row) where measured."""

@@ -18,20 +18,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
-from .board import Board, layer_name
-from .config import Config, ConfigError, TrainConfig, flat, to_yaml
-from .data import Batches, Dataset, load_dataset
-from .diagnosis import context_for, diagnose, watched_context
-from .memory import check_fits
-from .models import Net, build_model, check_output, multiply_adds
-from .pretrain import pretrain
-from .optim import CLIPPERS, OPTIMIZERS, lr_schedule
-from .probes import Layer, Watcher, due
-from .interrupts import Interrupts, interruptible
-from .sequences import IGNORE
-from .prediction import theory_beside
-from .rundir import in_words, new_run_dir, start_stamp, write_atomic, write_json
+from gradexp import __version__
+from gradexp.sinks.tensorboard import Board, layer_name
+from gradexp.config import Config, ConfigError, TrainConfig, flat, to_yaml
+from gradexp.data.datasets import Batches, Dataset, load_dataset
+from gradexp.analysis.diagnosis import context_for, diagnose, watched_context
+from gradexp.run.memory import check_fits
+from gradexp.models.build import Net, build_model, check_output, multiply_adds
+from gradexp.run.pretrain import pretrain
+from gradexp.run.optim import CLIPPERS, OPTIMIZERS, lr_schedule
+from gradexp.probes.watcher import Layer, Watcher, due
+from gradexp.run.signals import Interrupts, interruptible
+from gradexp.data.sequences import IGNORE
+from gradexp.analysis.prediction import theory_beside
+from gradexp.run.threads import cores
+from gradexp.rundir import in_words, new_run_dir, start_stamp, write_atomic, write_json
 
 def resolve_device(name: str) -> torch.device:
     """`auto` is CUDA when present; asking for CUDA that is not there is a user error."""
@@ -95,7 +96,6 @@ def choose_threads(exp: Experiment) -> int | None:
     x = exp.data.x_train[:2]
     if multiply_adds(exp.model, x) // len(x) * exp.cfg.data.batch_size < SMALL_STEP:
         return 1
-    from .sweep import cores
 
     free = cores() - (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0)
     return max(1, min(torch.get_num_threads(), round(free)))
@@ -177,7 +177,6 @@ class Outcome:
         return self.signal_exit or (130 if self.status == "interrupted" else 0)
 
 
-STATUSES = ("completed", "diverged", "interrupted", "failed")  # every status a run ends with
 
 
 def host_sync(t: TrainConfig, step: int) -> bool:
@@ -353,7 +352,7 @@ def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Exper
     summary.json is written last, and always: a run that raises leaves status `failed` and the error
     in words (with its results, if training ended), then re-raises; a figure that cannot be drawn is
     `figure_error`, not a failure. SIGINT and SIGTERM stop training as Ctrl-C does (`interrupted`),
-    and while the run writes its files any further one waits (gradexp.interrupts).
+    and while the run writes its files any further one waits (gradexp.run.signals).
     `hparams_experiment=False`: the run's HParams session without an experiment summary of its own
     (a sweep's runs: the sweep writes one for all of them). Once the files are written, a SIGTERM
     the run received is raised again and a second Ctrl-C raises KeyboardInterrupt, so that a program
@@ -373,7 +372,8 @@ def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Exper
                               hparam_metrics(summary), max(summary["steps"]["done"] - 1, 0), summary["status"],
                               experiment=hparams_experiment)
                 errors = [draw_figure(folder / "gradient_flow.png", cfg, summary),
-                          watcher.profile_images(cfg.name, summary["diverged"]) if watcher is not None else None]
+                          board.draw_profiles(watcher.profiles, watcher.names, cfg.name, summary["diverged"] or watcher.diverged)
+                          if watcher is not None else None]
                 if any(errors):
                     summary["figure_error"] = "; ".join(e for e in errors if e)
             except BaseException:
@@ -435,7 +435,7 @@ def draw_figure(path: Path, cfg: Config, summary: dict) -> str | None:
     first, last = summary["layers"]["first"], summary["layers"]["last"]
     if first is None:
         return None
-    from .report import draw_gradient_flow  # matplotlib is imported only when drawing
+    from gradexp.sinks.figures import draw_gradient_flow  # matplotlib is imported only when drawing
 
     predicted = summary["theory"].get("predicted_act_grad_norm")
     extra = [("predicted at init (mean-field)", predicted, dict(ls="--", color="gray"))] if predicted else None

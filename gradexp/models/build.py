@@ -19,10 +19,11 @@ import sys
 import torch
 from torch import nn
 
-from .config import ConfigError, ModelConfig
-from .layers import ACTIVATIONS, NORMS, init_weight_layer
-from .recurrent import build_recurrent
-from .transformer import build_transformer
+from gradexp.config import ConfigError, ModelConfig
+from gradexp.activations import ACTIVATIONS
+from gradexp.models.layers import NORMS, init_weight_layer
+from gradexp.models.recurrent import build_recurrent
+from gradexp.models.transformer import build_transformer
 
 
 class Block(nn.Module):

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .board import layer_tag
-from .config import OptimConfig, PretrainConfig
-from .data import Batches
-from .models import Net
-from .optim import OPTIMIZERS
+from gradexp.sinks.tensorboard import layer_tag
+from gradexp.config import OptimConfig, PretrainConfig
+from gradexp.data.datasets import Batches
+from gradexp.models.build import Net
+from gradexp.run.optim import OPTIMIZERS
 
 
 def _bce(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

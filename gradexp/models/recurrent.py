@@ -17,8 +17,8 @@ import math
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .layers import INITS, init_weight_layer
+from gradexp.config import ModelConfig
+from gradexp.models.layers import INITS, init_weight_layer
 
 CELLS = {"rnn": nn.RNNCell, "lstm": nn.LSTMCell, "gru": nn.GRUCell}
 

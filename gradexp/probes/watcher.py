@@ -42,10 +42,9 @@ import torch
 from torch import nn
 from torch.autograd.variable import Variable
 
-from . import native
-from .layers import NEEDS_INPUT, PASS_THROUGH, activation_name
-from .stats import (ACT_HIST, DERIVATIVE_PROBES, GRAD_HIST, GRADIENT_PROBES, STATS, WEIGHT_PROBES, activation_sums,
-                    batched_sums, combine, histogram_row, stat_value, sum_squares, to_host)
+from gradexp.probes import native
+from gradexp.activations import NEEDS_INPUT, PASS_THROUGH, activation_name
+from gradexp.probes.stats import ACT_HIST, DERIVATIVE_PROBES, GRAD_HIST, GRADIENT_PROBES, STATS, WEIGHT_PROBES, activation_sums, batched_sums, combine, histogram_row, stat_value, sum_squares, to_host
 
 # On the CPU a tensor larger than this is summed in its hook, so that the end of backward does not
 # hold every large dL/dz at once; smaller ones wait for the one call at the end of backward, which
@@ -768,26 +767,6 @@ class Watcher:
         """The first and the latest logged snapshots (of steps before `before`, if given)."""
         logged = [s for s in self.logged if before is None or s["step"] < before] or self.logged[:1]
         return (logged[0], logged[-1]) if logged else (None, None)
-
-    def profile_images(self, title: str, diverged: dict | None = None) -> str | None:
-        """The gradient-flow profile at up to IMAGE_FRAMES logged steps, as TensorBoard images
-        (board.PROFILE_SECTION), and a recurrent net's profile through time (board.TIME_SECTION): drawn
-        when the run ends, not while it trains (~0.13 s a frame).
-        None when written (or nothing to draw), else why they could not be drawn, in words."""
-        if self.board is None or not self.profiles:
-            return None
-        from .board import IMAGE_FRAMES, PROFILE_SECTION, TIME_SECTION
-        from .report import profile_frames, time_frames  # matplotlib is imported only when drawing
-        from .rundir import in_words
-
-        try:
-            frames = {section: draw(self.profiles, self.names, title, IMAGE_FRAMES, diverged or self.diverged)
-                      for section, draw in ((PROFILE_SECTION, profile_frames), (TIME_SECTION, time_frames))}
-        except Exception as e:  # a run's result does not depend on its pictures
-            return f"TensorBoard's profile images: {in_words(e)}"
-        for section, images in frames.items():
-            self.board.profile_images(images, section)
-        return None
 
     def layer_info(self) -> dict:
         """What the summary says of the layers."""

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .config import SEQUENCE_TASKS, ConfigError, DataConfig
-from .image_files import READERS
-from .sequences import IGNORE, TASKS, baseline, sizes
+from gradexp.config import SEQUENCE_TASKS, ConfigError, DataConfig
+from gradexp.data.images import READERS
+from gradexp.data.sequences import IGNORE, TASKS, baseline, sizes
 
 Split = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 

@@ -23,8 +23,9 @@ import math
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .layers import ACTIVATIONS, INITS
+from gradexp.config import ModelConfig
+from gradexp.activations import ACTIVATIONS
+from gradexp.models.layers import INITS
 
 
 class Embedding(nn.Module):

@@ -23,8 +23,9 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from .config import RECURRENT_KINDS, Config
-from .report import fmt_number, through_time
+from gradexp.config import RECURRENT_KINDS, Config
+from gradexp.text import fmt_number
+from gradexp.probes.history import through_time
 
 SATURATED = 0.5  # a hidden layer with more than half its units saturated (or dead) is named
 AT_INIT = 1e-3  # a layer whose weights moved less than 0.1% from their init is "still at its init"

@@ -9,7 +9,7 @@ infinite width each pre-activation z^l_i is Gaussian with variance q^l:
     delta^l = dLoss/dz^l = phi'(z^l) * (W^(l+1))^T delta^(l+1)
     E||delta^l||^2 = chi(q^l) * E||delta^(l+1)||^2,       chi(q)  = sigma_w2 * E[phi'(sqrt(q) u)^2]
 
-with u ~ N(0, 1). Layer indices are those of gradexp.models: hidden blocks 0..depth-1 counted from the
+with u ~ N(0, 1). Layer indices are those of gradexp.models.build: hidden blocks 0..depth-1 counted from the
 input, then the output layer. Only second moments of the weights enter, so the theory is the same for
 Gaussian and uniform inits of equal variance; orthogonal weights match it in these second moments, but
 not in the spread of the input-output Jacobian's singular values (Pennington et al. 2017).
@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 from numpy.polynomial.legendre import leggauss
 
-from .config import GATES
+from gradexp.config import GATES
 
 Fn = Callable[[np.ndarray], np.ndarray]
 
@@ -63,7 +63,7 @@ def _exp_neg(x: np.ndarray) -> np.ndarray:
     return np.exp(np.minimum(x, 0.0))
 
 
-# name -> (phi, phi'), each elementwise on float arrays; the same functions as gradexp.layers.ACTIVATIONS
+# name -> (phi, phi'), each elementwise on float arrays; the same functions as gradexp.activations.ACTIVATIONS
 # with PyTorch's default arguments (LeakyReLU slope 0.01, ELU alpha 1, exact erf GELU).
 ACTIVATION_FNS: dict[str, tuple[Fn, Fn]] = {
     "sigmoid": (_sigmoid, _dsigmoid),
@@ -194,7 +194,7 @@ def effective_variances(
     fan_in: int,
     fan_out: int | None = None,
 ) -> tuple[float, float]:
-    """(sigma_w2, sigma_b2) of one Linear layer as gradexp.layers.init_weight_layer leaves it.
+    """(sigma_w2, sigma_b2) of one Linear layer as gradexp.models.layers.init_weight_layer leaves it.
 
     Var(W_ij) = sigma_w2 / fan_in and Var(b_i) = sigma_b2. The scheme runs at gain 1 and the weights
     are then multiplied by `init_gain`, so sigma_w2 carries init_gain^2; the bias is never rescaled.

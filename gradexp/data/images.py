@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError
+from gradexp.config import ConfigError
 
 Images = tuple[torch.Tensor, torch.Tensor]  # (N, C, H, W) uint8 pixels, (N,) int64 labels
 

@@ -1,11 +1,10 @@
-"""Registries of the building blocks a config names: activations, norms and weight inits.
+"""The activations a probe knows: one registry entry each (module class, phi' as a torch function of
+the activation's input and output, the largest slope), and how a module is recognised as one.
 
-Strings are resolved here, at the edge; models take classes and callables. "none" is nn.Identity.
-"""
+The probes (phi', saturation), the models and the theory read this registry."""
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -24,7 +23,10 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "identity": nn.Identity,
 }
 
-_SELU_ALPHA, _SELU_SCALE = 1.6732632423543772, 1.0507009873554805
+
+SELU_ALPHA, SELU_SCALE = 1.6732632423543772, 1.0507009873554805
+LEAKY_SLOPE = 0.01  # nn.LeakyReLU's default negative slope: the one the probes' phi' is written for
+
 
 # The largest |phi'(x)| over all x: a unit whose |phi'| is below 1% of it counts as saturated (or dead).
 # sigmoid 1/4 at 0; gelu 1.129 at x ~ 0.75; selu scale*alpha just left of 0; the rest 1.
@@ -35,7 +37,7 @@ MAX_SLOPE: dict[str, float] = {
     "leaky_relu": 1.0,
     "elu": 1.0,
     "gelu": 1.1289,
-    "selu": _SELU_SCALE * _SELU_ALPHA,
+    "selu": SELU_SCALE * SELU_ALPHA,
     "softsign": 1.0,
     "identity": 1.0,
 }
@@ -54,8 +56,8 @@ def _gelu_derivative(a: torch.Tensor, h: torch.Tensor, out: torch.Tensor | None 
 def _selu_derivative(a: torch.Tensor, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     # scale for a > 0 (h > 0), h + scale * alpha otherwise
     positive = h.clamp(min=0).sign_()  # before `out` (which may be h) is written
-    d = torch.clamp(h, max=0, out=_into(out, h)).add_(_SELU_SCALE * _SELU_ALPHA)
-    return d.add_(positive, alpha=_SELU_SCALE - _SELU_SCALE * _SELU_ALPHA)
+    d = torch.clamp(h, max=0, out=_into(out, h)).add_(SELU_SCALE * SELU_ALPHA)
+    return d.add_(positive, alpha=SELU_SCALE - SELU_SCALE * SELU_ALPHA)
 
 
 # name -> phi'(a) as fn(a, h, out=None), given the activation's input a and its output h = phi(a).
@@ -75,57 +77,12 @@ DERIVATIVES: dict[str, Callable[..., torch.Tensor]] = {
     "softsign": lambda a, h, out=None: torch.abs(h, out=_into(out, h)).neg_().add_(1).square_(),  # 1/(1+|a|)^2
     "identity": lambda a, h, out=None: _into(out, h).fill_(1),
 }
+
+
 NEEDS_INPUT = {"gelu"}  # derivatives that need a; the others are computed from h alone
+
+
 SIGNED_DERIVATIVE = {"gelu"}  # phi' < 0 somewhere; every other activation is non-decreasing
-
-
-def _layer_norm(num_features: int, spatial: bool) -> nn.Module:
-    # For feature maps "layer norm" normalises over (C, H, W) of each example: GroupNorm with one group.
-    return nn.GroupNorm(1, num_features) if spatial else nn.LayerNorm(num_features)
-
-
-# name -> factory(num_features, spatial) for the norm placed between a weight layer and its activation.
-NORMS: dict[str, Callable[[int, bool], nn.Module]] = {
-    "none": lambda n, spatial: nn.Identity(),
-    "batchnorm": lambda n, spatial: nn.BatchNorm2d(n) if spatial else nn.BatchNorm1d(n),
-    "layernorm": _layer_norm,
-}
-
-
-def _kaiming_args(activation: str) -> dict:
-    # He et al.'s scheme: std = gain / sqrt(fan_in) with the ReLU gain sqrt(2), or the leaky-ReLU gain
-    # for leaky_relu, whatever the activation (so `kaiming_*` means the same weights everywhere).
-    if activation == "leaky_relu":
-        return {"nonlinearity": "leaky_relu", "a": 0.01}
-    return {"nonlinearity": "relu"}
-
-
-def _normal(w: torch.Tensor, activation: str) -> None:
-    fan_in = w[0].numel()
-    nn.init.normal_(w, 0.0, 1.0 / math.sqrt(fan_in))
-
-
-# name -> fn(weight, activation_name) that initialises a weight tensor in place (at gain 1).
-INITS: dict[str, Callable[[torch.Tensor, str], None] | None] = {
-    "default": None,  # keep PyTorch's own reset_parameters()
-    "xavier_uniform": lambda w, act: nn.init.xavier_uniform_(w),
-    "xavier_normal": lambda w, act: nn.init.xavier_normal_(w),
-    "kaiming_uniform": lambda w, act: nn.init.kaiming_uniform_(w, **_kaiming_args(act)),
-    "kaiming_normal": lambda w, act: nn.init.kaiming_normal_(w, **_kaiming_args(act)),
-    "orthogonal": lambda w, act: nn.init.orthogonal_(w),
-    "normal": _normal,
-}
-
-
-@torch.no_grad()
-def init_weight_layer(layer: nn.Module, scheme: str, gain: float, bias: str, activation: str) -> None:
-    """Initialise one Linear/Conv layer: the scheme at gain 1, then the weights scaled by `gain`."""
-    fn = INITS[scheme]
-    if fn is not None:
-        fn(layer.weight, activation)
-    layer.weight.mul_(gain)
-    if layer.bias is not None and bias == "zero":
-        layer.bias.zero_()
 
 
 def activation_name(module: nn.Module) -> str | None:
@@ -135,7 +92,7 @@ def activation_name(module: nn.Module) -> str | None:
     another slope, a tanh-approximated GELU): anything else is not guessed at."""
     kind = type(module)
     if kind is nn.LeakyReLU:
-        return "leaky_relu" if module.negative_slope == 0.01 else None
+        return "leaky_relu" if module.negative_slope == LEAKY_SLOPE else None
     if kind is nn.ELU:
         return "elu" if module.alpha == 1.0 else None
     if kind is nn.GELU:

@@ -17,8 +17,8 @@ import os
 
 import torch
 
-from .config import GATES, SEQUENCE_KINDS, Config, ConfigError
-from .data import planned
+from gradexp.config import GATES, SEQUENCE_KINDS, Config, ConfigError
+from gradexp.data.datasets import planned
 
 EVAL_CHUNK = 4096  # train.evaluate's forward chunk
 

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import theory
-from .config import RECURRENT_KINDS, Config
-from .report import through_time
+from gradexp.analysis import theory
+from gradexp.config import RECURRENT_KINDS, Config
+from gradexp.probes.history import through_time
 
 if TYPE_CHECKING:  # train.py imports this module
-    from .train import Experiment
+    from gradexp.run.experiment import Experiment
 
 
 def explanation(cfg: Config, exp: Experiment) -> dict:

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from .config import OptimConfig
+from gradexp.config import OptimConfig
 
 
 def _eager(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
