@@ -27,7 +27,6 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 SELU_ALPHA, SELU_SCALE = 1.6732632423543772, 1.0507009873554805
 LEAKY_SLOPE = 0.01  # nn.LeakyReLU's default negative slope: the one the probes' phi' is written for
 
-
 # The largest |phi'(x)| over all x: a unit whose |phi'| is below 1% of it counts as saturated (or dead).
 # sigmoid 1/4 at 0; gelu 1.129 at x ~ 0.75; selu scale*alpha just left of 0; the rest 1.
 MAX_SLOPE: dict[str, float] = {
@@ -77,11 +76,7 @@ DERIVATIVES: dict[str, Callable[..., torch.Tensor]] = {
     "softsign": lambda a, h, out=None: torch.abs(h, out=_into(out, h)).neg_().add_(1).square_(),  # 1/(1+|a|)^2
     "identity": lambda a, h, out=None: _into(out, h).fill_(1),
 }
-
-
 NEEDS_INPUT = {"gelu"}  # derivatives that need a; the others are computed from h alone
-
-
 SIGNED_DERIVATIVE = {"gelu"}  # phi' < 0 somewhere; every other activation is non-decreasing
 
 

@@ -27,11 +27,7 @@ VERDICT_STYLE = {"vanishing": "bold yellow", "exploding": "bold red", "healthy":
 
 
 BAR_WIDTH = 12  # characters: the table fits 80 columns
-
-
 BAR_DECADES = 2  # factors of 10 per character: 24 in all, a deep sigmoid net's 17 fit
-
-
 _EIGHTHS = " ▏▎▍▌▋▊▉"
 
 

@@ -202,8 +202,6 @@ class Profile:
 
 # More lines than this on one chart stop being readable: the figures turn to small multiples instead.
 MAX_OVERLAID = 8
-
-
 _INIT, _END = dict(linestyle="--", alpha=0.75), dict(linestyle="-")  # every run's end drawn over every init
 
 

@@ -45,14 +45,8 @@ from gradexp.config import (
 from gradexp.rundir import write_atomic, write_json
 
 DEFAULT_SWEEP = Path("configs/sweep.yaml")
-
-
 SWEEP_KEYS = ("name", "base", "grid", "runs", "seeds")
-
-
 DONE = ("completed", "diverged")  # a point with one of these needs no rerun; `failed`/`interrupted` do
-
-
 EXECUTORS = ("local", "ray")
 
 
@@ -72,7 +66,6 @@ class Plan:
     points: list[Point]
     spec: dict = field(default_factory=dict)  # grid, runs, seeds as given (saved as sweep.yaml)
     overrides: dict = field(default_factory=dict)  # the command line's key=value, for the record (plan.json)
-
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 

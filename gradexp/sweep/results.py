@@ -119,10 +119,7 @@ def write_experiment(root: Path, runs: list[dict]) -> None:
 
     write(str(root), runs, known={"status": STATUSES, "verdict": VERDICTS})
 
-
 _STYLE = {"completed": "green", "diverged": "red", "failed": "bold red", "interrupted": "yellow", "not run": "dim"}
-
-
 _VERDICT = {"vanishing": "yellow", "exploding": "red", "healthy": "green"}
 
 
