@@ -64,6 +64,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import gradexp
+from provenance import provenance
 from gradexp.sinks.tensorboard import Board
 from gradexp.config import load_config
 from gradexp.data.datasets import Batches
@@ -520,7 +521,7 @@ def main() -> None:
     json_path = Path(args.json or ROOT / "bench" / "results" / f"overhead{'-steps' if steps_mode else ''}.json")
     targets = TARGETS[kind]
     variants = [v for v in VARIANTS if v == BARE or not args.variants or any(t in v for t in args.variants)]
-    results = {"machine": machine(args.device), "device": args.device, "versions": found,
+    results = {**provenance(), "machine": machine(args.device), "device": args.device, "versions": found,
                "warm_steps": WARM_STEPS, "estimator": args.estimator, "cases": {}}
     print(f"gradexp overhead benchmark on {results['machine']}; "
           + ", ".join(f"{k} {v}" for k, v in found.items() if k != "torch"), flush=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sweep_workers import cpu_name
+from provenance import cpu_name, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_S = 1.5
@@ -74,7 +73,7 @@ def main() -> None:
         print(f"{name} - import torch: {e:.2f} s (target <= {TARGET_S} s: {'met' if e <= TARGET_S else 'NOT met'})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "machine": machine, "python": platform.python_version(), "torch": __import__("torch").__version__,
+        **provenance(),
         "config": args.config.name, "repeats": args.repeats, "baseline": str(args.baseline or ""),
         "wall_s": times, "median_s": median, "extra_s": extra, "target_s": TARGET_S, "load_average": loads,
     }, indent=2) + "\n")

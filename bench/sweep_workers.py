@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,19 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import cpu_name, provenance
+
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (worker processes, torch threads per run; 0: the sweep's own even share of the cores)
 VARIANTS = {"--workers 1": (1, 0), "--workers 2": (2, 0), "1 worker, 1 thread": (1, 1)}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def plan(runs: int, steps: int):
@@ -104,7 +95,7 @@ def main() -> None:
           f"--workers 2 / 1 worker with 1 thread: {ratio_1t:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "machine": machine, "python": platform.python_version(), "torch": __import__("torch").__version__,
+        **provenance(),
         "runs": args.runs, "steps": steps, "repeats": args.repeats,
         "wall_s": times, "median_s": median, "ratio": ratio, "target": 0.6,
         "ratio_vs_1_worker_1_thread": ratio_1t, "load_average": loads,

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from sweep_workers import cpu_name
+from provenance import cpu_name, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +69,7 @@ def main() -> None:
                 hog.wait()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "machine": machine, "python": platform.python_version(), "torch": __import__("torch").__version__,
+        **provenance(),
         "repeats": args.repeats, "results": results,
     }, indent=2) + "\n")
     print(f"written: {args.out}")
