@@ -12,7 +12,7 @@ from numpy.polynomial.hermite_e import hermegauss
 from torch import nn
 
 from gradexp.analysis import theory
-from gradexp.activations import ACTIVATIONS
+from gradexp.activations import REGISTRY
 from gradexp.models.layers import INITS, init_weight_layer
 
 SMOOTH = ("sigmoid", "tanh", "gelu", "identity")
@@ -22,32 +22,23 @@ def _normal_cdf(x: float) -> float:
     return 0.5 * math.erfc(-x / math.sqrt(2.0))
 
 
-# --------------------------------------------------------------------------------- activation registry
+# ------------------------------------------------------------------------------------------ registries
 
 def test_registries_cover_every_config_name():
-    assert set(theory.ACTIVATION_FNS) == set(ACTIVATIONS)
     assert set(theory.WEIGHT_VARIANCES) == set(INITS)
     assert set(theory.BIAS_VARIANCES) == {"default", "zero"}
 
 
-@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
-def test_phi_and_derivative_match_torch(name):
-    # Away from 0, where relu-like derivatives are conventions rather than values.
-    x = torch.linspace(-8, 8, 1600, dtype=torch.float64)
-    x = x[x.abs() > 1e-6].requires_grad_(True)
-    y = ACTIVATIONS[name]()(x)
-    (dy,) = torch.autograd.grad(y.sum(), x)
-    phi, dphi = theory.ACTIVATION_FNS[name]
-    xs = x.detach().numpy()
-    np.testing.assert_allclose(phi(xs), y.detach().numpy(), rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(dphi(xs), dy.numpy(), rtol=1e-12, atol=1e-14)
+def fns(name: str):
+    """phi and phi' as numpy functions (tests/test_activations.py checks them against PyTorch)."""
+    return REGISTRY[name].numpy_phi, REGISTRY[name].numpy_dphi
 
 
 # ---------------------------------------------------------------------------------------- quadrature
 
 @pytest.mark.parametrize("q", [1e-4, 0.3, 1.0, 7.0, 250.0])
 def test_closed_forms_of_homogeneous_activations(q):
-    relu, drelu = theory.ACTIVATION_FNS["relu"]
+    relu, drelu = fns("relu")
     assert theory.gaussian_expectation(lambda x: relu(x) ** 2, q) == pytest.approx(q / 2, rel=1e-12)
     assert theory.gaussian_expectation(lambda x: drelu(x) ** 2, q) == pytest.approx(0.5, rel=1e-12)
     for sigma_w2 in (0.5, 2.0, 3.0):
@@ -55,7 +46,7 @@ def test_closed_forms_of_homogeneous_activations(q):
         assert theory.chi("identity", q, sigma_w2) == pytest.approx(sigma_w2, rel=1e-12)
     # The closed-form path and the quadrature path agree.
     for name in ("relu", "leaky_relu", "identity"):
-        phi, dphi = theory.ACTIVATION_FNS[name]
+        phi, dphi = fns(name)
         m2, d2 = theory.second_moments(name, q)
         assert theory.gaussian_expectation(lambda x: phi(x) ** 2, q) == pytest.approx(m2, rel=1e-12)
         assert theory.gaussian_expectation(lambda x: dphi(x) ** 2, q) == pytest.approx(d2, rel=1e-12)
@@ -74,7 +65,7 @@ def test_elu_against_its_closed_form(q):
 
 def test_selu_keeps_unit_variance():
     # Klambauer et al. chose alpha and scale so that u ~ N(0, 1) gives selu(u) mean 0 and variance 1.
-    phi, _ = theory.ACTIVATION_FNS["selu"]
+    phi, _ = fns("selu")
     assert theory.gaussian_expectation(phi, 1.0) == pytest.approx(0.0, abs=1e-9)
     assert theory.second_moments("selu", 1.0)[0] == pytest.approx(1.0, rel=1e-9)
 
@@ -85,7 +76,7 @@ def test_smooth_activations_against_gauss_hermite(name, q):
     # At q <= 1 a 200-point Gauss-Hermite rule converges to machine precision for these analytic phi.
     x, w = hermegauss(200)
     w = w / math.sqrt(2 * math.pi)
-    phi, dphi = theory.ACTIVATION_FNS[name]
+    phi, dphi = fns(name)
     m2, d2 = theory.second_moments(name, q)
     assert m2 == pytest.approx(np.sum(w * phi(math.sqrt(q) * x) ** 2), rel=1e-10)
     assert d2 == pytest.approx(np.sum(w * dphi(math.sqrt(q) * x) ** 2), rel=1e-10)
@@ -100,11 +91,11 @@ def test_tanh_slope_at_large_q_against_its_asymptotic_series(q):
     assert theory.second_moments("tanh", q)[1] == pytest.approx(want, rel=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_second_moments_against_monte_carlo(name):
     rng = np.random.default_rng(0)
     u = rng.standard_normal(1_000_000)
-    phi, dphi = theory.ACTIVATION_FNS[name]
+    phi, dphi = fns(name)
     qs = np.array([0.3, 2.0, 30.0])
     m2, d2 = theory.second_moments(name, qs)
     for q, want_m2, want_d2 in zip(qs, m2, d2):
@@ -137,7 +128,7 @@ def test_critical_sigma_w2_of_homogeneous_and_sigmoid():
     assert theory.critical_sigma_w2("relu", 0.0, sigma_w2_max=1.5) is None
 
 
-@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("name", sorted(REGISTRY))
 @pytest.mark.parametrize("sigma_b2", [0.0, 0.05])
 def test_critical_sigma_w2_gives_chi_1_of_one(name, sigma_b2):
     # critical_sigma_w2 solves for q along the boundary; chi_1 iterates the length map instead.
@@ -206,7 +197,7 @@ def _measure(activation, init, gain, depth, width, in_dim, input_scale, batch=25
     head = nn.Linear(width, classes)
     for layer in layers + [head]:
         init_weight_layer(layer, init, gain, "zero", activation)
-    act = ACTIVATIONS[activation]()
+    act = REGISTRY[activation].module()
     x = input_scale * torch.randn(batch, in_dim, dtype=torch.float32)
     r = torch.randn(batch, classes, dtype=torch.float32)
     zs, h = [], x

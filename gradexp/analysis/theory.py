@@ -27,68 +27,14 @@ from typing import Callable
 import numpy as np
 from numpy.polynomial.legendre import leggauss
 
+from gradexp.activations import LEAKY_SLOPE, REGISTRY
 from gradexp.config import GATES
 
 Fn = Callable[[np.ndarray], np.ndarray]
 
-LEAKY_SLOPE = 0.01  # nn.LeakyReLU's default negative slope, as layers.py builds it
-SELU_ALPHA = 1.6732632423543772848170429916717
-SELU_SCALE = 1.0507009873554804934193349852946
-
 # ------------------------------------------------------------------------------------------ activations
 
-_erf = np.vectorize(math.erf, otypes=[float])  # numpy has no erf; a Python call per node is fast enough here
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    # The tanh form never overflows, unlike 1 / (1 + exp(-x)) at x < -709.
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
-
-
-def _dsigmoid(x: np.ndarray) -> np.ndarray:
-    s = _sigmoid(x)
-    return s * (1.0 - s)
-
-
-def _normal_cdf(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + _erf(x / math.sqrt(2.0)))
-
-
-def _normal_pdf(x: np.ndarray) -> np.ndarray:
-    return np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
-
-
-def _exp_neg(x: np.ndarray) -> np.ndarray:
-    # exp(x) for x <= 0, clipped so that the branch np.where discards cannot overflow.
-    return np.exp(np.minimum(x, 0.0))
-
-
-# name -> (phi, phi'), each elementwise on float arrays; the same functions as gradexp.activations.ACTIVATIONS
-# with PyTorch's default arguments (LeakyReLU slope 0.01, ELU alpha 1, exact erf GELU).
-ACTIVATION_FNS: dict[str, tuple[Fn, Fn]] = {
-    "sigmoid": (_sigmoid, _dsigmoid),
-    "tanh": (np.tanh, lambda x: 1.0 - np.tanh(x) ** 2),
-    "relu": (lambda x: np.maximum(x, 0.0), lambda x: (x > 0).astype(float)),
-    "leaky_relu": (
-        lambda x: np.where(x > 0, x, LEAKY_SLOPE * x),
-        lambda x: np.where(x > 0, 1.0, LEAKY_SLOPE),
-    ),
-    "elu": (
-        lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0.0))),
-        lambda x: np.where(x > 0, 1.0, _exp_neg(x)),
-    ),
-    "gelu": (
-        lambda x: x * _normal_cdf(x),
-        lambda x: _normal_cdf(x) + x * _normal_pdf(x),
-    ),
-    "selu": (
-        lambda x: SELU_SCALE * np.where(x > 0, x, SELU_ALPHA * np.expm1(np.minimum(x, 0.0))),
-        lambda x: SELU_SCALE * np.where(x > 0, 1.0, SELU_ALPHA * _exp_neg(x)),
-    ),
-    "softsign": (lambda x: x / (1.0 + np.abs(x)), lambda x: 1.0 / (1.0 + np.abs(x)) ** 2),
-    "identity": (lambda x: np.asarray(x, dtype=float), lambda x: np.ones_like(x, dtype=float)),
-}
-
+# phi and phi' are REGISTRY's numpy functions.
 # Positively homogeneous activations: E[phi^2] = c2 q and E[phi'^2] = d2 exactly, so no quadrature.
 # relu: 1/2 of the mass is on each side; leaky relu adds slope^2 times the other half.
 _HOMOGENEOUS: dict[str, tuple[float, float]] = {
@@ -139,7 +85,8 @@ def second_moments(activation: str, q: float | np.ndarray) -> tuple[float | np.n
         q = np.asarray(q, dtype=float)
         m2, d = c2 * q, np.full_like(q, d2)
         return (float(m2), float(d)) if q.ndim == 0 else (m2, d)
-    phi, dphi = ACTIVATION_FNS[activation]
+    entry = REGISTRY[activation]
+    phi, dphi = entry.numpy_phi, entry.numpy_dphi
     return gaussian_expectation(lambda x: phi(x) ** 2, q), gaussian_expectation(lambda x: dphi(x) ** 2, q)
 
 
@@ -156,7 +103,7 @@ def chi(activation: str, q: float | np.ndarray, sigma_w2: float) -> float | np.n
 # ---------------------------------------------------------------------------------------------- inits
 
 def _kaiming_variance(activation: str, fan_in: int, fan_out: int) -> float:
-    # layers.py uses the ReLU gain sqrt(2) for every activation but leaky_relu (slope 0.01).
+    # layers.py uses the ReLU gain sqrt(2) for every activation but leaky_relu (its gain at LEAKY_SLOPE).
     return 2.0 / (1.0 + LEAKY_SLOPE**2) if activation == "leaky_relu" else 2.0
 
 
@@ -286,7 +233,7 @@ def critical_sigma_w2(
     if activation in _HOMOGENEOUS:
         critical = 1.0 / _HOMOGENEOUS[activation][1]
         return critical if critical <= sigma_w2_max else None
-    phi = ACTIVATION_FNS[activation][0]
+    phi = REGISTRY[activation].numpy_phi
 
     def h(q: float | np.ndarray) -> float | np.ndarray:
         m2, d2 = second_moments(activation, q)
@@ -617,7 +564,7 @@ def rnn_variances(model, input_size: int) -> tuple[float, float, float]:
         "default": default,
         "normal": 1 / input_size,
         "xavier_normal": 2 / (input_size + rows), "xavier_uniform": 2 / (input_size + rows),
-        "kaiming_normal": (2 / (1 + 0.01 ** 2) if model.activation == "leaky_relu" else 2) / input_size,
+        "kaiming_normal": _kaiming_variance(model.activation, input_size, rows) / input_size,
         "orthogonal": 1 / max(input_size, rows),
     }
     per_entry["kaiming_uniform"] = per_entry["kaiming_normal"]

@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from gradexp.activations import LEAKY_SLOPE
+
 
 def _layer_norm(num_features: int, spatial: bool) -> nn.Module:
     # For feature maps "layer norm" normalises over (C, H, W) of each example: GroupNorm with one group.
@@ -29,7 +31,7 @@ def _kaiming_args(activation: str) -> dict:
     # He et al.'s scheme: std = gain / sqrt(fan_in) with the ReLU gain sqrt(2), or the leaky-ReLU gain
     # for leaky_relu, whatever the activation (so `kaiming_*` means the same weights everywhere).
     if activation == "leaky_relu":
-        return {"nonlinearity": "leaky_relu", "a": 0.01}
+        return {"nonlinearity": "leaky_relu", "a": LEAKY_SLOPE}
     return {"nonlinearity": "relu"}
 
 
