@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # pip's choice of torch: set TORCH='torch==2.13.0' (a CPU wheel here) to skip the multi-GB CUDA build.
 TORCH  ?=
 
-.PHONY: demo test bench configs-table tensorboard clean
+.PHONY: demo test docs bench configs-table tensorboard clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	@touch $@
 
 # plus pytest, Ray (the sweep's cluster executor is tested against a local instance), Lightning and
-# transformers (the callbacks in gradexp/lightning.py and gradexp/huggingface.py), and wandb (the
-# benchmark's peers, smoke-tested)
+# transformers (the callbacks in gradexp/lightning.py and gradexp/huggingface.py), wandb (the
+# benchmark's peers, smoke-tested), and MkDocs (the documentation site, built by `make test`)
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[dev,ray,lightning,huggingface,bench]'
+	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[dev,ray,lightning,huggingface,bench,docs]'
 	@touch $@
 
 demo: $(VENV)/.installed
@@ -30,6 +30,16 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(BIN)/lint-imports --no-cache
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q
+	$(MAKE) docs
+
+# MkDocs alone, for `make docs` without the test extras
+$(VENV)/.installed-docs: pyproject.toml $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[docs]'
+	@touch $@
+
+# the documentation site, strictly: a broken link, a missing page or anchor fails the build
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/site
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/overhead.py

@@ -1,7 +1,7 @@
-"""Run every shipped config and write the README's tables of measured results (the article's configs, and
+"""Run every shipped config and write the docs' tables of measured results (the article's configs, and
 the sequence configs with their held-out loss against the baseline).
 
-    python bench/configs.py            # runs configs/*.yaml, prints the table, rewrites README.md's
+    python bench/configs.py            # runs configs/*.yaml, prints the table, rewrites docs/configs.md's
     python bench/configs.py --no-write # only prints
 
 Runs go to a temporary folder. Wall times are one run each, on whatever machine runs this.
@@ -19,7 +19,7 @@ from gradexp.sweep.plan import is_sweep_file
 from gradexp.run.experiment import run
 
 ROOT = Path(__file__).resolve().parents[1]
-# The README's one-line account of each config, in the article's order (unlisted configs go last).
+# The docs' one-line account of each config, in the article's order (unlisted configs go last).
 SHOWS = {
     "deep_sigmoid": "vanishing: 20 sigmoid layers, sigmoid' <= 0.25",
     "deep_tanh": "tanh: better than sigmoid, still vanishing",
@@ -58,7 +58,7 @@ def row(path: Path, out: str) -> str:
     ratio_end = "-" if d.get("ratio_last") is None else f"{d['ratio_last']:.2g}"
     loss = f"{s['final']['loss_train']:.3f}" if s["final"] else "-"
     status = s["status"] + (f" at step {d['diverged_step']}" if s["status"] == "diverged" else "")
-    return (f"| [{path.stem}](configs/{path.name}) | {what_it_shows(path)} | {ratio} | {ratio_end} | {d['verdict']} | {status} "
+    return (f"| `{path.stem}` | {what_it_shows(path)} | {ratio} | {ratio_end} | {d['verdict']} | {status} "
             f"| {loss} | {s['wall_time_s']:.1f} s |")
 
 
@@ -72,7 +72,7 @@ def sequence_row(path: Path, out: str) -> str:
     ratio_end = "-" if d.get("ratio_last") is None else f"{d['ratio_last']:.2g}"
     vs = f"{f['loss_eval_vs_baseline']:.3g}" if f.get("loss_eval_vs_baseline") is not None else "-"
     status = s["status"] + (f" at step {d['diverged_step']}" if s["status"] == "diverged" else "")
-    return (f"| [{path.stem}](configs/{path.name}) | {what_it_shows(path)} | {measure} | {ratio} | {ratio_end} "
+    return (f"| `{path.stem}` | {what_it_shows(path)} | {measure} | {ratio} | {ratio_end} "
             f"| {d['verdict']} | {status} | {vs} | {s['wall_time_s']:.1f} s |")
 
 
@@ -98,7 +98,7 @@ def main() -> None:
             rows_of.append(sequence_row(p, out) if is_sequence(p) else row(p, out))
             print(rows_of[-1], flush=True)
     if not args.no_write:
-        readme = ROOT / "README.md"
+        readme = ROOT / "docs" / "configs.md"
         write(readme, "configs-table", "| config | what it shows | ratio at init | ratio at end | diagnosis | status "
                                        "| final loss/train | wall time |\n|---|---|---|---|---|---|---|---|\n", rows)
         write(readme, "sequences-table", "| config | what it shows | ratio in | ratio at init | ratio at end | diagnosis "
