@@ -26,11 +26,12 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/gradexp run configs/deep_sigmoid.yaml
 
-# two workers on two cores, one torch thread each: two OpenMP teams on two cores spin-wait on each other
+# the layers contract, the docs site, then the suite (its summary is the last line); two workers on two
+# cores, one torch thread each: two OpenMP teams on two cores spin-wait on each other
 test: $(VENV)/.installed-dev
 	$(BIN)/lint-imports --no-cache
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q
 	$(MAKE) docs
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q
 
 # MkDocs alone, for `make docs` without the test extras
 $(VENV)/.installed-docs: pyproject.toml $(VENV)/.installed
