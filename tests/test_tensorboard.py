@@ -151,30 +151,23 @@ def summary_of(folder: Path) -> dict:
 # ------------------------------------------------------------------------- the event file itself
 
 def test_every_record_passes_tensorboards_checksum_check(runs):
-    """gradexp writes its own event files, with google-crc32c's C code for the checksums: the same
-    values as TensorBoard's pure-Python CRC-32C, and TensorBoard's pure-Python reader, which checks
-    both checksums of every record, reads the whole file."""
-    import random
-
+    """TensorBoard's pure-Python reader, which checks both checksums of every record, reads each whole
+    file: the run's own (kept open) and a layer's sub-run (appended to at each flush)."""
     from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
 
-    from gradexp.sinks.tensorboard import masked_crc32c
-
-    rng = random.Random(0)
-    for n in (0, 1, 7, 64, 6000):
-        data = bytes(rng.randrange(256) for _ in range(n))
-        assert masked_crc32c(data) == pywrap_tensorflow.masked_crc32c(data)
     (events,) = runs["main"].glob("events.out.tfevents.*")
-    reader = pywrap_tensorflow.PyRecordReader_New(str(events))
-    records = 0
-    while True:
-        try:
-            reader.GetNext()
-        except Exception as e:  # OutOfRangeError at the end; a checksum failure is a DataLossError
-            assert type(e).__name__ == "OutOfRangeError", e
-            break
-        records += 1
-    assert records > 10
+    (layer_events,) = (runs["main"] / "layers" / layer(0)).glob("events.out.tfevents.*")
+    for path, at_least in ((events, 10), (layer_events, len(LOG_STEPS))):
+        reader = pywrap_tensorflow.PyRecordReader_New(str(path))
+        records = 0
+        while True:
+            try:
+                reader.GetNext()
+            except Exception as e:  # OutOfRangeError at the end; a checksum failure is a DataLossError
+                assert type(e).__name__ == "OutOfRangeError", e
+                break
+            records += 1
+        assert records > at_least, path
 
 
 def test_run_folder_holds_one_event_file_and_one_sub_run_per_layer(runs):
@@ -563,57 +556,67 @@ def test_sweep_experiment_marks_keys_some_runs_lack_and_keeps_other_event_files(
     assert infos["status"].differs and [v.string_value for v in infos["status"].domain_discrete.values] == list(STATUSES)
 
 
-# --- the event encoding, against protobuf's own
+# --- the event files
 
 
-@pytest.mark.parametrize("step", [0, 1, 300, 10**12])
-def test_scalar_events_are_protobufs_own_bytes(step):
-    from tensorboard.compat.proto.event_pb2 import Event
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    from gradexp.sinks.tensorboard import ScalarSummary, scalar_event
-
-    tags = [layer(i) for i in range(30)] + ["acc/train", "x" * 300]  # a tag longer than 127 bytes too
-    values = [0.5 * i - 3 for i in range(30)] + [math.nan, 1.0]
-    special = [math.inf, -math.inf, 1e300, -3.5e38, 1e-50, 0.0, 7,  # beyond float32, below it, an int
-               3.40282350e38, 3.4028235677973366e38, -3.4028235677973362e38]  # and its edge
-    for vals in (values, special + values[len(special):]):
-        ours = scalar_event(1234.5, step, ScalarSummary(tags).encode(vals))
-        summary = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in zip(tags, vals)])
-        assert ours == Event(wall_time=1234.5, step=step, summary=summary).SerializeToString()
-
-
-def test_events_reach_the_file_within_a_second_and_all_of_them_on_close(tmp_path):
+def test_values_beyond_float32_are_charted_as_float32_keeps_them(tmp_path):
+    """An exploding gradient's norm (beyond float32's range) is written, as float32 keeps it: infinity."""
     from gradexp.sinks.tensorboard import Board
 
+    values = [1e300, -3.5e38, 3.4028235677973366e38, 1e-50, 0.0, 7, math.inf, math.nan, None]
+    board = Board(str(tmp_path), "big")
+    board.set_layers([layer(0)], {"act_mean": [True]})
+    for step, v in enumerate(values):
+        board.layers(step, {"act_mean": [v]}, {"grad_norm/total": v if v is not None else 1.0})
+    board.close()
+    charted = [e.value for e in layer_accumulator(tmp_path, 0).Scalars(f"{SECTIONS['act_mean']}/big")]
+    acc = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={event_accumulator.SCALARS: 0})
+    acc.Reload()
+    total = [e.value for e in acc.Scalars("grad_norm/total")]
+    expected = [math.inf, -math.inf, math.inf, 0.0, 0.0, 7.0, math.inf, math.nan, math.nan]
+    for got in (charted, total[:-1]):
+        assert [str(v) for v in got] == [str(v) for v in expected[:len(got)]] and len(got) >= 8
+
+
+def test_events_reach_the_file_within_flush_seconds_while_the_run_goes_on(tmp_path, monkeypatch):
+    """TensorBoard's writer thread puts a logged step's events in every file within FLUSH_SECONDS,
+    with no call from the training loop."""
+    from gradexp.sinks.tensorboard import Board, EventFile
+
+    monkeypatch.setattr(EventFile, "FLUSH_SECONDS", 0.2)
+    board = Board(str(tmp_path))
+    board.set_layers([layer(i) for i in range(3)], {"grad_norm": [True] * 3})
+    board.layers(1, {"grad_norm": [1.0, 2.0, 3.0]}, {"grad_norm/total": 4.0})
+    written = time.monotonic()
+    while not logged_steps(tmp_path, 0) == logged_steps(tmp_path, 2) == logged_steps(tmp_path, -1) == [1]:
+        assert time.monotonic() - written < EventFile.FLUSH_SECONDS + 2.0  # slack for a busy machine
+        time.sleep(0.01)
+    board.close()
+
+
+def test_close_writes_every_event_that_waited(tmp_path, monkeypatch):
+    from gradexp.sinks.tensorboard import Board, EventFile
+
+    monkeypatch.setattr(EventFile, "FLUSH_SECONDS", 600.0)  # the thread flushes only its first record
     board = Board(str(tmp_path))
     board.set_layers([layer(i) for i in range(3)], {"grad_norm": [True] * 3})
     stats = {"grad_norm": [1.0, 2.0, 3.0]}
-
-    def logged_steps(i: int = 0) -> list[int]:  # of layer i's sub-run, or of the run's own file
-        folder = tmp_path / "layers" / layer(i) if i >= 0 else tmp_path
-        (events,) = folder.glob("events.out.tfevents.*")
-        return [e.step for e in EventFileLoader(str(events)).Load() if e.summary.value]
-
-    board.layers(1, stats, {"grad_norm/total": 4.0})
-    board.tick()
-    assert not logged_steps(0) and not logged_steps(-1)  # made just now: waits in memory
-    for events in [board.events, *board.layer_events.values()]:
-        events.oldest -= events.FLUSH_SECONDS  # a second later, with no other event since
-    board.layers_flushed -= board.events.FLUSH_SECONDS
-    board.tick()  # (the training loop's, every step)
-    assert logged_steps(0) == logged_steps(2) == logged_steps(-1) == [1]
-    board.layers(2, stats)
-    board.layers(3, stats)
-    assert logged_steps(0) == [1]
-    board.layer_events[0].oldest -= board.events.FLUSH_SECONDS
-    board.layers(4, stats)  # an event made a second after the oldest waiting one
-    assert logged_steps(0) == [1, 2, 3, 4]
-    board.layers(5, stats)
+    for step in range(1, 6):
+        board.layers(step, stats, {"grad_norm/total": 4.0})
+        board.tick()
+    time.sleep(0.2)
+    assert not logged_steps(tmp_path, 0) and not logged_steps(tmp_path, -1)  # waiting in memory
     board.close()
-    assert logged_steps(0) == logged_steps(1) == [1, 2, 3, 4, 5]
+    assert logged_steps(tmp_path, 0) == logged_steps(tmp_path, 1) == logged_steps(tmp_path, -1) == [1, 2, 3, 4, 5]
     values = layer_accumulator(tmp_path, 1).Scalars(f"{SECTIONS['grad_norm']}/{tmp_path.name}")  # charted as log10
     assert [10 ** e.value for e in values] == pytest.approx([2.0] * 5)
+
+
+def logged_steps(folder: Path, i: int) -> list[int]:
+    """The steps of layer i's sub-run (-1: of the run's own file) that hold values, as read back."""
+    folder = folder / "layers" / layer(i) if i >= 0 else folder
+    (events,) = folder.glob("events.out.tfevents.*")
+    return [e.step for e in EventFileLoader(str(events)).Load() if e.summary.value]
 
 
 def test_a_watched_model_shows_its_layers_in_depth_order(tmp_path, tmp_path_factory):
