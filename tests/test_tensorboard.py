@@ -691,3 +691,49 @@ def test_watch_refuses_a_chart_of_fewer_than_two_layers(tmp_path, chart_layers):
     with pytest.raises(ValueError, match="chart_layers"):
         gradexp.watch(net, torch.optim.SGD(net.parameters(), lr=0.1), logdir=tmp_path / "w", chart_layers=chart_layers)
     assert not (tmp_path / "w").exists()
+
+
+def test_tb_writer_benchmark_writes_the_same_events_every_way(tmp_path):
+    """bench/tb_writer.py --tiny: every variant (the old hand-written encoder, TensorBoard's writer with
+    and without its thread) wrote the events TensorBoard's reader reads back as the bench's values."""
+    keep = tmp_path / "keep"
+    done = subprocess.run([sys.executable, "bench/tb_writer.py", "--tiny", "--json", str(tmp_path / "r.json"),
+                           "--keep", str(keep)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import tb_writer
+    finally:
+        sys.path.pop(0)
+    results = json.loads((tmp_path / "r.json").read_text())
+    steps = tb_writer.logged_steps(tb_writer.TINY_STEPS)
+    have = tb_writer.available()
+
+    def read(folder: Path) -> dict[tuple[str, str], list[tuple[int, float]]]:
+        out = {}
+        for run in [folder, *sorted((folder / "layers").iterdir())]:
+            acc = event_accumulator.EventAccumulator(str(run), size_guidance={event_accumulator.SCALARS: 0})
+            acc.Reload()
+            for tag in acc.Tags()[event_accumulator.SCALARS]:
+                out[run.name, tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+        return out
+
+    for c, (case, chart) in enumerate(tb_writer.CASES.items()):
+        assert list(results["cases"][case]["rows"]) == list(tb_writer.VARIANTS)
+        written = [read(keep / str(c) / str(v)) for v in range(len(tb_writer.VARIANTS))]
+        # the same runs, tags, steps and float32 values, the run's own folder named by its variant
+        assert all({(run if run != str(v) else "0", tag): series for (run, tag), series in w.items()} == written[0]
+                   for v, w in enumerate(written))
+        charted = [layer(i) for i in tb_writer.charted_layers(tb_writer.N_LAYERS, chart)]
+        assert {run for run, _ in written[0]} == {*charted, "0"}  # the sub-runs, and the run's own folder
+        for i in tb_writer.charted_layers(tb_writer.N_LAYERS, chart):
+            for p in tb_writer.STATS:
+                series = written[0].get((layer(i), f"{SECTIONS[p]}/bench"))
+                assert (series is not None) == have[p][i], (i, p)
+                if series is not None:
+                    expected = [math.log10(stats[p][i]) if p in LOG10 else stats[p][i] for _, stats, _ in steps]
+                    assert [s for s, _ in series] == [s for s, _, _ in steps]
+                    assert [v for _, v in series] == pytest.approx(expected, rel=1e-6)
+        for tag in tb_writer.RUN_SCALARS:
+            series = written[0][("0", tag)]
+            assert [v for _, v in series] == pytest.approx([scalars[tag] for _, _, scalars in steps], rel=1e-6)
