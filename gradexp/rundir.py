@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 import time
 from contextlib import contextmanager
@@ -50,6 +51,17 @@ def new_run_dir(out: str | Path, name: str) -> Path:
         except OSError as e:  # what os.access does not see: /proc, a full disk, root on a read-only mount
             raise ConfigError(f"--out: cannot create {path} ({e.strerror}); give a writable folder") from None
     raise FileExistsError(f"could not create a new run folder under {parent}")
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def folder_name(text: str) -> str:
+    """`text` as one folder name (a sweep's point, a layer's sub-run; a user's names may hold anything),
+    also valid as a config name but for its length: ASCII letters, digits, '.', '_' and '-', starting
+    with a letter or digit (never hidden, never '..'); each run of other characters becomes '-'. ASCII,
+    so a cut at n characters is n bytes (a file system allows 255 in a name)."""
+    return _UNSAFE.sub("-", text).lstrip("._-") or "x"
 
 
 def start_stamp(folder: Path) -> str:

@@ -7,9 +7,11 @@ from __future__ import annotations
 import builtins
 import errno
 import io
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -143,6 +145,7 @@ def fill_at(disk: FullDisk, step_to_fill: int | None):
     @contextmanager
     def bars(total, phase="training"):
         def update(step, stats):
+            disk.last_step = step
             if step == step_to_fill if step_to_fill is not None else "status" in stats:
                 disk.full = True
         yield update
@@ -159,7 +162,8 @@ def test_write_atomic_leaves_no_temporary_file_and_says_which_file(tmp_path, mon
 
 
 def test_a_full_disk_during_training_is_a_failed_run_in_words(tmp_path, monkeypatch):
-    monkeypatch.setattr(EventFile, "FLUSH_SECONDS", 0.0)  # the events go to the file at every step
+    # the writer thread puts the events in the file within 10 ms: at every step (0 would spin the thread)
+    monkeypatch.setattr(EventFile, "FLUSH_SECONDS", 0.01)
     disk = FullDisk(monkeypatch, tmp_path, "events.out", full=False)
     cfg = load_config(CONFIGS / "deep_relu.yaml", ["model.depth=3", "train.steps=40", "train.log_every=5"])
     with pytest.raises(OSError, match="no space left on device while writing .*events.out.tfevents"):
@@ -168,6 +172,7 @@ def test_a_full_disk_during_training_is_a_failed_run_in_words(tmp_path, monkeypa
     assert s["status"] == "failed"
     assert s["error"].startswith("no space left on device while writing ") and "events.out.tfevents" in s["error"]
     assert s["steps"]["planned"] == 40
+    assert disk.last_step < 39  # raised while training went on, from the writer thread's error
     assert not leftovers(tmp_path)
 
 
@@ -184,8 +189,38 @@ def test_a_full_disk_at_the_end_fails_the_run_and_keeps_its_results(tmp_path, mo
     assert not leftovers(tmp_path)
 
 
+@pytest.mark.parametrize("flush_seconds", [0.01, 600.0], ids=["while-writing", "on-close"])
+def test_a_full_disk_under_the_writer_thread_is_raised_to_the_caller_naming_the_file(tmp_path, monkeypatch,
+                                                                                     flush_seconds):
+    """TensorBoard's writer thread meets the full disk (within FLUSH_SECONDS, or in close's last flush):
+    the caller gets the WriteError, from `check` (the training loop's, every step) or `close`, and the
+    thread prints no traceback of its own."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    thread_errors = []
+    monkeypatch.setattr(threading, "excepthook", thread_errors.append)
+    monkeypatch.setattr(EventFile, "FLUSH_SECONDS", flush_seconds)
+    disk = FullDisk(monkeypatch, tmp_path, "events.out", full=False)
+    events = EventFile(str(tmp_path))
+    time.sleep(0.1)  # the thread's first flush: the file-version record
+    disk.full = True
+    events.add(Summary(value=[Summary.Value(tag="loss/train", simple_value=1.0)]), step=1)
+    message = f"no space left on device while writing {events.path}"
+    if flush_seconds < 1:
+        deadline = time.monotonic() + 5.0
+        with pytest.raises(OSError, match=re.escape(message)):
+            while time.monotonic() < deadline:
+                events.check()
+                time.sleep(0.01)
+    else:
+        events.check()  # waiting in memory, not yet written
+    with pytest.raises(OSError, match=re.escape(message)):
+        events.close()
+    assert not thread_errors
+
+
 def test_a_full_disk_from_the_start_fails_in_words_on_the_command_line(cli, tmp_path, monkeypatch):
-    monkeypatch.setattr(EventFile, "FLUSH_SECONDS", 0.0)
+    monkeypatch.setattr(EventFile, "FLUSH_SECONDS", 0.01)
     FullDisk(monkeypatch, tmp_path, "events.out")
     result = cli("run", CONFIGS / "deep_relu.yaml", "model.depth=3", *TINY, "--out", tmp_path, "-q")
     assert result.exit_code == 1

@@ -151,30 +151,23 @@ def summary_of(folder: Path) -> dict:
 # ------------------------------------------------------------------------- the event file itself
 
 def test_every_record_passes_tensorboards_checksum_check(runs):
-    """gradexp writes its own event files, with google-crc32c's C code for the checksums: the same
-    values as TensorBoard's pure-Python CRC-32C, and TensorBoard's pure-Python reader, which checks
-    both checksums of every record, reads the whole file."""
-    import random
-
+    """TensorBoard's pure-Python reader, which checks both checksums of every record, reads each whole
+    file: the run's own (kept open) and a layer's sub-run (appended to at each flush)."""
     from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
 
-    from gradexp.sinks.tensorboard import masked_crc32c
-
-    rng = random.Random(0)
-    for n in (0, 1, 7, 64, 6000):
-        data = bytes(rng.randrange(256) for _ in range(n))
-        assert masked_crc32c(data) == pywrap_tensorflow.masked_crc32c(data)
     (events,) = runs["main"].glob("events.out.tfevents.*")
-    reader = pywrap_tensorflow.PyRecordReader_New(str(events))
-    records = 0
-    while True:
-        try:
-            reader.GetNext()
-        except Exception as e:  # OutOfRangeError at the end; a checksum failure is a DataLossError
-            assert type(e).__name__ == "OutOfRangeError", e
-            break
-        records += 1
-    assert records > 10
+    (layer_events,) = (runs["main"] / "layers" / layer(0)).glob("events.out.tfevents.*")
+    for path, at_least in ((events, 10), (layer_events, len(LOG_STEPS))):
+        reader = pywrap_tensorflow.PyRecordReader_New(str(path))
+        records = 0
+        while True:
+            try:
+                reader.GetNext()
+            except Exception as e:  # OutOfRangeError at the end; a checksum failure is a DataLossError
+                assert type(e).__name__ == "OutOfRangeError", e
+                break
+            records += 1
+        assert records > at_least, path
 
 
 def test_run_folder_holds_one_event_file_and_one_sub_run_per_layer(runs):
@@ -563,57 +556,67 @@ def test_sweep_experiment_marks_keys_some_runs_lack_and_keeps_other_event_files(
     assert infos["status"].differs and [v.string_value for v in infos["status"].domain_discrete.values] == list(STATUSES)
 
 
-# --- the event encoding, against protobuf's own
+# --- the event files
 
 
-@pytest.mark.parametrize("step", [0, 1, 300, 10**12])
-def test_scalar_events_are_protobufs_own_bytes(step):
-    from tensorboard.compat.proto.event_pb2 import Event
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    from gradexp.sinks.tensorboard import ScalarSummary, scalar_event
-
-    tags = [layer(i) for i in range(30)] + ["acc/train", "x" * 300]  # a tag longer than 127 bytes too
-    values = [0.5 * i - 3 for i in range(30)] + [math.nan, 1.0]
-    special = [math.inf, -math.inf, 1e300, -3.5e38, 1e-50, 0.0, 7,  # beyond float32, below it, an int
-               3.40282350e38, 3.4028235677973366e38, -3.4028235677973362e38]  # and its edge
-    for vals in (values, special + values[len(special):]):
-        ours = scalar_event(1234.5, step, ScalarSummary(tags).encode(vals))
-        summary = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in zip(tags, vals)])
-        assert ours == Event(wall_time=1234.5, step=step, summary=summary).SerializeToString()
-
-
-def test_events_reach_the_file_within_a_second_and_all_of_them_on_close(tmp_path):
+def test_values_beyond_float32_are_charted_as_float32_keeps_them(tmp_path):
+    """An exploding gradient's norm (beyond float32's range) is written, as float32 keeps it: infinity."""
     from gradexp.sinks.tensorboard import Board
 
+    values = [1e300, -3.5e38, 3.4028235677973366e38, 1e-50, 0.0, 7, math.inf, math.nan, None]
+    board = Board(str(tmp_path), "big")
+    board.set_layers([layer(0)], {"act_mean": [True]})
+    for step, v in enumerate(values):
+        board.layers(step, {"act_mean": [v]}, {"grad_norm/total": v if v is not None else 1.0})
+    board.close()
+    charted = [e.value for e in layer_accumulator(tmp_path, 0).Scalars(f"{SECTIONS['act_mean']}/big")]
+    acc = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={event_accumulator.SCALARS: 0})
+    acc.Reload()
+    total = [e.value for e in acc.Scalars("grad_norm/total")]
+    expected = [math.inf, -math.inf, math.inf, 0.0, 0.0, 7.0, math.inf, math.nan, math.nan]
+    for got in (charted, total[:-1]):
+        assert [str(v) for v in got] == [str(v) for v in expected[:len(got)]] and len(got) >= 8
+
+
+def test_events_reach_the_file_within_flush_seconds_while_the_run_goes_on(tmp_path, monkeypatch):
+    """TensorBoard's writer thread puts a logged step's events in every file within FLUSH_SECONDS,
+    with no call from the training loop."""
+    from gradexp.sinks.tensorboard import Board, EventFile
+
+    monkeypatch.setattr(EventFile, "FLUSH_SECONDS", 0.2)
+    board = Board(str(tmp_path))
+    board.set_layers([layer(i) for i in range(3)], {"grad_norm": [True] * 3})
+    board.layers(1, {"grad_norm": [1.0, 2.0, 3.0]}, {"grad_norm/total": 4.0})
+    written = time.monotonic()
+    while not logged_steps(tmp_path, 0) == logged_steps(tmp_path, 2) == logged_steps(tmp_path, -1) == [1]:
+        assert time.monotonic() - written < EventFile.FLUSH_SECONDS + 2.0  # slack for a busy machine
+        time.sleep(0.01)
+    board.close()
+
+
+def test_close_writes_every_event_that_waited(tmp_path, monkeypatch):
+    from gradexp.sinks.tensorboard import Board, EventFile
+
+    monkeypatch.setattr(EventFile, "FLUSH_SECONDS", 600.0)  # the thread flushes only its first record
     board = Board(str(tmp_path))
     board.set_layers([layer(i) for i in range(3)], {"grad_norm": [True] * 3})
     stats = {"grad_norm": [1.0, 2.0, 3.0]}
-
-    def logged_steps(i: int = 0) -> list[int]:  # of layer i's sub-run, or of the run's own file
-        folder = tmp_path / "layers" / layer(i) if i >= 0 else tmp_path
-        (events,) = folder.glob("events.out.tfevents.*")
-        return [e.step for e in EventFileLoader(str(events)).Load() if e.summary.value]
-
-    board.layers(1, stats, {"grad_norm/total": 4.0})
-    board.tick()
-    assert not logged_steps(0) and not logged_steps(-1)  # made just now: waits in memory
-    for events in [board.events, *board.layer_events.values()]:
-        events.oldest -= events.FLUSH_SECONDS  # a second later, with no other event since
-    board.layers_flushed -= board.events.FLUSH_SECONDS
-    board.tick()  # (the training loop's, every step)
-    assert logged_steps(0) == logged_steps(2) == logged_steps(-1) == [1]
-    board.layers(2, stats)
-    board.layers(3, stats)
-    assert logged_steps(0) == [1]
-    board.layer_events[0].oldest -= board.events.FLUSH_SECONDS
-    board.layers(4, stats)  # an event made a second after the oldest waiting one
-    assert logged_steps(0) == [1, 2, 3, 4]
-    board.layers(5, stats)
+    for step in range(1, 6):
+        board.layers(step, stats, {"grad_norm/total": 4.0})
+        board.tick()
+    time.sleep(0.2)
+    assert not logged_steps(tmp_path, 0) and not logged_steps(tmp_path, -1)  # waiting in memory
     board.close()
-    assert logged_steps(0) == logged_steps(1) == [1, 2, 3, 4, 5]
+    assert logged_steps(tmp_path, 0) == logged_steps(tmp_path, 1) == logged_steps(tmp_path, -1) == [1, 2, 3, 4, 5]
     values = layer_accumulator(tmp_path, 1).Scalars(f"{SECTIONS['grad_norm']}/{tmp_path.name}")  # charted as log10
     assert [10 ** e.value for e in values] == pytest.approx([2.0] * 5)
+
+
+def logged_steps(folder: Path, i: int) -> list[int]:
+    """The steps of layer i's sub-run (-1: of the run's own file) that hold values, as read back."""
+    folder = folder / "layers" / layer(i) if i >= 0 else folder
+    (events,) = folder.glob("events.out.tfevents.*")
+    return [e.step for e in EventFileLoader(str(events)).Load() if e.summary.value]
 
 
 def test_a_watched_model_shows_its_layers_in_depth_order(tmp_path, tmp_path_factory):
@@ -688,3 +691,49 @@ def test_watch_refuses_a_chart_of_fewer_than_two_layers(tmp_path, chart_layers):
     with pytest.raises(ValueError, match="chart_layers"):
         gradexp.watch(net, torch.optim.SGD(net.parameters(), lr=0.1), logdir=tmp_path / "w", chart_layers=chart_layers)
     assert not (tmp_path / "w").exists()
+
+
+def test_tb_writer_benchmark_writes_the_same_events_every_way(tmp_path):
+    """bench/tb_writer.py --tiny: every variant (the old hand-written encoder, TensorBoard's writer with
+    and without its thread) wrote the events TensorBoard's reader reads back as the bench's values."""
+    keep = tmp_path / "keep"
+    done = subprocess.run([sys.executable, "bench/tb_writer.py", "--tiny", "--json", str(tmp_path / "r.json"),
+                           "--keep", str(keep)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import tb_writer
+    finally:
+        sys.path.pop(0)
+    results = json.loads((tmp_path / "r.json").read_text())
+    steps = tb_writer.logged_steps(tb_writer.TINY_STEPS)
+    have = tb_writer.available()
+
+    def read(folder: Path) -> dict[tuple[str, str], list[tuple[int, float]]]:
+        out = {}
+        for run in [folder, *sorted((folder / "layers").iterdir())]:
+            acc = event_accumulator.EventAccumulator(str(run), size_guidance={event_accumulator.SCALARS: 0})
+            acc.Reload()
+            for tag in acc.Tags()[event_accumulator.SCALARS]:
+                out[run.name, tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+        return out
+
+    for c, (case, chart) in enumerate(tb_writer.CASES.items()):
+        assert list(results["cases"][case]["rows"]) == list(tb_writer.VARIANTS)
+        written = [read(keep / str(c) / str(v)) for v in range(len(tb_writer.VARIANTS))]
+        # the same runs, tags, steps and float32 values, the run's own folder named by its variant
+        assert all({(run if run != str(v) else "0", tag): series for (run, tag), series in w.items()} == written[0]
+                   for v, w in enumerate(written))
+        charted = [layer(i) for i in tb_writer.charted_layers(tb_writer.N_LAYERS, chart)]
+        assert {run for run, _ in written[0]} == {*charted, "0"}  # the sub-runs, and the run's own folder
+        for i in tb_writer.charted_layers(tb_writer.N_LAYERS, chart):
+            for p in tb_writer.STATS:
+                series = written[0].get((layer(i), f"{SECTIONS[p]}/bench"))
+                assert (series is not None) == have[p][i], (i, p)
+                if series is not None:
+                    expected = [math.log10(stats[p][i]) if p in LOG10 else stats[p][i] for _, stats, _ in steps]
+                    assert [s for s, _ in series] == [s for s, _, _ in steps]
+                    assert [v for _, v in series] == pytest.approx(expected, rel=1e-6)
+        for tag in tb_writer.RUN_SCALARS:
+            series = written[0][("0", tag)]
+            assert [v for _, v in series] == pytest.approx([scalars[tag] for _, _, scalars in steps], rel=1e-6)

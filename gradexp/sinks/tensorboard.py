@@ -21,11 +21,10 @@ import itertools
 import math
 import os
 import socket
-import struct
+import threading
 import time
 from typing import Any
 
-import google_crc32c
 from google.protobuf import struct_pb2
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
@@ -41,10 +40,12 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import (
     HParamsPluginData,
     SessionEndInfo,
 )
+from tensorboard.summary.writer.event_file_writer import _AsyncWriter
+from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard.summary import histogram_raw, hparams
 
 from gradexp.probes.stats import ACT_HIST, GRAD_HIST, LAYER_PROBES, STATS, bucket_limits
-from gradexp.rundir import in_words, writing
+from gradexp.rundir import WriteError, folder_name, in_words, writing
 
 # The HParams dashboard's metrics, as scalar tags written at the end of the run.
 FINAL_METRICS = ("final/loss_train", "final/acc_train", "final/loss_eval", "final/acc_eval",
@@ -104,152 +105,113 @@ def _log10(v: float | None) -> float:
     return math.log10(v) if v > 0 else (-math.inf if v == 0 else math.nan)
 
 
-def safe_folder_name(name: str) -> str:
-    """A layer's name as a folder name (a user's `names=` may hold anything)."""
-    cleaned = "".join(c if c.isalnum() or c in "._-+" else "_" for c in name).lstrip(".")
-    return cleaned[:120] or "_"
+class _RecordFile:
+    """The file under TensorBoard's RecordWriter, which its writer thread calls: records are kept in
+    memory and go to the file at each `flush` (the thread's, every FLUSH_SECONDS, and the last one on
+    close). An OSError here (a full disk) is kept as a WriteError naming the file, for the training
+    loop to raise (`EventFile.check`), and the file takes nothing more: raised in the thread it would
+    print the thread's traceback, and a record written after a lost one could be half a record.
+    `keep_open=False`: opened to append at each flush and closed again (a layer's sub-run: a model
+    may have hundreds of layers, a process ~1024 open files)."""
 
+    def __init__(self, path: str, keep_open: bool):
+        self.path, self.keep_open = path, keep_open
+        self.pending: list[bytes] = []
+        self.error: WriteError | None = None
+        self.lock = threading.Lock()  # the thread's flush and _AsyncWriter.flush's, from the caller's thread
+        with writing(path):
+            self.file: Any = open(path, "xb")  # "x": never append to another writer's file
+        if not keep_open:
+            self.file.close()
+            self.file = None
 
-def masked_crc32c(data: bytes) -> int:
-    """The masked CRC-32C that TFRecord files put after each record's length and data: with the C
-    code of google-crc32c (TensorBoard's own is pure Python, ~0.7 ms for a logged step's event)."""
-    x = google_crc32c.value(data)
-    return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+    def write(self, record: bytes) -> None:
+        with self.lock:
+            if self.error is None:
+                self.pending.append(record)
+
+    def flush(self) -> None:
+        with self.lock:
+            if self.error is not None or not self.pending:
+                return
+            try:
+                with writing(self.path):
+                    if self.file is None:
+                        self.file = open(self.path, "ab")
+                    self.file.write(b"".join(self.pending))
+                    self.file.flush()
+                    if not self.keep_open:
+                        self.file.close()
+                        self.file = None
+            except WriteError as e:
+                self.error = e
+                self._close_quietly()
+            self.pending.clear()
+
+    def close(self) -> None:
+        self.flush()
+        with self.lock:
+            self._close_quietly()
+
+    def _close_quietly(self) -> None:
+        file, self.file = self.file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError:  # bytes a flush could not write fail again: the kept error says it
+                pass
 
 
 class EventFile:
-    """One TensorBoard event file, written in the calling thread through one open file.
-
-    torch's SummaryWriter hands every event to a writer thread, which reopens the file per record and
-    computes the checksums in pure Python, while the thread competes with training for the cores
-    and the GIL. Here each event is one TFRecord (length, masked CRC of the length, data, masked CRC
-    of the data), kept in memory until the oldest one waiting is FLUSH_SECONDS old (checked at each
-    write and each `flush_if_due`, which the training loop calls every step), and on close:
-    TensorBoard, which reads every few seconds, sees it live, and a run killed outright (SIGKILL,
-    SIGTERM) loses at most that last second. Writing each event to the file as it came cost ~50 us
-    of a logged step (the file's code path runs on cold caches right after training's kernels), a
-    twentieth of it. A logged step makes one event (two with histograms)."""
+    """One TensorBoard event file, written by TensorBoard's own writer: its RecordWriter frames each
+    Event (length, masked CRC-32C, data, masked CRC-32C) on _AsyncWriter's thread, the writer inside
+    EventFileWriter. EventFileWriter itself is not used: it writes through a GFile that reopens the
+    file for every record, and an error there is raised in its thread (a traceback on stderr, the
+    file it failed on not named). Here an event reaches the file within FLUSH_SECONDS (TensorBoard,
+    which reads every few seconds, sees the run live; a run killed outright loses at most that last
+    second) and all of them on `close`; a full disk is raised as WriteError by the next `write`,
+    `check` (the training loop's, through Board.tick, every step) or `close`."""
 
     FLUSH_SECONDS = 1.0
+    QUEUE = 64  # events waiting for the thread before `write` waits for it (a logged step makes 1-2 per file)
 
     def __init__(self, folder: str, suffix: str = "", keep_open: bool = True):
-        """`keep_open=False`: the file is opened to append at each flush and closed again (a layer's
-        sub-run: a model may have hundreds of layers, a process ~1024 open files)."""
         os.makedirs(folder, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_file_ids)}"
-        name += suffix
-        self.path = os.path.join(folder, name)
-        self.file = open(self.path, "xb")  # "x": never append to another writer's file
-        self.keep_open = keep_open
-        self.pending: list[bytes] = []  # records not yet in the file
-        self.oldest = 0.0  # time.monotonic() when pending[0] was made
+        self.path = os.path.join(folder, name + suffix)
+        self.file = _RecordFile(self.path, keep_open)
+        self.writer = _AsyncWriter(RecordWriter(self.file), self.QUEUE, self.FLUSH_SECONDS)
         self.write(Event(wall_time=time.time(), file_version="brain.Event:2"))
-        if not keep_open:
-            self.flush()
+
+    def check(self) -> None:
+        """Raise the error that kept an event from the file, if any."""
+        if self.file.error is not None:
+            raise self.file.error
 
     def write(self, event: Event) -> None:
-        self.write_bytes(event.SerializeToString())
+        self.check()
+        self.writer.write(event.SerializeToString())
 
-    def write_bytes(self, data: bytes) -> None:
-        """One serialised Event as a record."""
-        header = struct.pack("<Q", len(data))
-        if not self.pending:
-            self.oldest = time.monotonic()
-        self.pending.append(header + struct.pack("<I", masked_crc32c(header)) + data
-                            + struct.pack("<I", masked_crc32c(data)))
-        self.flush_if_due()
-
-    def flush_if_due(self) -> None:
-        if self.pending and time.monotonic() - self.oldest >= self.FLUSH_SECONDS:
-            self.flush()
-
-    def flush(self) -> None:
-        with writing(self.path):  # a full disk's error says which file
-            if self.file is None:
-                if not self.pending:
-                    return
-                self.file = open(self.path, "ab")
-            self.file.write(b"".join(self.pending))
-            self.file.flush()
-            self.pending.clear()
-            if not self.keep_open:
-                self.file.close()
-                self.file = None
-
-    def add(self, summary: Summary, step: int | None = None) -> None:
-        event = Event(wall_time=time.time(), summary=summary)
+    def add(self, summary: Summary, step: int | None = None, wall_time: float | None = None) -> None:
+        event = Event(wall_time=time.time() if wall_time is None else wall_time, summary=summary)
         if step is not None:
             event.step = step
         self.write(event)
 
     def close(self) -> None:
-        """Write what is pending and close the file, which is closed even when the write fails."""
+        """Write every event and close the file, which is closed even when a write fails."""
         try:
-            self.flush()
+            self.writer.flush()  # raises what ended the thread, which close() would not
         finally:
-            file, self.file = self.file, None
-            if file is not None:
-                try:
-                    file.close()
-                except OSError:  # the bytes the flush could not write fail again: its error says it
-                    pass
+            self.writer.close()
+        self.check()
 
 
 _file_ids = itertools.count()
 
-FLOAT32_MAX = 3.4028234663852886e38
 
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-FLOAT32_ROUNDS_TO_INF = 3.4028235677973366e38  # FLOAT32_MAX + half its ulp: nearer infinity from here
-
-
-def _float32(v: float) -> float:
-    """What a float32 field keeps of v, as protobuf's conversion does: beyond float32's range an
-    infinity, and within half an ulp of its largest value that value."""
-    v = float(v)
-    if abs(v) > FLOAT32_MAX:
-        return math.copysign(math.inf if abs(v) >= FLOAT32_ROUNDS_TO_INF else FLOAT32_MAX, v)
-    return v
-
-
-class ScalarSummary:
-    """A Summary of float scalars under fixed tags, serialised by packing the values into precomputed
-    bytes: the protobuf encoding byte for byte (each Summary.Value: tag = 1, simple_value = 2), without
-    setting ~125 fields of a message on every logged step (~0.15 ms there)."""
-
-    def __init__(self, tags: list[str]):
-        prefixes = []
-        for tag in tags:
-            inner = b"\x0a" + _varint(len(tag.encode())) + tag.encode() + b"\x15"  # tag, then simple_value's key
-            prefixes.append(b"\x0a" + _varint(len(inner) + 4) + inner)  # a Summary.value entry of that length
-        self.struct = struct.Struct("<" + "".join(f"{len(prefix)}sf" for prefix in prefixes))
-        self.args: list = [None] * (2 * len(tags))
-        self.args[0::2] = prefixes
-
-    def encode(self, values: list[float]) -> bytes:
-        args = self.args
-        args[1::2] = values
-        try:
-            return self.struct.pack(*args)
-        except (OverflowError, struct.error):  # beyond float32's range (an exploding gradient's norm)
-            args[1::2] = [_float32(v) for v in values]
-            return self.struct.pack(*args)
-
-
-def scalar_event(wall_time: float, step: int, summary: bytes) -> bytes:
-    """A serialised Event (wall_time = 1, step = 2, summary = 5) holding a serialised Summary; a zero
-    step is left out, as protobuf leaves out a default value."""
-    return (b"\x09" + struct.pack("<d", wall_time) + (b"\x10" + _varint(step) if step else b"")
-            + b"\x2a" + _varint(len(summary)) + summary)
+def _scalars(tags: list[str], values: list[float]) -> Summary:
+    return Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in zip(tags, values)])
 
 
 class Board:
@@ -267,57 +229,51 @@ class Board:
         self.label = f"{self.name} {started}" if started else self.name
         self.events = EventFile(folder)
         self.layer_events: dict[int, EventFile] = {}  # charted layer -> its sub-run's events
-        self.layers_flushed = 0.0  # time.monotonic() when `tick` last looked at them (one look a second)
         self.names: list[str] = []
         self.available: dict[str, list[bool]] = {}
-        # Logged steps write the same tags again and again: their encoding is made once per layer and
-        # set of probes (gradient probes, weight probes or both), and per set of extra scalars.
-        self.templates: dict[tuple[str, ...], dict[int, tuple[ScalarSummary, list[str]] | None]] = {}
-        self.extras: dict[tuple[str, ...], ScalarSummary] = {}
+        # Logged steps write the same tags again and again: made once per set of probes (gradient
+        # probes, weight probes or both), per charted layer.
+        self.tags: dict[tuple[str, ...], dict[int, tuple[list[str], list[str]] | None]] = {}
 
     def set_layers(self, names: list[str], available: dict[str, list[bool]]) -> None:
         """The layers in depth order, and which probes each has (`Watcher.available`)."""
         self.names, self.available = list(names), available
-        self.templates.clear()
+        self.tags.clear()
         for events in self.layer_events.values():
             events.close()
-        self.layer_events = {i: EventFile(os.path.join(self.folder, LAYERS_DIR, safe_folder_name(self.names[i])),
+        self.layer_events = {i: EventFile(os.path.join(self.folder, LAYERS_DIR, folder_name(self.names[i])[:120]),
                                           keep_open=False)
                              for i in charted_layers(len(self.names), self.chart_layers)}
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        self.events.add(Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in values.items()]), step)
+        self.events.add(_scalars(list(values), list(values.values())), step)
 
     def scalars_series(self, tag: str, values: list[float], first_step: int = 0) -> None:
         """A whole series of one tag at consecutive steps (e.g. one pre-training phase)."""
         for k, v in enumerate(values):
             self.scalars(first_step + k, {tag: v})
 
-    def _templates(self, probes: tuple[str, ...]) -> dict[int, tuple[ScalarSummary, list[str]] | None]:
-        """Per charted layer: the encoding of its tags for these probes, and the probes it has (None: none)."""
-        if probes not in self.templates:
+    def _layer_tags(self, probes: tuple[str, ...]) -> dict[int, tuple[list[str], list[str]] | None]:
+        """Per charted layer: its tags for these probes, and the probes it has (None: none)."""
+        if probes not in self.tags:
             per_layer = {}
             for i in self.layer_events:
                 own = [p for p in probes if self.available[p][i]]
-                tags = [f"{probe_section(p)}/{self.label}" for p in own]
-                per_layer[i] = (ScalarSummary(tags), own) if own else None
-            self.templates[probes] = per_layer
-        return self.templates[probes]
+                per_layer[i] = ([f"{probe_section(p)}/{self.label}" for p in own], own) if own else None
+            self.tags[probes] = per_layer
+        return self.tags[probes]
 
     def layers(self, step: int, stats: dict[str, list[float | None]], scalars: dict[str, float] | None = None) -> None:
         """The per-layer probes in `stats` (one event per layer's sub-run), and `scalars` (tag -> value)
         as one event in the run's own file: one add_scalar each would cost ~200 events."""
         now = time.time()
-        for i, slot in self._templates(tuple(p for p in LAYER_PROBES if p in stats)).items():
+        for i, slot in self._layer_tags(tuple(p for p in LAYER_PROBES if p in stats)).items():
             if slot is not None:
-                template, probes = slot
+                tags, probes = slot
                 values = [_log10(stats[p][i]) if STATS[p].log else _number(stats[p][i]) for p in probes]
-                self.layer_events[i].write_bytes(scalar_event(now, step, template.encode(values)))
+                self.layer_events[i].add(_scalars(tags, values), step, now)
         if scalars:
-            tags = tuple(scalars)
-            if tags not in self.extras:
-                self.extras[tags] = ScalarSummary(list(tags))
-            self.events.write_bytes(scalar_event(now, step, self.extras[tags].encode(list(scalars.values()))))
+            self.events.add(_scalars(list(scalars), list(scalars.values())), step, now)
 
     def profile_images(self, frames: list[tuple[int, bytes, int, int]], section: str = PROFILE_SECTION) -> None:
         """A profile as PNGs, (step, PNG bytes, height, width) each: one image card per run in
@@ -377,12 +333,11 @@ class Board:
             self.scalars(step, {tag: v})
 
     def tick(self) -> None:
-        """Once a step: events waiting for a second go to the file."""
-        self.events.flush_if_due()
-        if self.layer_events and time.monotonic() - self.layers_flushed >= EventFile.FLUSH_SECONDS:
-            for events in self.layer_events.values():
-                events.flush_if_due()
-            self.layers_flushed = time.monotonic()
+        """Once a step: an event file that could not be written (a full disk) fails the run here.
+        TensorBoard's writer thread puts the events in the files within EventFile.FLUSH_SECONDS."""
+        self.events.check()
+        for events in self.layer_events.values():
+            events.check()
 
     def close(self) -> None:
         """Close every event file, even when one cannot be written; then raise the first error."""

@@ -20,7 +20,6 @@ import difflib
 import hashlib
 import itertools
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from gradexp.config import (
     value_text,
     yaml_scalar,
 )
-from gradexp.rundir import write_atomic, write_json
+from gradexp.rundir import folder_name, write_atomic, write_json
 
 DEFAULT_SWEEP = Path("configs/sweep.yaml")
 SWEEP_KEYS = ("name", "base", "grid", "runs", "seeds")
@@ -66,13 +65,6 @@ class Plan:
     points: list[Point]
     spec: dict = field(default_factory=dict)  # grid, runs, seeds as given (saved as sweep.yaml)
     overrides: dict = field(default_factory=dict)  # the command line's key=value, for the record (plan.json)
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def _safe(text: str) -> str:
-    """Folder-safe and valid as a config name: letters, digits, '.', '_', '-', starting with one of the first two."""
-    return _UNSAFE.sub("-", text).lstrip("._-") or "x"
 
 
 def _unique(names: list[str], overrides: list[dict]) -> list[str]:
@@ -128,18 +120,18 @@ def expand(name: str, base: dict, grid: dict[str, list] | None = None, runs: dic
     for (run_name, run_ov), combo, seed in itertools.product(named_runs, combos, seed_list):
         ov = dict(run_ov or {})
         ov.update(zip(grid.keys(), combo))
-        parts = [_safe(run_name)] if run_name is not None else []
-        parts += [f"{labels[k]}-{_safe(value_text(v))}" for k, v in zip(grid.keys(), combo) if k in labels]
+        parts = [folder_name(run_name)] if run_name is not None else []
+        parts += [f"{labels[k]}-{folder_name(value_text(v))}" for k, v in zip(grid.keys(), combo) if k in labels]
         if seed is not None:
             ov["seed"] = seed
             if len(seed_list) > 1:
                 parts.append(f"seed-{seed}")
-        names.append("_".join(parts) or _safe(str(base.get("name") or name)))
+        names.append("_".join(parts) or folder_name(str(base.get("name") or name)))
         points.append(Point("", ov, run_name))
     for p, n in zip(points, _unique(names, [p.overrides for p in points])):
         p.name = n
     spec = {"grid": grid, "runs": runs, "seeds": list(seeds) if seeds else None}
-    return Plan(_safe(name), base, points, {k: v for k, v in spec.items() if v}, overrides)
+    return Plan(folder_name(name), base, points, {k: v for k, v in spec.items() if v}, overrides)
 
 
 def _parse_grid_option(item: str) -> tuple[str, list]:
