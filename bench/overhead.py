@@ -65,11 +65,9 @@ import torch.nn.functional as F
 
 import gradexp
 from provenance import provenance
-from gradexp.sinks.tensorboard import Board
 from gradexp.config import load_config
 from gradexp.data.datasets import Batches
 from gradexp.run.optim import OPTIMIZERS
-from gradexp.probes.watcher import Watcher
 from gradexp.run.experiment import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,41 +201,6 @@ def gradexp_torch_ops(s: Setup, steps: int, tmp: Path) -> Steps:
         del os.environ["GRADEXP_NATIVE"]
 
 
-class LibraryBoard(Board):
-    """gradexp's Board with its per-layer scalars written the library's way: torch's SummaryWriter,
-    one add_scalar per tag (protobuf messages, TensorBoard's own record writer on its thread)."""
-
-    def __init__(self, folder: str):
-        from torch.utils.tensorboard import SummaryWriter
-
-        super().__init__(folder)
-        self.writer = SummaryWriter(os.path.join(folder, "library"))
-
-    def layers(self, step: int, stats: dict, scalars: dict | None = None) -> None:
-        for probe, values in stats.items():
-            for i, v in enumerate(values):
-                if self.available[probe][i]:
-                    self.writer.add_scalar(f"{probe}/{self.names[i]}", math.nan if v is None else v, step)
-        for tag, v in (scalars or {}).items():
-            self.writer.add_scalar(tag, v, step)
-
-    def close(self) -> None:
-        self.writer.close()
-        super().close()
-
-
-def gradexp_library_writer(s: Setup, steps: int, tmp: Path) -> Steps:
-    """gradexp's probes every step, written through TensorBoard's SummaryWriter instead of gradexp's writer."""
-    opt = s.optimizer()
-    board = LibraryBoard(str(tmp / f"library-{next(_logdirs)}"))
-    probes = Watcher(s.model, opt, board=board, every=1)
-    try:
-        yield from loop(s, opt, steps)
-    finally:
-        probes.detach()
-        board.close()
-
-
 def lightning_grad_norm(s: Setup, steps: int, tmp: Path) -> Steps:
     try:
         from lightning.pytorch.utilities import grad_norm
@@ -273,7 +236,6 @@ VARIANTS: dict[str, Callable[[Setup, int, Path], Steps]] = {
     "gradexp.watch, every 10 (weights every 100)": gradexp_watch(10),
     "gradexp.watch, every step (weights every 10)": gradexp_watch(1),
     "  the same, torch ops instead of the C kernel": gradexp_torch_ops,
-    "  the same, TensorBoard's SummaryWriter instead of gradexp's writer": gradexp_library_writer,
     "Lightning grad_norm + floats, every step": lightning_grad_norm,
     "wandb.log per step, no watch": wandb_run(None),
     "wandb.watch gradients, log_freq=10": wandb_run(10),
