@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -164,6 +163,7 @@ def sweep(
 ) -> None:
     """Run a set of experiments (a grid, named runs, seeds) side by side, in parallel, and compare them."""
     from gradexp import sweep as sweeps
+    from gradexp.run.signals import ignore as ignore_stop_signals
     from gradexp.sinks.console import sweep_progress_bar
 
     try:
@@ -187,8 +187,7 @@ def sweep(
     except ConfigError as e:  # the sweep folder could not be made (what check_out cannot see: /proc)
         raise fail(e)
     if outcome.interrupted:  # the summaries are written: a second Ctrl-C would only cut the printing short
-        for sig in sweeps.STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
+        ignore_stop_signals()
     if not quiet:
         console.print(sweeps.results_table(outcome.rows))
         for r in outcome.rows:

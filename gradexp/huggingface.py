@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gradexp
 from gradexp.session import Adapter
 
 try:
@@ -31,7 +30,8 @@ class GradientFlow(Adapter, transformers.TrainerCallback):
 
     logdir: the log folder (TensorBoard events, summary.json, gradient_flow.png); default
         `gradient_flow` inside `args.logging_dir` (transformers 4.x), else `args.output_dir`.
-    every, weight_every, layers: as in `gradexp.watch`.
+    every, weight_every, layers, ...: any option of `gradexp.watch` but scaler and last_step, which
+        the Trainer tells.
 
     After training, `callback.watcher.summary()` holds what summary.json holds.
     """
@@ -41,16 +41,9 @@ class GradientFlow(Adapter, transformers.TrainerCallback):
             return
         # transformers 5 dropped `logging_dir`
         logdir = self.logdir or Path(getattr(args, "logging_dir", None) or args.output_dir) / "gradient_flow"
-        self.watcher = gradexp.watch(
-            model,
-            getattr(optimizer, "optimizer", optimizer),  # the torch optimizer inside AcceleratedOptimizer
-            logdir=logdir,
-            every=self.every,
-            weight_every=self.weight_every,
-            layers=self.layers,
-            scaler=getattr(optimizer, "scaler", None),  # fp16 on a GPU only
-            last_step=state.max_steps - 1 if state.max_steps and state.max_steps > 0 else None,
-        )
+        self.attach(model, getattr(optimizer, "optimizer", optimizer), logdir,  # the torch optimizer inside AcceleratedOptimizer
+                    scaler=getattr(optimizer, "scaler", None),  # fp16 on a GPU only
+                    last_step=state.max_steps - 1 if state.max_steps and state.max_steps > 0 else None)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.watcher is not None:

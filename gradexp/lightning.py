@@ -19,7 +19,6 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-import gradexp
 from gradexp.session import Adapter
 
 
@@ -50,8 +49,9 @@ class GradientFlow(Adapter, *_callback_classes()):
 
     logdir: the log folder (TensorBoard events, summary.json, gradient_flow.png); default
         `gradient_flow` inside `trainer.log_dir` (the logger's folder, else `default_root_dir`).
-    every, weight_every, layers: as in `gradexp.watch` (names are qualified from the
-        LightningModule: "model.h.*" where it keeps its network as `self.model`).
+    every, weight_every, layers, ...: any option of `gradexp.watch` but scaler and last_step, which
+        the Trainer tells (names are qualified from the LightningModule: "model.h.*" where it keeps its
+        network as `self.model`).
 
     After fitting, `callback.watcher.summary()` holds what summary.json holds.
     """
@@ -64,16 +64,9 @@ class GradientFlow(Adapter, *_callback_classes()):
         optimizers = trainer.optimizers
         if len(optimizers) > 1:
             raise ValueError(f"GradientFlow watches one optimizer; this LightningModule has {len(optimizers)}")
-        self.watcher = gradexp.watch(
-            pl_module,
-            optimizers[0] if optimizers else None,
-            logdir=logdir,
-            every=self.every,
-            weight_every=self.weight_every,
-            layers=self.layers,
-            scaler=getattr(trainer.precision_plugin, "scaler", None),  # "16-mixed" on a GPU only
-            last_step=_last_step(trainer),
-        )
+        self.attach(pl_module, optimizers[0] if optimizers else None, logdir,
+                    scaler=getattr(trainer.precision_plugin, "scaler", None),  # "16-mixed" on a GPU only
+                    last_step=_last_step(trainer))
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.watcher is not None:

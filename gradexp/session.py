@@ -6,6 +6,7 @@
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()          # the probes measure at its step hooks
+            w.loss(loss)              # optional: the loss is logged, and checked for divergence
     print(w.summary()["diagnosis"]["message"])
 
 The folder gets TensorBoard events as the loop runs, and summary.json and gradient_flow.png when
@@ -14,6 +15,7 @@ the watch closes (leaving the `with` block, or `close()`), however the loop ends
 
 from __future__ import annotations
 
+import inspect
 import time
 from pathlib import Path
 from typing import Any
@@ -21,11 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradexp import __version__
-from gradexp.sinks.tensorboard import CHART_LAYERS, Board
-from gradexp.analysis.diagnosis import diagnose, watched_context
+from gradexp.analysis.diagnosis import watched_context
 from gradexp.probes.watcher import Watcher
-from gradexp.rundir import write_json
+from gradexp.sinks.summary import build, close
+from gradexp.sinks.tensorboard import CHART_LAYERS, Board
 
 
 def _fresh_folder(logdir: str | Path) -> Path:
@@ -44,11 +45,39 @@ def _fresh_folder(logdir: str | Path) -> Path:
 
 
 class Watch:
-    """A watched model: the probes, their TensorBoard events, and on close the summary and figure."""
+    """Watch the gradient flow of any `nn.Module` as it trains (`gradexp.watch(...)` makes one; a
+    context manager): the probes, their TensorBoard events, and on close the summary and figure.
+
+    - `optimizer`: measured at each of its steps through its step hooks. Without one, call
+      `w.step()` once per training step, after backward.
+    - `logdir`: TensorBoard events, summary.json and gradient_flow.png (a folder that already holds
+      a watch's files is left alone: the first free `logdir-N` is used instead; `w.logdir` says which).
+    - `every`: gradient and activation probes every N steps (step 0 included); 0: off.
+    - `weight_every`: weight probes (weight_norm, update_ratio, dist_from_init) every N steps
+      (default 10 * every; 0: off). They keep a copy of the weights at init.
+    - `layers`: None (every module that owns a weight of 2 or more dimensions, in the order the
+      forward pass calls them), name patterns ("transformer.h.*"), a module type or tuple of types,
+      or a list of modules.
+    - `scaler`: a torch.amp.GradScaler: its scale is divided out (the values are unscaled).
+    - `hist_every`: TensorBoard histograms of the gradients and activations every N steps (0: off).
+    - `vanishing_below`, `exploding_above`: the diagnosis' thresholds on the first-to-last ratio of
+      ||dL/dz||.
+    - `last_step`: the index of the training's last step, where known: it is measured too.
+    - `chart_layers`: layers drawn as lines in TensorBoard's per-layer charts, the first, the last and
+      evenly between (None: all; TensorBoard selects a folder's runs only while they are 500 or
+      fewer, a charted layer being one). The profile image and the summary have every layer.
+    - `recurrent`: the layers your forward calls once per time step (chosen as `layers` chooses;
+      default: torch's cells, nn.RNNCell, nn.LSTMCell, nn.GRUCell): ||dL/dh_t|| of each call is kept,
+      the gradient through time, and the diagnosis is through time. A fused nn.RNN/nn.LSTM loops
+      inside one call: there is nothing per time step to hook.
+    A model compiled with torch.compile is refused: watch the uncompiled one.
+
+    `diverged` in the summary: the first step whose loss (the losses given to `w.loss`) or logged
+    gradient is not finite (gradexp.probes.history)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  logdir: str | Path = "runs/watch", every: int = 10, weight_every: int | None = None,
-                 hist_every: int = 0, layers: Any = None, scaler: Any = None, name: str | None = None,
+                 layers: Any = None, scaler: Any = None, name: str | None = None, hist_every: int = 0,
                  vanishing_below: float = 1e-2, exploding_above: float = 1e2, last_step: int | None = None,
                  chart_layers: int | None = CHART_LAYERS, recurrent: Any = None):
         if chart_layers is not None and (not isinstance(chart_layers, int) or chart_layers < 2):
@@ -76,6 +105,19 @@ class Watch:
         self.probes.step()
         self.board.tick()
 
+    def loss(self, value: torch.Tensor | float) -> None:
+        """The loss of the step in progress (call it before the optimizer's step, or before `w.step()`):
+        logged as `loss/train` beside a logged step's probes, in their one transfer, and checked for
+        divergence on every step given, as `gradexp run` checks its loss: read with no host sync of its
+        own at the next logged step (or the 100th loss since the latest read, or close)."""
+        divergence = self.probes.divergence
+        if divergence.pending and (self.probes.latest.get("step", -1) >= divergence.pending[0][0]
+                                   or len(divergence.pending) >= 100):
+            divergence.check()  # after a logged step the device has synced: the values are there
+        divergence.add(self.probes.step_count, value)
+        if self.probes.logging:
+            self.probes.attach({"loss/train": value.detach() if isinstance(value, torch.Tensor) else value})
+
     @property
     def layer_names(self) -> list[str]:
         """The layers' names as logged, in depth order (known after the first forward)."""
@@ -95,104 +137,56 @@ class Watch:
 
     # --- ending
     def close(self, status: str = "completed", error: str | None = None) -> dict:
-        """Remove every hook, write summary.json and gradient_flow.png, close the events. Idempotent."""
+        """Remove every hook, then end as `gradexp run` ends (sinks.summary.close): summary.json,
+        gradient_flow.png and the profile images, the events closed. Idempotent."""
         if self._summary is not None:
             return self._summary
         self.probes.detach()
-        try:
-            if self.probes.diverged is not None and status == "completed":
-                status = "diverged"
-            self.status, self.error = status, error
-            summary = self.summary()
-            first, last = summary["layers"]["first"], summary["layers"]["last"]
-            if first is not None:
-                from gradexp.sinks.figures import draw_gradient_flow  # matplotlib is imported only when drawing
-
-                errors = [draw_gradient_flow(self.logdir / "gradient_flow.png", first, last, title=self.name,
-                                             names=self.probes.names, diverged=self.probes.diverged),
-                          self.board.draw_profiles(self.probes.profiles, self.probes.names, self.name,
-                                                     self.probes.diverged)]
-                if any(errors):  # the loop's result stands; the summary says why there is no figure
-                    summary["figure_error"] = "; ".join(e for e in errors if e)
-            self._summary = summary
-            write_json(self.logdir / "summary.json", summary)
-        finally:
-            self.board.close()
-            self.probes.closed = True
-        return self._summary
+        self.probes.closed = True
+        self.probes.divergence.check()
+        self.status, self.error = status, error
+        summary = self.summary()
+        self.status = summary["status"]
+        self._summary = summary
+        close(self.logdir, self.board, summary, self.probes)
+        return summary
 
     def summary(self) -> dict:
         """What summary.json holds (as it stands, while the loop runs)."""
         if self._summary is not None:
             return self._summary
-        p = self.probes
-        diverged = p.diverged
-        first, last = p.snapshots(before=diverged["step"] if diverged else None)
-        if diverged and first is not None and first["step"] >= diverged["step"]:
-            first = last = None
-        info = p.layer_info()
-        ctx = watched_context(info)
-        ctx.vanishing_below, ctx.exploding_above = self.thresholds
-        div = {"step": diverged["step"], "first_nonfinite_layer": diverged["layer_index"]} if diverged else None
-        return {
-            "status": self.status,
-            "error": self.error,
-            "name": self.name,
-            "steps": {"done": p.step_count},
-            "every": {"gradients": p.every, "weights": p.weight_every},
-            "layers": {**info, "first": first, "last": last},
-            "diverged": diverged,
-            "diagnosis": diagnose(first, last, ctx, div),
-            "versions": {"gradexp": __version__, "torch": torch.__version__},
-            "probe_kernel": p.probe_kernel() if p.layers else None,
-            "wall_time_s": round(time.time() - self.started, 3),
-        }
+
+        def context(info: dict):
+            ctx = watched_context(info)
+            ctx.vanishing_below, ctx.exploding_above = self.thresholds
+            return ctx
+
+        return build(self.probes, status=self.status, error=self.error, name=self.name,
+                     steps={"done": self.probes.step_count}, started=self.started, context=context)
+
+
+watch = Watch  # gradexp.watch(model, optimizer, logdir=..., ...): one signature, Watch's
 
 
 class Adapter:
-    """What the Lightning and Hugging Face callbacks keep: the options they pass to `watch`, and the
-    watch once attached (`.watcher`)."""
+    """What the Lightning and Hugging Face callbacks keep: the `gradexp.watch` options they were given
+    (any but `scaler` and `last_step`, which the trainer tells), and the watch once attached (`.watcher`)."""
 
-    def __init__(self, logdir: str | Path | None = None, every: int = 10, weight_every: int | None = None,
-                 layers: Any = None):
+    def __init__(self, logdir: str | Path | None = None, **options):
+        try:
+            inspect.signature(Watch).bind_partial(logdir=logdir, **options)
+        except TypeError as e:
+            raise TypeError(f"GradientFlow: {e}; the options are gradexp.watch's") from None
+        for key in ("scaler", "last_step"):
+            if key in options:
+                raise TypeError(f"GradientFlow: {key} is taken from the trainer, not given")
         self.logdir = logdir
-        self.every = every
-        self.weight_every = weight_every
-        self.layers = layers
+        self.options = options
         self.watcher: Watch | None = None
 
-
-def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, logdir: str | Path = "runs/watch",
-          every: int = 10, weight_every: int | None = None, layers: Any = None, scaler: Any = None,
-          name: str | None = None, hist_every: int = 0, vanishing_below: float = 1e-2,
-          exploding_above: float = 1e2, last_step: int | None = None, chart_layers: int | None = CHART_LAYERS,
-          recurrent: Any = None) -> Watch:
-    """Watch the gradient flow of any `nn.Module` as it trains; returns a `Watch` (a context manager).
-
-    - `optimizer`: measured at each of its steps through its step hooks. Without one, call
-      `w.step()` once per training step, after backward.
-    - `logdir`: TensorBoard events, summary.json and gradient_flow.png (a folder that already holds
-      a watch's files is left alone: the first free `logdir-N` is used instead; `w.logdir` says which).
-    - `every`: gradient and activation probes every N steps (step 0 included); 0: off.
-    - `weight_every`: weight probes (weight_norm, update_ratio, dist_from_init) every N steps
-      (default 10 * every; 0: off). They keep a copy of the weights at init.
-    - `layers`: None (every module that owns a weight of 2 or more dimensions, in the order the
-      forward pass calls them), name patterns ("transformer.h.*"), a module type or tuple of types,
-      or a list of modules.
-    - `scaler`: a torch.amp.GradScaler: its scale is divided out (the values are unscaled).
-    - `hist_every`: TensorBoard histograms of the gradients and activations every N steps (0: off).
-    - `vanishing_below`, `exploding_above`: the diagnosis' thresholds on the first-to-last ratio of
-      ||dL/dz||.
-    - `last_step`: the index of the training's last step, where known: it is measured too.
-    - `chart_layers`: layers drawn as lines in TensorBoard's per-layer charts, the first, the last and
-      evenly between (None: all; TensorBoard selects a folder's runs only while they are 500 or
-      fewer, a charted layer being one). The profile image and the summary have every layer.
-    - `recurrent`: the layers your forward calls once per time step (chosen as `layers` chooses;
-      default: torch's cells, nn.RNNCell, nn.LSTMCell, nn.GRUCell): ||dL/dh_t|| of each call is kept,
-      the gradient through time, and the diagnosis is through time. A fused nn.RNN/nn.LSTM loops
-      inside one call: there is nothing per time step to hook.
-    A model compiled with torch.compile is refused: watch the uncompiled one."""
-    return Watch(model, optimizer, logdir=logdir, every=every, weight_every=weight_every, hist_every=hist_every,
-                 layers=layers, scaler=scaler, name=name, vanishing_below=vanishing_below,
-                 exploding_above=exploding_above, last_step=last_step, chart_layers=chart_layers,
-                 recurrent=recurrent)
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, logdir: str | Path,
+               scaler: Any, last_step: int | None) -> Watch:
+        """Watch `model` with the options given, in `logdir` unless one was given."""
+        self.watcher = Watch(model, optimizer, logdir=self.logdir or logdir, scaler=scaler, last_step=last_step,
+                             **self.options)
+        return self.watcher

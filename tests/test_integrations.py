@@ -398,3 +398,23 @@ def test_huggingface_measures_before_clipping_and_cleans_up(tmp_path):
     assert summary["steps"]["done"] == 3
     assert all(math.isfinite(v) for v in summary["layers"]["last"]["grad_norm"])
     assert hooks_left(model, trainer.optimizer.optimizer) == []
+
+
+def test_a_callback_takes_the_options_of_gradexp_watch_and_refuses_others(tmp_path):
+    """The callbacks keep gradexp.watch's options (one signature: Watch's), any of them, checked when
+    the callback is made; scaler and last_step come from the trainer."""
+    from gradexp.session import Adapter
+
+    with pytest.raises(TypeError, match="evry"):
+        Adapter(evry=2)
+    with pytest.raises(TypeError, match="scaler is taken from the trainer"):
+        Adapter(scaler=None)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    adapter = Adapter(name="mine", every=1, hist_every=1, chart_layers=None)
+    w = adapter.attach(model, opt, tmp_path / "flow", scaler=None, last_step=3)
+    try:
+        assert (w.name, w.probes.every, w.probes.hist_every, w.probes.last_step, w.logdir) == \
+            ("mine", 1, 1, 3, tmp_path / "flow")
+    finally:
+        w.close()

@@ -256,7 +256,7 @@ def test_the_diverged_step_is_the_first_non_finite_loss_of_a_plain_loop(tmp_path
 def test_divergence_finds_the_first_non_finite_value_across_reads():
     import torch
 
-    from gradexp.run.experiment import Divergence
+    from gradexp.probes.history import Divergence
 
     divergence = Divergence()
     for step, v in enumerate([1.0, 2.0, 3.0]):
@@ -264,7 +264,10 @@ def test_divergence_finds_the_first_non_finite_value_across_reads():
     assert divergence.check() is None and not divergence.pending
     for step, v in [(3, 1.0), (3, math.inf), (4, math.nan), (5, 2.0)]:  # step 3 twice: loss, then norm
         divergence.add(step, torch.tensor(v))
-    divergence.read(divergence.values().tolist())  # as a logged step reads them with its statistics
-    assert divergence.check() == 3
+    assert divergence.check() == 3 and divergence.record()["seen_in"] == "loss"
     divergence.add(6, torch.tensor(math.nan))
     assert divergence.check() == 3  # the first one stays
+    divergence.gradient(2, 0)  # a logged step's gradient, read later, but before the loss's step
+    assert divergence.check() == 2
+    assert {k: divergence.record()[k] for k in ("step", "seen_in", "first_nonfinite_layer")} == \
+        {"step": 2, "seen_in": "gradient", "first_nonfinite_layer": 0}

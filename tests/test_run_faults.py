@@ -236,7 +236,7 @@ def test_a_figure_that_cannot_be_saved_leaves_the_run_completed(cli, tmp_path, m
     assert result.exit_code == 0, result.output
     folder = only_run(tmp_path)
     s = summary_of(folder)
-    assert s["status"] == "completed" and "error" not in s
+    assert s["status"] == "completed" and s["error"] is None  # as gradexp.watch writes it: null unless one stopped the run
     assert s["figure_error"] == f"no space left on device while writing {folder / 'gradient_flow.png'}"
     assert set(s["final"]) == {"loss_train", "acc_train", "loss_eval", "acc_eval"}
     assert not (folder / "gradient_flow.png").exists()  # no half-written figure

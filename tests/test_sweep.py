@@ -23,7 +23,7 @@ import yaml
 
 from conftest import CONFIGS, ROOT, TINY, ctrl_c_reaches_it, summary_of
 from gradexp import sweep as sweeps
-from gradexp.sweep import execute as sweep_execute
+from gradexp.run.signals import catch
 from gradexp.config import ConfigError, flat, load_config
 
 # TINY budgets as single-valued grid keys: set for every point, and left out of the points' names.
@@ -486,7 +486,7 @@ def test_a_sweep_started_ignoring_ctrl_c_keeps_ignoring_it():
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         received: list[int] = []
-        replaced = sweep_execute._catch_signals(received)
+        replaced = catch(received)
         try:
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and list(replaced) == [signal.SIGTERM]
             signal.raise_signal(signal.SIGINT)

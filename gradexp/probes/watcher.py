@@ -43,6 +43,7 @@ from torch import nn
 from torch.autograd.variable import Variable
 
 from gradexp.probes import native
+from gradexp.probes.history import Divergence
 from gradexp.activations import NEEDS_INPUT, PASS_THROUGH, activation_name
 from gradexp.probes.stats import ACT_HIST, DERIVATIVE_PROBES, GRAD_HIST, GRADIENT_PROBES, STATS, WEIGHT_PROBES, activation_sums, batched_sums, combine, histogram_row, stat_value, sum_squares, to_host
 
@@ -225,7 +226,8 @@ class Watcher:
         self.logged: list[dict] = []  # snapshots: the first logged step and the two latest
         self.profiles: list[dict] = []  # snapshots thinned to at most PROFILES_KEPT, evenly spread
         self.weights: dict | None = None  # the latest weight probes, with their step
-        self.diverged: dict | None = None  # the first logged step with a non-finite gradient, and where
+        # the run's divergence (history.Divergence): the probes report non-finite gradients to it, the loop its losses
+        self.divergence = Divergence(lambda: self.names, lambda: self.layers)
         self.kernel_steps = self.torch_steps = 0  # logged steps whose gradients the C kernel / torch summed
         self.closed = False
         self._handles: list = []  # the optimizer's step hooks, for as long as the watch lasts
@@ -328,6 +330,11 @@ class Watcher:
     def logging(self) -> bool:
         """Whether the step in progress is measured."""
         return self.record is not None
+
+    @property
+    def diverged(self) -> dict | None:
+        """summary.json's `diverged` as read so far (history.Divergence.record)."""
+        return self.divergence.record()
 
     def attach(self, values: dict[str, torch.Tensor | float]) -> None:
         """Values (device tensors) to read with this logged step's one transfer and log beside its
@@ -747,13 +754,12 @@ class Watcher:
                 **{k: self.weights[k] if self.weights else None for k in WEIGHT_PROBES},
                 "calls": [layer.calls for layer in self.layers],
                 "dz_calls": dz_calls}
-        if self.diverged is None:
+        if "gradient" not in self.divergence.seen:
             bad = [i for i in range(n) for k in ("grad_norm", "act_grad_norm")
                    if values[k][i] is not None and not math.isfinite(values[k][i])]
             total = totals["grad_norm_total"]
             if bad or (total is not None and not math.isfinite(total)):
-                first = min(bad) if bad else None
-                self.diverged = {"step": step, "layer": self.names[first] if bad else None, "layer_index": first}
+                self.divergence.gradient(step, min(bad) if bad else None)
         self.logged.append(snap)
         if len(self.logged) > 3:
             del self.logged[1]

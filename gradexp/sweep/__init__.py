@@ -5,7 +5,7 @@ the sweep folder and its lock) | results (read back from the run folders: summar
 the figure). This package's names are the sweep's API: `load_plan` -> `prepare` -> `run`.
 """
 
-from gradexp.sweep.execute import STOP_SIGNALS, Busy, Job, SweepOutcome, prepare, run
+from gradexp.sweep.execute import Busy, Job, SweepOutcome, prepare, run
 from gradexp.sweep.plan import (
            Plan,
            Point,
@@ -19,6 +19,6 @@ from gradexp.sweep.plan import (
 )
 from gradexp.sweep.results import results_table, status_counts
 
-__all__ = ["STOP_SIGNALS", "Busy", "Job", "Plan", "Point", "SweepOutcome", "check", "check_file", "expand",
+__all__ = ["Busy", "Job", "Plan", "Point", "SweepOutcome", "check", "check_file", "expand",
            "load_plan", "point_config", "prepare", "resume_plan", "results_table", "run", "save_plan",
            "status_counts"]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gradexp.config import Config, ConfigError, flat
+from gradexp.run.signals import blocked, catch, ignore, restore
 from gradexp.run.threads import cores
 from gradexp.rundir import check_out, new_run_dir
 from gradexp.sweep.plan import (
@@ -33,8 +34,7 @@ def _init_worker(threads: int, stop) -> None:
     # parent alone answers them, by setting `stop`, which each run checks at every step (and then ends as
     # `interrupted`, files written). (They are blocked here already, as in the fork server that forked
     # this worker, unless that was started otherwise: see _mp_context.)
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    ignore()
     _STOP = stop
     import torch
 
@@ -97,7 +97,7 @@ def _mp_context():
 
     The fork server is started here with SIGINT and SIGTERM blocked, which it and every worker it forks
     keep: a Ctrl-C killed it while it imported PRELOAD (seconds), or a worker before it could ignore it.
-    The sweep process alone answers them (`_catch_signals`), by stopping the workers."""
+    The sweep process alone answers them (gradexp.run.signals.catch), by stopping the workers."""
     import multiprocessing
     from multiprocessing import forkserver, resource_tracker
 
@@ -107,33 +107,9 @@ def _mp_context():
     ctx.set_forkserver_preload(PRELOAD)
     # The resource tracker first: CPython starts it with them blocked too, and then unblocks them here.
     resource_tracker.ensure_running()
-    # (A signal mask survives fork and exec; one that came meanwhile reaches this process when unblocked.)
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
+    with blocked():
         forkserver.ensure_running()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
     return ctx
-
-
-# SIGINT (Ctrl-C) and SIGTERM stop a sweep: the running points end as `interrupted` (their files written),
-# the queued ones do not start, the summaries are written, and the exit code is 128 + the first signal's number.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def _catch_signals(received: list[int]) -> dict:
-    """While a sweep runs, a stop signal is appended to `received`, never raised: an exception raised at
-    any line (starting the workers, waiting on them, writing the summaries) would cut that call in half.
-    The executors poll `received` between short waits; a second Ctrl-C changes nothing more. A signal
-    the process was started ignoring stays ignored, as `gradexp run` leaves it: a shell starts a script's
-    background jobs (`gradexp sweep ... &`) ignoring Ctrl-C, which is meant for the foreground. Returns
-    the handlers it replaced ({} outside the main thread, where Python cannot catch signals)."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in STOP_SIGNALS
-            if signal.getsignal(sig) is not signal.SIG_IGN}
 
 
 def run_local(plan: Plan, root: Path, todo: list[Point], workers: int, threads: int,
@@ -183,7 +159,7 @@ def run_ray(plan: Plan, root: Path, todo: list[Point], address: str | None, cpus
     if started:
         ray.init(address=address, logging_level=logging.WARNING,
                  **({} if address else {"include_dashboard": False}))
-        _catch_signals(received)  # ray.init makes SIGTERM exit the process at once
+        catch(received)  # ray.init makes SIGTERM exit the process at once
     task = ray.remote(num_cpus=cpus, num_gpus=gpus)(run_point)
     refs = {task.remote(plan.base, p, str(root), max(1, int(cpus))): p for p in todo}
     waiting = list(refs)
@@ -327,14 +303,13 @@ def run(job: Job, progress_factory=None) -> SweepOutcome:
     cleanly: finished runs kept, running ones `interrupted`, every worker ended before the summaries are
     written. The sweep folder is locked (`lock`) until it returns."""
     received: list[int] = []
-    previous = _catch_signals(received)
+    previous = catch(received)
     try:
         return _run(job, progress_factory, received)
     finally:
         if job.lock is not None:
             job.lock.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        restore(previous)
 
 
 def _run(job: Job, progress_factory, received: list[int]) -> SweepOutcome:
