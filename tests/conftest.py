@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ CONFIGS = ROOT / "configs"
 
 # Tiny budgets that keep a CLI run to a second or two on 2 cores.
 TINY = ["train.steps=12", "train.log_every=5", "train.eval_every=6", "train.hist_every=10"]
+# The same budgets as single-valued sweep grid keys: set for every point, left out of the points' names.
+TINY_GRID = [arg for o in TINY for arg in ("--grid", o)]
 
 
 def measure(net, x, y, loss_fn=None, **options) -> dict:
@@ -61,6 +64,29 @@ def cli():
     return invoke
 
 
+@dataclass
+class Ran:
+    """What one `gradexp run` left: the terminal's text, the run folder and its summary.json."""
+    output: str
+    folder: Path
+    summary: dict
+
+
+@pytest.fixture
+def run_cli(cli, tmp_path):
+    """`gradexp run CONFIG ARGS... --out <tmp_path>/<out>` through the real CLI, which must exit 0 and
+    make one run folder there: returns a Ran."""
+
+    def run(config, *args, out: str = "runs") -> Ran:
+        where = tmp_path / out
+        result = cli("run", config, *args, "--out", where)
+        assert result.exit_code == 0, result.output
+        folder = only_run(where)
+        return Ran(result.output, folder, summary_of(folder))
+
+    return run
+
+
 def ctrl_c_reaches_it() -> None:
     """Popen's `preexec_fn` for a child a test sends Ctrl-C: a shell starts a script's background jobs
     ignoring SIGINT (the suite run as `.ci/run &`), children inherit that, and gradexp rightly keeps a
@@ -74,9 +100,15 @@ def run_folders(out: Path) -> list[Path]:
 
 
 def only_run(out: Path) -> Path:
+    """The one run folder under an --out folder."""
     folders = run_folders(out)
     assert len(folders) == 1, folders
     return folders[0]
+
+
+def attempts(root: Path, point: str) -> list[Path]:
+    """A sweep point's run folders (<sweep folder>/<point>/<stamp-id>/), one per attempt."""
+    return sorted(p for p in (root / point).glob("*") if p.is_dir())
 
 
 def summary_of(folder: Path) -> dict:

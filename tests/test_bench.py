@@ -36,9 +36,10 @@ def test_overhead_benchmark_tiny_mode_produces_every_row(tmp_path):
             assert row["ms_per_step"] > 0 and row["ratio"] > 0
             assert row["peak_rss_mb"] > 0 if case == "mlp3x16" else "peak_rss_mb" not in row  # one child each
             assert row["target"] == overhead.TARGETS["cpu"].get(variant)
-            assert ("met" in row) == (row["target"] is not None)
-            assert f"| {case} | {variant} |" in done.stdout  # the markdown table
-        assert rows[overhead.BARE]["ratio"] == 1.0
+            # a target is met when the ratio is at most the target
+            assert row.get("met") == (row["ratio"] <= row["target"] if row["target"] is not None else None)
+            # the markdown table shows the row's own numbers
+            assert f"| {case} | {variant} | {row['ms_per_step']:.2f} | {row['ratio']:.3f} |" in done.stdout
 
 
 def test_overhead_benchmark_interleaving_steps_gives_each_variant_its_blocks(tmp_path):
@@ -53,7 +54,7 @@ def test_overhead_benchmark_interleaving_steps_gives_each_variant_its_blocks(tmp
     assert [v for v in rows if "gradexp" not in v] == ["bare PyTorch loop"] and len(rows) > 3
     for variant, row in rows.items():
         if variant == "bare PyTorch loop":
-            assert row["ratio"] == 1.0 and "blocks" not in row
+            assert "blocks" not in row
         else:  # the tiny mode: the median of two blocks' ratios
             assert len(row["blocks"]) == 2 and row["ratio"] == pytest.approx(sum(row["blocks"]) / 2)
             assert row["ms_per_step"] > 0

@@ -10,13 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import CONFIGS, TINY, run_folders, summary_of
+from conftest import CONFIGS, TINY, TINY_GRID, attempts, run_folders, summary_of
 from gradexp import sweep as sweeps
 from gradexp.text import fmt_number
 from gradexp.sinks.figures import sweep_panels
-
-TINY_GRID = [arg for o in TINY for arg in ("--grid", o)]
-
 
 def png_size(path: Path) -> tuple[int, int]:
     """(width, height) of a PNG, from its header."""
@@ -27,7 +24,7 @@ def png_size(path: Path) -> tuple[int, int]:
 
 def point_run(sweep: Path, point: str) -> Path:
     """A sweep point's one run folder (<sweep folder>/<point>/<stamp-id>/)."""
-    (folder,) = [p for p in (sweep / point).iterdir() if p.is_dir()]
+    (folder,) = attempts(sweep, point)
     return folder
 
 

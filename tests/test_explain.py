@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import CONFIGS, TINY, only_run, summary_of
+from conftest import CONFIGS, TINY
 
 WIDE = ["data.name=gaussian", "data.dim=512", "model.width=512", "model.depth=12", "model.bias_init=zero",
         "data.batch_size=256", "data.n_train=256", "train.steps=1", "train.log_every=1", "train.hist_every=0",
@@ -18,10 +18,8 @@ WIDE = ["data.name=gaussian", "data.dim=512", "model.width=512", "model.depth=12
     "model.activation=sigmoid model.init=xavier_normal",  # chi_1 = 0.056
     "model.activation=relu model.init=kaiming_normal",  # He init: chi = 1
 ])
-def test_measured_per_layer_factor_agrees_with_chi_within_5_percent(cli, tmp_path, case):
-    result = cli("run", CONFIGS / "deep_relu.yaml", *WIDE, *case.split(), "--out", tmp_path, "-q")
-    assert result.exit_code == 0, result.output
-    theory = summary_of(only_run(tmp_path))["theory"]
+def test_measured_per_layer_factor_agrees_with_chi_within_5_percent(run_cli, case):
+    theory = run_cli(CONFIGS / "deep_relu.yaml", *WIDE, *case.split(), "-q").summary["theory"]
     assert theory["applies"] and theory["fit_layers"] == [3, 8]
     assert theory["measured_factor"] == pytest.approx(theory["predicted_factor"], rel=0.05)
     # and the whole predicted profile, anchored at the last hidden layer, follows the measurement
@@ -29,11 +27,10 @@ def test_measured_per_layer_factor_agrees_with_chi_within_5_percent(cli, tmp_pat
         assert measured == pytest.approx(predicted, rel=0.25)
 
 
-def test_run_shows_the_prediction_and_explains_the_cause(cli, tmp_path):
-    result = cli("run", CONFIGS / "deep_sigmoid.yaml", *TINY, "--out", tmp_path)
-    assert result.exit_code == 0
-    assert "predicted" in result.output  # the table's column
-    s = summary_of(only_run(tmp_path))
+def test_run_shows_the_prediction_and_explains_the_cause(run_cli):
+    ran = run_cli(CONFIGS / "deep_sigmoid.yaml", *TINY)
+    assert "predicted" in ran.output  # the table's column
+    s = ran.summary
     d, t = s["diagnosis"], s["theory"]
     assert t["applies"] and t["chi_1"] < 0.1
     assert "predicted" in d["message"] and "sigmoid with default init" in d["message"]
@@ -41,10 +38,8 @@ def test_run_shows_the_prediction_and_explains_the_cause(cli, tmp_path):
     assert any("still at their init" in f for f in d["findings"])
 
 
-def test_theory_says_when_it_does_not_apply(cli, tmp_path):
-    result = cli("run", CONFIGS / "batchnorm.yaml", *TINY, "--out", tmp_path, "-q")
-    assert result.exit_code == 0
-    theory = summary_of(only_run(tmp_path))["theory"]
+def test_theory_says_when_it_does_not_apply(run_cli):
+    theory = run_cli(CONFIGS / "batchnorm.yaml", *TINY, "-q").summary["theory"]
     assert theory == {"applies": False, "reason": theory["reason"]} and "model.norm=batchnorm" in theory["reason"]
 
 
@@ -60,27 +55,28 @@ def test_explain_predicts_without_training(cli, tmp_path):
 
 def test_explain_names_the_critical_line_and_when_theory_does_not_apply(cli):
     result = cli("explain", CONFIGS / "deep_relu.yaml")
-    assert "chi_1 = 1 (critical)" in result.output or "chi_1 = 1 " in result.output
+    text = " ".join(result.output.split())
+    # ReLU with He init: sigma_w^2 = 2, chi_1 = sigma_w^2 / 2 = 1, and the critical gain is the config's own, 1
+    assert "sigma_w^2 = 2.000" in text and "chi_1 = 1.000 (critical)" in text
+    assert "critical init: chi_1 = 1 at init_gain ~1.00 for kaiming_normal init" in text
     result = cli("explain", CONFIGS / "residual.yaml")
     assert result.exit_code == 0 and "does not apply" in result.output and "model.residual" in result.output
     result = cli("explain", CONFIGS / "deep_tanh.yaml", "model.depth=-1")
     assert result.exit_code == 2
 
 
-def test_float64_measures_what_float32_rounds_to_zero(cli, tmp_path):
-    args = [CONFIGS / "deep_sigmoid.yaml", "model.depth=60", *TINY, "train.steps=2", "train.log_every=1"]
-    assert cli("run", *args, "--out", tmp_path / "f32", "-q").exit_code == 0
-    assert cli("run", *args, "precision=float64", "--out", tmp_path / "f64", "-q").exit_code == 0
-    f32, f64 = (summary_of(only_run(tmp_path / p)) for p in ("f32", "f64"))
+def test_float64_measures_what_float32_rounds_to_zero(run_cli):
+    args = [CONFIGS / "deep_sigmoid.yaml", "model.depth=60", *TINY, "train.steps=2", "train.log_every=1", "-q"]
+    f32 = run_cli(*args, out="f32").summary
+    f64 = run_cli(*args, "precision=float64", out="f64").summary
     assert f32["layers"]["first"]["grad_norm"][0] == 0.0
     assert any("underflow" in f and "precision=float64" in f for f in f32["diagnosis"]["findings"])
     g = f64["layers"]["first"]["grad_norm"][0]
     assert 0 < g < 1e-38  # far below float32's smallest normal number
 
 
-def test_advice_leaves_out_remedies_already_in_use(cli, tmp_path):
-    result = cli("run", CONFIGS / "weight_decay.yaml", *TINY, "--out", tmp_path, "-q")
-    d = summary_of(only_run(tmp_path))["diagnosis"]
+def test_advice_leaves_out_remedies_already_in_use(run_cli):
+    d = run_cli(CONFIGS / "weight_decay.yaml", *TINY, "-q").summary["diagnosis"]
     assert d["verdict"] == "exploding" and "init_gain" in d["advice"]
     assert "clip.mode" not in d["advice"] and "weight_decay" not in d["advice"]
 

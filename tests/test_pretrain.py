@@ -9,7 +9,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import CONFIGS, TINY, only_run, summary_of
+from conftest import CONFIGS, TINY
 from gradexp.sinks.tensorboard import Board
 from gradexp.config import load_config
 from gradexp.run.pretrain import pretrain
@@ -76,12 +76,10 @@ def test_fine_tuning_starts_from_the_pretrained_weights(tmp_path):
     assert len(acc.Scalars("pretrain/recon_loss/layer_02")) == 40
 
 
-def test_pretraining_rescues_the_stuck_sigmoid_net(cli, tmp_path):
-    budget = ["model.depth=6", "pretrain.steps=150", "train.steps=150", "train.eval_every=0", "train.hist_every=0"]
-    assert cli("run", CONFIGS / "pretrain_sigmoid.yaml", *budget, "--out", tmp_path / "on", "-q").exit_code == 0
-    assert cli("run", CONFIGS / "pretrain_sigmoid.yaml", *budget, "pretrain.enabled=false",
-               "--out", tmp_path / "off", "-q").exit_code == 0
-    on, off = (summary_of(only_run(tmp_path / k)) for k in ("on", "off"))
+def test_pretraining_rescues_the_stuck_sigmoid_net(run_cli):
+    budget = ["model.depth=6", "pretrain.steps=150", "train.steps=150", "train.eval_every=0", "train.hist_every=0", "-q"]
+    on = run_cli(CONFIGS / "pretrain_sigmoid.yaml", *budget, out="on").summary
+    off = run_cli(CONFIGS / "pretrain_sigmoid.yaml", *budget, "pretrain.enabled=false", out="off").summary
     assert off["final"]["loss_train"] > 2.25  # stuck at ln 10 = 2.30
     assert on["final"]["loss_train"] < off["final"]["loss_train"] - 0.5
     assert off["diagnosis"]["verdict"] == "vanishing" and on["diagnosis"]["verdict"] == "healthy"

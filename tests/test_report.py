@@ -9,7 +9,7 @@ import re
 import pytest
 from rich.console import Console
 
-from conftest import CONFIGS, TINY, only_run, summary_of
+from conftest import CONFIGS, TINY
 from gradexp.sinks.console import flow_table
 from gradexp.text import fmt_number
 from gradexp.sinks.figures import gradient_flow_figure
@@ -60,23 +60,22 @@ def test_one_number_format(v, text):
 SCIENTIFIC = re.compile(r"\d+(?:\.\d+)?e[+-]?\d+")
 
 
-def test_a_diverged_run_says_where_it_stopped(cli, tmp_path):
+def test_a_diverged_run_says_where_it_stopped(run_cli, tmp_path):
     """The exploding config diverges at once: the progress bar ends at the steps done, the table shows
     the one step logged before, the figure's title says so, and every number in e-notation is written one way."""
-    result = cli("run", CONFIGS / "exploding.yaml", *TINY, "--out", tmp_path)
-    assert result.exit_code == 0, result.output
-    folder = only_run(tmp_path)
-    s = summary_of(folder)
+    ran = run_cli(CONFIGS / "exploding.yaml", *TINY)
+    output, s = ran.output, ran.summary
     assert s["status"] == "diverged"
     done, planned = s["steps"]["done"], s["steps"]["planned"]
     assert done < planned
-    bar = next(line for line in result.output.splitlines() if line.startswith("training"))
+    bar = next(line for line in output.splitlines() if line.startswith("training"))
     assert f"{done}/{planned}" in bar and "diverged" in bar, bar
-    header = "\n".join(result.output.split("gradient flow:")[1].splitlines()[:4])
-    first, last = s["layers"]["first"]["step"], s["layers"]["last"]["step"]
-    steps_shown = re.search(r"^\s*layer\s+@.*$", header, re.M).group(0).count("@")  # act-grad, grad(s), moved, satur.
-    assert steps_shown == (4 if first == last else 5), header  # one grad column when one step was logged
-    numbers = SCIENTIFIC.findall(result.output)
+    header = "\n".join(output.split("gradient flow:")[1].splitlines()[:4])
+    # it diverges at step 1: step 0 is the one step logged, and the table has one grad column for it
+    assert s["layers"]["first"]["step"] == s["layers"]["last"]["step"] == 0
+    steps_shown = re.search(r"^\s*layer\s+@.*$", header, re.M).group(0).count("@")  # act-grad, grad, moved, satur.
+    assert steps_shown == 4, header
+    numbers = SCIENTIFIC.findall(output)
     assert numbers and all(re.fullmatch(r"\d\.\d+e[+-]\d{2,}", n) for n in numbers), numbers
     title, legend = gradient_flow_figure(tmp_path / "again.png", s["layers"]["first"], s["layers"]["last"],
                                          title="exploding", diverged=s["diverged"])

@@ -38,23 +38,39 @@ def leftovers(out: Path) -> list[Path]:
 
 # ------------------------------------------------------------------------------------------- signals
 
+def logged_steps(out: Path) -> list[int]:
+    """The steps the first run folder under `out` has logged so far, as TensorBoard reads them from its
+    first layer's sub-run: that sub-run is made at the first forward pass of training, and a logged
+    step's values reach its file a second after they were measured (EventFile.FLUSH_SECONDS)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    folders = run_folders(out)
+    files = sorted(folders[0].glob("layers/*/events.out.tfevents.*"))[:1] if folders else []
+    return [e.step for f in files for e in EventFileLoader(str(f)).Load() if e.summary.value]
+
+
+def wait_for_training(proc: subprocess.Popen, out: Path) -> list[int]:
+    """Once the run has logged a training step (a second or more into its loop): the steps logged."""
+    deadline = time.monotonic() + 120
+    while not (steps := logged_steps(out)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run did not log a training step within 120 s"
+        time.sleep(0.05)
+    return steps
+
+
 @contextmanager
 def long_run(out: Path, ctrl_c=ctrl_c_reaches_it) -> Iterator[tuple[subprocess.Popen, Path]]:
-    """`python -m gradexp run` on a run far too long to finish, once it is training (its folder has
-    events): the process and its run folder; the process is killed afterwards if it is still there."""
+    """`python -m gradexp run` on a run far too long to finish, once it is training (it has logged a
+    step): the process and its run folder; the process is killed afterwards if it is still there."""
     cmd = [sys.executable, "-m", "gradexp", "run", str(CONFIGS / "deep_relu.yaml"), "model.depth=3",
            "train.steps=1000000", "train.log_every=5", "train.eval_every=0", "train.hist_every=0",
            "--out", str(out), "-q"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=ctrl_c)
     try:
-        deadline = time.monotonic() + 120
-        while not ((folders := run_folders(out)) and any(p.name.startswith("events.out") for p in folders[0].iterdir())):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the run did not start training within 120 s"
-            time.sleep(0.05)
-        time.sleep(1.0)  # well into the loop
-        yield proc, folders[0]
+        wait_for_training(proc, out)
+        yield proc, only_run(out)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -69,11 +85,14 @@ def long_run(out: Path, ctrl_c=ctrl_c_reaches_it) -> Iterator[tuple[subprocess.P
 ], ids=["ctrl-c-twice-10ms", "ctrl-c-twice-400ms", "sigterm", "sigterm-then-more"])
 def test_signals_leave_an_interrupted_run_with_its_files(tmp_path, signals, code):
     with long_run(tmp_path) as (proc, folder):
-        for s in signals:
+        for k, s in enumerate(signals):
             if isinstance(s, float):
                 time.sleep(s)
-            else:
-                proc.send_signal(s)
+                continue
+            if k:  # a later signal must come while the run writes its files (summary.json is the last)
+                assert proc.poll() is None and not (folder / "summary.json").exists(), \
+                    f"the run had ended before signal {k} came: {proc.communicate()}"
+            proc.send_signal(s)
         out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     assert "Traceback" not in err, err
@@ -89,12 +108,15 @@ def test_a_run_started_ignoring_ctrl_c_keeps_ignoring_it_and_stops_on_sigterm(tm
     job), as nohup does; the run keeps it ignored and a SIGTERM still stops it with its files."""
     with long_run(tmp_path, ctrl_c=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) as (proc, folder):
         proc.send_signal(signal.SIGINT)
+        at_ctrl_c = logged_steps(tmp_path)
         time.sleep(1.5)
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
-    assert summary_of(folder)["status"] == "interrupted"
+    s = summary_of(folder)
+    assert s["status"] == "interrupted"
+    assert s["layers"]["last"]["step"] > max(at_ctrl_c)  # training went on after the Ctrl-C
 
 
 # ---------------------------------------------------------------------------------------- a full disk
@@ -279,13 +301,14 @@ def test_a_program_running_runs_in_a_loop_still_stops_on_sigterm(tmp_path):
     then ends the program as SIGTERM always did, instead of starting the next run."""
     proc = subprocess.Popen([sys.executable, "-c", LOOP, str(CONFIGS / "deep_relu.yaml"), str(tmp_path)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (run_folders(tmp_path) and any(p.name.startswith("events.out") for p in run_folders(tmp_path)[0].iterdir())):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    try:
+        wait_for_training(proc, tmp_path)  # the SIGTERM comes while the first run trains
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == -signal.SIGTERM, (proc.returncode, out, err)
     (folder,) = run_folders(tmp_path)  # no second run was started
     assert summary_of(folder)["status"] == "interrupted"

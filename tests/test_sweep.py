@@ -21,13 +21,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import CONFIGS, ROOT, TINY, ctrl_c_reaches_it, summary_of
+from conftest import CONFIGS, ROOT, TINY, TINY_GRID, attempts, ctrl_c_reaches_it, summary_of
 from gradexp import sweep as sweeps
 from gradexp.run.signals import catch
 from gradexp.config import ConfigError, flat, load_config
 
-# TINY budgets as single-valued grid keys: set for every point, and left out of the points' names.
-TINY_GRID = [arg for o in TINY for arg in ("--grid", o)]
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -35,11 +33,6 @@ def sweep_folder(out: Path) -> Path:
     """The one sweep folder under an --out folder (<out>/<sweep name>/<stamp-id>/)."""
     (folder,) = [p for p in out.glob("*/*") if p.is_dir()]
     return folder
-
-
-def attempts(root: Path, point: str) -> list[Path]:
-    """A point's run folders (<sweep folder>/<point>/<stamp-id>/), one per attempt."""
-    return sorted(p for p in (root / point).glob("*") if p.is_dir())
 
 
 def rows_of(root: Path) -> dict[str, dict]:
@@ -283,6 +276,11 @@ def test_ctrl_c_stops_cleanly_and_resume_runs_only_the_missing_points(cli, tmp_p
             # the sweep's HParams experiment is there while it runs (written before the first run)
             (events,) = tmp_path.glob("*/*/events.out.tfevents.*.gradexp-experiment")
             assert next(h for h in experiment_in(events).hparam_infos if h.name == "optim.lr").differs
+            # Ctrl-C while the second point runs (its run folder is made): it must end `interrupted`
+            deadline = time.monotonic() + 60
+            while not list(tmp_path.glob("*/*/lr-0.02/*/config.yaml")):
+                assert time.monotonic() < deadline, "the second point did not start within 60 s"
+                time.sleep(0.01)
             raise KeyboardInterrupt  # what Ctrl-C raises in the parent while it waits
 
         yield advance
@@ -291,14 +289,13 @@ def test_ctrl_c_stops_cleanly_and_resume_runs_only_the_missing_points(cli, tmp_p
     assert outcome.interrupted and outcome.exit_code == 130
     root = outcome.folder
     before = {r["name"]: r["status"] for r in outcome.rows}
-    assert before["lr-0.01"] == "completed"
-    assert before["lr-0.03"] in ("interrupted", "not run")  # stopped, never started or cut short
+    # one worker: the first point done, the second cut short, the third never started
+    assert before == {"lr-0.01": "completed", "lr-0.02": "interrupted", "lr-0.03": "not run"}
     assert before == {n: r["status"] for n, r in rows_of(root).items()}  # summaries written for what is there
     first = attempts(root, "lr-0.01")
     stamp = (first[0] / "summary.json").stat().st_mtime_ns
     interrupted = [n for n, s in before.items() if s == "interrupted"]
-    for name in interrupted:
-        assert summary_of(attempts(root, name)[0])["steps"]["done"] < 400
+    assert summary_of(attempts(root, "lr-0.02")[0])["steps"]["done"] < 400 and not attempts(root, "lr-0.03")
 
     missing = [n for n, s in before.items() if s not in ("completed", "diverged")]
     result = cli("sweep", "--resume", root, "--workers", "1")
@@ -428,14 +425,15 @@ def group_of(pgid: int) -> list[int]:
 @contextmanager
 def sweep_process(tmp_path: Path, *args: str):
     """`python -m gradexp sweep` in a process group of its own (as a terminal runs a job), yielded once two
-    points are training; every process of the group is killed afterwards, whatever the test found."""
+    points are training (each run has made its per-layer sub-runs, at its first forward pass); every
+    process of the group is killed afterwards, whatever the test found."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "gradexp", "sweep", *args, "--out", str(tmp_path), "--quiet"],
                             cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, preexec_fn=ctrl_c_reaches_it)
     try:
         deadline = time.monotonic() + 120
-        while len(list(tmp_path.glob("*/*/*/*/config.yaml"))) < 2:  # <out>/<sweep>/<stamp>/<point>/<run>/
+        while len(list(tmp_path.glob("*/*/*/*/layers"))) < 2:  # <out>/<sweep>/<stamp>/<point>/<run>/layers
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
             time.sleep(0.1)
         time.sleep(0.5)  # past the first steps
@@ -470,6 +468,10 @@ def assert_stopped(proc: subprocess.Popen, code: int, out: Path) -> None:
         found[name] = summary_of(runs[-1])["status"] if runs else "not run"
     assert table == found
     assert sorted(table.values()) == ["interrupted", "interrupted", "not run"], table
+    for name, status in table.items():  # stopped in training: after its first logged step (log_every=100)
+        if status == "interrupted":
+            s = summary_of(attempts(root, name)[0])
+            assert s["layers"]["first"]["step"] == 0 and 0 < s["steps"]["done"] < 100000, (name, s["steps"])
     assert f"interrupted: finish it with  gradexp sweep --resume {root}" in output.replace("\n", "")
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import TINY, layer_charts, only_run, summary_of
+from conftest import TINY, layer_charts, only_run
 from gradexp import watch
 from gradexp.probes.watcher import Watcher
 from gradexp.text import fmt_number
@@ -92,15 +92,12 @@ def test_fused_rnn_and_micro_batches_have_no_profile_and_a_cell_in_micro_batches
         probes.detach()
 
 
-def test_a_recurrent_run_charts_its_time_factor_and_prints_its_profile(cli, tmp_path):
-    out = tmp_path / "runs"
+def test_a_recurrent_run_charts_its_time_factor_and_prints_its_profile(run_cli, tmp_path):
     config = tmp_path / "rnn.yaml"
     config.write_text("data: {name: adding, length: 20, n_train: 64, n_eval: 16, batch_size: 16}\n"
                       "model: {kind: rnn, width: 16}\n")
-    result = cli("run", config, *TINY, f"--out={out}")
-    assert result.exit_code == 0, result.output
-    folder = only_run(out)
-    s = summary_of(folder)
+    ran = run_cli(config, *TINY)
+    folder, s = ran.folder, ran.summary
     first = s["layers"]["first"]
     norms = first["dz_calls"][0]  # layer 0: the cell (adding's inputs are numbers: no embedding)
     assert len(norms) == 20 and first["dz_calls"][1] is None
@@ -125,7 +122,7 @@ def test_a_recurrent_run_charts_its_time_factor_and_prints_its_profile(cli, tmp_
     images = acc.Images(tag)
     assert [e.step for e in images] == [0, 5, 10, 11]
     assert all(e.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n" for e in images)
-    text = " ".join(result.output.split())
+    text = " ".join(ran.output.split())
     assert "through time: ||dL/dh_t|| of layer_00" in text
     assert f"||dL/dh_t|| at t = 0 is {fmt_number(s['diagnosis']['ratio'])}x that at t = 19" in text
     # the theory beside it: a one-layer tanh RNN on the adding task
