@@ -11,8 +11,27 @@ from rich.console import Console
 from rich.markup import escape
 from rich.syntax import Syntax
 
-from gradexp.config import ConfigError, load_config, to_yaml
-from gradexp.rundir import check_out
+from gradexp import compare as comparison
+from gradexp import sweep as sweeps
+from gradexp.config import (
+    ConfigError,
+    key_docs,
+    keys_markdown,
+    keys_table,
+    load_config,
+    to_yaml,
+)
+from gradexp.run.signals import ignore as ignore_stop_signals
+from gradexp.rundir import WriteError, check_out
+from gradexp.sinks.console import (
+    print_explanation,
+    print_report,
+    progress_bar,
+    sweep_progress_bar,
+)
+from gradexp.sinks.figures import MAX_OVERLAID, theory_figure
+from gradexp.sweep.plan import check_file
+from gradexp.sweep.results import results_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="gradexp: see, measure and explain gradient flow in deep networks.")
@@ -85,8 +104,6 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the run folder and the diagnosis")] = False,
 ) -> None:
     """Train one network and log its per-layer gradient flow to TensorBoard."""
-    from gradexp.sinks.console import print_report, progress_bar
-    from gradexp.rundir import WriteError
     from gradexp.run.experiment import run as run_experiment
 
     if out.exists() and not out.is_dir():
@@ -117,7 +134,6 @@ def validate(
     configs: Annotated[list[Path], typer.Argument(help="config files to check")],
 ) -> None:
     """Check config files (and sweep files: every point) without running them; exit 2 if any is invalid."""
-    from gradexp.sweep.plan import check_file
 
     bad = 0
     for path in configs:
@@ -162,10 +178,6 @@ def sweep(
         "--quiet", "-q", help="print only the sweep folder and the status counts")] = False,
 ) -> None:
     """Run a set of experiments (a grid, named runs, seeds) side by side, in parallel, and compare them."""
-    from gradexp import sweep as sweeps
-    from gradexp.run.signals import ignore as ignore_stop_signals
-    from gradexp.sinks.console import sweep_progress_bar
-
     try:
         if resume is not None and (sweep_file is not None or overrides or grid or seeds is not None):
             raise ConfigError("--resume: runs the plan saved in that folder; give no sweep file, overrides, "
@@ -212,9 +224,6 @@ def compare(
         help="the figure (a new .png)", show_default="compare-<YYYYmmdd-HHMMSS>.png here")] = None,
 ) -> None:
     """Put runs side by side: their gradient flow at init and at the end in one figure, their results in a table."""
-    from gradexp import compare as comparison
-    from gradexp.sinks.figures import MAX_OVERLAID
-    from gradexp.sweep.results import results_table
 
     try:
         runs = comparison.find(paths)
@@ -239,8 +248,6 @@ def explain(
 ) -> None:
     """Predict the gradient flow at initialisation from mean-field theory, without training."""
     from gradexp.analysis.prediction import explanation
-    from gradexp.sinks.console import print_explanation
-    from gradexp.sinks.figures import theory_figure
 
     cfg, exp = load_experiment(config, overrides)
     info = explanation(cfg, exp)
@@ -259,7 +266,6 @@ def keys(
     markdown: Annotated[bool, typer.Option(help="print a Markdown table (the README's)")] = False,
 ) -> None:
     """List every config key: what it allows, its default and what it means, read from the schema itself."""
-    from gradexp.config import key_docs, keys_markdown, keys_table
 
     try:
         docs = key_docs(prefix or "")

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from conftest import only_run, summary_of
+from conftest import summary_of
 from gradexp.config import load_config
 from gradexp.probes.watcher import due
 

@@ -13,7 +13,7 @@ from conftest import measure
 from gradexp.config import ACTIVATION_NAMES, INIT_NAMES, NORM_NAMES, ModelConfig
 from gradexp.activations import REGISTRY
 from gradexp.models.layers import INITS, NORMS
-from gradexp.models.build import MODELS, build_model
+from gradexp.models.build import build_model
 from gradexp.probes.stats import DERIVATIVE_PROBES, GRADIENT_PROBES
 
 

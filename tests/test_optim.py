@@ -13,7 +13,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import CONFIGS, ROOT, layer_charts, only_run, run_folders
+from conftest import CONFIGS, ROOT, layer_charts, run_folders
 from gradexp.config import OPTIMIZER_NAMES, OptimConfig, load_config
 from gradexp.run.optim import OPTIMIZERS
 from gradexp.run.experiment import run

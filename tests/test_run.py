@@ -260,7 +260,7 @@ def test_the_diverged_step_is_the_first_non_finite_loss_of_a_plain_loop(tmp_path
 def test_divergence_finds_the_first_non_finite_value_across_reads():
     import torch
 
-    from gradexp.probes.history import Divergence
+    from gradexp.probes.divergence import Divergence
 
     divergence = Divergence()
     for step, v in enumerate([1.0, 2.0, 3.0]):

@@ -12,8 +12,8 @@ from typing import Callable
 
 import torch
 
-from gradexp.probes import native
 from gradexp.activations import DERIVATIVES, MAX_SLOPE, NEEDS_INPUT, SIGNED_DERIVATIVE
+from gradexp.probes import native
 
 SATURATION_FRACTION = 0.01  # |phi'(a)| below 1% of phi's largest slope on every example: saturated / dead
 

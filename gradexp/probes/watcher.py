@@ -42,10 +42,24 @@ import torch
 from torch import nn
 from torch.autograd.variable import Variable
 
-from gradexp.probes import native
-from gradexp.probes.history import Divergence
 from gradexp.activations import NEEDS_INPUT, PASS_THROUGH, activation_name
-from gradexp.probes.stats import ACT_HIST, DERIVATIVE_PROBES, GRAD_HIST, GRADIENT_PROBES, STATS, WEIGHT_PROBES, activation_sums, batched_sums, combine, histogram_row, stat_value, sum_squares, to_host
+from gradexp.probes import native
+from gradexp.probes.divergence import Divergence
+from gradexp.probes.stats import (
+    ACT_HIST,
+    DERIVATIVE_PROBES,
+    GRAD_HIST,
+    GRADIENT_PROBES,
+    STATS,
+    WEIGHT_PROBES,
+    activation_sums,
+    batched_sums,
+    combine,
+    histogram_row,
+    stat_value,
+    sum_squares,
+    to_host,
+)
 
 # On the CPU a tensor larger than this is summed in its hook, so that the end of backward does not
 # hold every large dL/dz at once; smaller ones wait for the one call at the end of backward, which

@@ -16,21 +16,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradexp.sinks.tensorboard import Board, layer_name
+from gradexp.analysis.diagnosis import context_for, watched_context
+from gradexp.analysis.prediction import theory_beside
 from gradexp.config import Config, ConfigError, TrainConfig, flat, to_yaml
 from gradexp.data.datasets import Batches, Dataset, load_dataset
-from gradexp.analysis.diagnosis import context_for, watched_context
-from gradexp.run.memory import check_fits
-from gradexp.models.build import Net, build_model, check_output, multiply_adds
-from gradexp.run.pretrain import pretrain
-from gradexp.run.optim import CLIPPERS, OPTIMIZERS, lr_schedule
-from gradexp.probes.watcher import Watcher, due
-from gradexp.run.signals import Interrupts, interruptible
 from gradexp.data.sequences import IGNORE
-from gradexp.analysis.prediction import theory_beside
+from gradexp.models.build import Net, build_model, check_output, multiply_adds
+from gradexp.probes.watcher import Watcher, due
+from gradexp.run.memory import check_fits
+from gradexp.run.optim import CLIPPERS, OPTIMIZERS, lr_schedule
+from gradexp.run.pretrain import pretrain
+from gradexp.run.signals import Interrupts, interruptible
 from gradexp.run.threads import cores
 from gradexp.rundir import new_run_dir, start_stamp, write_atomic
 from gradexp.sinks.summary import build, close, failed
+from gradexp.sinks.tensorboard import Board, layer_name
+
 
 def resolve_device(name: str) -> torch.device:
     """`auto` is CUDA when present; asking for CUDA that is not there is a user error."""

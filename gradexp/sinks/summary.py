@@ -23,6 +23,7 @@ from gradexp import __version__
 from gradexp.analysis.diagnosis import diagnose
 from gradexp.probes.watcher import Watcher
 from gradexp.rundir import in_words, write_json
+from gradexp.sinks.figures import draw_gradient_flow
 from gradexp.sinks.tensorboard import Board, layer_name
 
 
@@ -103,8 +104,6 @@ def draw_figure(path: Path, summary: dict, names: list[str] | None = None) -> st
     first, last = summary["layers"]["first"], summary["layers"]["last"]
     if first is None:
         return None
-    from gradexp.sinks.figures import draw_gradient_flow  # matplotlib is imported only when drawing
-
     theory = summary.get("theory") or {}
     predicted = theory.get("predicted_act_grad_norm")
     extra = [("predicted at init (mean-field)", predicted, {"ls": "--", "color": "gray"})] if predicted else None

@@ -46,6 +46,7 @@ from torch.utils.tensorboard.summary import histogram_raw, hparams
 
 from gradexp.probes.stats import ACT_HIST, GRAD_HIST, LAYER_PROBES, STATS, bucket_limits
 from gradexp.rundir import WriteError, folder_name, in_words, writing
+from gradexp.sinks.figures import profile_frames, time_frames
 
 # The HParams dashboard's metrics, as scalar tags written at the end of the run.
 FINAL_METRICS = ("final/loss_train", "final/acc_train", "final/loss_eval", "final/acc_eval",
@@ -289,10 +290,6 @@ class Board:
         None when written (or nothing to draw), else why they could not be drawn, in words."""
         if not profiles:
             return None
-        from gradexp.sinks.figures import (  # matplotlib is imported only when drawing
-            profile_frames,
-            time_frames,
-        )
 
         try:
             frames = {section: draw(profiles, names, title, IMAGE_FRAMES, diverged)

@@ -12,6 +12,7 @@ from gradexp.analysis.diagnosis import VERDICTS
 from gradexp.config import Config, flat
 from gradexp.probes.history import through_time
 from gradexp.rundir import STATUSES, write_atomic, write_json
+from gradexp.sinks.figures import sweep_flow_figure
 from gradexp.sweep.plan import DONE, Plan, Point
 from gradexp.text import fmt_number
 
@@ -93,7 +94,6 @@ def swept_keys(plan: Plan) -> list[str]:
 def write_summaries(root: Path, plan: Plan, rows: list[dict]) -> None:
     """summary.json (every row, with its overrides), summary.csv (one column per swept key, holding each
     run's resolved value) and gradient_flow.png."""
-    from gradexp.sinks.figures import sweep_flow_figure
 
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     write_json(root / "summary.json", {"name": plan.name, "folder": str(root), "counts": status_counts(rows),
