@@ -112,7 +112,7 @@ def test_the_scan_sees_what_the_package_imports():
     assert heavy_at_import("gradexp.run.experiment") == {"torch"}
     assert heavy_at_import("gradexp.huggingface") == {"torch", "transformers"}
     deferred = {m for module in MODULES for _, ms in imports_in_functions(module) for m in ms}
-    assert {"gradexp.run.experiment", "gradexp.sinks.figures"} <= deferred
+    assert "gradexp.run.experiment" in deferred  # the CLI defers torch
 
 
 def test_an_import_inside_a_function_defers_a_heavy_package():
