@@ -25,7 +25,7 @@ It attaches with torch's own hook APIs and changes nothing in the model:
 
 Cost is the design constraint: on a step that logs nothing only the optimizer's two step hooks run
 (the module hooks are registered for the measured steps only); on a logged step everything is
-computed on the device, in batched calls (on the CPU in float32 by the C kernel in native.py, one
+computed on the device, in batched calls (reduce.py: on the CPU in float32 by the C kernel, one
 pass per tensor) and read in one host transfer.
 """
 
@@ -42,9 +42,10 @@ import torch
 from torch import nn
 from torch.autograd.variable import Variable
 
-from gradexp.probes import native
 from gradexp.activations import NEEDS_INPUT, PASS_THROUGH, activation_name
-from gradexp.probes.stats import ACT_HIST, DERIVATIVE_PROBES, GRAD_HIST, GRADIENT_PROBES, STATS, WEIGHT_PROBES, activation_sums, batched_sums, combine, histogram_row, stat_value, sum_squares, to_host
+from gradexp.probes import reduce
+from gradexp.probes.reduce import activation_sums, batched_sums, combine, grad_histograms, histogram_row, sum_squares, to_host
+from gradexp.probes.stats import ACT_HIST, DERIVATIVE_PROBES, GRAD_HIST, GRADIENT_PROBES, STATS, WEIGHT_PROBES, stat_value
 
 # On the CPU a tensor larger than this is summed in its hook, so that the end of backward does not
 # hold every large dL/dz at once; smaller ones wait for the one call at the end of backward, which
@@ -482,7 +483,7 @@ class Watcher:
         grads = [p.grad for p in self._params]
         dz = [g for *_, g in record.dz]
         tensors = [g if g is not None else p.new_zeros(0) for g, p in zip(grads, self._params)] + dz
-        sums, metas, rows, native_ok = batched_sums(tensors, acts)
+        sums, metas, rows, backend = batched_sums(tensors, acts)
         if rows is not None:
             record.batched.append((list(zip(owners, metas)), rows))
         if record.dz_eager:
@@ -490,20 +491,16 @@ class Watcher:
             record.dz = record.dz + [(i, call, None) for i, call, _ in record.dz_eager]
             record.dz_eager = []
         if tensors and tensors[0].is_cpu and not record.dz_sums:
-            self.kernel_steps += native_ok
-            self.torch_steps += not native_ok
+            self.kernel_steps += backend == "native"
+            self.torch_steps += backend != "native"
         record.grad_sq = sums[:len(grads)]
         record.dz_sums.append(([i for i, *_ in record.dz], [c for _, c, _ in record.dz], sums[len(grads):]))
         record.dz = []
         record.grads = grads
         record.versions = [g._version if g is not None else -1 for g in grads]
         if self._hist:
-            record.grad_hists = torch.stack([histogram_row(self._layer_grad(layer).abs().log10(), GRAD_HIST)
-                                             for layer in self.layers])
-
-    def _layer_grad(self, layer: Layer) -> torch.Tensor:
-        gs = [p.grad.detach().flatten() for p in layer.params if p.grad is not None]
-        return torch.cat(gs) if gs else torch.zeros(1, device=self._params[0].device if self._params else None)
+            record.grad_hists = grad_histograms([[p.grad for p in layer.params] for layer in self.layers], GRAD_HIST,
+                                                self._params[0].device if self._params else None)
 
     # --- discovery
     def _finish_discovery(self, output: Any) -> None:
@@ -677,13 +674,7 @@ class Watcher:
 
     def _weight_sums(self) -> torch.Tensor:
         """(layer parameters, 3): ||θ||^2, ||θ - θ_before||^2, ||θ - θ_0||^2 of each parameter tensor."""
-        now = [p.detach() for p in self._params[:self._n_layer_params]]
-        lib = native.kernel() if now[0].is_cpu else None
-        if lib is not None and native.usable(now + self._before + self._initial):
-            return native.weight_sums(lib, now, self._before, self._initial)
-        step = torch._foreach_sub(self._before, now)
-        dist = torch._foreach_sub(now, self._initial)
-        return torch.stack([sum_squares(now), sum_squares(step), sum_squares(dist)], dim=1)
+        return reduce.weight_sums([p.detach() for p in self._params[:self._n_layer_params]], self._before, self._initial)
 
     def _finish(self, step: int, record: Record | None, host: dict[str, list], weigh: bool) -> None:
         """From raw sums to the statistics (STATS), then the event, the snapshots and divergence."""
@@ -781,7 +772,7 @@ class Watcher:
         on_cpu = not self._params or self._params[0].is_cpu
         if not on_cpu:
             return "torch"
-        return native.describe(self.kernel_steps, self.torch_steps, not_float32=not_float32)
+        return reduce.describe(self.kernel_steps, self.torch_steps, not_float32=not_float32)
 
 
 def _act_name(module: nn.Module) -> str | None:
