@@ -194,7 +194,7 @@ def gradexp_watch(every: int) -> Callable:
 
 def gradexp_torch_ops(s: Setup, steps: int, tmp: Path) -> Steps:
     """gradexp.watch every step with its statistics from torch ops instead of the C kernel."""
-    os.environ["GRADEXP_NATIVE"] = "0"  # read by gradexp.probes.native at each call (the bare loop never calls it)
+    os.environ["GRADEXP_NATIVE"] = "0"  # read by gradexp.probes.reduce at each call (the bare loop never calls it)
     try:
         yield from gradexp_watch(1)(s, steps, tmp)
     finally:

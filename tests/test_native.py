@@ -1,53 +1,58 @@
-"""The C probe kernel (gradexp/_probes.c through gradexp/native.py): the same probes as the torch
-version for every activation and model kind, built into its cache once, and a run that cannot build
-it falls back to torch and says why."""
+"""The C probe kernel (gradexp/probes/_probes.c, built at install by setup.py, called by
+gradexp/probes/reduce.py): the same probes as the torch version for every activation and model kind;
+an install without a compiler succeeds without it, and a run without it uses torch and says why."""
 
 from __future__ import annotations
 
 import copy
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import CONFIGS, TINY
-from gradexp.probes import native
+from gradexp.probes import reduce
 from gradexp.config import ModelConfig
 from gradexp.activations import ACTIVATIONS
 from gradexp.models.build import build_model
 from gradexp.probes.watcher import Watcher
-from gradexp.probes.stats import GRADIENT_PROBES, WEIGHT_PROBES, sum_squares
+from gradexp.probes.reduce import sum_squares
+from gradexp.probes.stats import GRADIENT_PROBES, WEIGHT_PROBES
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def kernel():
-    lib = native.kernel()
+    lib = reduce.kernel()
     if lib is None:
-        pytest.skip(f"the C probe kernel does not build here: {native.describe(0, 1)}")
+        pytest.skip(f"the C probe kernel is not built here: {reduce.describe(0, 1)}")
     return lib
 
 
 @pytest.fixture
-def fresh(monkeypatch, tmp_path):
-    """The module as in a new process, with its builds in tmp_path."""
-    monkeypatch.setattr(native, "_kernel", None)
-    monkeypatch.setattr(native, "_why_not", None)
-    monkeypatch.setenv("GRADEXP_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+def fresh(monkeypatch):
+    """The module as in a new process: the kernel not loaded yet."""
+    monkeypatch.setattr(reduce, "_lib", None)
+    monkeypatch.setattr(reduce, "_why_not", None)
 
 
 @pytest.fixture
 def kernel_calls(monkeypatch) -> list[int]:
     """How many activations each call of the kernel summed (0: gradients alone)."""
-    calls, real = [], native.probe_sums
+    calls, real = [], reduce._kernel_sums
 
     def spy(lib, tensors, h, *args, **kwargs):
         calls.append(len(h))
         return real(lib, tensors, h, *args, **kwargs)
 
-    monkeypatch.setattr(native, "probe_sums", spy)
+    monkeypatch.setattr(reduce, "_kernel_sums", spy)
     return calls
 
 
@@ -132,39 +137,57 @@ def test_the_kernel_counts_dead_units_and_keeps_nan(kernel, kernel_calls, monkey
     assert_same(ours, theirs)
 
 
+@pytest.mark.parametrize("backend", reduce.BACKENDS)
 @pytest.mark.parametrize("scale", [1.0, 1e-24])  # 1e-24: every square underflows float32
-def test_the_kernel_sums_squares_as_torch_does_in_float64(kernel, monkeypatch, scale):
+def test_every_backend_sums_squares_in_float64(backend, monkeypatch, scale):
+    if backend == "native" and reduce.kernel() is None:
+        pytest.skip(f"the C probe kernel is not built here: {reduce.describe(0, 1)}")
     torch.manual_seed(0)
     tensors = [torch.randn(n) * scale for n in (1, 7, 1000, 4096)] + [torch.zeros(0)]
     exact = [t.double().square().sum().item() for t in tensors]
-    ours = sum_squares(tensors).tolist()
-    with monkeypatch.context() as m:
-        m.setenv("GRADEXP_NATIVE", "0")
-        theirs = sum_squares(tensors).tolist()
-    assert ours == pytest.approx(exact, rel=1e-6) and theirs == pytest.approx(exact, rel=1e-5)
+    assert reduce.choose(tensors, backend) == backend
+    ours = sum_squares(tensors, backend=backend).tolist()
+    assert ours == pytest.approx(exact, rel=1e-6 if backend == "native" else 1e-5)
     assert all(v > 0 for v in ours[:-1]) and ours[-1] == 0
 
 
-def test_the_kernel_is_built_once_into_its_cache(fresh):
-    lib = native.kernel()
-    if lib is None:
-        pytest.skip(f"the C probe kernel does not build here: {native.describe(0, 1)}")
-    (built,) = fresh.glob("probes-*.so")  # one file, and no leftover partial build
-    assert native.kernel() is lib and native.describe(1, 0) == "native"
-    mtime = built.stat().st_mtime_ns
-    native._kernel = None  # as a new process: finds the build, does not compile again
-    assert native.kernel() is not None and built.stat().st_mtime_ns == mtime
+def test_the_kernel_is_the_installed_extension(kernel):
+    """Loaded from the module setup.py built (importable as such), not compiled at run time."""
+    import importlib
+
+    origin = importlib.util.find_spec(reduce.KERNEL_MODULE).origin
+    assert kernel._name == origin and importlib.import_module(reduce.KERNEL_MODULE).__file__ == origin
 
 
-def test_without_a_compiler_a_run_uses_torch_and_says_why(fresh, monkeypatch, cli, tmp_path):
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    assert native.kernel() is None and "no-such-cc" in native.describe(0, 1)
-    assert not list(fresh.glob("*")), "a failed build leaves nothing behind"
+def build_kernel(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """setup.py's build of the extension, into tmp_path (as `pip install` runs it)."""
+    if not (ROOT / "setup.py").exists():
+        pytest.skip("needs the source tree's setup.py")
+    return subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"),
+                           "--build-temp", str(tmp_path / "temp"), "--force"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **env})
+
+
+def test_the_build_makes_a_kernel_that_loads(kernel, tmp_path):
+    done = build_kernel(tmp_path)
+    assert done.returncode == 0, done.stderr
+    (built,) = (tmp_path / "lib").rglob("_kernel*")
+    lib = type(kernel)(str(built))
+    assert lib.gradexp_probe_sums and lib.gradexp_weight_sums
+
+
+def test_without_a_compiler_the_install_succeeds_and_a_run_uses_torch_and_says_why(fresh, monkeypatch, cli, tmp_path):
+    done = build_kernel(tmp_path, CC=str(tmp_path / "no-such-cc"))
+    assert done.returncode == 0, done.stderr  # the extension is optional
+    assert not list((tmp_path / "lib").rglob("_kernel*")) and "no-such-cc" in done.stdout + done.stderr
+    # a package installed so: no extension module to load
+    monkeypatch.setattr(reduce, "KERNEL_MODULE", "gradexp.probes._kernel_not_built")
+    assert reduce.kernel() is None and "not built" in reduce.describe(0, 1)
     result = cli("run", CONFIGS / "deep_sigmoid.yaml", *TINY, "--out", tmp_path / "runs")
     assert result.exit_code == 0, result.output
     (summary,) = (tmp_path / "runs").rglob("summary.json")
     s = json.loads(summary.read_text())
-    assert s["probe_kernel"].startswith("torch (") and "no-such-cc" in s["probe_kernel"]
+    assert s["probe_kernel"].startswith("torch (") and "not built" in s["probe_kernel"]
     assert s["layers"]["first"]["grad_norm"][0] > 0
 
 

@@ -4,8 +4,9 @@ forward pass, analytic derivatives, and the step the optimizer actually applied.
 First gradexp's own networks (as the runner attaches to them, and as any model is found), then
 models gradexp did not build: tuple and dict outputs, in-place ops, a layer called twice, frozen
 layers, gradient accumulation, a GradScaler, clipping, a loop that fails, layer choice, call order,
-and the manual mode. The numerical tests run twice: with the C probe kernel (gradexp/_probes.c,
-which the CPU probes use where it builds) and with the torch version (GRADEXP_NATIVE=0)."""
+and the manual mode. The numerical tests run through every backend of gradexp/probes/reduce.py: the C
+probe kernel (which the CPU probes use where it was built), the torch version the CPU falls back to
+(GRADEXP_NATIVE=0), and the version that runs on a GPU, here on CPU tensors."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from torch.nn.modules import module as module_globals
 
 import gradexp
 from conftest import CONFIGS, layer_charts, measure
-from gradexp.probes import native
+from gradexp.probes import reduce
 from gradexp.config import ModelConfig, load_config
 from gradexp.data.datasets import Batches
 from gradexp.activations import ACTIVATIONS, MAX_SLOPE
@@ -32,13 +33,12 @@ from gradexp.probes.stats import GRADIENT_PROBES, WEIGHT_PROBES
 from gradexp.run.experiment import prepare, run
 
 
-@pytest.fixture(params=["kernel", "torch"])
+@pytest.fixture(params=reduce.BACKENDS)
 def backend(request, monkeypatch):
-    """Which version of the CPU probes the test's watchers use."""
-    if request.param == "torch":
-        monkeypatch.setenv("GRADEXP_NATIVE", "0")
-    elif native.kernel() is None:
-        pytest.skip(f"the C probe kernel does not build here: {native.describe(0, 1)}")
+    """Which backend sums the test's probes (reduce.BACKENDS)."""
+    if request.param == "native" and reduce.kernel() is None:
+        pytest.skip(f"the C probe kernel is not built here: {reduce.describe(0, 1)}")
+    monkeypatch.setattr(reduce, "default", request.param)
     return request.param
 
 

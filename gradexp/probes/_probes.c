@@ -1,7 +1,8 @@
 /* gradexp's probe kernel: every statistic a logged step takes, in one pass over each tensor.
 
-   Built by gradexp/native.py with the machine's C compiler, loaded with ctypes; no Python or torch
-   headers (so it builds in well under a second). On the CPU the torch version of these statistics
+   Built when the package is installed (setup.py: an optional extension, gradexp.probes._kernel) and
+   loaded with ctypes by gradexp/probes/reduce.py; no torch headers, and of Python's only what makes
+   the file an importable extension module. On the CPU the torch version of these statistics
    costs one op per statistic: a copy to stack the layers, then five passes over the stack, each op
    with its dispatch cost; run right after backward, with cold caches, that was over half of a
    logged step. Here each tensor is read once, and the sums are kept in double precision, so that
@@ -9,17 +10,21 @@
    (the layer's first value), so that the std of a layer whose spread is tiny beside its mean (a
    saturated sigmoid layer, every value near 1) does not cancel in E[h^2] - E[h]^2.
 
-   The activation codes and the derivatives must match gradexp/layers.py (DERIVATIVES); the tests
-   compare this kernel with the torch version and with autograd for every activation. */
+   The activation codes and the derivatives must match gradexp/activations.py (DERIVATIVES), whose
+   constants (LEAKY_SLOPE, SELU_SCALE, SELU_ALPHA) come in as arguments; the tests compare this kernel
+   with the torch version and with autograd for every activation. */
 
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
 enum { SIGMOID, TANH, RELU, LEAKY_RELU, ELU, GELU, SELU, SOFTSIGN, IDENTITY };
 
-#define SELU_SCALE 1.0507009873554805
-#define SELU_SCALE_ALPHA 1.7580993408473766 /* scale * alpha */
+/* phi' constants, from gradexp/activations.py: the negative slope of leaky_relu, SELU's scale and
+   scale * alpha */
+typedef struct { double leaky_slope, selu_scale, selu_scale_alpha; } constants;
 
 /* One hidden layer, (batch, units) row-major: the pivot p = h[0], sum (h - p), sum (h - p)^2,
    sum phi'(a), and the number of units whose largest |phi'(a)| over the batch is below `flat` (a
@@ -42,7 +47,8 @@ enum { SIGMOID, TANH, RELU, LEAKY_RELU, ELU, GELU, SELU, SOFTSIGN, IDENTITY };
     }
 
 static void layer(const float *h, const float *a, int64_t batch, int64_t units, int activation,
-                  double flat, double *steepest, double *out) {
+                  double flat, const constants *k, double *steepest, double *out) {
+    const double leaky = k->leaky_slope, selu_scale = k->selu_scale, selu_scale_alpha = k->selu_scale_alpha;
     double s = 0, s2 = 0, ds = 0, pivot = h[0];
     if (a == NULL) a = h;
     for (int64_t u = 0; u < units; u++) steepest[u] = 0;
@@ -50,11 +56,11 @@ static void layer(const float *h, const float *a, int64_t batch, int64_t units, 
     case SIGMOID: LAYER((double)x * (1.0 - (double)x)); break;
     case TANH: LAYER(1.0 - (double)x * x); break;
     case RELU: LAYER(x > 0.0f ? 1.0 : 0.0); break;
-    case LEAKY_RELU: LAYER(x > 0.0f ? 1.0 : 0.01); break;
+    case LEAKY_RELU: LAYER(x > 0.0f ? 1.0 : leaky); break;
     case ELU: LAYER(x > 0.0f ? 1.0 : (double)x + 1.0); break;
     case GELU: LAYER(0.5 + 0.5 * erf((double)y * 0.7071067811865476)
                      + (double)y * exp(-0.5 * (double)y * y) * 0.3989422804014327); break;
-    case SELU: LAYER(x > 0.0f ? SELU_SCALE : (double)x + SELU_SCALE_ALPHA); break;
+    case SELU: LAYER(x > 0.0f ? selu_scale : (double)x + selu_scale_alpha); break;
     case SOFTSIGN: LAYER((1.0 - fabs((double)x)) * (1.0 - fabs((double)x))); break;
     default: LAYER(1.0); break; /* identity */
     }
@@ -77,13 +83,15 @@ static double squares(const float *p, int64_t n) {
 /* squares[i]: the sum of squares of tensors[i] (sizes[i] floats), for i < n_tensors;
    layer_sums[5 l .. 5 l + 4]: the pivot and sums of activation l (see `layer`), for l < n_layers, each
    (batch[l], units[l]) row-major with its own activation code and threshold (`a[l]` NULL unless its
-   derivative needs the activation's input; `a` itself may be NULL).
+   derivative needs the activation's input; `a` itself may be NULL); `phi` = {leaky_relu's negative
+   slope, SELU's scale, SELU's scale * alpha}.
    The tensors and layers are shared among `threads` threads (torch's own OpenMP runtime, when built
    with it). Returns 0, or -1 if memory ran out. */
 int gradexp_probe_sums(int n_tensors, const float *const *tensors, const int64_t *sizes, double *squares_out,
                        int n_layers, const float *const *h, const float *const *a, const int64_t *batch,
-                       const int64_t *units, const int32_t *activation, const double *flat, double *layer_sums,
-                       int threads) {
+                       const int64_t *units, const int32_t *activation, const double *flat, const double *phi,
+                       double *layer_sums, int threads) {
+    const constants consts = {phi[0], phi[1], phi[2]};
     int next = 0, failed = 0;
     int64_t widest = 1;
     for (int l = 0; l < n_layers; l++) widest = units[l] > widest ? units[l] : widest;
@@ -99,7 +107,7 @@ int gradexp_probe_sums(int n_tensors, const float *const *tensors, const int64_t
                 squares_out[k] = squares(tensors[k], sizes[k]);
             } else if (steepest != NULL) {
                 int l = k - n_tensors;
-                layer(h[l], a ? a[l] : NULL, batch[l], units[l], activation[l], flat[l], steepest, layer_sums + 5 * l);
+                layer(h[l], a ? a[l] : NULL, batch[l], units[l], activation[l], flat[l], &consts, steepest, layer_sums + 5 * l);
             }
         }
         free(steepest);
@@ -132,3 +140,9 @@ int gradexp_weight_sums(int n, const float *const *now, const float *const *befo
     }
     return 0;
 }
+
+/* An importable extension module with nothing in it: setuptools builds and installs it where Python
+   finds it; its functions above are called through ctypes (the file at the module's origin). */
+static struct PyModuleDef kernel_module = {PyModuleDef_HEAD_INIT, "_kernel", "gradexp's probe kernel (see reduce.py)", -1, NULL};
+
+PyMODINIT_FUNC PyInit__kernel(void) { return PyModule_Create(&kernel_module); }

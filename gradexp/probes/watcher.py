@@ -1,139 +1,46 @@
 """The probe engine: per-layer gradient, activation and weight statistics of any `nn.Module`.
 
-It attaches with torch's own hook APIs and changes nothing in the model:
-- Layers are found by walking `named_modules()` (by default the modules that own a weight of two
-  or more dimensions: Linear, Conv, Embedding, attention) and put in the order the first forward
-  pass calls them: the depth axis. A layer the first forward never calls is left out.
-- On a logged step a forward hook on each layer takes its output z (the first tensor of whatever it
-  returns) and hooks the autograd node that made it for dL/dz (a pre-hook on z's node, which is
-  what a tensor hook on z registers); it receives the gradient of z as it was, even when an in-place
-  op (`x += shortcut`, `ReLU(inplace=True)`) changes z later, which full backward hooks do not
-  survive. A layer called more than once in a step (shared weights, a
-  recurrent cell, micro-batches of gradient accumulation) counts all its calls as one output: its
-  dL/dz is the norm over every call's gradient, its activation statistics are over every call's values.
+It attaches with torch's own hook APIs and changes nothing in the model (hooks.py: which layers,
+in what order, and the hooks that see their outputs and dL/dz). This module keeps what a logged
+step gathers and turns it into statistics:
+- A layer called more than once in a step (shared weights, a recurrent cell, micro-batches of
+  gradient accumulation) counts all its calls as one output: its dL/dz is the norm over every
+  call's gradient, its activation statistics are over every call's values.
 - The activation statistics are of the layer's activation: the output of a known activation module
-  (layers.activation_name) called right after the layer (norms and dropout may stand between), or
-  the layer's own output where none is; phi' and saturation only where the activation is known,
-  absent elsewhere. The hook keeps a reference (autograd keeps most activations anyway) and the
-  values are summed with the gradients at the end of backward; where a later in-place op changes
-  them (`x += shortcut` after an activation), which the first step finds out from the tensor's
-  version, and for large tensors on the CPU, they are summed in the hook, while they are what the
-  next layer sees. A value changed in place that was not expected is reported absent, not wrong.
+  (activations.activation_name) called right after the layer, or the layer's own output where none
+  is; phi' and saturation only where the activation is known, absent elsewhere. The hook keeps a
+  reference (autograd keeps most activations anyway) and the values are summed with the gradients
+  at the end of backward; where a later in-place op changes them (`x += shortcut` after an
+  activation), which the first step finds out from the tensor's version, and for large tensors on
+  the CPU, they are summed in the hook, while they are what the next layer sees. A value changed in
+  place that was not expected is reported absent, not wrong.
 - The gradients are read at the end of each backward pass (autograd's queue_callback, as
   DistributedDataParallel uses it): before any clipping or unscaling the loop does after backward.
   The weights are read at the optimizer's step hooks (or `Watcher.step()` in a loop without one).
 
 Cost is the design constraint: on a step that logs nothing only the optimizer's two step hooks run
 (the module hooks are registered for the measured steps only); on a logged step everything is
-computed on the device, in batched calls (on the CPU in float32 by the C kernel in native.py, one
-pass per tensor) and read in one host transfer.
+summed on the device, in batched calls (reduce.py, the one place where tensors become sums), and
+read in one host transfer; stats.py turns the sums into statistics, history.py keeps the snapshots.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
-import os
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.variable import Variable
 
-from gradexp.activations import NEEDS_INPUT, PASS_THROUGH, activation_name
-from gradexp.probes import native
+from gradexp.probes import reduce
 from gradexp.probes.divergence import Divergence
-from gradexp.probes.stats import (
-    ACT_HIST,
-    DERIVATIVE_PROBES,
-    GRAD_HIST,
-    GRADIENT_PROBES,
-    STATS,
-    WEIGHT_PROBES,
-    activation_sums,
-    batched_sums,
-    combine,
-    histogram_row,
-    stat_value,
-    sum_squares,
-    to_host,
-)
+from gradexp.probes.history import first_and_latest, keep, through_calls
+from gradexp.probes.hooks import EAGER_BYTES, Hooks, Layer, act_name, candidate_layers, first_tensor
+from gradexp.probes.reduce import activation_sums, batched_sums, combine, grad_histograms, sum_squares, to_host
+from gradexp.probes.stats import DERIVATIVE_PROBES, GRAD_HIST, GRADIENT_PROBES, STATS, WEIGHT_PROBES, stat_value
 
-# On the CPU a tensor larger than this is summed in its hook, so that the end of backward does not
-# hold every large dL/dz at once; smaller ones wait for the one call at the end of backward, which
-# shares the call's fixed cost and runs on torch's threads (a hook's pass runs on one). Measured on
-# the 2-core benchmark VM with each step interleaved with a bare one (bench/overhead.py --estimator
-# steps): with 256 KB here (a conv layer's ~1 MB summed in its hook) the CNN 8x32's every step read
-# 1.32-1.36x, with everything at the end of backward 1.21x; the transformer's 1.063x and 1.054x.
-EAGER_BYTES = int(os.environ.get("GRADEXP_EAGER_BYTES", 16 * 2**20))
-
-# ------------------------------------------------------------------------------- choosing the layers
-
-def _first_tensor(output: Any) -> torch.Tensor | None:
-    """The tensor a layer's output stands for: itself, else the first tensor of a tuple or list (or
-    the first value of a dict), depth first."""
-    if isinstance(output, torch.Tensor):
-        return output if output.is_floating_point() else None
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, (tuple, list)):
-        for item in output:
-            t = _first_tensor(item)
-            if t is not None:
-                return t
-    return None
-
-
-def _holds_weights(module: nn.Module) -> bool:
-    return any(p.dim() >= 2 for p in module.parameters(recurse=False))
-
-
-def candidate_layers(model: nn.Module, layers: Any = None) -> list[tuple[str, nn.Module]]:
-    """The modules that `layers` chooses, as (qualified name, module), in registration order.
-
-    None: every module that owns a parameter of two or more dimensions (its weight). A string or
-    list of strings: fnmatch patterns on the qualified names, matched at one depth ("h.*" matches
-    "h.0", not "h.0.attn", since '*' does not cross a dot). A module class or tuple of classes: the
-    modules of that type. A list of modules: those."""
-    named = [(n, m) for n, m in model.named_modules() if n]
-    if layers is None:
-        chosen = [(n, m) for n, m in named if _holds_weights(m)]
-        if not chosen and _holds_weights(model):
-            chosen = [("model", model)]
-        return chosen
-    if isinstance(layers, str):
-        layers = [layers]
-    if isinstance(layers, type) or (isinstance(layers, tuple) and all(isinstance(t, type) for t in layers)):
-        return [(n, m) for n, m in named if isinstance(m, layers)]
-    layers = list(layers)
-    if all(isinstance(p, str) for p in layers):
-        def match(name: str, pattern: str) -> bool:
-            return name.count(".") == pattern.count(".") and fnmatch.fnmatchcase(name, pattern)
-        return [(n, m) for n, m in named if any(match(n, p) for p in layers)]
-    if all(isinstance(m, nn.Module) for m in layers):
-        names = {id(m): n for n, m in named}
-        missing = [type(m).__name__ for m in layers if id(m) not in names]
-        if missing:
-            raise ValueError(f"layers: {', '.join(missing)} not found in the model's modules")
-        return [(names[id(m)], m) for m in layers]
-    raise ValueError("layers: expected None, name patterns (str or list of str), a module type (or tuple of "
-                     f"types), or a list of the model's modules; got {layers!r}")
-
-
-@dataclass
-class Layer:
-    """One layer on the depth axis."""
-    name: str
-    module: nn.Module
-    params: list[nn.Parameter]  # its trainable parameters (all of a block's, recursively)
-    activation: str | None = None  # the known activation after it (layers.activation_name)
-    act_module: nn.Module | None = None
-    output: bool = False  # its output is the model's output (the head: left out of the depth ratio)
-    recurrent: bool = False  # called once per time step: its calls' dL/dz are a profile through time
-    gradient: bool = True  # its output needs a gradient (not so for a frozen first layer)
-    calls: int = 0  # calls in the latest logged step
+__all__ = ["Layer", "Watcher", "due"]
 
 
 @dataclass
@@ -161,33 +68,6 @@ class Record:
     queued: bool = False  # the end-of-backward callback is queued
 
 
-PROFILES_KEPT = 64  # logged steps whose profile is kept for the figures drawn at the end (board.IMAGE_FRAMES)
-
-
-def through_calls(dz_sums: list[tuple[list[int], list[tuple[int, int]], torch.Tensor]], dz_sq: list[float],
-                  recurrent: set[int], unscale: float = 1.0) -> dict[int, list[float]]:
-    """layer -> ||dL/dz|| of each of its calls in the latest forward pass, in call order, for the
-    `recurrent` layers (called once per time step: a cell's ||dL/dh_t|| at each t), from the step's
-    latest backward pass. `dz_sums`' calls are (forward, call); `dz_sq`: the squares of every measured
-    backward's entries, in `dz_sums` order (read from the device). A layer called twice for two inputs
-    (a siamese net) is not recurrent: its two calls are not two time steps."""
-    if not dz_sums or not recurrent:
-        return {}
-    ids, calls, _ = dz_sums[-1]
-    latest = dz_sq[len(dz_sq) - len(ids):]
-    by_layer: dict[int, list[tuple[tuple[int, int], float]]] = {}
-    for i, call, v in zip(ids, calls, latest):
-        if i in recurrent:
-            by_layer.setdefault(i, []).append((call, v))
-    out = {}
-    for i, entries in by_layer.items():
-        last = max(forward for (forward, _), _ in entries)  # micro-batches: the latest forward's steps
-        norms = [math.sqrt(v * unscale) for (forward, _), v in sorted(entries) if forward == last]
-        if len(norms) > 1:
-            out[i] = norms
-    return out
-
-
 def due(every: int, step: int, last: int | None = None) -> bool:
     """Log at step 0 (initialisation), every `every` steps, and at the last step if known; never when 0."""
     return every > 0 and (step % every == 0 or step == last)
@@ -195,7 +75,7 @@ def due(every: int, step: int, last: int | None = None) -> bool:
 
 # ------------------------------------------------------------------------------- the watcher
 
-class Watcher:
+class Watcher(Hooks):
     """Probes attached to a model. `gradexp.watch` makes one with its own log folder; the runner
     makes one with its own Board and summary."""
 
@@ -240,7 +120,7 @@ class Watcher:
         self.logged: list[dict] = []  # snapshots: the first logged step and the two latest
         self.profiles: list[dict] = []  # snapshots thinned to at most PROFILES_KEPT, evenly spread
         self.weights: dict | None = None  # the latest weight probes, with their step
-        # the run's divergence (history.Divergence): the probes report non-finite gradients to it, the loop its losses
+        # the run's divergence (divergence.Divergence): the probes report non-finite gradients to it, the loop its losses
         self.divergence = Divergence(lambda: self.names, lambda: self.layers)
         self.kernel_steps = self.torch_steps = 0  # logged steps whose gradients the C kernel / torch summed
         self.closed = False
@@ -270,64 +150,6 @@ class Watcher:
         self._attach(activations)
         self._arm(0)
 
-    # --- attaching and detaching
-    def _attach(self, activations: dict[nn.Module, nn.Module] | None) -> None:
-        self._leaves = {id(m) for m in self.model.modules() if next(m.children(), None) is None}
-        for layer_module, act in (activations or {}).items():
-            k = self._cand_index.get(id(layer_module))
-            if k is not None:
-                self._link(k, act)
-        # the order of the calls and the activations, seen by a global hook during the first forward only
-        self._discovery = None if activations is not None else \
-            nn.modules.module.register_module_forward_hook(self._on_any_module)
-        if self._optimizer is not None:
-            self._handles.append(self._optimizer.register_step_pre_hook(lambda *_: self.before_update()))
-            self._handles.append(self._optimizer.register_step_post_hook(lambda *_: self.after_update()))
-
-    def _hooks_on(self) -> None:
-        """The module hooks, for the steps that are measured only: a module with any forward hook
-        takes torch's slow call path (~5-10 us a call on a CPU), on every step it is called."""
-        if self._module_handles:
-            return
-        hooks = self._hook_table
-        if hooks is None:  # made once the layers are known (making it again cost ~40 us a logged step)
-            hooks = [(m, partial(self._on_layer, k)) for k, (_, m) in enumerate(self._candidates)
-                     if self._discovering or k in self._depth]
-            hooks += [(act, self._on_activation) for act in {id(a): a for a in self._act_of.values()}.values()]
-            hooks.append((self.model, self._on_model_end))
-            if not self._discovering:
-                self._hook_table = hooks
-        self._module_handles = [m.register_forward_hook(fn) for m, fn in hooks]
-
-    def _hooks_off(self) -> None:
-        for h in self._module_handles:
-            h.remove()
-        self._module_handles = []
-
-    def _link(self, k: int, act: nn.Module) -> None:
-        """Candidate k is followed by activation module `act`."""
-        if k in self._act_of:
-            return
-        self._act_of[k] = act
-        self._act_names[id(act)] = _act_name(act)
-        if id(act) not in self._act_owner:
-            self._act_owner[id(act)] = set()
-            if self._module_handles:  # found during the first forward: measured from now on
-                self._module_handles.append(act.register_forward_hook(self._on_activation))
-        self._act_owner[id(act)].add(k)
-
-    def detach(self) -> None:
-        """Remove every hook (idempotent)."""
-        self._hooks_off()
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        if self._discovery is not None:
-            self._discovery.remove()
-            self._discovery = None
-        self.record = None
-        self._first_z = {}
-
     # --- which steps are measured
     def _arm(self, step: int) -> None:
         measured = due(self.every, step, self.last_step) or due(self.hist_every, step, self.last_step)
@@ -347,7 +169,7 @@ class Watcher:
 
     @property
     def diverged(self) -> dict | None:
-        """summary.json's `diverged` as read so far (history.Divergence.record)."""
+        """summary.json's `diverged` as read so far (divergence.Divergence.record)."""
         return self.divergence.record()
 
     def attach(self, values: dict[str, torch.Tensor | float]) -> None:
@@ -356,7 +178,7 @@ class Watcher:
         if self.record is not None:
             self.record.extra.update(values)
 
-    # --- hooks
+    # --- what the hooks hand over
     def _new_iteration(self, record: Record) -> Record:
         """The first layer call after a backward: if that backward's gradient will not be applied (the
         gradients were cleared since, or the GradScaler updated its scale: it skipped the step for an
@@ -371,80 +193,6 @@ class Watcher:
                 layer.calls = 0
         return self.record
 
-    def _on_model_end(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if self.record is not None and torch.is_grad_enabled():
-            self.record.forwards += 1
-        if self._discovering and torch.is_grad_enabled():
-            self._finish_discovery(output)
-
-    def _on_any_module(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        """First forward only: which known activation follows which layer (norms and dropout may
-        stand between); any other module in between means none does."""
-        key = id(module)
-        if key not in self._leaves or key in self._cand_index or self._last in self._act_owner.get(key, ()) \
-                or self.record is None:
-            return  # not the model's, or a layer (its own hook follows), or a linked activation
-        if activation_name(module) is not None and self._last is not None:
-            self._link(self._last, module)
-            self._on_activation(module, inputs, output)
-        elif not isinstance(module, PASS_THROUGH):
-            self._last = None
-
-    def _on_layer(self, k: int, module: nn.Module, inputs: Any, output: Any) -> None:
-        record = self.record
-        if record is None or not torch.is_grad_enabled():  # an evaluation under no_grad is not training
-            return
-        if record.dz_sums and not record.forwarding:
-            record = self._new_iteration(record)
-        if self._discovering:
-            if k not in self._depth:
-                self._depth[k] = len(self._order)
-                self._order.append(k)
-            self._calls[k] = self._calls.get(k, 0) + 1
-            call = self._calls[k] - 1
-        elif k not in self._depth:
-            return
-        z = _first_tensor(output)
-        if z is None:
-            return
-        if torch.compiler.is_compiling():
-            raise RuntimeError("gradexp.watch: the watched model is being compiled with torch.compile; the probes "
-                               "cannot measure a compiled graph. Watch the uncompiled model.")
-        self._last = k
-        i = self._depth[k]
-        if self._discovering:
-            self._first_z[k] = z
-        else:
-            self.layers[i].calls += 1
-            call = self.layers[i].calls - 1
-        if z.requires_grad:  # (forward, call): the order of a recurrent cell's calls, its profile through time
-            node = z.grad_fn
-            if node is not None:  # what z.register_hook puts on z's node, at half its cost (~2 us against ~4)
-                node.register_prehook(partial(self._on_node_dz, i, (record.forwards, call), z.output_nr))
-            else:
-                z.register_hook(partial(self._on_dz, i, (record.forwards, call)))
-        if k not in self._act_of:  # statistics of z itself, unless a known activation follows
-            self._activation(record, i, z, None, None, record.z_acts)
-            if self._hist:
-                record.act_hists.setdefault(i, []).append(histogram_row(z, ACT_HIST))
-
-    def _on_activation(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        record, k = self.record, self._last
-        if record is None or k is None or k not in self._act_owner.get(id(module), ()) or not torch.is_grad_enabled():
-            return
-        self._last = None
-        h = _first_tensor(output)
-        if h is None:
-            return
-        i = self._depth[k]
-        record.z_acts.pop(i, None)  # the first forward measured z before it knew
-        name = self._act_names.get(id(module))
-        self._activation(record, i, h, _first_tensor(inputs) if name in NEEDS_INPUT else None, name, record.acts)
-        if self._hist:
-            if self._discovering:  # the first forward drew z before it knew an activation follows
-                record.act_hists.pop(i, None)
-            record.act_hists.setdefault(i, []).append(histogram_row(h, ACT_HIST))
-
     def _activation(self, record: Record, i: int, h: torch.Tensor, a: torch.Tensor | None, name: str | None,
                     into: dict[int, list]) -> None:
         """One call's activation: kept (a reference, no copy: autograd keeps most of them anyway) to be
@@ -458,24 +206,6 @@ class Watcher:
                 record.learn.append((i, h, h._version))
         else:
             record.pending.append((i, h, a, name, h._version))
-
-    def _on_node_dz(self, i: int, call: tuple[int, int], output: int, grads: tuple) -> None:
-        """The gradient reaching the node that made a layer's output: dL/dz is its output-th."""
-        grad = grads[output]
-        if grad is not None:  # None: no gradient reached z
-            self._on_dz(i, call, grad)
-
-    def _on_dz(self, i: int, call: tuple[int, int], grad: torch.Tensor) -> None:
-        record = self.record
-        if record is None:
-            return
-        if grad.is_cpu and grad.numel() * grad.element_size() > EAGER_BYTES:
-            record.dz_eager.append((i, call, sum_squares([grad.detach()], threads=1)))  # while it is in the cache
-        else:
-            record.dz.append((i, call, grad))
-        if not record.queued:
-            record.queued = True
-            Variable._execution_engine.queue_callback(self._after_backward)
 
     def _after_backward(self) -> None:
         """The end of a backward pass on a measured step: every gradient is in place, none clipped yet."""
@@ -503,7 +233,7 @@ class Watcher:
         grads = [p.grad for p in self._params]
         dz = [g for *_, g in record.dz]
         tensors = [g if g is not None else p.new_zeros(0) for g, p in zip(grads, self._params)] + dz
-        sums, metas, rows, native_ok = batched_sums(tensors, acts)
+        sums, metas, rows, backend = batched_sums(tensors, acts)
         if rows is not None:
             record.batched.append((list(zip(owners, metas)), rows))
         if record.dz_eager:
@@ -511,20 +241,16 @@ class Watcher:
             record.dz = record.dz + [(i, call, None) for i, call, _ in record.dz_eager]
             record.dz_eager = []
         if tensors and tensors[0].is_cpu and not record.dz_sums:
-            self.kernel_steps += native_ok
-            self.torch_steps += not native_ok
+            self.kernel_steps += backend == "native"
+            self.torch_steps += backend != "native"
         record.grad_sq = sums[:len(grads)]
         record.dz_sums.append(([i for i, *_ in record.dz], [c for _, c, _ in record.dz], sums[len(grads):]))
         record.dz = []
         record.grads = grads
         record.versions = [g._version if g is not None else -1 for g in grads]
         if self._hist:
-            record.grad_hists = torch.stack([histogram_row(self._layer_grad(layer).abs().log10(), GRAD_HIST)
-                                             for layer in self.layers])
-
-    def _layer_grad(self, layer: Layer) -> torch.Tensor:
-        gs = [p.grad.detach().flatten() for p in layer.params if p.grad is not None]
-        return torch.cat(gs) if gs else torch.zeros(1, device=self._params[0].device if self._params else None)
+            record.grad_hists = grad_histograms([[p.grad for p in layer.params] for layer in self.layers], GRAD_HIST,
+                                                self._params[0].device if self._params else None)
 
     # --- discovery
     def _finish_discovery(self, output: Any) -> None:
@@ -533,12 +259,12 @@ class Watcher:
         if self._discovery is not None:
             self._discovery.remove()
             self._discovery = None
-        out = _first_tensor(output)
+        out = first_tensor(output)
         for k in self._order:
             qualified, module = self._candidates[k]
             act = self._act_of.get(k)
             self.layers.append(Layer(qualified, module, [p for p in module.parameters() if p.requires_grad],
-                                     activation=_act_name(act) if act is not None else None, act_module=act,
+                                     activation=act_name(act) if act is not None else None, act_module=act,
                                      output=out is not None and self._first_z.get(k) is out,
                                      gradient=k in self._first_z and self._first_z[k].requires_grad,
                                      calls=self._calls.get(k, 0), recurrent=id(module) in self._recurrent))
@@ -698,13 +424,7 @@ class Watcher:
 
     def _weight_sums(self) -> torch.Tensor:
         """(layer parameters, 3): ||θ||^2, ||θ - θ_before||^2, ||θ - θ_0||^2 of each parameter tensor."""
-        now = [p.detach() for p in self._params[:self._n_layer_params]]
-        lib = native.kernel() if now[0].is_cpu else None
-        if lib is not None and native.usable(now + self._before + self._initial):
-            return native.weight_sums(lib, now, self._before, self._initial)
-        step = torch._foreach_sub(self._before, now)
-        dist = torch._foreach_sub(now, self._initial)
-        return torch.stack([sum_squares(now), sum_squares(step), sum_squares(dist)], dim=1)
+        return reduce.weight_sums([p.detach() for p in self._params[:self._n_layer_params]], self._before, self._initial)
 
     def _finish(self, step: int, record: Record | None, host: dict[str, list], weigh: bool) -> None:
         """From raw sums to the statistics (STATS), then the event, the snapshots and divergence."""
@@ -774,19 +494,12 @@ class Watcher:
             total = totals["grad_norm_total"]
             if bad or (total is not None and not math.isfinite(total)):
                 self.divergence.gradient(step, min(bad) if bad else None)
-        self.logged.append(snap)
-        if len(self.logged) > 3:
-            del self.logged[1]
-        self.profiles.append(snap)
-        if len(self.profiles) > PROFILES_KEPT:  # keep the first, then every other one up to the latest
-            rest = self.profiles[1:]
-            self.profiles = self.profiles[:1] + rest[(len(rest) + 1) % 2::2]
+        keep(self.logged, self.profiles, snap)
 
     # --- reading
     def snapshots(self, before: int | None = None) -> tuple[dict | None, dict | None]:
         """The first and the latest logged snapshots (of steps before `before`, if given)."""
-        logged = [s for s in self.logged if before is None or s["step"] < before] or self.logged[:1]
-        return (logged[0], logged[-1]) if logged else (None, None)
+        return first_and_latest(self.logged, before)
 
     def layer_info(self) -> dict:
         """What the summary says of the layers."""
@@ -801,8 +514,4 @@ class Watcher:
         on_cpu = not self._params or self._params[0].is_cpu
         if not on_cpu:
             return "torch"
-        return native.describe(self.kernel_steps, self.torch_steps, not_float32=not_float32)
-
-
-def _act_name(module: nn.Module) -> str | None:
-    return "identity" if type(module) is nn.Identity else activation_name(module)
+        return reduce.describe(self.kernel_steps, self.torch_steps, not_float32=not_float32)

@@ -1,0 +1,264 @@
+"""The probes' hooks: which layers, in what order, and the hooks that see them.
+
+- Layers are found by walking `named_modules()` (by default the modules that own a weight of two
+  or more dimensions: Linear, Conv, Embedding, attention) and put in the order the first forward
+  pass calls them: the depth axis. A layer the first forward never calls is left out.
+- On a logged step a forward hook on each layer takes its output z (the first tensor of whatever it
+  returns) and hooks the autograd node that made it for dL/dz (a pre-hook on z's node, which is
+  what a tensor hook on z registers); it receives the gradient of z as it was, even when an in-place
+  op (`x += shortcut`, `ReLU(inplace=True)`) changes z later, which full backward hooks do not
+  survive.
+- The known activation after each layer (activations.activation_name) is found by a global module
+  hook during the first forward (norms and dropout may stand between), or given by the runner.
+- The module hooks are registered for the measured steps only; the optimizer's two step hooks stay
+  for as long as the watch lasts, and `detach` removes every hook.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.variable import Variable
+
+from gradexp.activations import NEEDS_INPUT, PASS_THROUGH, activation_name
+from gradexp.probes.reduce import histogram_row, sum_squares
+from gradexp.probes.stats import ACT_HIST
+
+# On the CPU a tensor larger than this is summed in its hook, so that the end of backward does not
+# hold every large dL/dz at once; smaller ones wait for the one call at the end of backward, which
+# shares the call's fixed cost and runs on torch's threads (a hook's pass runs on one). Measured on
+# the 2-core benchmark VM with each step interleaved with a bare one (bench/overhead.py --estimator
+# steps): with 256 KB here (a conv layer's ~1 MB summed in its hook) the CNN 8x32's every step read
+# 1.32-1.36x, with everything at the end of backward 1.21x; the transformer's 1.063x and 1.054x.
+EAGER_BYTES = int(os.environ.get("GRADEXP_EAGER_BYTES", 16 * 2**20))
+
+
+def first_tensor(output: Any) -> torch.Tensor | None:
+    """The tensor a layer's output stands for: itself, else the first tensor of a tuple or list (or
+    the first value of a dict), depth first."""
+    if isinstance(output, torch.Tensor):
+        return output if output.is_floating_point() else None
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            t = first_tensor(item)
+            if t is not None:
+                return t
+    return None
+
+
+def _holds_weights(module: nn.Module) -> bool:
+    return any(p.dim() >= 2 for p in module.parameters(recurse=False))
+
+
+def candidate_layers(model: nn.Module, layers: Any = None) -> list[tuple[str, nn.Module]]:
+    """The modules that `layers` chooses, as (qualified name, module), in registration order.
+
+    None: every module that owns a parameter of two or more dimensions (its weight). A string or
+    list of strings: fnmatch patterns on the qualified names, matched at one depth ("h.*" matches
+    "h.0", not "h.0.attn", since '*' does not cross a dot). A module class or tuple of classes: the
+    modules of that type. A list of modules: those."""
+    named = [(n, m) for n, m in model.named_modules() if n]
+    if layers is None:
+        chosen = [(n, m) for n, m in named if _holds_weights(m)]
+        if not chosen and _holds_weights(model):
+            chosen = [("model", model)]
+        return chosen
+    if isinstance(layers, str):
+        layers = [layers]
+    if isinstance(layers, type) or (isinstance(layers, tuple) and all(isinstance(t, type) for t in layers)):
+        return [(n, m) for n, m in named if isinstance(m, layers)]
+    layers = list(layers)
+    if all(isinstance(p, str) for p in layers):
+        def match(name: str, pattern: str) -> bool:
+            return name.count(".") == pattern.count(".") and fnmatch.fnmatchcase(name, pattern)
+        return [(n, m) for n, m in named if any(match(n, p) for p in layers)]
+    if all(isinstance(m, nn.Module) for m in layers):
+        names = {id(m): n for n, m in named}
+        missing = [type(m).__name__ for m in layers if id(m) not in names]
+        if missing:
+            raise ValueError(f"layers: {', '.join(missing)} not found in the model's modules")
+        return [(names[id(m)], m) for m in layers]
+    raise ValueError("layers: expected None, name patterns (str or list of str), a module type (or tuple of "
+                     f"types), or a list of the model's modules; got {layers!r}")
+
+
+@dataclass
+class Layer:
+    """One layer on the depth axis."""
+    name: str
+    module: nn.Module
+    params: list[nn.Parameter]  # its trainable parameters (all of a block's, recursively)
+    activation: str | None = None  # the known activation after it (layers.activation_name)
+    act_module: nn.Module | None = None
+    output: bool = False  # its output is the model's output (the head: left out of the depth ratio)
+    recurrent: bool = False  # called once per time step: its calls' dL/dz are a profile through time
+    gradient: bool = True  # its output needs a gradient (not so for a frozen first layer)
+    calls: int = 0  # calls in the latest logged step
+
+
+def act_name(module: nn.Module) -> str | None:
+    """The registry name of an activation module (nn.Identity: "identity"), or None."""
+    return "identity" if type(module) is nn.Identity else activation_name(module)
+
+
+class Hooks:
+    """The hook half of the Watcher (watcher.py): attaching, detaching, and the hooks' callbacks,
+    which hand what they see to the Watcher's record (`_activation`, `_after_backward`)."""
+
+    def _attach(self, activations: dict[nn.Module, nn.Module] | None) -> None:
+        self._leaves = {id(m) for m in self.model.modules() if next(m.children(), None) is None}
+        for layer_module, act in (activations or {}).items():
+            k = self._cand_index.get(id(layer_module))
+            if k is not None:
+                self._link(k, act)
+        # the order of the calls and the activations, seen by a global hook during the first forward only
+        self._discovery = None if activations is not None else \
+            nn.modules.module.register_module_forward_hook(self._on_any_module)
+        if self._optimizer is not None:
+            self._handles.append(self._optimizer.register_step_pre_hook(lambda *_: self.before_update()))
+            self._handles.append(self._optimizer.register_step_post_hook(lambda *_: self.after_update()))
+
+    def _hooks_on(self) -> None:
+        """The module hooks, for the steps that are measured only: a module with any forward hook
+        takes torch's slow call path (~5-10 us a call on a CPU), on every step it is called."""
+        if self._module_handles:
+            return
+        hooks = self._hook_table
+        if hooks is None:  # made once the layers are known (making it again cost ~40 us a logged step)
+            hooks = [(m, partial(self._on_layer, k)) for k, (_, m) in enumerate(self._candidates)
+                     if self._discovering or k in self._depth]
+            hooks += [(act, self._on_activation) for act in {id(a): a for a in self._act_of.values()}.values()]
+            hooks.append((self.model, self._on_model_end))
+            if not self._discovering:
+                self._hook_table = hooks
+        self._module_handles = [m.register_forward_hook(fn) for m, fn in hooks]
+
+    def _hooks_off(self) -> None:
+        for h in self._module_handles:
+            h.remove()
+        self._module_handles = []
+
+    def _link(self, k: int, act: nn.Module) -> None:
+        """Candidate k is followed by activation module `act`."""
+        if k in self._act_of:
+            return
+        self._act_of[k] = act
+        self._act_names[id(act)] = act_name(act)
+        if id(act) not in self._act_owner:
+            self._act_owner[id(act)] = set()
+            if self._module_handles:  # found during the first forward: measured from now on
+                self._module_handles.append(act.register_forward_hook(self._on_activation))
+        self._act_owner[id(act)].add(k)
+
+    def detach(self) -> None:
+        """Remove every hook (idempotent)."""
+        self._hooks_off()
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._discovery is not None:
+            self._discovery.remove()
+            self._discovery = None
+        self.record = None
+        self._first_z = {}
+
+    # --- hooks
+    def _on_model_end(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if self.record is not None and torch.is_grad_enabled():
+            self.record.forwards += 1
+        if self._discovering and torch.is_grad_enabled():
+            self._finish_discovery(output)
+
+    def _on_any_module(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        """First forward only: which known activation follows which layer (norms and dropout may
+        stand between); any other module in between means none does."""
+        key = id(module)
+        if key not in self._leaves or key in self._cand_index or self._last in self._act_owner.get(key, ()) \
+                or self.record is None:
+            return  # not the model's, or a layer (its own hook follows), or a linked activation
+        if activation_name(module) is not None and self._last is not None:
+            self._link(self._last, module)
+            self._on_activation(module, inputs, output)
+        elif not isinstance(module, PASS_THROUGH):
+            self._last = None
+
+    def _on_layer(self, k: int, module: nn.Module, inputs: Any, output: Any) -> None:
+        record = self.record
+        if record is None or not torch.is_grad_enabled():  # an evaluation under no_grad is not training
+            return
+        if record.dz_sums and not record.forwarding:
+            record = self._new_iteration(record)
+        if self._discovering:
+            if k not in self._depth:
+                self._depth[k] = len(self._order)
+                self._order.append(k)
+            self._calls[k] = self._calls.get(k, 0) + 1
+            call = self._calls[k] - 1
+        elif k not in self._depth:
+            return
+        z = first_tensor(output)
+        if z is None:
+            return
+        if torch.compiler.is_compiling():
+            raise RuntimeError("gradexp.watch: the watched model is being compiled with torch.compile; the probes "
+                               "cannot measure a compiled graph. Watch the uncompiled model.")
+        self._last = k
+        i = self._depth[k]
+        if self._discovering:
+            self._first_z[k] = z
+        else:
+            self.layers[i].calls += 1
+            call = self.layers[i].calls - 1
+        if z.requires_grad:  # (forward, call): the order of a recurrent cell's calls, its profile through time
+            node = z.grad_fn
+            if node is not None:  # what z.register_hook puts on z's node, at half its cost (~2 us against ~4)
+                node.register_prehook(partial(self._on_node_dz, i, (record.forwards, call), z.output_nr))
+            else:
+                z.register_hook(partial(self._on_dz, i, (record.forwards, call)))
+        if k not in self._act_of:  # statistics of z itself, unless a known activation follows
+            self._activation(record, i, z, None, None, record.z_acts)
+            if self._hist:
+                record.act_hists.setdefault(i, []).append(histogram_row(z, ACT_HIST))
+
+    def _on_activation(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        record, k = self.record, self._last
+        if record is None or k is None or k not in self._act_owner.get(id(module), ()) or not torch.is_grad_enabled():
+            return
+        self._last = None
+        h = first_tensor(output)
+        if h is None:
+            return
+        i = self._depth[k]
+        record.z_acts.pop(i, None)  # the first forward measured z before it knew
+        name = self._act_names.get(id(module))
+        self._activation(record, i, h, first_tensor(inputs) if name in NEEDS_INPUT else None, name, record.acts)
+        if self._hist:
+            if self._discovering:  # the first forward drew z before it knew an activation follows
+                record.act_hists.pop(i, None)
+            record.act_hists.setdefault(i, []).append(histogram_row(h, ACT_HIST))
+
+    def _on_node_dz(self, i: int, call: tuple[int, int], output: int, grads: tuple) -> None:
+        """The gradient reaching the node that made a layer's output: dL/dz is its output-th."""
+        grad = grads[output]
+        if grad is not None:  # None: no gradient reached z
+            self._on_dz(i, call, grad)
+
+    def _on_dz(self, i: int, call: tuple[int, int], grad: torch.Tensor) -> None:
+        record = self.record
+        if record is None:
+            return
+        if grad.is_cpu and grad.numel() * grad.element_size() > EAGER_BYTES:
+            record.dz_eager.append((i, call, sum_squares([grad.detach()], threads=1)))  # while it is in the cache
+        else:
+            record.dz.append((i, call, grad))
+        if not record.queued:
+            record.queued = True
+            Variable._execution_engine.queue_callback(self._after_backward)
