@@ -12,7 +12,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # gradexp itself (what the demo needs)
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml setup.py gradexp/probes/_probes.c | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH) -e .
 	@touch $@
 

@@ -196,7 +196,7 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
         names=[layer_name(i) for i in range(len(model.weight_layers))])
     probes = Watcher(model, optimizer, board=board, every=t.log_every, weight_every=t.weight_every,
                      hist_every=t.hist_every, last_step=last, **own)
-    divergence = probes.divergence  # history.Divergence: the probes tell it of gradients, the loop of losses
+    divergence = probes.divergence  # probes.divergence.Divergence: the probes tell it of gradients, the loop of losses
     batches = Batches(data.x_train, data.y_train, cfg.data.batch_size, cfg.seed)
     steps_done, status = 0, "completed"
     model.train()
