@@ -263,7 +263,7 @@ def explain(
 @app.command()
 def keys(
     prefix: Annotated[Optional[str], typer.Argument(help="only the keys of this section or key, e.g. model")] = None,
-    markdown: Annotated[bool, typer.Option(help="print a Markdown table (the README's)")] = False,
+    markdown: Annotated[bool, typer.Option(help="print a Markdown table (the docs' Configuration page)")] = False,
 ) -> None:
     """List every config key: what it allows, its default and what it means, read from the schema itself."""
 

@@ -18,7 +18,7 @@ from gradexp.config.schema import Config, ConfigError
 
 @dataclass
 class KeyDoc:
-    """One leaf key of the schema as `gradexp keys` and the README show it."""
+    """One leaf key of the schema as `gradexp keys` and the docs show it."""
     key: str  # dotted path, e.g. 'model.depth'
     allowed: str  # e.g. 'integer in [1, 1000]', or the choices of a Literal
     default: str  # as YAML writes it: 20, null, true, sigmoid
@@ -89,7 +89,7 @@ def key_docs(prefix: str = "") -> list[KeyDoc]:
 
 
 def keys_markdown(docs: list[KeyDoc]) -> str:
-    """The keys as a Markdown table (the README's)."""
+    """The keys as a Markdown table (docs/configuration.md)."""
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 

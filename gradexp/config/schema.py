@@ -105,7 +105,7 @@ class DataConfig(_Section):
                                                                    "(default 8)")
     symbols: int = Field(10, ge=1, le=10_000, description="`copy`: the symbols to recall")
     root: str = Field("data", description="mnist, fashion_mnist, cifar10: the folder holding their files "
-                                          "(see the README's Datasets)")
+                                          "(see the docs' Configuration page, Datasets)")
     download: bool = Field(False, description="mnist, fashion_mnist, cifar10: download missing files into "
                                               "`data.root` (never unless true)")
 

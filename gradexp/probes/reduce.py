@@ -5,8 +5,8 @@ Three backends compute the same raw sums (`choose` picks one per call):
 - "native": the C kernel (_probes.c, built at install as gradexp.probes._kernel and called through
   ctypes), for contiguous float32 CPU tensors: one pass over each tensor, sums in double, on torch's
   OpenMP threads where it was built with them. Torch's version costs one op per statistic (a copy to
-  stack the layers, then five passes over it, each op with its dispatch cost); run right after
-  backward, with cold caches, that was over half of a logged step (README's overhead table).
+  stack the layers, then five passes over it, each op with its dispatch cost), which misses the
+  every-step target on the CPU (docs/design.md, the probe kernel).
 - "torch": torch ops on the CPU: float32 norms (fast), the tiny ones recomputed in float64.
 - "device": torch ops as they run on a GPU: norms accumulated in float64 (bandwidth-bound, so nearly
   free there) and one device-to-host transfer. It runs on CPU tensors too, which is how the tests

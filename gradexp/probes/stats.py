@@ -1,6 +1,6 @@
 """The per-layer statistics, each defined once (STATS): a formula from a layer's raw sums (reduce.py
 computes those from the tensors) to its value. The probe engine (watcher.py) evaluates them;
-TensorBoard's writer, the summary and the README's table read STATS.
+TensorBoard's writer, the summary and the docs' table read STATS.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _std(r: dict[str, float]) -> float:
     return math.sqrt(max(r["s2"] / n - c * c, 0.0) * n / max(n - 1, 1))
 
 
-# name -> Stat: the engine, the TensorBoard writer, the summary and the README's table read this.
+# name -> Stat: the engine, the TensorBoard writer, the summary and the docs' table (docs/probes-and-tensorboard.md) read this.
 STATS: dict[str, Stat] = {
     "grad_norm": Stat("gradient", "||dL/dθ|| of the layer's trainable parameters, before clipping",
                       lambda r: math.sqrt(r["grad_sq"]), log=True),
