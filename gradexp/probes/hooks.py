@@ -32,10 +32,8 @@ from gradexp.probes.stats import ACT_HIST
 
 # On the CPU a tensor larger than this is summed in its hook, so that the end of backward does not
 # hold every large dL/dz at once; smaller ones wait for the one call at the end of backward, which
-# shares the call's fixed cost and runs on torch's threads (a hook's pass runs on one). Measured on
-# the 2-core benchmark VM with each step interleaved with a bare one (bench/overhead.py --estimator
-# steps): with 256 KB here (a conv layer's ~1 MB summed in its hook) the CNN 8x32's every step read
-# 1.32-1.36x, with everything at the end of backward 1.21x; the transformer's 1.063x and 1.054x.
+# shares the call's fixed cost and runs on torch's threads (a hook's pass runs on one thread), and
+# is the cheaper of the two for tensors of a few MB (docs/benchmarks.md).
 EAGER_BYTES = int(os.environ.get("GRADEXP_EAGER_BYTES", 16 * 2**20))
 
 

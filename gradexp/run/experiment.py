@@ -78,9 +78,9 @@ def prepare(cfg: Config) -> Experiment:
     return Experiment(cfg, device, data, model)
 
 
-# Forward multiply-adds per step under which one thread is the faster (bench/threads.py, 2 cores): the
-# 20x64 MLP (11 M) runs 1.2x faster on one thread idle and 6x while other programs keep the cores busy;
-# the 16-channel CNN (209 M) 1.25x faster on two when idle, 10x slower on two when busy.
+# Forward multiply-adds per step under which one thread is the faster: a small step's threads spend
+# more time meeting than working, and far more so while other programs keep the cores busy
+# (bench/threads.py; docs/benchmarks.md, start-up and threads).
 SMALL_STEP = 100_000_000
 
 
