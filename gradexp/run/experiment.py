@@ -232,8 +232,9 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
         status = "interrupted"
     finally:
         probes.detach()
-    if divergence.check() is not None:  # report the run as stopped where it diverged (an interrupted one too)
-        status, steps_done = "diverged", divergence.check() + 1
+    diverged_at = divergence.check()
+    if diverged_at is not None:  # report the run as stopped where it diverged (an interrupted one too)
+        status, steps_done = "diverged", diverged_at + 1
     return {"status": status, "steps_done": steps_done, "watcher": probes}
 
 
