@@ -1,25 +1,22 @@
-"""What writing a logged step to TensorBoard costs: gradexp's writer (TensorBoard's own RecordWriter on
-its writer thread, `gradexp.sinks.tensorboard.Board`) against the hand-written encoder it replaced
-(TFRecord framing and protobuf bytes packed by hand, google-crc32c's C checksum, written in the
-calling thread; copied below as the baseline).
+"""What writing a logged step to TensorBoard costs: gradexp's writer (`gradexp.sinks.tensorboard.Board`:
+tensorboard's Event protos, TFRecord framing with google-crc32c's C checksum, in the calling thread, a
+flusher thread putting the records in the files) against the hand-written encoder it replaced
+(protobuf bytes packed by hand; copied below as the baseline) and against TensorBoard's own
+RecordWriter on its writer thread.
 
     python bench/tb_writer.py            # ~1 minute: bench/results/tb_writer.json
     python bench/tb_writer.py --tiny     # seconds (the test suite's smoke run)
-
-Needs google-crc32c (`pip install google-crc32c`) for the baseline and the C-checksum row.
 
 A logged step is what Board.layers writes for a 21-layer MLP (20 hidden layers with a known activation
 and the output layer) at a step with every probe: one event per charted layer's sub-run with its
 probes, and one event of the run scalars (grad_norm/total, loss/train, acc/train, lr) in the run's own
 file. Two layouts: the default 7 charted layers, and all 21 (chart_layers=None). Variants:
 - hand-written: the old encoder, records kept in memory and written by the caller once a second;
-- tensorboard writer: gradexp's Board, Summary protos serialised by protobuf, framed and checksummed
-  by TensorBoard's RecordWriter (pure-Python CRC-32C) on one thread per file;
-- tensorboard writer, C crc: the same with google-crc32c's checksum patched into TensorBoard's
-  RecordWriter, to show what the pure-Python checksum costs;
-- RecordWriter in the caller's thread: gradexp's Board with TensorBoard's RecordWriter called
-  synchronously (no writer thread; records kept in memory and written once a second, as the old
-  encoder did), to show what the thread costs and saves.
+- gradexp's writer, as shipped;
+- the same with TensorBoard's pure-Python CRC-32C: what the C checksum saves;
+- TensorBoard's RecordWriter (pure-Python CRC-32C) on _AsyncWriter's thread, the writer inside
+  TensorBoard's EventFileWriter: what the caller's thread saves (gradexp's writer before this
+  benchmark).
 Each run writes STEPS logged steps into a fresh folder with GAP_S of sleep between them (the training
 steps between two logged ones, when a writer thread does its work) and closes the board. Per logged
 step: `caller_ms`, the time in Board.layers + Board.tick (what the training loop waits for), and
@@ -54,7 +51,9 @@ import google_crc32c
 import tensorboard
 import torch
 from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
 from tensorboard.summary.writer import record_writer
+from tensorboard.summary.writer.event_file_writer import _AsyncWriter
 
 import gradexp.sinks.tensorboard as gradexp_tb
 from gradexp.probes.stats import LAYER_PROBES, STATS
@@ -68,6 +67,7 @@ from gradexp.sinks.tensorboard import (
     probe_section,
 )
 
+SHIPPED_CRC = gradexp_tb._masked_crc
 N_LAYERS = 21
 CASES = {"mlp21, 7 layers charted": 7, "mlp21, all 21 charted": None}
 RUN_SCALARS = ("grad_norm/total", "loss/train", "lr", "acc/train")
@@ -230,33 +230,44 @@ class HandBoard:
             events.close()
 
 
-class SyncEventFile(gradexp_tb.EventFile):
-    """gradexp's EventFile with TensorBoard's RecordWriter called in the caller's thread: no writer
-    thread; the records go to the file when the oldest waiting is FLUSH_SECONDS old (at `check`, the
-    training loop's every step) and on close."""
+class ThreadEventFile(gradexp_tb.EventFile):
+    """gradexp's EventFile as it was before the records moved to the caller's thread: TensorBoard's
+    RecordWriter (its pure-Python checksum) on _AsyncWriter's thread, the writer inside TensorBoard's
+    EventFileWriter, flushing every FLUSH_SECONDS."""
 
     def __init__(self, folder: str, suffix: str = "", keep_open: bool = True):
-        os.makedirs(folder, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_ids)}"
-        self.path = os.path.join(folder, name + suffix)
-        self.file = gradexp_tb._RecordFile(self.path, keep_open)
-        self.records = record_writer.RecordWriter(self.file)
-        self.oldest = 0.0
-        self.write(Event(wall_time=time.time(), file_version="brain.Event:2"))
-
-    def check(self) -> None:
-        if self.file.pending and time.monotonic() - self.oldest >= self.FLUSH_SECONDS:
-            self.file.flush()
-        super().check()
+        self.writer = None
+        super().__init__(folder, suffix, keep_open)
 
     def write(self, event: Event) -> None:
-        if not self.file.pending:
-            self.oldest = time.monotonic()
-        self.records.write(event.SerializeToString())
+        if self.writer is None:
+            self.writer = _AsyncWriter(record_writer.RecordWriter(_Unscheduled(self.file)), 64, self.FLUSH_SECONDS)
+        self.check()
+        self.writer.write(event.SerializeToString())
+
+    def close(self) -> None:
+        try:
+            self.writer.flush()
+        finally:
+            self.writer.close()
+        self.check()
+
+
+class _Unscheduled:
+    """A _RecordFile as RecordWriter's file: its writes kept for the _AsyncWriter thread's flushes."""
+
+    def __init__(self, file: gradexp_tb._RecordFile):
+        self.file = file
+
+    def write(self, record: bytes) -> None:
+        with self.file.lock:
+            self.file.pending.append(record)
+
+    def flush(self) -> None:
+        self.file.flush()
 
     def close(self) -> None:
         self.file.close()
-        super().check()
 
 
 # ------------------------------------------------------------------------------------------ the runs
@@ -285,11 +296,9 @@ def logged_steps(steps: int, seed: int = 0) -> list[tuple[int, dict, dict]]:
     return out
 
 
-def c_crc(on: bool) -> None:
-    """google-crc32c's checksum in TensorBoard's RecordWriter (on), or its own pure-Python one (off)."""
-    from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
-
-    record_writer.masked_crc32c = masked_crc32c if on else pywrap_tensorflow.masked_crc32c
+def python_crc(on: bool) -> None:
+    """TensorBoard's pure-Python checksum in gradexp's writer (on), or google-crc32c's as shipped (off)."""
+    gradexp_tb._masked_crc = pywrap_tensorflow.masked_crc32c if on else SHIPPED_CRC
 
 
 def make_hand(folder: str, chart: int | None) -> HandBoard:
@@ -300,17 +309,17 @@ def make_tensorboard(folder: str, chart: int | None) -> Board:
     return Board(folder, "bench", chart_layers=chart)
 
 
-VARIANTS = {  # name: (board, google-crc32c in RecordWriter, gradexp's EventFile replaced by)
+VARIANTS = {  # name: (board, TensorBoard's pure-Python checksum in gradexp's writer, gradexp's EventFile replaced by)
     "hand-written encoder (google-crc32c, caller's thread)": (make_hand, False, None),
-    "tensorboard writer (pure-Python crc, writer thread)": (make_tensorboard, False, None),
-    "tensorboard writer, C crc patched in": (make_tensorboard, True, None),
-    "tensorboard RecordWriter in the caller's thread (pure-Python crc)": (make_tensorboard, False, SyncEventFile),
+    "gradexp's writer: tensorboard protos, google-crc32c, caller's thread": (make_tensorboard, False, None),
+    "the same with TensorBoard's pure-Python crc": (make_tensorboard, True, None),
+    "TensorBoard's RecordWriter on its writer thread (pure-Python crc)": (make_tensorboard, False, ThreadEventFile),
 }
 
 
 def run_once(variant: str, folder: str, chart: int | None, steps: list, gap_s: float) -> dict:
-    make, fast_crc, event_file = VARIANTS[variant]
-    c_crc(fast_crc)
+    make, slow_crc, event_file = VARIANTS[variant]
+    python_crc(slow_crc)
     shipped = gradexp_tb.EventFile
     gradexp_tb.EventFile = event_file or shipped  # what Board makes its files with
     try:
@@ -327,7 +336,7 @@ def run_once(variant: str, folder: str, chart: int | None, steps: list, gap_s: f
         board.close()
         cpu = time.process_time() - cpu0
     finally:
-        c_crc(False)
+        python_crc(False)
         gradexp_tb.EventFile = shipped
     return {"caller_ms": 1e3 * caller / len(steps), "cpu_ms": 1e3 * cpu / len(steps)}
 

@@ -21,10 +21,12 @@ import itertools
 import math
 import os
 import socket
+import struct
 import threading
 import time
 from typing import Any
 
+import google_crc32c
 from google.protobuf import struct_pb2
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
@@ -40,8 +42,6 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import (
     HParamsPluginData,
     SessionEndInfo,
 )
-from tensorboard.summary.writer.event_file_writer import _AsyncWriter
-from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard.summary import histogram_raw, hparams
 
 from gradexp.probes.stats import ACT_HIST, GRAD_HIST, LAYER_PROBES, STATS, bucket_limits
@@ -106,9 +106,73 @@ def _log10(v: float | None) -> float:
     return math.log10(v) if v > 0 else (-math.inf if v == 0 else math.nan)
 
 
+def _masked_crc(data: bytes) -> int:
+    """TFRecord's masked CRC-32C, by google-crc32c's C code: TensorBoard's own RecordWriter computes it
+    in pure Python, ~65 us for a logged step's 250-byte event, which made its writer cost 0.8-1.3 ms of
+    CPU per logged step against ~0.2 ms this way (bench/results/tb_writer.json)."""
+    x = google_crc32c.value(data)
+    return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _record(data: bytes) -> bytes:
+    """One TFRecord, TensorBoard's RecordWriter.write framing: length, its masked CRC, data, its masked CRC."""
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data))
+
+
+class _Flusher:
+    """The one thread (per process) that puts waiting records in their files, each file's within its
+    interval of the first one waiting, with no call from the training loop: TensorBoard, which reads
+    every few seconds, sees a run live, and a run killed outright loses at most that last interval.
+    The records themselves are made in the caller's thread: on the writer's own thread they cost the
+    training loop ~0.05x of a 20x256 MLP's step every step, in switches of the GIL
+    (bench/results/writer-thread-mlp.json)."""
+
+    def __init__(self) -> None:
+        self.pid = -1
+
+    def _start(self) -> None:
+        # lazily, and again in a forked child (a sweep's workers), which has neither the thread nor
+        # a usable lock
+        self.pid = os.getpid()
+        self.due: dict[_RecordFile, float] = {}  # file -> when its first waiting record must be written
+        self.wake = threading.Condition()
+        threading.Thread(target=self._run, name="gradexp-tensorboard-flush", daemon=True).start()
+
+    def schedule(self, file: _RecordFile, seconds: float) -> None:
+        if self.pid != os.getpid():
+            self._start()
+        with self.wake:
+            if file not in self.due:
+                self.due[file] = time.monotonic() + seconds
+                self.wake.notify()
+
+    def cancel(self, file: _RecordFile) -> None:
+        if self.pid == os.getpid():
+            with self.wake:
+                self.due.pop(file, None)
+
+    def _run(self) -> None:
+        wake, due = self.wake, self.due
+        while True:
+            with wake:
+                if not due:
+                    wake.wait()
+                    continue
+                file, at = min(due.items(), key=lambda item: item[1])
+                if at > time.monotonic():
+                    wake.wait(at - time.monotonic())
+                    continue
+                del due[file]
+            file.flush()  # outside the wait lock: a writer holding the file's lock may be scheduling
+
+
+_flusher = _Flusher()
+
+
 class _RecordFile:
-    """The file under TensorBoard's RecordWriter, which its writer thread calls: records are kept in
-    memory and go to the file at each `flush` (the thread's, every FLUSH_SECONDS, and the last one on
+    """An event file's records: kept in memory as they are written, and put in the file at each
+    `flush` (the flusher thread's, within an interval of the first one waiting, and the last one on
     close). An OSError here (a full disk) is kept as a WriteError naming the file, for the training
     loop to raise (`EventFile.check`), and the file takes nothing more: raised in the thread it would
     print the thread's traceback, and a record written after a lost one could be half a record.
@@ -119,16 +183,18 @@ class _RecordFile:
         self.path, self.keep_open = path, keep_open
         self.pending: list[bytes] = []
         self.error: WriteError | None = None
-        self.lock = threading.Lock()  # the thread's flush and _AsyncWriter.flush's, from the caller's thread
+        self.lock = threading.Lock()  # the flusher's flush against the caller's writes and close
         with writing(path):
             self.file: Any = open(path, "xb")  # "x": never append to another writer's file
         if not keep_open:
             self.file.close()
             self.file = None
 
-    def write(self, record: bytes) -> None:
+    def write(self, record: bytes, flush_within: float) -> None:
         with self.lock:
             if self.error is None:
+                if not self.pending:
+                    _flusher.schedule(self, flush_within)
                 self.pending.append(record)
 
     def flush(self) -> None:
@@ -150,6 +216,7 @@ class _RecordFile:
             self.pending.clear()
 
     def close(self) -> None:
+        _flusher.cancel(self)
         self.flush()
         with self.lock:
             self._close_quietly()
@@ -164,24 +231,22 @@ class _RecordFile:
 
 
 class EventFile:
-    """One TensorBoard event file, written by TensorBoard's own writer: its RecordWriter frames each
-    Event (length, masked CRC-32C, data, masked CRC-32C) on _AsyncWriter's thread, the writer inside
-    EventFileWriter. EventFileWriter itself is not used: it writes through a GFile that reopens the
-    file for every record, and an error there is raised in its thread (a traceback on stderr, the
-    file it failed on not named). Here an event reaches the file within FLUSH_SECONDS (TensorBoard,
-    which reads every few seconds, sees the run live; a run killed outright loses at most that last
-    second) and all of them on `close`; a full disk is raised as WriteError by the next `write`,
-    `check` (the training loop's, through Board.tick, every step) or `close`."""
+    """One TensorBoard event file: tensorboard's Event protos, each serialised and framed as a TFRecord
+    in the caller's thread (`_record`), and put in the file within FLUSH_SECONDS by the flusher thread
+    and all of them on `close`. TensorBoard's EventFileWriter is not used: it writes through a GFile
+    that reopens the file for every record, an error there is raised in its thread (a traceback on
+    stderr, the file it failed on not named), and its pure-Python checksum on its own thread costs
+    the training loop 0.1x of a small model's step (see `_masked_crc`, `_Flusher`). A full disk is
+    raised as WriteError by the next `write`, `check` (the training loop's, through Board.tick, every
+    step) or `close`."""
 
     FLUSH_SECONDS = 1.0
-    QUEUE = 64  # events waiting for the thread before `write` waits for it (a logged step makes 1-2 per file)
 
     def __init__(self, folder: str, suffix: str = "", keep_open: bool = True):
         os.makedirs(folder, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_file_ids)}"
         self.path = os.path.join(folder, name + suffix)
         self.file = _RecordFile(self.path, keep_open)
-        self.writer = _AsyncWriter(RecordWriter(self.file), self.QUEUE, self.FLUSH_SECONDS)
         self.write(Event(wall_time=time.time(), file_version="brain.Event:2"))
 
     def check(self) -> None:
@@ -191,7 +256,7 @@ class EventFile:
 
     def write(self, event: Event) -> None:
         self.check()
-        self.writer.write(event.SerializeToString())
+        self.file.write(_record(event.SerializeToString()), self.FLUSH_SECONDS)
 
     def add(self, summary: Summary, step: int | None = None, wall_time: float | None = None) -> None:
         event = Event(wall_time=time.time() if wall_time is None else wall_time, summary=summary)
@@ -201,10 +266,7 @@ class EventFile:
 
     def close(self) -> None:
         """Write every event and close the file, which is closed even when a write fails."""
-        try:
-            self.writer.flush()  # raises what ended the thread, which close() would not
-        finally:
-            self.writer.close()
+        self.file.close()
         self.check()
 
 
@@ -213,6 +275,21 @@ _file_ids = itertools.count()
 
 def _scalars(tags: list[str], values: list[float]) -> Summary:
     return Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in zip(tags, values)])
+
+
+class _ScalarsEvent:
+    """An Event of scalars under fixed tags, made once and refilled at each logged step: setting
+    its values costs ~3 us where making the protos anew costs ~20 us (8 events a logged step)."""
+
+    def __init__(self, tags: list[str]):
+        self.event = Event(summary=_scalars(tags, [0.0] * len(tags)))
+        self.values = list(self.event.summary.value)
+
+    def fill(self, step: int, wall_time: float, values: list[float]) -> Event:
+        self.event.wall_time, self.event.step = wall_time, step
+        for slot, v in zip(self.values, values):
+            slot.simple_value = v
+        return self.event
 
 
 class Board:
@@ -232,9 +309,10 @@ class Board:
         self.layer_events: dict[int, EventFile] = {}  # charted layer -> its sub-run's events
         self.names: list[str] = []
         self.available: dict[str, list[bool]] = {}
-        # Logged steps write the same tags again and again: made once per set of probes (gradient
-        # probes, weight probes or both), per charted layer.
-        self.tags: dict[tuple[str, ...], dict[int, tuple[list[str], list[str]] | None]] = {}
+        # Logged steps write the same tags again and again: their events made once per set of probes
+        # (gradient probes, weight probes or both) per charted layer, and once per set of run scalars.
+        self.tags: dict[tuple[str, ...], dict[int, tuple[_ScalarsEvent, list[str]] | None]] = {}
+        self.run_events: dict[tuple[str, ...], _ScalarsEvent] = {}
 
     def set_layers(self, names: list[str], available: dict[str, list[bool]]) -> None:
         """The layers in depth order, and which probes each has (`Watcher.available`)."""
@@ -254,13 +332,13 @@ class Board:
         for k, v in enumerate(values):
             self.scalars(first_step + k, {tag: v})
 
-    def _layer_tags(self, probes: tuple[str, ...]) -> dict[int, tuple[list[str], list[str]] | None]:
-        """Per charted layer: its tags for these probes, and the probes it has (None: none)."""
+    def _layer_tags(self, probes: tuple[str, ...]) -> dict[int, tuple[_ScalarsEvent, list[str]] | None]:
+        """Per charted layer: its event of these probes' tags, and the probes it has (None: none)."""
         if probes not in self.tags:
             per_layer = {}
             for i in self.layer_events:
                 own = [p for p in probes if self.available[p][i]]
-                per_layer[i] = ([f"{probe_section(p)}/{self.label}" for p in own], own) if own else None
+                per_layer[i] = (_ScalarsEvent([f"{probe_section(p)}/{self.label}" for p in own]), own) if own else None
             self.tags[probes] = per_layer
         return self.tags[probes]
 
@@ -270,11 +348,14 @@ class Board:
         now = time.time()
         for i, slot in self._layer_tags(tuple(p for p in LAYER_PROBES if p in stats)).items():
             if slot is not None:
-                tags, probes = slot
+                event, probes = slot
                 values = [_log10(stats[p][i]) if STATS[p].log else _number(stats[p][i]) for p in probes]
-                self.layer_events[i].add(_scalars(tags, values), step, now)
+                self.layer_events[i].write(event.fill(step, now, values))
         if scalars:
-            self.events.add(_scalars(list(scalars), list(scalars.values())), step, now)
+            tags = tuple(scalars)
+            if tags not in self.run_events:
+                self.run_events[tags] = _ScalarsEvent(list(tags))
+            self.events.write(self.run_events[tags].fill(step, now, list(scalars.values())))
 
     def profile_images(self, frames: list[tuple[int, bytes, int, int]], section: str = PROFILE_SECTION) -> None:
         """A profile as PNGs, (step, PNG bytes, height, width) each: one image card per run in
@@ -331,7 +412,7 @@ class Board:
 
     def tick(self) -> None:
         """Once a step: an event file that could not be written (a full disk) fails the run here.
-        TensorBoard's writer thread puts the events in the files within EventFile.FLUSH_SECONDS."""
+        The flusher thread puts the events in the files within EventFile.FLUSH_SECONDS."""
         self.events.check()
         for events in self.layer_events.values():
             events.check()
