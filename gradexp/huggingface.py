@@ -37,8 +37,8 @@ class GradientFlow(Adapter, transformers.TrainerCallback):
     """
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if not state.is_world_process_zero:  # one writer per run; gradients are the same on every rank
-            return
+        # every rank watches (each logged step's sums are read across the ranks in one collective);
+        # rank 0 alone writes
         # transformers 5 dropped `logging_dir`
         logdir = self.logdir or Path(getattr(args, "logging_dir", None) or args.output_dir) / "gradient_flow"
         self.attach(model, getattr(optimizer, "optimizer", optimizer), logdir,  # the torch optimizer inside AcceleratedOptimizer

@@ -57,10 +57,9 @@ class GradientFlow(Adapter, *_callback_classes()):
     """
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        # trainer.log_dir broadcasts from rank 0: every process must read it
+        # trainer.log_dir broadcasts from rank 0: every process must read it. Every rank watches (each
+        # logged step's sums are read across the ranks in one collective); rank 0 alone writes.
         logdir = self.logdir or Path(trainer.log_dir or trainer.default_root_dir) / "gradient_flow"
-        if not trainer.is_global_zero:  # one writer per run; gradients are the same on every rank
-            return
         optimizers = trainer.optimizers
         if len(optimizers) > 1:
             raise ValueError(f"GradientFlow watches one optimizer; this LightningModule has {len(optimizers)}")

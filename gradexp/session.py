@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from gradexp.analysis.diagnosis import watched_context
+from gradexp.probes import reduce
 from gradexp.probes.watcher import Watcher
 from gradexp.sinks.summary import build, close
 from gradexp.sinks.tensorboard import CHART_LAYERS, Board
@@ -83,16 +84,20 @@ class Watch:
         if chart_layers is not None and (not isinstance(chart_layers, int) or chart_layers < 2):
             raise ValueError(f"chart_layers: expected a whole number >= 2 (the first and the last layer at least) "
                              f"or None (all), got {chart_layers!r}")
-        self.logdir = _fresh_folder(logdir)
+        ranks = reduce.ranks()
+        self.writes = ranks is None or ranks.rank == 0  # one writer: every rank has the same numbers
+        self.logdir = _fresh_folder(logdir) if self.writes else None
         self.name = name or type(model).__name__
         self.thresholds = (vanishing_below, exploding_above)
-        self.board = Board(str(self.logdir), self.name, time.strftime("%m-%d %H:%M:%S"), chart_layers=chart_layers)
+        self.board = Board(str(self.logdir), self.name, time.strftime("%m-%d %H:%M:%S"), chart_layers=chart_layers) \
+            if self.writes else None
         try:
             self.probes = Watcher(model, optimizer, board=self.board, every=every, weight_every=weight_every,
                                   hist_every=hist_every, layers=layers, scaler=scaler, last_step=last_step,
                                   recurrent=recurrent)
         except BaseException:
-            self.board.close()
+            if self.board is not None:
+                self.board.close()
             raise
         self.started = time.time()
         self.status = "running"
@@ -103,7 +108,8 @@ class Watch:
     def step(self) -> None:
         """Without an optimizer: once per training step, after backward (see Watcher.step)."""
         self.probes.step()
-        self.board.tick()
+        if self.board is not None:
+            self.board.tick()
 
     def loss(self, value: torch.Tensor | float) -> None:
         """The loss of the step in progress (call it before the optimizer's step, or before `w.step()`):
@@ -148,7 +154,8 @@ class Watch:
         summary = self.summary()
         self.status = summary["status"]
         self._summary = summary
-        close(self.logdir, self.board, summary, self.probes)
+        if self.writes:
+            close(self.logdir, self.board, summary, self.probes)
         return summary
 
     def summary(self) -> dict:

@@ -13,6 +13,12 @@ Three backends compute the same raw sums (`choose` picks one per call):
   check its logic against autograd without a GPU.
 `GRADEXP_NATIVE=0` turns the kernel off; `default` forces a backend (the tests).
 
+Shards and ranks come in here too. A DTensor (FSDP2's parameters and gradients) is summed from its
+local shard (`local`); on several processes each logged step's sums of every rank are read in ONE
+collective (`gather_ranks`), and `across_ranks` turns them into the sums of the whole model and the
+global batch: a parameter's squares summed over its shards and not over its replicas (`share`), the
+activations' sums merged as more examples, dL/dz's squares summed and brought to the global loss.
+
 What the sums mean, and the statistics made from them, is stats.py's.
 """
 
@@ -22,9 +28,13 @@ import ctypes
 import importlib.util
 import math
 import os
+import sys
+import zlib
 from array import array
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from gradexp.activations import DERIVATIVES, LEAKY_SLOPE, MAX_SLOPE, NEEDS_INPUT, SELU_ALPHA, SELU_SCALE, SIGNED_DERIVATIVE
 from gradexp.probes.stats import SATURATION_FRACTION
@@ -276,6 +286,119 @@ def grad_histograms(groups: list[list[torch.Tensor]], spec: tuple[float, float, 
         values = torch.cat(flat) if flat else torch.zeros(1, device=device)
         rows.append(histogram_row(values.abs().log10(), spec))
     return torch.stack(rows)
+
+
+# ------------------------------------------------------------------------------- shards and ranks
+
+def _dtensor() -> type | None:
+    """DTensor's class, if anything has imported it (no tensor can be one before: importing it here
+    would cost every run's start-up)."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The part of `t` this process holds: a DTensor's local shard (a Partial placement, whose shards
+    add up to the values rather than split them, first reduced to the values: their squares would
+    not add up), else `t` itself. No DTensor reaches the kernel or torch's foreach ops."""
+    dtensor = _dtensor()
+    if dtensor is None or not isinstance(t, dtensor):
+        return t
+    if any(p.is_partial() for p in t.placements):
+        from torch.distributed.tensor import Replicate
+
+        t = t.redistribute(t.device_mesh, [Replicate() if p.is_partial() else p for p in t.placements])
+    return t._local_tensor
+
+
+def share(t: torch.Tensor, world: int) -> float:
+    """What a rank's sum of squares of `t`'s local part counts for when every rank's are added: the
+    number of shards `t` is split into over `world` ranks (a DTensor's Shard placements; 1 for a
+    plain tensor, which every rank holds whole, as DDP's parameters and gradients), divided by
+    `world`. So DDP's replicas count once, FSDP's shards each once, and HSDP's shards once per
+    replica group, not once per rank (VeOmni 184's bug)."""
+    dtensor = _dtensor()
+    shards = 1
+    if dtensor is not None and isinstance(t, dtensor):
+        shards = math.prod(t.device_mesh.size(d) for d, p in enumerate(t.placements) if p.is_shard())
+    return shards / world
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """The processes that train the watched model together (torch.distributed's default group)."""
+    world: int
+    rank: int
+
+
+def ranks() -> Ranks | None:
+    """The default process group's size and this rank, if there are several processes; else None."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return None
+    return Ranks(dist.get_world_size(), dist.get_rank())
+
+
+class RanksDisagree(RuntimeError):
+    """The ranks measured different layers or calls at a logged step."""
+
+
+def gather_ranks(stats: dict[str, torch.Tensor], layout: tuple, world: int) -> dict[str, list[list]]:
+    """Every rank's `stats` (the same keys and shapes on every rank, described by `layout`), read in
+    one collective and one host transfer: per key, the list over ranks of to_host's values.
+    Each rank's vector starts with its layout's checksum: where the ranks measured other calls or
+    statistics in vectors of the same length, every rank raises RanksDisagree. (The layer set itself
+    is agreed once, when the layers are found: Watcher._agree.)"""
+    flat = torch.cat([stats[k].detach().reshape(-1).double() for k in stats]) if stats else torch.zeros(0)
+    signature = float(zlib.crc32(repr(layout).encode()))
+    vector = torch.cat([flat.new_tensor([signature]), flat])
+    out = vector.new_empty(world * vector.numel())
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, vector)  # the name since torch 2.10
+    rows = out.view(world, -1).cpu().tolist()
+    if any(r[0] != signature for r in rows):
+        different = [r for r, row in enumerate(rows) if row[0] != rows[0][0]]
+        raise RanksDisagree(f"gradexp.watch: ranks {different} measured other layers, calls or statistics than rank 0 "
+                            f"at this logged step; per-layer statistics across ranks need the same forward on every "
+                            f"rank (the same modules called as often)")
+    out_: dict[str, list[list]] = {}
+    i = 1
+    for k, t in stats.items():
+        n = t.numel()
+        per_rank = []
+        for row in rows:
+            chunk = row[i:i + n]
+            per_rank.append([chunk[j:j + t.shape[-1]] for j in range(0, n, t.shape[-1])] if t.ndim == 2 else chunk)
+        out_[k] = per_rank
+        i += n
+    return out_
+
+
+# How each of a logged step's keys combines over ranks (gather_ranks): sums of squares of parameters
+# and gradients over their shards (`share`); dL/dz's squares summed over the ranks' examples and
+# divided by world^2 (data parallelism averages the ranks' gradients: the global loss is the mean of
+# the ranks' losses, so each rank's dL/dz is world times the global loss's); the activations' rows
+# kept, every rank's, to be merged as more calls (`combine`); the GradScaler's scale and the
+# histograms rank 0's; anything else (the loss given to the watch) the mean over ranks.
+PER_PARAMETER = ("grad_sq", "applied_sq", "weights", "w0_sq")
+
+
+def across_ranks(per_rank: dict[str, list[list]], shares: list[float], world: int) -> dict[str, list]:
+    """gather_ranks' values as one rank's to_host would give them for the whole model and batch."""
+    out: dict[str, list] = {}
+    for k, values in per_rank.items():
+        if k in PER_PARAMETER:
+            if values[0] and isinstance(values[0][0], list):
+                out[k] = [[sum(v[i][j] for v in values) * shares[i] for j in range(len(values[0][i]))]
+                          for i in range(len(values[0]))]
+            else:
+                out[k] = [sum(v[i] for v in values) * shares[i] for i in range(len(values[0]))]
+        elif k == "dz_sq":
+            out[k] = [sum(v[i] for v in values) / world ** 2 for i in range(len(values[0]))]
+        elif k == "acts":
+            out[k] = [row for v in values for row in v]
+        elif k in ("scale", "grad_hist", "act_hist"):
+            out[k] = values[0]
+        else:
+            out[k] = [sum(v[i] for v in values) / world for i in range(len(values[0]))]
+    return out
 
 
 def to_host(stats: dict[str, torch.Tensor], backend: str | None = None) -> dict[str, list]:

@@ -31,13 +31,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.autograd.variable import Variable
 
 from gradexp.probes import reduce
 from gradexp.probes.divergence import Divergence
 from gradexp.probes.history import first_and_latest, keep, through_calls
 from gradexp.probes.hooks import EAGER_BYTES, Hooks, Layer, act_name, candidate_layers, first_tensor
-from gradexp.probes.reduce import activation_sums, batched_sums, combine, grad_histograms, sum_squares, to_host
+from gradexp.probes.reduce import (
+    across_ranks,
+    activation_sums,
+    batched_sums,
+    combine,
+    gather_ranks,
+    grad_histograms,
+    local,
+    share,
+    sum_squares,
+    to_host,
+)
 from gradexp.probes.stats import DERIVATIVE_PROBES, GRAD_HIST, GRADIENT_PROBES, STATS, WEIGHT_PROBES, stat_value
 
 __all__ = ["Layer", "Watcher", "due"]
@@ -66,6 +79,7 @@ class Record:
     forwards: int = 0  # forward passes of the model ended in this step (a profile through time is one forward's)
     extra: dict[str, torch.Tensor | float] = field(default_factory=dict)
     queued: bool = False  # the end-of-backward callback is queued
+    requeued: bool = False  # ... and queued again, behind DDP's and FSDP's own (several ranks)
 
 
 def due(every: int, step: int, last: int | None = None) -> bool:
@@ -96,7 +110,8 @@ class Watcher(Hooks):
         for key, v in (("every", every), ("weight_every", weight_every), ("hist_every", hist_every)):
             if v is not None and (not isinstance(v, int) or v < 0):
                 raise ValueError(f"{key}: expected a whole number >= 0 (0: off), got {v!r}")
-        self.model = model
+        # DDP's wrapper adds nothing to measure: layers are named and chosen as in the model it wraps
+        self.model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.board = board
         self.every = every
         self.weight_every = 10 * every if weight_every is None else weight_every
@@ -104,13 +119,13 @@ class Watcher(Hooks):
         self.last_step = last_step
         self.scaler = scaler
         self._names = names
-        self._candidates = candidate_layers(model, layers)
+        self._candidates = candidate_layers(self.model, layers)
         if not self._candidates:
             raise ValueError(f"layers: no module of the model matches {layers!r}" if layers is not None else
                              "the model has no module with a weight of 2 or more dimensions to watch; "
                              "choose layers= by name pattern or module type")
         self._cand_index = {id(m): k for k, (_, m) in enumerate(self._candidates)}
-        self._recurrent = {id(m) for _, m in candidate_layers(model, recurrent if recurrent is not None
+        self._recurrent = {id(m) for _, m in candidate_layers(self.model, recurrent if recurrent is not None
                                                               else nn.RNNCellBase)}
         self.layers: list[Layer] = []  # in depth order, known after the first forward
         self.names: list[str] = []
@@ -147,6 +162,8 @@ class Watcher(Hooks):
         self._hook_table: list | None = None  # (module, forward hook) of measured steps, once the layers are known
         self._stat_layers: dict[str, list[bool]] = {}  # statistic -> the layers that may have it
         self._optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps one
+        self.ranks = reduce.ranks()  # several processes: every logged step's sums are read across them
+        self._shares: list[float] = []  # per parameter, reduce.share
         self._attach(activations)
         self._arm(0)
 
@@ -207,12 +224,21 @@ class Watcher(Hooks):
         else:
             record.pending.append((i, h, a, name, h._version))
 
-    def _after_backward(self) -> None:
-        """The end of a backward pass on a measured step: every gradient is in place, none clipped yet."""
+    def _after_backward(self, in_backward: bool = True) -> None:
+        """The end of a backward pass on a measured step: every gradient is in place, none clipped yet.
+        On several ranks, after DDP's and FSDP's reductions: they queue their own end-of-backward
+        callbacks (which wait for the all-reduce or reduce-scatter) after the first dL/dz hook has
+        queued this one, so it queues itself again once, to run behind them and read the gradients
+        the optimizer will apply rather than this rank's own (the engine runs callbacks queued by a
+        callback in the same pass)."""
         record = self.record
         if record is None:
             return
-        record.queued = False
+        if self.ranks is not None and in_backward and not record.requeued:
+            record.requeued = True
+            Variable._execution_engine.queue_callback(self._after_backward)
+            return
+        record.queued = record.requeued = False
         record.forwarding = False
         if self._discovering:  # the model's own forward was not called (a LightningModule's training_step)
             self._finish_discovery(None)
@@ -232,7 +258,7 @@ class Watcher(Hooks):
         record.pending = []
         grads = [p.grad for p in self._params]
         dz = [g for *_, g in record.dz]
-        tensors = [g if g is not None else p.new_zeros(0) for g, p in zip(grads, self._params)] + dz
+        tensors = [local(g) if g is not None else local(p).new_zeros(0) for g, p in zip(grads, self._params)] + dz
         sums, metas, rows, backend = batched_sums(tensors, acts)
         if rows is not None:
             record.batched.append((list(zip(owners, metas)), rows))
@@ -247,9 +273,10 @@ class Watcher(Hooks):
         record.dz_sums.append(([i for i, *_ in record.dz], [c for _, c, _ in record.dz], sums[len(grads):]))
         record.dz = []
         record.grads = grads
-        record.versions = [g._version if g is not None else -1 for g in grads]
+        record.versions = [local(g)._version if g is not None else -1 for g in grads]
         if self._hist:
-            record.grad_hists = grad_histograms([[p.grad for p in layer.params] for layer in self.layers], GRAD_HIST,
+            record.grad_hists = grad_histograms([[local(p.grad) if p.grad is not None else None for p in layer.params]
+                                                 for layer in self.layers], GRAD_HIST,
                                                 self._params[0].device if self._params else None)
 
     # --- discovery
@@ -285,11 +312,17 @@ class Watcher(Hooks):
                     self._param_layers[seen[id(p)]].append(i)
         self._n_layer_params = len(self._params)
         self._params += [p for p in self.model.parameters() if p.requires_grad and id(p) not in seen]
+        w0_sq: list[float] = []
         if self.weight_every > 0 and self._n_layer_params:
             with torch.no_grad():
-                self._initial = [p.detach().clone() for p in self._params[:self._n_layer_params]]
+                self._initial = [local(p.detach()).clone() for p in self._params[:self._n_layer_params]]
+            w0_sq = sum_squares(self._initial).tolist()
+        if self.ranks is not None:
+            self._shares = [share(p, self.ranks.world) for p in self._params]
+            w0_sq = self._agree(w0_sq)
+        if w0_sq:
             self._w0_sq = [0.0] * len(self.layers)
-            for v, owners in zip(sum_squares(self._initial).tolist(), self._param_layers):
+            for v, owners in zip(w0_sq, self._param_layers):
                 for i in owners:
                     self._w0_sq[i] += v
         # phi' and saturation only where the activation is known, time_factor only in a recurrent layer:
@@ -304,6 +337,25 @@ class Watcher(Hooks):
             self._snapshot()
         if not (due(self.every, 0, self.last_step) or self._hist):  # measured only to find the layers
             self.record = None
+
+    def _agree(self, w0_sq: list[float]) -> list[float]:
+        """Several ranks, once the layers are found: check that every rank found the same layers (or
+        raise, on every rank, rather than hang in a later collective of other sizes), and sum the
+        initial weights' squares over their shards. Returns those sums."""
+        found = [None] * self.ranks.world
+        dist.all_gather_object(found, (self.names, [tuple(local(p).shape) for p in self._params], w0_sq))
+        names = [f[0] for f in found]
+        different = [r for r, n in enumerate(names) if n != names[0]]
+        if different:
+            raise ValueError(f"gradexp.watch: ranks {different} found other layers than rank 0 ({len(names[0])} layers, "
+                             f"{names[0][:3]}...): watch the same model on every rank, with the same layers=")
+        counts = [len(f[1]) for f in found]
+        if len(set(counts)) > 1:
+            raise ValueError(f"gradexp.watch: the ranks have different numbers of trainable parameters ({counts}): "
+                             f"watch the same model on every rank")
+        if not w0_sq:
+            return []
+        return across_ranks({"w0_sq": [f[2] for f in found]}, self._shares, self.ranks.world)["w0_sq"]
 
     def available(self) -> dict[str, list[bool]]:
         """Which statistics each layer has: phi' and saturation where its activation is known, the
@@ -340,7 +392,7 @@ class Watcher(Hooks):
         if not self._n_layer_params:
             return
         with torch.no_grad():
-            now = [p.detach() for p in self._params[:self._n_layer_params]]
+            now = [local(p.detach()) for p in self._params[:self._n_layer_params]]
             if not self._before:
                 self._before = [torch.empty_like(p) for p in now]
             torch._foreach_copy_(self._before, now)
@@ -388,7 +440,7 @@ class Watcher(Hooks):
         stats: dict[str, torch.Tensor] = {}
         if record is not None:
             if record.dz or record.grad_sq is None:  # a backward whose end was not seen, or none: read them now
-                self._after_backward()
+                self._after_backward(in_backward=False)
             stats["grad_sq"] = record.grad_sq
             if record.dz_sums:
                 stats["dz_sq"] = torch.cat([s for *_, s in record.dz_sums])
@@ -402,9 +454,10 @@ class Watcher(Hooks):
                 stats["acts"] = torch.cat(parts) if len(parts) > 1 else parts[0]
             now = [p.grad for p in self._params]
             if any(a is not b for a, b in zip(now, record.grads)) or \
-                    any(g is not None and g._version != v for g, v in zip(now, record.versions)):
+                    any(g is not None and local(g)._version != v for g, v in zip(now, record.versions)):
                 # clipped (or unscaled) since backward: the gradient the optimizer applies
-                stats["applied_sq"] = sum_squares([g for g in now if g is not None]).sum().reshape(1)
+                stats["applied_sq"] = sum_squares([local(g) if g is not None else local(p).new_zeros(0)
+                                                   for g, p in zip(now, self._params)])
             if self.scaler is not None and self.scaler.is_enabled() and getattr(self.scaler, "_scale", None) is not None:
                 stats["scale"] = self.scaler._scale.double().reshape(1)
             if self._hist and record.grad_hists is not None:
@@ -417,14 +470,28 @@ class Watcher(Hooks):
         if weigh:
             stats["weights"] = self._weight_sums()
         if stats:
-            host = to_host(stats)
+            host = to_host(stats) if self.ranks is None else self._across_ranks(stats, record)
             if record is not None:
                 host.update({k: [float(v)] for k, v in record.extra.items() if not isinstance(v, torch.Tensor)})
             self._finish(step, record, host, weigh)
 
+    def _across_ranks(self, stats: dict[str, torch.Tensor], record: Record | None) -> dict[str, list]:
+        """Several ranks: this logged step's sums of every rank, in one collective, as those of the
+        whole model and the global batch (reduce.across_ranks); each rank's activation rows kept as
+        more calls of their layers."""
+        world = self.ranks.world
+        owners = [i for i, _ in record.owners] if record is not None else []
+        dz = [(ids, calls) for ids, calls, _ in record.dz_sums] if record is not None else []
+        layout = ([(k, tuple(t.shape)) for k, t in stats.items()], owners, dz)
+        host = across_ranks(gather_ranks(stats, layout, world), self._shares, world)
+        if record is not None:
+            record.owners = record.owners * world
+        return host
+
     def _weight_sums(self) -> torch.Tensor:
         """(layer parameters, 3): ||θ||^2, ||θ - θ_before||^2, ||θ - θ_0||^2 of each parameter tensor."""
-        return reduce.weight_sums([p.detach() for p in self._params[:self._n_layer_params]], self._before, self._initial)
+        return reduce.weight_sums([local(p.detach()) for p in self._params[:self._n_layer_params]], self._before,
+                                  self._initial)
 
     def _finish(self, step: int, record: Record | None, host: dict[str, list], weigh: bool) -> None:
         """From raw sums to the statistics (STATS), then the event, the snapshots and divergence."""
@@ -441,7 +508,7 @@ class Watcher(Hooks):
                     raw[i]["grad_sq"] = raw[i].get("grad_sq", 0.0) + v * unscale
             totals["grad_norm_total"] = math.sqrt(sum(sq) * unscale) if sq else None
             applied = host.pop("applied_sq", None)
-            totals["grad_norm_total_applied"] = math.sqrt(applied[0]) if applied else None
+            totals["grad_norm_total_applied"] = math.sqrt(sum(applied)) if applied else None
             dz_sq = host.pop("dz_sq", [])
             for i, v in zip([i for ids, *_ in record.dz_sums for i in ids], dz_sq):
                 raw[i]["dz_sq"] = raw[i].get("dz_sq", 0.0) + v * unscale

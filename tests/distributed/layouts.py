@@ -1,0 +1,128 @@
+"""One training run of a small MLP under a chosen layout, watched by gradexp: run by
+tests/test_distributed.py, under torchrun for the layouts with several processes.
+
+    python tests/distributed/layouts.py single OUT.json
+    torchrun --nproc_per_node 2 tests/distributed/layouts.py ddp OUT.json
+    torchrun --nproc_per_node 2 tests/distributed/layouts.py fsdp2 OUT.json
+    python tests/distributed/layouts.py accumulate OUT.json
+    torchrun --nproc_per_node 2 tests/distributed/layouts.py ddp_no_sync OUT.json [EVERY]
+    torchrun --nproc_per_node 4 tests/distributed/layouts.py hsdp OUT.json
+    torchrun --nproc_per_node 2 tests/distributed/layouts.py disagree OUT.json   # rank 1 watches other layers
+
+Every layout trains the same model (same seed) on the same global batches: one process takes the
+whole batch, each of N ranks its 1/N of it, and `accumulate` takes it in micro-batches, its loss
+divided by their number (`ddp_no_sync`: on each rank, under DDP's no_sync but for the last). Rank 0
+writes OUT.json: the watch's per-layer statistics at the logged steps it keeps (summary.json's
+snapshots), the diagnosis, and the collectives called from Python during each step (DDP's own
+all-reduces run in C++ and are not among them; gradexp's are)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import gradexp
+
+STEPS, BATCH, ACCUMULATE = 4, 16, 4
+COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_gather_object", "all_reduce",
+               "broadcast", "broadcast_object_list", "reduce_scatter_tensor", "gather_object")
+calls = [0]
+
+
+def count_collectives() -> None:
+    """Each collective torch.distributed's Python functions start adds 1 to calls[0] (it still runs)."""
+    for name in COLLECTIVES:
+        f = getattr(dist, name, None)
+        if f is None:
+            continue
+
+        def counted(*args, _f=f, **kwargs):
+            calls[0] += 1
+            return _f(*args, **kwargs)
+
+        setattr(dist, name, counted)
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    width = 12
+    for i in range(5):
+        layers += [nn.Linear(8 if i == 0 else width, width), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(width, 3))
+
+
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH, 8, generator=g), torch.randint(0, 3, (BATCH,), generator=g)) for _ in range(STEPS)]
+
+
+def main() -> None:
+    layout, out = sys.argv[1], sys.argv[2]
+    every = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+    torch.set_num_threads(1)
+    world, rank = 1, 0
+    if "RANK" in os.environ:
+        dist.init_process_group("gloo")
+        world, rank = dist.get_world_size(), dist.get_rank()
+    net = model()
+    if layout.startswith("ddp") or layout == "disagree":
+        net = nn.parallel.DistributedDataParallel(net)
+    elif layout in ("fsdp2", "hsdp"):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        # HSDP: shards over pairs of ranks, replicated across the pairs
+        mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("replicate", "shard")) if layout == "hsdp" \
+            else init_device_mesh("cpu", (world,))
+        for m in net:
+            if isinstance(m, nn.Linear):
+                fully_shard(m, mesh=mesh)
+        fully_shard(net, mesh=mesh)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    loss_fn = nn.CrossEntropyLoss()
+    count_collectives()
+    per_step = []
+    with tempfile.TemporaryDirectory() as tmp:
+        layers = [m for m in net.modules() if isinstance(m, nn.Linear)][:2] if layout == "disagree" and rank == 1 else None
+        with gradexp.watch(net, opt, logdir=tmp, every=every, weight_every=every, layers=layers) as w:
+            for x, y in batches():
+                before = calls[0]
+                part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+                x, y = x[part], y[part]
+                opt.zero_grad()
+                if layout in ("accumulate", "ddp_no_sync"):
+                    micro = list(zip(x.chunk(ACCUMULATE), y.chunk(ACCUMULATE)))
+                    for k, (xs, ys) in enumerate(micro):
+                        quiet = layout == "ddp_no_sync" and k < len(micro) - 1
+                        with net.no_sync() if quiet else contextlib.nullcontext():
+                            (loss_fn(net(xs), ys) / ACCUMULATE).backward()
+                else:
+                    loss_fn(net(x), y).backward()
+                opt.step()
+                per_step.append(calls[0] - before)
+        summary = w.summary()
+    wrote = [w.logdir is not None]
+    if world > 1:
+        wrote = [None] * world
+        dist.all_gather_object(wrote, w.logdir is not None)
+    if rank == 0:
+        steps = [{k: s[k] for k in ("step", "grad_norm", "act_grad_norm", "update_ratio", "act_std", "act_mean",
+                                    "grad_norm_total")} for s in w.probes.logged]
+        with open(out, "w") as f:
+            json.dump({"layout": layout, "world": world, "logged": steps, "names": w.layer_names,
+                       "verdict": summary["diagnosis"]["verdict"], "wrote": wrote,
+                       "collectives": per_step}, f)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Layout invariance: the same model, data and global batch trained on one process, under DDP, FSDP2,
+HSDP, with gradient accumulation and on two "machines" (two torchrun agents on localhost) gives the
+same per-layer statistics and diagnosis as one process, within float32 reduction order. Each layout
+is a real run of tests/distributed/layouts.py, under torchrun with the gloo backend on the CPU."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "distributed" / "layouts.py"
+COMPARED = ("grad_norm", "act_grad_norm", "update_ratio", "act_std", "act_mean", "grad_norm_total")
+RTOL = 1e-5  # float32 sums in another order (the gradients' all-reduce, the shards' reduce-scatter)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--master-port", str(free_port()), *args]
+
+
+def run(cmd: list[str], out: Path, timeout: int = 240) -> dict:
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("single") / "out.json"
+    return run([sys.executable, str(SCRIPT), "single", str(out)], out)
+
+
+def assert_same(got: dict, reference: dict) -> None:
+    assert got["names"] == reference["names"]
+    assert [s["step"] for s in got["logged"]] == [s["step"] for s in reference["logged"]]
+    for mine, theirs in zip(got["logged"], reference["logged"]):
+        for key in COMPARED:
+            assert mine[key] == pytest.approx(theirs[key], rel=RTOL), (got["layout"], mine["step"], key)
+    assert got["verdict"] == reference["verdict"]
+
+
+@pytest.mark.parametrize("layout, processes", [
+    ("ddp", 2), ("ddp_no_sync", 2), ("fsdp2", 2), ("hsdp", 4), ("accumulate", 1),
+])
+def test_a_layout_gives_the_one_process_numbers(layout, processes, one_process, tmp_path):
+    out = tmp_path / "out.json"
+    cmd = torchrun("--nproc_per_node", str(processes), str(SCRIPT), layout, str(out)) if processes > 1 \
+        else [sys.executable, str(SCRIPT), layout, str(out)]
+    got = run(cmd, out)
+    assert got["world"] == processes
+    assert_same(got, one_process)
+    assert got["wrote"] == [True] + [False] * (processes - 1)  # one writer: rank 0
+
+
+def test_two_machines_on_localhost_give_the_one_process_numbers(one_process, tmp_path):
+    """Two torchrun agents, one process each, meeting at a c10d rendezvous as two hosts would."""
+    out = tmp_path / "out.json"
+    port = free_port()
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "two-hosts",
+                                str(SCRIPT), "ddp", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True) for _ in range(2)]
+    for agent in agents:
+        _, err = agent.communicate(timeout=240)
+        assert agent.returncode == 0, err[-4000:]
+    got = json.loads(out.read_text())
+    assert got["world"] == 2
+    assert_same(got, one_process)
+
+
+def test_ddp_takes_one_collective_per_logged_step_and_none_on_quiet_ones(tmp_path):
+    """every=2 over 4 steps: steps 0 and 2 logged. Step 0 also agrees on the layer set (once a run)."""
+    out = tmp_path / "out.json"
+    got = run(torchrun("--nproc_per_node", "2", str(SCRIPT), "ddp", str(out), "2"), out)
+    assert [s["step"] for s in got["logged"]] == [0, 2]
+    assert got["collectives"] == [2, 0, 1, 0]
+
+
+def test_ranks_that_watch_other_layers_are_told_so_not_left_waiting(tmp_path):
+    out = tmp_path / "out.json"
+    done = subprocess.run(torchrun("--nproc_per_node", "2", str(SCRIPT), "disagree", str(out)), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.count("ranks [1] found other layers than rank 0") == 2  # raised on both ranks
+    assert not out.exists()
