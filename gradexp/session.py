@@ -72,6 +72,9 @@ class Watch:
       the gradient through time, and the diagnosis is through time. A fused nn.RNN/nn.LSTM loops
       inside one call: there is nothing per time step to hook.
     A model compiled with torch.compile is refused: watch the uncompiled one.
+    On several processes (DDP, FSDP2): watch on every rank; each logged step's sums are read across
+    the ranks in one collective (the whole model, the global batch, the gradients after their
+    reduction), and rank 0 alone writes (elsewhere `logdir` is None).
 
     `diverged` in the summary: the first step whose loss (the losses given to `w.loss`) or logged
     gradient is not finite (gradexp.probes.history)."""
