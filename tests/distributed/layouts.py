@@ -121,6 +121,7 @@ def main() -> None:
                        "verdict": summary["diagnosis"]["verdict"], "wrote": wrote,
                        "collectives": per_step}, f)
     if world > 1:
+        dist.barrier()  # no rank tears gloo down while another still talks to it (an abort at exit otherwise)
         dist.destroy_process_group()
 
 
