@@ -358,17 +358,8 @@ def gather_ranks(stats: dict[str, torch.Tensor], layout: tuple, world: int) -> d
         raise RanksDisagree(f"gradexp.watch: ranks {different} measured other layers, calls or statistics than rank 0 "
                             f"at this logged step; per-layer statistics across ranks need the same forward on every "
                             f"rank (the same modules called as often)")
-    out_: dict[str, list[list]] = {}
-    i = 1
-    for k, t in stats.items():
-        n = t.numel()
-        per_rank = []
-        for row in rows:
-            chunk = row[i:i + n]
-            per_rank.append([chunk[j:j + t.shape[-1]] for j in range(0, n, t.shape[-1])] if t.ndim == 2 else chunk)
-        out_[k] = per_rank
-        i += n
-    return out_
+    per_rank = [_unflatten(row[1:], stats) for row in rows]
+    return {k: [values[k] for values in per_rank] for k in stats}
 
 
 # How each of a logged step's keys combines over ranks (gather_ranks): sums of squares of parameters
@@ -407,10 +398,13 @@ def to_host(stats: dict[str, torch.Tensor], backend: str | None = None) -> dict[
     keys = list(stats)
     if all(stats[k].is_cpu for k in keys) and (backend or default) != "device":
         return {k: v if isinstance(v, list) else [v] for k in keys for v in [stats[k].tolist()]}
-    flat = torch.cat([stats[k].detach().reshape(-1).double() for k in keys]).cpu().tolist()
+    return _unflatten(torch.cat([stats[k].detach().reshape(-1).double() for k in keys]).cpu().tolist(), stats)
+
+
+def _unflatten(flat: list[float], stats: dict[str, torch.Tensor]) -> dict[str, list]:
+    """`stats`' values read back from their concatenation `flat`: a 2-D tensor's as a list of rows."""
     out, i = {}, 0
-    for k in keys:
-        t = stats[k]
+    for k, t in stats.items():
         n = t.numel()
         chunk = flat[i:i + n]
         out[k] = [chunk[j:j + t.shape[-1]] for j in range(0, n, t.shape[-1])] if t.ndim == 2 else chunk

@@ -343,13 +343,13 @@ class Watcher(Hooks):
         raise, on every rank, rather than hang in a later collective of other sizes), and sum the
         initial weights' squares over their shards. Returns those sums."""
         found = [None] * self.ranks.world
-        dist.all_gather_object(found, (self.names, [tuple(local(p).shape) for p in self._params], w0_sq))
+        dist.all_gather_object(found, (self.names, len(self._params), w0_sq))
         names = [f[0] for f in found]
         different = [r for r, n in enumerate(names) if n != names[0]]
         if different:
             raise ValueError(f"gradexp.watch: ranks {different} found other layers than rank 0 ({len(names[0])} layers, "
                              f"{names[0][:3]}...): watch the same model on every rank, with the same layers=")
-        counts = [len(f[1]) for f in found]
+        counts = [f[1] for f in found]
         if len(set(counts)) > 1:
             raise ValueError(f"gradexp.watch: the ranks have different numbers of trainable parameters ({counts}): "
                              f"watch the same model on every rank")
