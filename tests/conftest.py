@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 from dataclasses import dataclass
@@ -52,6 +53,21 @@ def measure(net, x, y, loss_fn=None, **options) -> dict:
             assert (u is None) == (v is None) and (u is None or (math.isnan(u) and math.isnan(v))
                                                    or math.isclose(u, v, rel_tol=1e-9, abs_tol=1e-30)), (key, first[key], second[key])
     return second
+
+
+_module_names = itertools.count()
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """Write a Python module of the user's (its source) in the current folder, under a name of its
+    own (imports are cached), and return that name."""
+    def write(source: str, prefix: str = "user_nets") -> str:
+        name = f"{prefix}_{next(_module_names)}"
+        (tmp_path / f"{name}.py").write_text(source)
+        monkeypatch.chdir(tmp_path)
+        return name
+    return write
 
 
 @pytest.fixture

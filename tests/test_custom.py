@@ -3,7 +3,6 @@ be wrong refused before anything is written."""
 
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import yaml
@@ -30,16 +29,12 @@ def fails(in_shape, classes):
 def not_a_module(in_shape, classes):
     return 42
 '''
-_names = itertools.count()
 
 
 @pytest.fixture
-def factories(tmp_path, monkeypatch):
-    """A module of factories in the current folder, under a name of its own (imports are cached)."""
-    name = f"user_nets_{next(_names)}"
-    (tmp_path / f"{name}.py").write_text(FACTORIES)
-    monkeypatch.chdir(tmp_path)
-    return name
+def factories(user_module):
+    """A module of factories in the current folder."""
+    return user_module(FACTORIES)
 
 
 def test_a_custom_model_runs_end_to_end(run_cli, tmp_path, factories):

@@ -6,7 +6,6 @@ with torch.isfinite itself: step 2 when step 2 is logged, step 3 (the loss) when
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
@@ -56,15 +55,11 @@ class BlowsUp(nn.Module):
 def blows_up(in_shape, classes):
     return BlowsUp(in_shape, classes)
 '''
-_names = itertools.count()
 
 
 @pytest.fixture
-def factory(tmp_path, monkeypatch):
-    name = f"blow_up_nets_{next(_names)}"
-    (tmp_path / f"{name}.py").write_text(FACTORY)
-    monkeypatch.chdir(tmp_path)
-    return name
+def factory(user_module):
+    return user_module(FACTORY, "blow_up_nets")
 
 
 def config(tmp_path, module: str, every: int):
