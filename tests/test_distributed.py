@@ -15,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "distributed" / "layouts.py"
+LIGHTNING = ROOT / "tests" / "distributed" / "lightning_layouts.py"
 COMPARED = ("grad_norm", "act_grad_norm", "update_ratio", "act_std", "act_mean", "grad_norm_total")
 RTOL = 1e-5  # float32 sums in another order (the gradients' all-reduce, the shards' reduce-scatter)
 
@@ -95,3 +96,14 @@ def test_ranks_that_watch_other_layers_are_told_so_not_left_waiting(tmp_path):
     assert done.returncode != 0
     assert done.stderr.count("ranks [1] found other layers than rank 0") == 2  # raised on both ranks
     assert not out.exists()
+
+
+def test_lightning_ddp_gives_the_one_process_numbers(tmp_path):
+    """gradexp.lightning.GradientFlow under a Trainer with strategy="ddp" on 2 processes, against the
+    same Trainer on one (which gives the plain loop's numbers: test_integrations)."""
+    pytest.importorskip("lightning")
+    single, ddp = tmp_path / "single.json", tmp_path / "ddp.json"
+    reference = run([sys.executable, str(LIGHTNING), "single", str(single)], single)
+    got = run(torchrun("--nproc_per_node", "2", str(LIGHTNING), "ddp", str(ddp)), ddp)
+    assert got["world"] == 2
+    assert_same(got, reference)

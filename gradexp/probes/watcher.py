@@ -27,6 +27,7 @@ read in one host transfer; stats.py turns the sums into statistics, history.py k
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +111,12 @@ class Watcher(Hooks):
         for key, v in (("every", every), ("weight_every", weight_every), ("hist_every", hist_every)):
             if v is not None and (not isinstance(v, int) or v < 0):
                 raise ValueError(f"{key}: expected a whole number >= 0 (0: off), got {v!r}")
+        fsdp1 = getattr(sys.modules.get("torch.distributed.fsdp"), "FullyShardedDataParallel", None)
+        if fsdp1 is not None and any(isinstance(m, fsdp1) for m in model.modules()):
+            # its parameters are views into flat shards, plain tensors that do not say how they are split
+            raise ValueError("gradexp.watch: FullyShardedDataParallel (FSDP1) is not supported: its shards cannot be "
+                             "told from whole parameters. Shard the model with FSDP2's "
+                             "torch.distributed.fsdp.fully_shard, which gradexp measures exactly, or use DDP")
         # DDP's wrapper adds nothing to measure: layers are named and chosen as in the model it wraps
         self.model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.board = board

@@ -1,0 +1,69 @@
+"""gradexp.lightning.GradientFlow on the same model and global batches as tests/distributed/layouts.py,
+trained by a Lightning Trainer on one process or under torchrun with strategy "ddp" (Lightning reads
+torchrun's environment; its "fsdp" strategy needs a GPU). Rank 0 writes OUT.json: the per-layer statistics the callback kept.
+
+    python tests/distributed/lightning_layouts.py single OUT.json
+    torchrun --nproc_per_node 2 tests/distributed/lightning_layouts.py ddp OUT.json"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from gradexp.lightning import GradientFlow
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from layouts import BATCH, STEPS, batches, model  # noqa: E402
+
+
+class Module(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = model()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def main() -> None:
+    layout, out = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    data = batches()
+    dataset = TensorDataset(torch.cat([x for x, _ in data]), torch.cat([y for _, y in data]))
+    # DistributedSampler, not shuffled, gives rank r the examples r, r + world, ...: each step's global
+    # batch is the one-process batch (Lightning's own sampler would shuffle them)
+    sampler = DistributedSampler(dataset, world, int(os.environ["RANK"]), shuffle=False) if world > 1 else None
+    loader = DataLoader(dataset, batch_size=BATCH // world, shuffle=False, sampler=sampler)
+    with tempfile.TemporaryDirectory() as tmp:
+        callback = GradientFlow(logdir=os.path.join(tmp, "gf"), every=1, weight_every=1)
+        trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="auto" if layout == "single" else layout,
+                             max_steps=STEPS, max_epochs=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp,
+                             use_distributed_sampler=False, callbacks=[callback])
+        trainer.fit(Module(), loader)
+        w = callback.watcher
+        if trainer.is_global_zero:
+            steps = [{k: s[k] for k in ("step", "grad_norm", "act_grad_norm", "update_ratio", "act_std", "act_mean",
+                                        "grad_norm_total")} for s in w.probes.logged]
+            with open(out, "w") as f:
+                json.dump({"layout": layout, "world": world, "logged": steps, "names": w.layer_names,
+                           "verdict": w.summary()["diagnosis"]["verdict"]}, f)
+
+
+if __name__ == "__main__":
+    main()
