@@ -27,7 +27,7 @@ def through_calls(dz_sums: list[tuple[list[int], list[tuple[int, int]], torch.Te
     latest = dz_sq[len(dz_sq) - len(ids):]
     by_layer: dict[int, list[tuple[tuple[int, int], float]]] = {}
     for i, call, v in zip(ids, calls, latest):
-        if i in recurrent:
+        if i in recurrent and v is not None:  # None: not measurable across ranks
             by_layer.setdefault(i, []).append((call, v))
     out = {}
     for i, entries in by_layer.items():

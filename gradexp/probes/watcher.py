@@ -171,6 +171,7 @@ class Watcher(Hooks):
         self._optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps one
         self.ranks = reduce.ranks()  # several processes: every logged step's sums are read across them
         self._shares: list[float] = []  # per parameter, reduce.share
+        self._shared: set[int] = set()  # layers whose output is shared by the batch's examples (not split)
         self._attach(activations)
         self._arm(0)
 
@@ -302,6 +303,12 @@ class Watcher(Hooks):
                                      output=out is not None and self._first_z.get(k) is out,
                                      gradient=k in self._first_z and self._first_z[k].requires_grad,
                                      calls=self._calls.get(k, 0), recurrent=id(module) in self._recurrent))
+        # Outputs with one example where the batch has more (GPT-2's position embedding, broadcast over
+        # the batch): on several ranks every rank has the same one, and the global dL/dz is the mean of
+        # the ranks' vectors, which their sums of squares cannot give
+        examples = [self._first_z[k].shape[0] if k in self._first_z and self._first_z[k].dim() > 1 else 0
+                    for k in self._order]
+        self._shared = {i for i, n in enumerate(examples) if n == 1 and max(examples) > 1}
         self._first_z = {}
         if not self.layers:
             raise ValueError("gradexp.watch: the forward pass called none of the chosen layers")
@@ -492,7 +499,12 @@ class Watcher(Hooks):
         layout = ([(k, tuple(t.shape)) for k, t in stats.items()], owners, dz)
         host = across_ranks(gather_ranks(stats, layout, world), self._shares, world)
         if record is not None:
-            record.owners = record.owners * world
+            # a shared output is the same on every rank: rank 0's rows; dL/dz absent (see _shared)
+            kept = [r == 0 or i not in self._shared for r in range(world) for i, _ in record.owners]
+            host["acts"] = [row for row, keep in zip(host.get("acts", []), kept) if keep]
+            record.owners = [o for o, keep in zip(record.owners * world, kept) if keep]
+            ids = [i for ids, *_ in record.dz_sums for i in ids]
+            host["dz_sq"] = [None if i in self._shared else v for i, v in zip(ids, host.get("dz_sq", []))]
         return host
 
     def _weight_sums(self) -> torch.Tensor:
@@ -518,7 +530,8 @@ class Watcher(Hooks):
             totals["grad_norm_total_applied"] = math.sqrt(sum(applied)) if applied else None
             dz_sq = host.pop("dz_sq", [])
             for i, v in zip([i for ids, *_ in record.dz_sums for i in ids], dz_sq):
-                raw[i]["dz_sq"] = raw[i].get("dz_sq", 0.0) + v * unscale
+                if v is not None:  # None: not measurable across ranks (_across_ranks)
+                    raw[i]["dz_sq"] = raw[i].get("dz_sq", 0.0) + v * unscale
             through = through_calls(record.dz_sums, dz_sq, {i for i, layer in enumerate(self.layers) if layer.recurrent},
                                     unscale)
             for i, norms in through.items():
