@@ -8,7 +8,6 @@ samplers draw. Rank 0 writes OUT.json: the per-layer statistics the callback kep
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -17,6 +16,9 @@ import torch
 import transformers
 
 from gradexp.huggingface import GradientFlow
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from layouts import record  # noqa: E402
 
 N, LENGTH, VOCAB = 8, 16, 64
 
@@ -52,11 +54,7 @@ def main() -> None:
         trainer.train()
         w = callback.watcher
         if trainer.is_world_process_zero():
-            steps = [{k: s[k] for k in ("step", "grad_norm", "act_grad_norm", "update_ratio", "act_std", "act_mean",
-                                        "grad_norm_total")} for s in w.probes.logged]
-            with open(out, "w") as f:
-                json.dump({"layout": layout, "world": world, "logged": steps, "names": w.layer_names,
-                           "verdict": w.summary()["diagnosis"]["verdict"]}, f)
+            record(out, layout, world, w)
 
 
 if __name__ == "__main__":

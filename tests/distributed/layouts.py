@@ -64,6 +64,15 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(BATCH, 8, generator=g), torch.randint(0, 3, (BATCH,), generator=g)) for _ in range(STEPS)]
 
 
+def record(out: str, layout: str, world: int, w: gradexp.Watch, **more) -> None:
+    """OUT.json: the statistics compared at each logged step the watch kept, its layers and verdict."""
+    steps = [{k: s[k] for k in ("step", "grad_norm", "act_grad_norm", "update_ratio", "act_std", "act_mean",
+                                "grad_norm_total")} for s in w.probes.logged]
+    with open(out, "w") as f:
+        json.dump({"layout": layout, "world": world, "logged": steps, "names": w.layer_names,
+                   "verdict": w.summary()["diagnosis"]["verdict"], **more}, f)
+
+
 def main() -> None:
     layout, out = sys.argv[1], sys.argv[2]
     every = int(sys.argv[3]) if len(sys.argv) > 3 else 1
@@ -108,18 +117,12 @@ def main() -> None:
                     loss_fn(net(x), y).backward()
                 opt.step()
                 per_step.append(calls[0] - before)
-        summary = w.summary()
     wrote = [w.logdir is not None]
     if world > 1:
         wrote = [None] * world
         dist.all_gather_object(wrote, w.logdir is not None)
     if rank == 0:
-        steps = [{k: s[k] for k in ("step", "grad_norm", "act_grad_norm", "update_ratio", "act_std", "act_mean",
-                                    "grad_norm_total")} for s in w.probes.logged]
-        with open(out, "w") as f:
-            json.dump({"layout": layout, "world": world, "logged": steps, "names": w.layer_names,
-                       "verdict": summary["diagnosis"]["verdict"], "wrote": wrote,
-                       "collectives": per_step}, f)
+        record(out, layout, world, w, wrote=wrote, collectives=per_step)
     if world > 1:
         dist.barrier()  # no rank tears gloo down while another still talks to it (an abort at exit otherwise)
         dist.destroy_process_group()

@@ -7,7 +7,6 @@ torchrun's environment; its "fsdp" strategy needs a GPU). Rank 0 writes OUT.json
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from gradexp.lightning import GradientFlow
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from layouts import BATCH, STEPS, batches, model  # noqa: E402
+from layouts import BATCH, STEPS, batches, model, record  # noqa: E402
 
 
 class Module(pl.LightningModule):
@@ -58,11 +57,7 @@ def main() -> None:
         trainer.fit(Module(), loader)
         w = callback.watcher
         if trainer.is_global_zero:
-            steps = [{k: s[k] for k in ("step", "grad_norm", "act_grad_norm", "update_ratio", "act_std", "act_mean",
-                                        "grad_norm_total")} for s in w.probes.logged]
-            with open(out, "w") as f:
-                json.dump({"layout": layout, "world": world, "logged": steps, "names": w.layer_names,
-                           "verdict": w.summary()["diagnosis"]["verdict"]}, f)
+            record(out, layout, world, w)
 
 
 if __name__ == "__main__":
