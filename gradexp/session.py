@@ -71,7 +71,13 @@ class Watch:
       default: torch's cells, nn.RNNCell, nn.LSTMCell, nn.GRUCell): ||dL/dh_t|| of each call is kept,
       the gradient through time, and the diagnosis is through time. A fused nn.RNN/nn.LSTM loops
       inside one call: there is nothing per time step to hook.
-    A model compiled with torch.compile is refused: watch the uncompiled one.
+    - `compiled`: a model compiled with torch.compile (`torch.compile(model)`, `model.compile()`, its
+      blocks compiled, or a compiled step calling it), watched before or after compiling: "eager"
+      (default): a logged step runs uncompiled (torch.compiler.set_stance("force_eager")), every
+      probe measured, and the other steps run the compiled graph; "parameters": logged steps stay
+      compiled too, and after step 0 (eager, to find the layers) only the parameters' probes are
+      measured (grad_norm, the weight probes, the totals); the rest are absent, as summary.json's
+      `absent` says.
     On several processes (DDP, FSDP2): watch on every rank; each logged step's sums are read across
     the ranks in one collective (the whole model, the global batch, the gradients after their
     reduction), and rank 0 alone writes (elsewhere `logdir` is None).
@@ -83,7 +89,7 @@ class Watch:
                  logdir: str | Path = "runs/watch", every: int = 10, weight_every: int | None = None,
                  layers: Any = None, scaler: Any = None, name: str | None = None, hist_every: int = 0,
                  vanishing_below: float = 1e-2, exploding_above: float = 1e2, last_step: int | None = None,
-                 chart_layers: int | None = CHART_LAYERS, recurrent: Any = None):
+                 chart_layers: int | None = CHART_LAYERS, recurrent: Any = None, compiled: str = "eager"):
         if chart_layers is not None and (not isinstance(chart_layers, int) or chart_layers < 2):
             raise ValueError(f"chart_layers: expected a whole number >= 2 (the first and the last layer at least) "
                              f"or None (all), got {chart_layers!r}")
@@ -97,10 +103,14 @@ class Watch:
         try:
             self.probes = Watcher(model, optimizer, board=self.board, every=every, weight_every=weight_every,
                                   hist_every=hist_every, layers=layers, scaler=scaler, last_step=last_step,
-                                  recurrent=recurrent)
+                                  recurrent=recurrent, compiled=compiled)
         except BaseException:
-            if self.board is not None:
+            if self.board is not None:  # nothing half-written: the folder held no watch's files before (_fresh_folder)
                 self.board.close()
+                for f in self.logdir.glob("events.out.tfevents.*"):
+                    f.unlink()
+                if not any(self.logdir.iterdir()):
+                    self.logdir.rmdir()
             raise
         self.started = time.time()
         self.status = "running"

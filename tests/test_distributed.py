@@ -73,6 +73,26 @@ def test_a_layout_gives_the_one_process_numbers(layout, processes, one_process, 
     assert got["wrote"] == [True] + [False] * (processes - 1)  # one writer: rank 0
 
 
+@pytest.mark.parametrize("layout", ["ddp+compile", "fsdp2+compile", "fsdp2+compile-parameters"])
+def test_a_compiled_model_on_two_ranks_gives_the_one_process_numbers(layout, one_process, tmp_path):
+    """torch.compile on the DDP or FSDP2 model, probes every 2 steps: the quiet steps run the compiled
+    graph; the logged ones run eagerly (the one-process numbers, every statistic), or stay compiled
+    with compiled="parameters" (the parameters' statistics; the rest absent after step 0)."""
+    out = tmp_path / "out.json"
+    got = run(torchrun("--nproc_per_node", "2", str(SCRIPT), layout, str(out), "2"), out)
+    assert got["graphs"] > 0  # something ran compiled
+    reference = {s["step"]: s for s in one_process["logged"]}
+    assert [s["step"] for s in got["logged"]] == [0, 2]
+    for mine in got["logged"]:
+        theirs = reference[mine["step"]]
+        for key in COMPARED:
+            if got["compiled"] == "parameters" and mine["step"] > 0 and key in ("act_grad_norm", "act_std", "act_mean"):
+                assert mine[key] == [None] * len(theirs[key])
+            else:
+                assert mine[key] == pytest.approx(theirs[key], rel=RTOL), (layout, mine["step"], key)
+    assert got["verdict"] == one_process["verdict"]
+
+
 def test_two_machines_on_localhost_give_the_one_process_numbers(one_process, tmp_path):
     """Two torchrun agents, one process each, meeting at a c10d rendezvous as two hosts would."""
     out = tmp_path / "out.json"

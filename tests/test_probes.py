@@ -842,13 +842,6 @@ def test_layers_as_a_list_of_modules_and_choices_that_match_nothing():
     assert hooks_left(model) == []
 
 
-def test_a_compiled_model_is_refused_with_a_clear_message(tmp_path):
-    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    compiled = torch.compile(model)  # compiles lazily, at its first call: never called here
-    with pytest.raises(ValueError, match="torch.compile"):
-        gradexp.watch(compiled, logdir=tmp_path / "w")
-    assert hooks_left(model) == []
-
 
 class Backwards(nn.Module):
     """Layers registered in the opposite order to the one the forward pass calls them in, and one

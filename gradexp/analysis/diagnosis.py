@@ -335,15 +335,18 @@ def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diver
     ratio = grad_ratio(delta, hidden)
     hops = len(hidden) - 1
     factor = ratio ** (1.0 / hops) if hops > 0 and ratio > 0 and math.isfinite(ratio) else None
-    later = grad_ratio(last["act_grad_norm"], hidden) if last is not None and last["step"] != first["step"] else None
+    # a later step without ||dL/dz|| (a compiled model watched with compiled="parameters") has no ratio to show
+    measured_later = last is not None and last["step"] != first["step"] and \
+        any(last["act_grad_norm"][i] is not None for i in hidden)
+    later = grad_ratio(last["act_grad_norm"], hidden) if measured_later else None
     # one hidden layer: nothing to compare it with
     verdict, developed = _developed(_verdict(ratio if hops >= 1 else float("nan"), ctx), later, ctx, last)
     a, b = (ctx.labels[hidden[0]], ctx.labels[hidden[-1]]) if hidden else ("?", "?")
     msg = (f"{verdict}{developed}: at step {first['step']} {a}'s back-propagated gradient ||dL/dz|| is "
            f"{fmt_number(ratio)}x {b}'s{'' if developed else _cause(verdict, factor, ctx, theory)}; "
            f"thresholds {ctx.vanishing_below:g} / {ctx.exploding_above:g}")
-    if last is not None and last["step"] != first["step"]:
-        msg += f"; at step {last['step']}: {fmt_number(grad_ratio(last['act_grad_norm'], hidden))}x"
+    if measured_later:
+        msg += f"; at step {last['step']}: {fmt_number(later)}x"
     findings = _findings(first, last, ctx, ratio)
     timed = through_time(first)
     if timed is not None:  # a recurrent net whose ratio through time cannot be the verdict

@@ -12,12 +12,20 @@
   hook during the first forward (norms and dropout may stand between), or given by the runner.
 - The module hooks are registered for the measured steps only; the optimizer's two step hooks stay
   for as long as the watch lasts, and `detach` removes every hook.
+- torch.compile: a hook added after a model is compiled is not seen by its compiled graph (dynamo
+  does not guard on module hooks), and one added before is traced into it, which splits the graph at
+  every layer. So a measured step runs eagerly, everything compiled in the process included
+  (torch.compiler.set_stance("force_eager"), restored after the step); other steps run the compiled
+  graph untouched. With compiled="parameters" the measured steps stay compiled too, and only the
+  parameters' gradients are read: an autograd hook on each parameter, which runs outside the graph
+  (docs/distributed.md, "Compiled models").
 """
 
 from __future__ import annotations
 
 import fnmatch
 import os
+import sys
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -117,9 +125,10 @@ class Hooks:
             k = self._cand_index.get(id(layer_module))
             if k is not None:
                 self._link(k, act)
-        # the order of the calls and the activations, seen by a global hook during the first forward only
-        self._discovery = None if activations is not None else \
-            nn.modules.module.register_module_forward_hook(self._on_any_module)
+        # the order of the calls and the activations, seen by a hook on every leaf module during the first
+        # forward only (a global module hook would make torch.compile(model) warn, and fire for its wrapper)
+        self._discovery = [] if activations is not None else \
+            [m.register_forward_hook(self._on_any_module) for m in self.model.modules() if id(m) in self._leaves]
         if self._optimizer is not None:
             self._handles.append(self._optimizer.register_step_pre_hook(lambda *_: self.before_update()))
             self._handles.append(self._optimizer.register_step_post_hook(lambda *_: self.after_update()))
@@ -127,8 +136,10 @@ class Hooks:
     def _hooks_on(self) -> None:
         """The module hooks, for the steps that are measured only: a module with any forward hook
         takes torch's slow call path (~5-10 us a call on a CPU), on every step it is called."""
-        if self._module_handles:
+        if self._module_handles and self._hooked == "layers":
             return
+        self._hooks_off()
+        self._hooked = "layers"
         hooks = self._hook_table
         if hooks is None:  # made once the layers are known (making it again cost ~40 us a logged step)
             hooks = [(m, partial(self._on_layer, k)) for k, (_, m) in enumerate(self._candidates)
@@ -144,6 +155,33 @@ class Hooks:
             h.remove()
         self._module_handles = []
 
+    def _grad_hooks_on(self) -> None:
+        """compiled="parameters", a measured step: the end of backward is found from the parameters'
+        gradients (autograd's hook after each is accumulated), not from the layers' outputs."""
+        if self._module_handles and self._hooked == "grads":
+            return
+        self._hooks_off()
+        self._hooked = "grads"
+        self._module_handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._params]
+
+    def _force_eager(self, on: bool) -> None:
+        """Run everything torch.compile'd eagerly (on), or as it ran before (off): torch's compiler stance,
+        the user's own restored. Nothing when torch's compiler was never imported: nothing is compiled."""
+        if on == (self._stance is not None) or (on and "torch._dynamo" not in sys.modules):
+            return
+        from torch._dynamo import eval_frame
+        try:
+            if on:
+                prior = eval_frame._stance
+                torch.compiler.set_stance("force_eager")
+                self._stance = prior
+            else:
+                prior, self._stance = self._stance, None
+                torch.compiler.set_stance(prior.stance, skip_guard_eval_unsafe=prior.skip_guard_eval_unsafe,
+                                          force_backend=prior.backend)
+        except RuntimeError:  # inside a compiled region (a compiled optimizer step): the stance cannot change there
+            pass
+
     def _link(self, k: int, act: nn.Module) -> None:
         """Candidate k is followed by activation module `act`."""
         if k in self._act_of:
@@ -152,19 +190,20 @@ class Hooks:
         self._act_names[id(act)] = act_name(act)
         if id(act) not in self._act_owner:
             self._act_owner[id(act)] = set()
-            if self._module_handles:  # found during the first forward: measured from now on
+            if self._module_handles and self._hooked == "layers":  # found during the first forward: measured from now on
                 self._module_handles.append(act.register_forward_hook(self._on_activation))
         self._act_owner[id(act)].add(k)
 
     def detach(self) -> None:
         """Remove every hook (idempotent)."""
         self._hooks_off()
+        self._force_eager(False)
         for h in self._handles:
             h.remove()
         self._handles = []
-        if self._discovery is not None:
-            self._discovery.remove()
-            self._discovery = None
+        for h in self._discovery:
+            h.remove()
+        self._discovery = []
         self.record = None
         self._first_z = {}
 
@@ -205,9 +244,10 @@ class Hooks:
         z = first_tensor(output)
         if z is None:
             return
-        if torch.compiler.is_compiling():
-            raise RuntimeError("gradexp.watch: the watched model is being compiled with torch.compile; the probes "
-                               "cannot measure a compiled graph. Watch the uncompiled model.")
+        if torch.compiler.is_compiling():  # the stance forced eager (_force_eager) was changed during the step
+            raise RuntimeError("gradexp.watch: a measured step is being compiled with torch.compile: the probes run "
+                               "it eagerly with torch.compiler.set_stance('force_eager'); do not set the compiler's "
+                               "stance during training, or watch with compiled='parameters'")
         self._last = k
         i = self._depth[k]
         if self._discovering:
@@ -242,6 +282,12 @@ class Hooks:
             if self._discovering:  # the first forward drew z before it knew an activation follows
                 record.act_hists.pop(i, None)
             record.act_hists.setdefault(i, []).append(histogram_row(h, ACT_HIST))
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        record = self.record
+        if record is not None and not record.queued:
+            record.queued = True
+            Variable._execution_engine.queue_callback(self._after_backward)
 
     def _on_node_dz(self, i: int, call: tuple[int, int], output: int, grads: tuple) -> None:
         """The gradient reaching the node that made a layer's output: dL/dz is its output-th."""

@@ -54,7 +54,14 @@ from gradexp.probes.reduce import (
 )
 from gradexp.probes.stats import DERIVATIVE_PROBES, GRAD_HIST, GRADIENT_PROBES, STATS, WEIGHT_PROBES, stat_value
 
-__all__ = ["Layer", "Watcher", "due"]
+__all__ = ["COMPILED", "Layer", "Watcher", "due"]
+
+# How a measured step runs what torch.compile compiled (hooks.py): "eager", uncompiled, every probe measured;
+# "parameters", compiled, the probes that need no hook inside the graph (the parameters' gradients and
+# weights) measured and the rest absent (ABSENT_COMPILED)
+COMPILED = ("eager", "parameters")
+ABSENT_COMPILED = ("measured steps stay compiled (compiled='parameters'): a layer's output and its gradient are "
+                   "inside the compiled graph; watch with compiled='eager' to measure them")
 
 
 @dataclass
@@ -97,17 +104,18 @@ class Watcher(Hooks):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, board=None,
                  every: int = 10, weight_every: int | None = None, hist_every: int = 0, layers: Any = None,
                  names: list[str] | None = None, activations: dict[nn.Module, nn.Module] | None = None,
-                 scaler: Any = None, last_step: int | None = None, recurrent: Any = None):
+                 scaler: Any = None, last_step: int | None = None, recurrent: Any = None, compiled: str = "eager"):
         """`names`: the layers' names as logged (default: f"{depth:02d}_{qualified name}"). `activations`:
         layer module -> the activation module after it, for a model whose builder knows (the runner;
         nn.Identity counts there as the identity). `last_step`: the last step's index, if known, is
         logged too. `scaler`: a GradScaler whose scale is divided out of the gradients. `recurrent`: the
         layers called once per time step, whose calls' ||dL/dz|| are a profile through time (chosen as
-        `layers` chooses; default: torch's RNN cells, nn.RNNCell, nn.LSTMCell, nn.GRUCell)."""
-        if hasattr(model, "_orig_mod"):
-            raise ValueError("gradexp.watch: this model is compiled with torch.compile; the probes' hooks cannot "
-                             "measure a compiled graph (they would be traced into it or skipped). Watch the "
-                             "uncompiled model, and compile it only when you are done watching.")
+        `layers` chooses; default: torch's RNN cells, nn.RNNCell, nn.LSTMCell, nn.GRUCell). `compiled`: how
+        a measured step runs what torch.compile compiled (COMPILED; hooks.py)."""
+        if compiled not in COMPILED:
+            raise ValueError(f"compiled: expected one of {', '.join(map(repr, COMPILED))} ('eager': a measured step runs "
+                             f"uncompiled, every probe; 'parameters': it stays compiled, parameter probes only), "
+                             f"got {compiled!r}")
         for key, v in (("every", every), ("weight_every", weight_every), ("hist_every", hist_every)):
             if v is not None and (not isinstance(v, int) or v < 0):
                 raise ValueError(f"{key}: expected a whole number >= 0 (0: off), got {v!r}")
@@ -117,8 +125,13 @@ class Watcher(Hooks):
             raise ValueError("gradexp.watch: FullyShardedDataParallel (FSDP1) is not supported: its shards cannot be "
                              "told from whole parameters. Shard the model with FSDP2's "
                              "torch.distributed.fsdp.fully_shard, which gradexp measures exactly, or use DDP")
-        # DDP's wrapper adds nothing to measure: layers are named and chosen as in the model it wraps
-        self.model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        # DDP's and torch.compile's wrappers add nothing to measure: layers are named and chosen as in
+        # the model they wrap
+        while isinstance(model, nn.parallel.DistributedDataParallel) or isinstance(getattr(model, "_orig_mod", None),
+                                                                                    nn.Module):
+            model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
+        self.model = model
+        self.compiled = compiled
         self.board = board
         self.every = every
         self.weight_every = 10 * every if weight_every is None else weight_every
@@ -172,6 +185,8 @@ class Watcher(Hooks):
         self.ranks = reduce.ranks()  # several processes: every logged step's sums are read across them
         self._shares: list[float] = []  # per parameter, reduce.share
         self._shared: set[int] = set()  # layers whose output is shared by the batch's examples (not split)
+        self._hooked = ""  # what _module_handles are: "layers" (forward hooks), "grads" (parameters' hooks)
+        self._stance = None  # the compiler's stance before a measured step forced eager (hooks._force_eager)
         self._attach(activations)
         self._arm(0)
 
@@ -183,9 +198,16 @@ class Watcher(Hooks):
         if self.record is not None:
             for layer in self.layers:
                 layer.calls = 0
-            self._hooks_on()
-        elif self._module_handles:
-            self._hooks_off()
+            if self.compiled == "eager" or self._discovering:  # the first forward finds the layers, eagerly
+                self._force_eager(True)
+                self._hooks_on()
+            else:
+                self._force_eager(False)
+                self._grad_hooks_on()
+        else:
+            if self._module_handles:
+                self._hooks_off()
+            self._force_eager(False)
 
     @property
     def logging(self) -> bool:
@@ -291,9 +313,9 @@ class Watcher(Hooks):
     def _finish_discovery(self, output: Any) -> None:
         """After the first forward: the depth order, the activations, the output layer."""
         self._discovering = False
-        if self._discovery is not None:
-            self._discovery.remove()
-            self._discovery = None
+        for h in self._discovery:
+            h.remove()
+        self._discovery = []
         out = first_tensor(output)
         for k in self._order:
             qualified, module = self._candidates[k]
@@ -389,6 +411,15 @@ class Watcher(Hooks):
             else:
                 out[name] = [True] * len(self.layers)
         return out
+
+    def absent(self) -> dict[str, Any]:
+        """The statistics this watch does not measure on every logged step, from which step, and why
+        (summary.json's `absent`); {} when it measures them all."""
+        if self.compiled != "parameters":
+            return {}
+        return {"statistics": [name for name, stat in STATS.items()
+                               if stat.group == "activation" or name in ("act_grad_norm", "time_factor")],
+                "after_step": 0, "why": ABSENT_COMPILED}
 
     # --- steps
     def before_update(self) -> None:

@@ -8,6 +8,12 @@ tests/test_distributed.py, under torchrun for the layouts with several processes
     torchrun --nproc_per_node 2 tests/distributed/layouts.py ddp_no_sync OUT.json [EVERY]
     torchrun --nproc_per_node 4 tests/distributed/layouts.py hsdp OUT.json
     torchrun --nproc_per_node 2 tests/distributed/layouts.py disagree OUT.json   # rank 1 watches other layers
+    torchrun --nproc_per_node 2 tests/distributed/layouts.py ddp+compile OUT.json
+    torchrun --nproc_per_node 2 tests/distributed/layouts.py fsdp2+compile-parameters OUT.json
+
+A layout with "+compile" compiles with torch.compile (AOT autograd, no code generation: the path
+torch.compile takes through DDP's and FSDP2's hooks) the DDP model, or under FSDP2 each block before
+it is sharded; watched with compiled="eager", or "parameters" after "+compile-".
 
 Every layout trains the same model (same seed) on the same global batches: one process takes the
 whole batch, each of N ranks its 1/N of it, and `accumulate` takes it in micro-batches, its loss
@@ -50,13 +56,31 @@ def count_collectives() -> None:
         setattr(dist, name, counted)
 
 
+class Block(nn.Module):
+    """A layer and its activation: the unit each rank shards with FSDP2, and compiles (as torchtitan
+    compiles a transformer's blocks), in a class of the user's own: torch.compile traces its forward."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.linear = nn.Linear(n_in, n_out)
+        self.act = nn.Tanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.linear(x))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int = 12):
+        super().__init__()
+        self.body = nn.Sequential(*[Block(8 if i == 0 else width, width) for i in range(5)], nn.Linear(width, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
 def model() -> nn.Module:
     torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    width = 12
-    for i in range(5):
-        layers += [nn.Linear(8 if i == 0 else width, width), nn.Tanh()]
-    return nn.Sequential(*layers, nn.Linear(width, 3))
+    return MLP()
 
 
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -73,8 +97,18 @@ def record(out: str, layout: str, world: int, w: gradexp.Watch, **more) -> None:
                    "verdict": w.summary()["diagnosis"]["verdict"], **more}, f)
 
 
+def _graphs() -> int:
+    """How many graphs torch.compile made in this process (0: nothing ran compiled)."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
 def main() -> None:
-    layout, out = sys.argv[1], sys.argv[2]
+    layout, plus, mode = sys.argv[1].partition("+compile")
+    compiled = (mode.lstrip("-") or "eager") if plus else None
+    out = sys.argv[2]
     every = int(sys.argv[3]) if len(sys.argv) > 3 else 1
     torch.set_num_threads(1)
     world, rank = 1, 0
@@ -91,17 +125,20 @@ def main() -> None:
         # HSDP: shards over pairs of ranks, replicated across the pairs
         mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("replicate", "shard")) if layout == "hsdp" \
             else init_device_mesh("cpu", (world,))
-        for m in net:
-            if isinstance(m, nn.Linear):
-                fully_shard(m, mesh=mesh)
+        for m in net.body:
+            if compiled and isinstance(m, Block):
+                m.compile(backend="aot_eager")
+            fully_shard(m, mesh=mesh)
         fully_shard(net, mesh=mesh)
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    run = torch.compile(net, backend="aot_eager") if compiled and layout == "ddp" else net
     loss_fn = nn.CrossEntropyLoss()
     count_collectives()
     per_step = []
     with tempfile.TemporaryDirectory() as tmp:
         layers = [m for m in net.modules() if isinstance(m, nn.Linear)][:2] if layout == "disagree" and rank == 1 else None
-        with gradexp.watch(net, opt, logdir=tmp, every=every, weight_every=every, layers=layers) as w:
+        with gradexp.watch(run, opt, logdir=tmp, every=every, weight_every=every, layers=layers,
+                           compiled=compiled or "eager") as w:
             for x, y in batches():
                 before = calls[0]
                 part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
@@ -112,9 +149,9 @@ def main() -> None:
                     for k, (xs, ys) in enumerate(micro):
                         quiet = layout == "ddp_no_sync" and k < len(micro) - 1
                         with net.no_sync() if quiet else contextlib.nullcontext():
-                            (loss_fn(net(xs), ys) / ACCUMULATE).backward()
+                            (loss_fn(run(xs), ys) / ACCUMULATE).backward()
                 else:
-                    loss_fn(net(x), y).backward()
+                    loss_fn(run(x), y).backward()
                 opt.step()
                 per_step.append(calls[0] - before)
     wrote = [w.logdir is not None]
@@ -122,7 +159,8 @@ def main() -> None:
         wrote = [None] * world
         dist.all_gather_object(wrote, w.logdir is not None)
     if rank == 0:
-        record(out, layout, world, w, wrote=wrote, collectives=per_step)
+        record(out, layout, world, w, wrote=wrote, collectives=per_step, compiled=compiled,
+               graphs=_graphs())
     if world > 1:
         dist.barrier()  # no rank tears gloo down while another still talks to it (an abort at exit otherwise)
         dist.destroy_process_group()
