@@ -216,3 +216,23 @@ def test_an_unknown_compiled_mode_is_refused_and_nothing_is_written(tmp_path):
     with pytest.raises(ValueError, match="every: expected a whole number"):
         gradexp.watch(net(), logdir=tmp_path / "v", every=-1)
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["w", "w/mine.txt"]
+
+
+def test_the_compiled_benchmark_tiny_mode_produces_every_row(tmp_path):
+    """bench/compiled.py --tiny (its numbers are never asserted): every row, and the hooked copy's
+    graph split by its hooks (more graphs than the one of the model without hooks)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    out = tmp_path / "compiled.json"
+    done = subprocess.run([sys.executable, "bench/compiled.py", "--tiny", "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert list(result["rows"]) == ["uncompiled", "hooks in the graph (not shipped)", "eager, every 10",
+                                    "parameters, every 10", "eager, every step", "parameters, every step"]
+    assert all(len(row["rounds"]) == 2 and row["ratio"] > 0 for row in result["rows"].values())
+    assert result["dynamo"]["unique_graphs"] > 1
+    assert {"machine", "commit"} <= set(result)

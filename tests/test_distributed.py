@@ -126,15 +126,23 @@ def test_ranks_that_watch_other_layers_are_told_so_not_left_waiting(tmp_path):
     assert not out.exists()
 
 
-def test_lightning_ddp_gives_the_one_process_numbers(tmp_path):
-    """gradexp.lightning.GradientFlow under a Trainer with strategy="ddp" on 2 processes, against the
-    same Trainer on one (which gives the plain loop's numbers: test_integrations)."""
+@pytest.fixture(scope="module")
+def lightning_one_process(tmp_path_factory) -> dict:
     pytest.importorskip("lightning")
-    single, ddp = tmp_path / "single.json", tmp_path / "ddp.json"
-    reference = run([sys.executable, str(LIGHTNING), "single", str(single)], single)
-    got = run(torchrun("--nproc_per_node", "2", str(LIGHTNING), "ddp", str(ddp)), ddp)
+    out = tmp_path_factory.mktemp("lightning") / "single.json"
+    return run([sys.executable, str(LIGHTNING), "single", str(out)], out)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_lightning_on_two_processes_gives_the_one_process_numbers(strategy, lightning_one_process, tmp_path):
+    """gradexp.lightning.GradientFlow under a Trainer with strategy="ddp", or Lightning's
+    ModelParallelStrategy sharding with FSDP2, on 2 processes, against the same Trainer on one (which
+    gives the plain loop's numbers: test_integrations)."""
+    out = tmp_path / "out.json"
+    got = run(torchrun("--nproc_per_node", "2", str(LIGHTNING), strategy, str(out)), out)
     assert got["world"] == 2
-    assert_same(got, reference)
+    assert got["sharded"] == (strategy == "fsdp2")  # the parameters are FSDP2's DTensors
+    assert_same(got, lightning_one_process)
 
 
 def test_the_hugging_face_trainer_under_torchrun_gives_the_one_process_numbers(tmp_path):

@@ -124,7 +124,8 @@ class Watcher(Hooks):
             # its parameters are views into flat shards, plain tensors that do not say how they are split
             raise ValueError("gradexp.watch: FullyShardedDataParallel (FSDP1) is not supported: its shards cannot be "
                              "told from whole parameters. Shard the model with FSDP2's "
-                             "torch.distributed.fsdp.fully_shard, which gradexp measures exactly, or use DDP")
+                             "torch.distributed.fsdp.fully_shard, which gradexp measures exactly (in Lightning: "
+                             "ModelParallelStrategy, fully_shard in configure_model), or use DDP")
         # DDP's and torch.compile's wrappers add nothing to measure: layers are named and chosen as in
         # the model they wrap
         while isinstance(model, nn.parallel.DistributedDataParallel) or isinstance(getattr(model, "_orig_mod", None),

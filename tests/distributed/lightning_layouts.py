@@ -1,9 +1,12 @@
 """gradexp.lightning.GradientFlow on the same model and global batches as tests/distributed/layouts.py,
-trained by a Lightning Trainer on one process or under torchrun with strategy "ddp" (Lightning reads
-torchrun's environment; its "fsdp" strategy needs a GPU). Rank 0 writes OUT.json: the per-layer statistics the callback kept.
+trained by a Lightning Trainer on one process or under torchrun (Lightning reads torchrun's
+environment): strategy "ddp"; "fsdp2", Lightning's ModelParallelStrategy with each block and the
+model sharded by FSDP2's fully_shard in configure_model (Lightning's "fsdp" strategy is FSDP1, which
+needs a GPU: "FSDP needs a non-CPU accelerator device"). Rank 0 writes OUT.json: the per-layer statistics the callback kept.
 
     python tests/distributed/lightning_layouts.py single OUT.json
-    torchrun --nproc_per_node 2 tests/distributed/lightning_layouts.py ddp OUT.json"""
+    torchrun --nproc_per_node 2 tests/distributed/lightning_layouts.py ddp OUT.json
+    torchrun --nproc_per_node 2 tests/distributed/lightning_layouts.py fsdp2 OUT.json"""
 
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from gradexp.lightning import GradientFlow
 
@@ -29,6 +34,16 @@ class Module(pl.LightningModule):
 
     def forward(self, x):
         return self.net(x)
+
+    def configure_model(self):
+        """ModelParallelStrategy: FSDP2 over the data-parallel dimension of Lightning's device mesh."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+        for block in self.net.body:
+            fully_shard(block, mesh=mesh["data_parallel"])
+        fully_shard(self.net, mesh=mesh["data_parallel"])
 
     def training_step(self, batch, _):
         x, y = batch
@@ -50,14 +65,17 @@ def main() -> None:
     loader = DataLoader(dataset, batch_size=BATCH // world, shuffle=False, sampler=sampler)
     with tempfile.TemporaryDirectory() as tmp:
         callback = GradientFlow(logdir=os.path.join(tmp, "gf"), every=1, weight_every=1)
-        trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="auto" if layout == "single" else layout,
+        strategy = {"single": "auto", "fsdp2": ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+                    }.get(layout, layout)
+        trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy,
                              max_steps=STEPS, max_epochs=1, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp,
                              use_distributed_sampler=False, callbacks=[callback])
         trainer.fit(Module(), loader)
         w = callback.watcher
         if trainer.is_global_zero:
-            record(out, layout, world, w)
+            from torch.distributed.tensor import DTensor
+            record(out, layout, world, w, sharded=any(isinstance(p, DTensor) for p in trainer.lightning_module.parameters()))
 
 
 if __name__ == "__main__":
