@@ -30,19 +30,33 @@ from gradexp.sinks.summary import build, close
 from gradexp.sinks.tensorboard import CHART_LAYERS, Board
 
 
-def _fresh_folder(logdir: str | Path) -> Path:
-    """`logdir`, or where it already holds a watch's files, the first free `logdir-N` beside it:
-    what a user already has is never written over."""
+def _holds_a_watch(path: Path) -> bool:
+    return path.is_dir() and any(f.name == "summary.json" or f.name.startswith("events.out.tfevents")
+                                 for f in path.iterdir())
+
+
+def _fresh_folder(logdir: str | Path, inside: str | None = None) -> Path:
+    """`logdir`, or where it already holds a watch's files (or its folder `inside` does), the first
+    free `logdir-N` beside it: what a user already has is never written over."""
     base = Path(logdir)
     for k in range(10_000):
         path = base if k == 0 else base.with_name(f"{base.name}-{k}")
         if path.exists() and not path.is_dir():
             continue
-        if not path.exists() or not any(f.name == "summary.json" or f.name.startswith("events.out.tfevents")
-                                        for f in path.iterdir()):
+        if not _holds_a_watch(path) and (inside is None or not _holds_a_watch(path / inside)):
             path.mkdir(parents=True, exist_ok=True)
             return path
     raise FileExistsError(f"no free folder beside {base}")
+
+
+def _rank_folder(logdir: str | Path, ranks: reduce.Ranks) -> Path:
+    """per_rank: every rank writes, rank r in `rank-r` inside one folder that rank 0 chooses (free of
+    any watch's files, its rank folders' included) and tells the others."""
+    import torch.distributed as dist
+    chosen = [str(_fresh_folder(logdir, inside="rank-0")) if ranks.rank == 0 else None]
+    dist.broadcast_object_list(chosen, src=0)
+    # another machine's disk may hold an earlier rank-N with a watch's files in it: not written over either
+    return _fresh_folder(Path(chosen[0]) / f"rank-{ranks.rank}")
 
 
 class Watch:
@@ -81,6 +95,9 @@ class Watch:
     On several processes (DDP, FSDP2): watch on every rank; each logged step's sums are read across
     the ranks in one collective (the whole model, the global batch, the gradients after their
     reduction), and rank 0 alone writes (elsewhere `logdir` is None).
+    - `per_rank`: on several processes, the activation statistics and act_grad_norm (and the loss
+      given to `w.loss`) are each rank's own micro-batch's, and every rank writes its own folder,
+      `logdir/rank-N`; the gradient and weight probes are still the whole model's.
 
     `diverged` in the summary: the first step whose loss (the losses given to `w.loss`) or logged
     gradient is not finite (gradexp.probes.history)."""
@@ -89,13 +106,16 @@ class Watch:
                  logdir: str | Path = "runs/watch", every: int = 10, weight_every: int | None = None,
                  layers: Any = None, scaler: Any = None, name: str | None = None, hist_every: int = 0,
                  vanishing_below: float = 1e-2, exploding_above: float = 1e2, last_step: int | None = None,
-                 chart_layers: int | None = CHART_LAYERS, recurrent: Any = None, compiled: str = "eager"):
+                 chart_layers: int | None = CHART_LAYERS, recurrent: Any = None, compiled: str = "eager",
+                 per_rank: bool = False):
         if chart_layers is not None and (not isinstance(chart_layers, int) or chart_layers < 2):
             raise ValueError(f"chart_layers: expected a whole number >= 2 (the first and the last layer at least) "
                              f"or None (all), got {chart_layers!r}")
         ranks = reduce.ranks()
-        self.writes = ranks is None or ranks.rank == 0  # one writer: every rank has the same numbers
-        self.logdir = _fresh_folder(logdir) if self.writes else None
+        per_rank = per_rank and ranks is not None
+        # one writer, every rank having the same numbers; or, per rank, every rank its own
+        self.writes = ranks is None or ranks.rank == 0 or per_rank
+        self.logdir = _rank_folder(logdir, ranks) if per_rank else _fresh_folder(logdir) if self.writes else None
         self.name = name or type(model).__name__
         self.thresholds = (vanishing_below, exploding_above)
         self.board = Board(str(self.logdir), self.name, time.strftime("%m-%d %H:%M:%S"), chart_layers=chart_layers) \
@@ -103,7 +123,7 @@ class Watch:
         try:
             self.probes = Watcher(model, optimizer, board=self.board, every=every, weight_every=weight_every,
                                   hist_every=hist_every, layers=layers, scaler=scaler, last_step=last_step,
-                                  recurrent=recurrent, compiled=compiled)
+                                  recurrent=recurrent, compiled=compiled, per_rank=per_rank)
         except BaseException:
             if self.board is not None:  # nothing half-written: the folder held no watch's files before (_fresh_folder)
                 self.board.close()

@@ -93,6 +93,29 @@ def test_a_compiled_model_on_two_ranks_gives_the_one_process_numbers(layout, one
     assert got["verdict"] == one_process["verdict"]
 
 
+def test_per_rank_gives_each_rank_its_own_micro_batch_and_folder(one_process, tmp_path):
+    """per_rank=True under DDP on 2: each rank's activation statistics and act_grad_norm are those of
+    its own micro-batch and loss (autograd on a copy, in the script), the gradients and updates still
+    the one-process numbers, and each rank writes its own folder, rank-N, in one chosen by rank 0."""
+    out = tmp_path / "out.json"
+    done = subprocess.run(torchrun("--nproc_per_node", "2", str(SCRIPT), "ddp_per_rank", str(out)), cwd=ROOT,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    got = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(2)]
+    reference = {s["step"]: s for s in one_process["logged"]}
+    for rank, mine in enumerate(got):
+        assert Path(mine["logdir"]).name == f"rank-{rank}"
+        assert Path(mine["logdir"]).parent == Path(got[0]["logdir"]).parent
+        for snap in mine["logged"]:
+            own = mine["expected"][str(snap["step"])]
+            assert snap["act_grad_norm"] == pytest.approx(own["act_grad_norm"], rel=RTOL)
+            assert snap["act_mean"] == pytest.approx(own["act_mean"], rel=RTOL, abs=1e-7)
+            for key in ("grad_norm", "update_ratio", "grad_norm_total"):
+                assert snap[key] == pytest.approx(reference[snap["step"]][key], rel=RTOL)
+    # the two micro-batches differ: so do their statistics
+    assert got[0]["logged"][0]["act_grad_norm"] != pytest.approx(got[1]["logged"][0]["act_grad_norm"], rel=1e-3)
+
+
 def test_two_machines_on_localhost_give_the_one_process_numbers(one_process, tmp_path):
     """Two torchrun agents, one process each, meeting at a c10d rendezvous as two hosts would."""
     out = tmp_path / "out.json"

@@ -371,11 +371,16 @@ def gather_ranks(stats: dict[str, torch.Tensor], layout: tuple, world: int) -> d
 PER_PARAMETER = ("grad_sq", "applied_sq", "weights", "w0_sq")
 
 
-def across_ranks(per_rank: dict[str, list[list]], shares: list[float], world: int) -> dict[str, list]:
-    """gather_ranks' values as one rank's to_host would give them for the whole model and batch."""
+def across_ranks(per_rank: dict[str, list[list]], shares: list[float], world: int,
+                 own: int | None = None) -> dict[str, list]:
+    """gather_ranks' values as one rank's to_host would give them for the whole model and batch; with
+    `own` (a rank), the values of that rank's micro-batch (the activations, dL/dz, what the loop
+    attached) are that rank's alone, and only the parameters' are of the whole model."""
     out: dict[str, list] = {}
     for k, values in per_rank.items():
-        if k in PER_PARAMETER:
+        if own is not None and k not in PER_PARAMETER and k not in ("scale", "grad_hist"):
+            out[k] = values[own]
+        elif k in PER_PARAMETER:
             if values[0] and isinstance(values[0][0], list):
                 out[k] = [[sum(v[i][j] for v in values) * shares[i] for j in range(len(values[0][i]))]
                           for i in range(len(values[0]))]

@@ -104,14 +104,17 @@ class Watcher(Hooks):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, board=None,
                  every: int = 10, weight_every: int | None = None, hist_every: int = 0, layers: Any = None,
                  names: list[str] | None = None, activations: dict[nn.Module, nn.Module] | None = None,
-                 scaler: Any = None, last_step: int | None = None, recurrent: Any = None, compiled: str = "eager"):
+                 scaler: Any = None, last_step: int | None = None, recurrent: Any = None, compiled: str = "eager",
+                 per_rank: bool = False):
         """`names`: the layers' names as logged (default: f"{depth:02d}_{qualified name}"). `activations`:
         layer module -> the activation module after it, for a model whose builder knows (the runner;
         nn.Identity counts there as the identity). `last_step`: the last step's index, if known, is
         logged too. `scaler`: a GradScaler whose scale is divided out of the gradients. `recurrent`: the
         layers called once per time step, whose calls' ||dL/dz|| are a profile through time (chosen as
         `layers` chooses; default: torch's RNN cells, nn.RNNCell, nn.LSTMCell, nn.GRUCell). `compiled`: how
-        a measured step runs what torch.compile compiled (COMPILED; hooks.py)."""
+        a measured step runs what torch.compile compiled (COMPILED; hooks.py). `per_rank`: on several
+        ranks, the statistics of the activations and dL/dz are each rank's own micro-batch's (its
+        own loss's), not merged into the global batch's; the parameters' are the whole model's."""
         if compiled not in COMPILED:
             raise ValueError(f"compiled: expected one of {', '.join(map(repr, COMPILED))} ('eager': a measured step runs "
                              f"uncompiled, every probe; 'parameters': it stays compiled, parameter probes only), "
@@ -184,6 +187,7 @@ class Watcher(Hooks):
         self._stat_layers: dict[str, list[bool]] = {}  # statistic -> the layers that may have it
         self._optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps one
         self.ranks = reduce.ranks()  # several processes: every logged step's sums are read across them
+        self.per_rank = per_rank
         self._shares: list[float] = []  # per parameter, reduce.share
         self._shared: set[int] = set()  # layers whose output is shared by the batch's examples (not split)
         self._hooked = ""  # what _module_handles are: "layers" (forward hooks), "grads" (parameters' hooks)
@@ -529,8 +533,9 @@ class Watcher(Hooks):
         owners = [i for i, _ in record.owners] if record is not None else []
         dz = [(ids, calls) for ids, calls, _ in record.dz_sums] if record is not None else []
         layout = ([(k, tuple(t.shape)) for k, t in stats.items()], owners, dz)
-        host = across_ranks(gather_ranks(stats, layout, world), self._shares, world)
-        if record is not None:
+        host = across_ranks(gather_ranks(stats, layout, world), self._shares, world,
+                            own=self.ranks.rank if self.per_rank else None)
+        if record is not None and not self.per_rank:
             # a shared output is the same on every rank: rank 0's rows; dL/dz absent (see _shared)
             kept = [r == 0 or i not in self._shared for r in range(world) for i, _ in record.owners]
             host["acts"] = [row for row, keep in zip(host.get("acts", []), kept) if keep]

@@ -8,6 +8,7 @@ tests/test_distributed.py, under torchrun for the layouts with several processes
     torchrun --nproc_per_node 2 tests/distributed/layouts.py ddp_no_sync OUT.json [EVERY]
     torchrun --nproc_per_node 4 tests/distributed/layouts.py hsdp OUT.json
     torchrun --nproc_per_node 2 tests/distributed/layouts.py disagree OUT.json   # rank 1 watches other layers
+    torchrun --nproc_per_node 2 tests/distributed/layouts.py ddp_per_rank OUT.json   # every rank writes OUT.json.rankN
     torchrun --nproc_per_node 2 tests/distributed/layouts.py ddp+compile OUT.json
     torchrun --nproc_per_node 2 tests/distributed/layouts.py fsdp2+compile-parameters OUT.json
 
@@ -97,6 +98,27 @@ def record(out: str, layout: str, world: int, w: gradexp.Watch, **more) -> None:
                    "verdict": w.summary()["diagnosis"]["verdict"], **more}, f)
 
 
+def own_batch_reference(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, list[float]]:
+    """per_rank's values by plain autograd on a copy: each layer's ||dL/dz|| of this rank's own loss
+    on its own micro-batch, and the mean of its activation (a block's tanh, the head's output)."""
+    ref = MLP()  # a copy without the watch's hooks
+    ref.load_state_dict(module.state_dict())
+    zs: list[torch.Tensor] = []
+
+    def keep(m, inputs, out):
+        out.retain_grad()
+        zs.append(out)
+    for m in ref.modules():
+        if isinstance(m, nn.Linear):
+            m.register_forward_hook(keep)
+    h, means = x, []
+    for layer in ref.body:
+        h = layer(h)
+        means.append(h.detach().double().mean().item())
+    nn.CrossEntropyLoss()(h, y).backward()
+    return {"act_grad_norm": [z.grad.double().norm().item() for z in zs], "act_mean": means}
+
+
 def _graphs() -> int:
     """How many graphs torch.compile made in this process (0: nothing ran compiled)."""
     if "torch._dynamo" not in sys.modules:
@@ -135,10 +157,13 @@ def main() -> None:
     loss_fn = nn.CrossEntropyLoss()
     count_collectives()
     per_step = []
+    expected: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         layers = [m for m in net.modules() if isinstance(m, nn.Linear)][:2] if layout == "disagree" and rank == 1 else None
-        with gradexp.watch(run, opt, logdir=tmp, every=every, weight_every=every, layers=layers,
-                           compiled=compiled or "eager") as w:
+        # per rank: every rank writes, in a folder rank 0 chooses (one all the ranks can reach)
+        logdir = os.path.join(os.path.dirname(os.path.abspath(out)), "watch") if layout == "ddp_per_rank" else tmp
+        with gradexp.watch(run, opt, logdir=logdir, every=every, weight_every=every, layers=layers,
+                           compiled=compiled or "eager", per_rank=layout == "ddp_per_rank") as w:
             for x, y in batches():
                 before = calls[0]
                 part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
@@ -151,6 +176,8 @@ def main() -> None:
                         with net.no_sync() if quiet else contextlib.nullcontext():
                             (loss_fn(run(xs), ys) / ACCUMULATE).backward()
                 else:
+                    if layout == "ddp_per_rank":
+                        expected[len(expected)] = own_batch_reference(net.module, x, y)
                     loss_fn(run(x), y).backward()
                 opt.step()
                 per_step.append(calls[0] - before)
@@ -158,7 +185,9 @@ def main() -> None:
     if world > 1:
         wrote = [None] * world
         dist.all_gather_object(wrote, w.logdir is not None)
-    if rank == 0:
+    if layout == "ddp_per_rank":  # every rank writes its own
+        record(f"{out}.rank{rank}", layout, world, w, expected=expected, logdir=str(w.logdir))
+    elif rank == 0:
         record(out, layout, world, w, wrote=wrote, collectives=per_step, compiled=compiled,
                graphs=_graphs())
     if world > 1:
