@@ -180,3 +180,14 @@ def test_the_hugging_face_trainer_under_torchrun_gives_the_one_process_numbers(t
     got = run(torchrun("--nproc_per_node", "2", str(HUGGINGFACE), "ddp", str(ddp)), ddp)
     assert got["world"] == 2
     assert_same(got, reference, absent=("act_grad_norm", reference["names"].index("01_transformer.wpe")))
+
+
+@pytest.mark.parametrize("estimator", ["blocks", "steps"])
+def test_the_ddp_benchmark_tiny_mode_produces_every_row(estimator, tmp_path):
+    """bench/ddp_overhead.py --tiny on 2 processes (its numbers are never asserted)."""
+    out = tmp_path / "ddp.json"
+    got = run(torchrun("--nproc_per_node", "2", "bench/ddp_overhead.py", "--tiny", "--estimator", estimator,
+                       "--json", str(out)), out)
+    assert list(got["rows"]) == ["every 10", "every step"]
+    assert all(row["ratio"] > 0 and row["target"] for row in got["rows"].values())
+    assert got["world"] == 2 and {"machine", "commit"} <= set(got)
