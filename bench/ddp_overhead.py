@@ -100,15 +100,21 @@ def main() -> None:
                           f"{batch} per rank, {blocks} pairs of blocks of {steps} steps per variant; x bare: median "
                           f"over pairs", **provenance(), "world": world,
                   "bare_ms_per_step": round(statistics.median(bare_ms), 3), "rows": rows}
-        out = Path(args.json or ROOT / "bench" / "results" / "ddp_overhead.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        for v, row in rows.items():
-            met = "met" if row["ratio"] <= row["target"] else "MISSED"
-            print(f"{v:12s} x bare {row['ratio']:.3f} (target <= {row['target']}: {met})")
-        print(f"written: {out}")
+        write(result, args.json or ROOT / "bench" / "results" / "ddp_overhead.json")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def write(result: dict, out: str | Path) -> None:
+    """Rank 0: the result file, and each row against its target."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    for v, row in result["rows"].items():
+        met = "met" if row["ratio"] <= row["target"] else "MISSED"
+        spread = f" quartiles {row['quartiles']}" if row.get("quartiles") else ""
+        print(f"{v:12s} x bare {row['ratio']:.3f}{spread} (target <= {row['target']}: {met})")
+    print(f"written: {out}")
 
 
 def interleaved(args, mlp, model, opt, x, y, rank: int, world: int, shape: tuple) -> None:
@@ -149,13 +155,7 @@ def interleaved(args, mlp, model, opt, x, y, rank: int, world: int, shape: tuple
                           f"per rank; the watched model's steps interleaved with a bare DDP copy's, {windows} windows of "
                           f"10 steps each per variant; x bare: median over windows", **provenance(), "world": world,
                   "estimator": "steps", "bare_ms_per_step": round(statistics.median(bare_ms), 3), "rows": rows}
-        out = Path(args.json or ROOT / "bench" / "results" / "ddp_overhead-steps.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        for v, row in rows.items():
-            met = "met" if row["ratio"] <= row["target"] else "MISSED"
-            print(f"{v:12s} x bare {row['ratio']:.3f} quartiles {row['quartiles']} (target <= {row['target']}: {met})")
-        print(f"written: {out}")
+        write(result, args.json or ROOT / "bench" / "results" / "ddp_overhead-steps.json")
     dist.barrier()
     dist.destroy_process_group()
 
