@@ -28,6 +28,10 @@ from gradexp.text import fmt_number
 from gradexp.probes.history import through_time
 
 SATURATED = 0.5  # a hidden layer with more than half its units saturated (or dead) is named
+ALL_DEAD = 0.99  # a layer with (nearly) every unit dead on every example passes no gradient below it
+DEAD_ADVICE = ("a layer whose ReLUs are all dead passes no gradient: check its bias and its init (a large negative "
+               "bias, or weights that drive every pre-activation below 0), lower the learning rate if it died while "
+               "training, or use LeakyReLU or GELU, which never stop passing gradient")
 AT_INIT = 1e-3  # a layer whose weights moved less than 0.1% from their init is "still at its init"
 RELU_FAMILY = ("relu", "leaky_relu", "elu", "gelu", "selu")
 VERDICTS = ("vanishing", "exploding", "healthy", "unknown")  # every verdict diagnose() gives
@@ -138,6 +142,9 @@ class Context:
     # False where the loss enters at the first time step too (reverse, sort): ||dL/dh_0|| then holds its own
     # step's loss, and its ratio to the last step's says nothing of the gradient carried back through time
     time_verdict: bool = True
+    trainable: list[bool] | None = None  # a layer has trainable parameters (None: all have)
+    # how to see an underflowed gradient's true size: a runner key, or what a watch user can do
+    float64_hint: str = "precision=float64 shows their true size"
 
 
 def context_for(cfg: Config, n_layers: int, time_verdict: bool = True) -> Context:
@@ -156,17 +163,25 @@ def watched_context(info: dict, cfg: Config | None = None) -> Context:
     kw = dict(vanishing_below=cfg.diagnosis.vanishing_below, exploding_above=cfg.diagnosis.exploding_above,
               precision=cfg.precision) if cfg is not None else {}
     gated = any(t in ("LSTMCell", "GRUCell") for t in info.get("types", []))
+    known = [a for a in info["activations"] if a is not None]
+    relu = bool(known) and all(a in RELU_FAMILY for a in known)
+    if cfg is None:
+        kw["float64_hint"] = "a step with the model and its inputs in float64 (model.double()) shows their true size"
     return Context(labels=info["names"], hidden=[i for i, out in enumerate(info["output"]) if not out],
-                   dead=[a in RELU_FAMILY for a in info["activations"]], advice=lambda v: generic_advice(v, gated),
-                   index_ranges=False, **kw)
+                   dead=[a in RELU_FAMILY for a in info["activations"]], advice=lambda v: generic_advice(v, gated, relu),
+                   index_ranges=False, trainable=info.get("trainable"), **kw)
 
 
-def generic_advice(verdict: str, gated: bool = False) -> str | None:
+def generic_advice(verdict: str, gated: bool = False, relu: bool = False) -> str | None:
     """What to try on a model gradexp did not build (`gated`: its recurrent cells are LSTM or GRU
-    cells already)."""
+    cells already; `relu`: its known activations are all of the ReLU family already)."""
     if gated and verdict == "vanishing through time":
         return ("its gates start half closed: try an LSTM forget-gate bias of 1 or more (the second quarter of "
                 "bias_ih + bias_hh), or an orthogonal recurrent init")
+    if verdict == "dead":
+        return DEAD_ADVICE
+    if relu and verdict == "vanishing":
+        return "try He (kaiming) init, normalisation layers, or residual connections"
     return {
         "vanishing": "try a ReLU-family activation with He (kaiming) init, normalisation layers, or residual connections",
         "exploding": "try a smaller init scale, gradient norm clipping, or normalisation layers",
@@ -212,13 +227,42 @@ def _jump(delta: list[float | None], ctx: Context, ratio: float) -> str | None:
     return None
 
 
+def all_dead(first: dict, ctx: Context) -> int | None:
+    """The deepest layer whose units (of the ReLU family) are all dead on every example of the first
+    logged step, if the layers that get exactly 0 gradient are those it cuts off (it and those
+    before it, and its next layer's weight, whose input is all 0); else None."""
+    zero = [i for i, v in enumerate(first["grad_norm"]) if v == 0.0]
+    dead = [i for i, v in enumerate(first.get("saturation") or []) if v is not None and v >= ALL_DEAD and ctx.dead[i]]
+    if not zero or not dead:
+        return None
+    layer = max(dead)
+    return layer if max(zero) <= layer + 1 else None
+
+
 def _findings(first: dict, last: dict | None, ctx: Context, ratio: float) -> list[str]:
-    """Underflow, saturated or dead layers, layers that never left their init, one layer's jump."""
+    """Dead layers that cut the gradient off, a cut graph, frozen layers, underflow, saturated or
+    dead layers, layers that never left their init, one layer's jump."""
     found = []
-    underflow = [i for i, v in enumerate(first["grad_norm"]) if v == 0.0]
-    if underflow:
-        hint = "; precision=float64 shows their true size" if ctx.precision == "float32" else ""
-        found.append(f"{_named(underflow, ctx)} get{'s' if len(underflow) == 1 else ''} exactly 0 gradient ({ctx.precision} underflow{hint})")
+    zero = [i for i, v in enumerate(first["grad_norm"]) if v == 0.0]
+    dead = all_dead(first, ctx)
+    if dead is not None:
+        found.append(f"{_named([dead], ctx)}'s units are all dead: no unit has a positive pre-activation on any "
+                     f"example at step {first['step']}, so no gradient passes below it; {_named(zero, ctx)} "
+                     f"get{'s' if len(zero) == 1 else ''} exactly 0 gradient (not underflow)")
+    elif zero:
+        hint = f"; {ctx.float64_hint}" if ctx.precision == "float32" else ""
+        found.append(f"{_named(zero, ctx)} get{'s' if len(zero) == 1 else ''} exactly 0 gradient ({ctx.precision} underflow{hint})")
+    trainable = ctx.trainable or [True] * len(first["grad_norm"])
+    reached = [i for i, v in enumerate(first["grad_norm"]) if v is not None]
+    cut = [i for i, v in enumerate(first["grad_norm"]) if v is None and trainable[i]]
+    if cut and reached and min(cut) < max(reached):
+        found.append(f"no gradient reached {_named(cut, ctx)} (.grad is None while later layers have one): the graph "
+                     f"is cut after {'it' if len(cut) == 1 else 'them'} (a .detach(), torch.no_grad() or a cast to an "
+                     f"integer type in the forward pass); the ratio is over the layers the gradient reached")
+    frozen = [i for i, t in enumerate(trainable) if not t]
+    if frozen:
+        found.append(f"{_named(frozen, ctx)} {'is' if len(frozen) == 1 else 'are'} frozen (no trainable parameters): "
+                     f"no grad_norm there, by design")
     jump = _jump(first["act_grad_norm"], ctx, ratio)
     if jump:
         found.append(jump)
@@ -342,10 +386,16 @@ def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diver
     # one hidden layer: nothing to compare it with
     verdict, developed = _developed(_verdict(ratio if hops >= 1 else float("nan"), ctx), later, ctx, last)
     a, b = (ctx.labels[hidden[0]], ctx.labels[hidden[-1]]) if hidden else ("?", "?")
-    msg = (f"{verdict}{developed}: at step {first['step']} {a}'s back-propagated gradient ||dL/dz|| is "
-           f"{fmt_number(ratio)}x {b}'s{'' if developed else _cause(verdict, factor, ctx, theory)}; "
-           f"thresholds {ctx.vanishing_below:g} / {ctx.exploding_above:g}")
-    if measured_later:
+    dead = all_dead(first, ctx) if verdict == "vanishing" else None
+    cause = f" ({_named([dead], ctx)}'s units are all dead)" if dead is not None else _cause(verdict, factor, ctx, theory)
+    if hops < 1:  # nothing to compare: say so, not "X's is 1x X's"
+        msg = (f"unknown: ||dL/dz|| was measured at {len(hidden)} hidden layer{'' if len(hidden) == 1 else 's'}"
+               f"{' (' + a + ')' if len(hidden) == 1 else ''}, too few to compare")
+    else:
+        msg = (f"{verdict}{developed}: at step {first['step']} {a}'s back-propagated gradient ||dL/dz|| is "
+               f"{fmt_number(ratio)}x {b}'s{'' if developed else cause}; "
+               f"thresholds {ctx.vanishing_below:g} / {ctx.exploding_above:g}")
+    if measured_later and hops >= 1:
         msg += f"; at step {last['step']}: {fmt_number(later)}x"
     findings = _findings(first, last, ctx, ratio)
     timed = through_time(first)
@@ -354,7 +404,7 @@ def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diver
                         f"{ctx.labels[timed[0]]} at t = 0 ({fmt_number(_time_ratio(timed[1]))}x that at t = "
                         f"{len(timed[1]) - 1}) holds its own step's loss, so it does not measure the gradient "
                         f"carried back through time")
-    next_step = ctx.advice(verdict)
+    next_step = DEAD_ADVICE if dead is not None else ctx.advice(verdict)
     for line in findings:
         msg += f"\n  - {line}"
     if next_step:
@@ -369,6 +419,9 @@ def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diver
         "weight_grad_ratio": grad_ratio(first["grad_norm"], hidden),
         "message": msg,
     }
+    if dead is not None:
+        result["cause"] = "dead units"
+        result["dead_layer"] = dead
     if last is not None:
         result["ratio_last"] = grad_ratio(last["act_grad_norm"], hidden)
         result["weight_grad_ratio_last"] = grad_ratio(last["grad_norm"], hidden)

@@ -559,7 +559,9 @@ class Watcher(Hooks):
             scale = host.pop("scale", [1.0])[0]
             unscale = 1.0 / (scale * scale)  # the loss was multiplied by the scale: squares by its square
             sq = host.pop("grad_sq")
-            for v, owners in zip(sq, self._param_layers):
+            for v, owners, g in zip(sq, self._param_layers, record.grads):
+                if g is None:  # never computed (no gradient reached it): absent, not 0
+                    continue
                 for i in owners:
                     raw[i]["grad_sq"] = raw[i].get("grad_sq", 0.0) + v * unscale
             totals["grad_norm_total"] = math.sqrt(sum(sq) * unscale) if sq else None
@@ -629,6 +631,7 @@ class Watcher(Hooks):
         """What the summary says of the layers."""
         return {"names": list(self.names), "modules": [layer.name for layer in self.layers],
                 "types": [type(layer.module).__name__ for layer in self.layers],
+                "trainable": [bool(layer.params) for layer in self.layers],
                 "activations": [layer.activation for layer in self.layers],
                 "output": [layer.output for layer in self.layers],
                 "calls": self.logged[-1]["calls"] if self.logged else [0] * len(self.layers)}

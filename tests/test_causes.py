@@ -1,0 +1,127 @@
+"""The diagnosis on models gradexp did not build tells causes apart: a dead ReLU layer, a cut graph
+(.detach()), a frozen block and true float32 underflow each get their own finding and advice, and a
+gradient that was never computed is absent, not 0. Each against what autograd computes on a copy."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradexp
+from gradexp.analysis.diagnosis import DEAD_ADVICE
+
+
+class MLP(nn.Module):
+    def __init__(self, depth: int = 6, width: int = 16, act=nn.ReLU, detach_at: int | None = None):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), act()) for _ in range(depth))
+        self.head = nn.Linear(width, 3)
+        self.detach_at = detach_at
+
+    def forward(self, x):
+        for k, block in enumerate(self.blocks):
+            if k == self.detach_at:
+                x = x.detach()  # the graph is cut here: the blocks before get no gradient
+            x = block(x)
+        return self.head(x)
+
+
+def first_step(model: nn.Module, tmp_path, x=None, y=None) -> tuple[dict, nn.Module]:
+    """One watched step; the summary, and an unwatched copy after the same backward (autograd's .grad)."""
+    ref = copy.deepcopy(model)
+    x = torch.randn(32, 16) if x is None else x
+    y = torch.randint(0, 3, (32,)) if y is None else y
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradexp.watch(model, opt, logdir=tmp_path / "w", every=1) as w:
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    F.cross_entropy(ref(x), y).backward()
+    return w.summary(), ref
+
+
+def block_grads(ref: MLP) -> list[float | None]:
+    """Each block's Linear's gradient norm by autograd, None where .grad was never made."""
+    out = []
+    for block in ref.blocks:
+        grads = [p.grad for p in block[0].parameters()]
+        out.append(None if all(g is None for g in grads) else
+                   torch.cat([g.flatten() for g in grads if g is not None]).double().norm().item())
+    return out
+
+
+def test_a_dead_relu_layer_is_the_cause_not_underflow(tmp_path):
+    torch.manual_seed(0)
+    model = MLP()
+    for block in model.blocks:
+        nn.init.kaiming_normal_(block[0].weight, nonlinearity="relu")
+    with torch.no_grad():
+        model.blocks[2][0].bias.fill_(-100.0)  # every pre-activation below 0: the layer's ReLUs are all dead
+    summary, ref = first_step(model, tmp_path)
+    first, d = summary["layers"]["first"], summary["diagnosis"]
+    assert first["grad_norm"][:6] == pytest.approx(block_grads(ref), abs=0)  # autograd's exact zeros too
+    assert first["grad_norm"][:3] == [0.0, 0.0, 0.0] and first["saturation"][2] == 1.0
+    assert d["verdict"] == "vanishing" and d["cause"] == "dead units" and d["dead_layer"] == 2
+    assert "02_blocks.2.0's units are all dead" in d["message"]
+    assert "(not underflow)" in d["message"] and "float32 underflow" not in d["message"]
+    assert "precision" not in d["message"]
+    assert "ReLU-family" not in d["message"]  # it is ReLU already
+    assert d["advice"] == DEAD_ADVICE
+
+
+def test_a_detach_in_the_middle_is_a_cut_graph_and_its_gradients_are_absent_not_zero(tmp_path):
+    torch.manual_seed(0)
+    summary, ref = first_step(MLP(act=nn.Tanh, detach_at=3), tmp_path)
+    first, d = summary["layers"]["first"], summary["diagnosis"]
+    expected = block_grads(ref)
+    assert expected[:3] == [None, None, None] and None not in expected[3:]  # autograd never made them
+    assert first["grad_norm"][:3] == [None, None, None]
+    assert first["grad_norm"][3:6] == pytest.approx(expected[3:], rel=1e-5)
+    assert first["act_grad_norm"][:3] == [None, None, None]
+    assert any(f.startswith("no gradient reached layers 00_blocks.0.0, 01_blocks.1.0, 02_blocks.2.0")
+               and ".detach()" in f for f in d["findings"])
+    assert "exactly 0" not in d["message"]
+    assert "03_blocks.3.0's back-propagated gradient" in d["message"]  # the ratio over the layers it reached
+
+
+def test_a_single_measured_layer_is_too_few_to_compare(tmp_path):
+    torch.manual_seed(0)
+    summary, _ = first_step(MLP(depth=3, act=nn.Tanh, detach_at=2), tmp_path)
+    d = summary["diagnosis"]
+    assert d["verdict"] == "unknown"
+    assert d["message"].startswith("unknown: ||dL/dz|| was measured at 1 hidden layer (02_blocks.2.0), too few")
+    assert "1.00x" not in d["message"]
+
+
+def test_a_frozen_block_is_frozen_not_cut(tmp_path):
+    torch.manual_seed(0)
+    model = MLP(act=nn.Tanh)
+    for p in list(model.blocks[0].parameters()) + list(model.blocks[1].parameters()):
+        p.requires_grad_(False)
+    summary, ref = first_step(model, tmp_path)
+    first, d = summary["layers"]["first"], summary["diagnosis"]
+    assert first["grad_norm"][:2] == [None, None] and block_grads(ref)[:2] == [None, None]
+    assert first["act_grad_norm"][:2] == [None, None]  # the frozen first blocks' outputs need no gradient
+    assert any(f.startswith("layers 00_blocks.0.0, 01_blocks.1.0 are frozen") for f in d["findings"])
+    assert not any("no gradient reached" in f for f in d["findings"])
+
+
+def test_true_float32_underflow_is_named_with_what_a_watch_user_can_do(tmp_path):
+    """A deep sigmoid net: ||dL/dW|| of its first layers underflows float32 to exactly 0 where float64
+    (autograd on a float64 copy) shows a tiny, non-zero value."""
+    torch.manual_seed(0)
+    model = MLP(depth=60, act=nn.Sigmoid)
+    x, y = torch.randn(32, 16), torch.randint(0, 3, (32,))
+    summary, _ = first_step(model, tmp_path, x, y)
+    exact = copy.deepcopy(model).double()
+    F.cross_entropy(exact(x.double()), y).backward()
+    true = block_grads(exact)
+    zero = [i for i, v in enumerate(summary["layers"]["first"]["grad_norm"]) if v == 0.0]
+    assert zero and all(0.0 < true[i] < 1e-30 for i in zero)  # float64 sees them
+    d = summary["diagnosis"]
+    assert d["verdict"] == "vanishing" and "cause" not in d
+    finding = next(f for f in d["findings"] if "exactly 0 gradient" in f)
+    assert "float32 underflow" in finding and "model.double()" in finding and "precision=" not in finding
