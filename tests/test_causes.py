@@ -125,3 +125,24 @@ def test_true_float32_underflow_is_named_with_what_a_watch_user_can_do(tmp_path)
     assert d["verdict"] == "vanishing" and "cause" not in d
     finding = next(f for f in d["findings"] if "exactly 0 gradient" in f)
     assert "float32 underflow" in finding and "model.double()" in finding and "precision=" not in finding
+
+
+def test_the_head_of_a_hugging_face_model_is_found_through_its_output_object(tmp_path):
+    """GPT-2 given labels returns (loss, logits, ...): the head is lm_head, whose output is the logits,
+    and it is left out of the depth ratio, which ends at the last block's last projection."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 64, (4, 16))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradexp.watch(model, opt, logdir=tmp_path / "w", every=1) as w:
+        out = model(input_ids=ids, labels=ids)
+        assert out.loss.dim() == 0 and list(out.keys())[:2] == ["loss", "logits"]
+        out.loss.backward()
+        opt.step()
+    info = w.summary()["layers"]
+    assert info["modules"][-1] == "lm_head" and info["output"] == [False] * (len(info["modules"]) - 1) + [True]
+    assert "lm_head" not in w.summary()["diagnosis"]["message"].split(";")[0]

@@ -60,6 +60,20 @@ def first_tensor(output: Any) -> torch.Tensor | None:
     return None
 
 
+def model_output(output: Any) -> torch.Tensor | None:
+    """The tensor a model's output stands for: the first of more than 0 dimensions, depth first (a
+    Hugging Face output object starts with the scalar loss when labels are given, then the logits);
+    else the first tensor."""
+    if isinstance(output, torch.Tensor):
+        return first_tensor(output)
+    items = list(output.values()) if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else []
+    for item in items:
+        t = model_output(item)
+        if t is not None and t.dim() > 0:
+            return t
+    return first_tensor(output)
+
+
 def _holds_weights(module: nn.Module) -> bool:
     return any(p.dim() >= 2 for p in module.parameters(recurse=False))
 

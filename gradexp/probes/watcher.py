@@ -39,7 +39,7 @@ from torch.autograd.variable import Variable
 from gradexp.probes import reduce
 from gradexp.probes.divergence import Divergence
 from gradexp.probes.history import first_and_latest, keep, through_calls
-from gradexp.probes.hooks import EAGER_BYTES, Hooks, Layer, act_name, candidate_layers, first_tensor
+from gradexp.probes.hooks import EAGER_BYTES, Hooks, Layer, act_name, candidate_layers, model_output
 from gradexp.probes.reduce import (
     across_ranks,
     activation_sums,
@@ -321,7 +321,7 @@ class Watcher(Hooks):
         for h in self._discovery:
             h.remove()
         self._discovery = []
-        out = first_tensor(output)
+        out = model_output(output)  # the head is the layer that makes it
         for k in self._order:
             qualified, module = self._candidates[k]
             act = self._act_of.get(k)
