@@ -25,7 +25,7 @@ from torch import nn
 
 from gradexp.analysis.diagnosis import watched_context
 from gradexp.probes import reduce
-from gradexp.probes.watcher import Watcher
+from gradexp.probes.watcher import Watcher, unwrap
 from gradexp.sinks.summary import build, close
 from gradexp.sinks.tensorboard import CHART_LAYERS, Board
 
@@ -116,7 +116,7 @@ class Watch:
         # one writer, every rank having the same numbers; or, per rank, every rank its own
         self.writes = ranks is None or ranks.rank == 0 or per_rank
         self.logdir = _rank_folder(logdir, ranks) if per_rank else _fresh_folder(logdir) if self.writes else None
-        self.name = name or type(model).__name__
+        self.name = name or type(unwrap(model)).__name__  # "Net", not "OptimizedModule"
         self.thresholds = (vanishing_below, exploding_above)
         self.board = Board(str(self.logdir), self.name, time.strftime("%m-%d %H:%M:%S"), chart_layers=chart_layers) \
             if self.writes else None

@@ -141,6 +141,7 @@ def test_a_compiled_model_reports_what_autograd_computes(how, compiled, tmp_path
     if compiled == "parameters":
         assert "act_grad_norm" in summary["absent"]["statistics"] and "compiled" in summary["absent"]["why"]
     assert summary["layers"]["names"] == [f"{i:02d}_{n}" for i, n in enumerate(NAMES)]  # not _orig_mod.body.0
+    assert summary["name"] == "Net"  # not OptimizedModule
     assert "nan" not in summary["diagnosis"]["message"]
     assert hooks_left(model, opt) == []
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters() if

@@ -54,7 +54,7 @@ from gradexp.probes.reduce import (
 )
 from gradexp.probes.stats import DERIVATIVE_PROBES, GRAD_HIST, GRADIENT_PROBES, STATS, WEIGHT_PROBES, stat_value
 
-__all__ = ["COMPILED", "Layer", "Watcher", "due"]
+__all__ = ["COMPILED", "Layer", "Watcher", "due", "unwrap"]
 
 # How a measured step runs what torch.compile compiled (hooks.py): "eager", uncompiled, every probe measured;
 # "parameters", compiled, the probes that need no hook inside the graph (the parameters' gradients and
@@ -88,6 +88,15 @@ class Record:
     extra: dict[str, torch.Tensor | float] = field(default_factory=dict)
     queued: bool = False  # the end-of-backward callback is queued
     requeued: bool = False  # ... and queued again, behind DDP's and FSDP's own (several ranks)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP's and torch.compile's wrappers, which add nothing to measure: layers are
+    named and chosen, and the run is named, as in the model they wrap."""
+    while isinstance(model, nn.parallel.DistributedDataParallel) or isinstance(getattr(model, "_orig_mod", None),
+                                                                                nn.Module):
+        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
+    return model
 
 
 def due(every: int, step: int, last: int | None = None) -> bool:
@@ -129,12 +138,7 @@ class Watcher(Hooks):
                              "told from whole parameters. Shard the model with FSDP2's "
                              "torch.distributed.fsdp.fully_shard, which gradexp measures exactly (in Lightning: "
                              "ModelParallelStrategy, fully_shard in configure_model), or use DDP")
-        # DDP's and torch.compile's wrappers add nothing to measure: layers are named and chosen as in
-        # the model they wrap
-        while isinstance(model, nn.parallel.DistributedDataParallel) or isinstance(getattr(model, "_orig_mod", None),
-                                                                                    nn.Module):
-            model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
-        self.model = model
+        self.model = unwrap(model)
         self.compiled = compiled
         self.board = board
         self.every = every
