@@ -201,7 +201,7 @@ def sweep(
     if outcome.interrupted:  # the summaries are written: a second Ctrl-C would only cut the printing short
         ignore_stop_signals()
     if not quiet:
-        console.print(sweeps.results_table(outcome.rows))
+        console.print(sweeps.results_table(outcome.rows, console.width))
         for r in outcome.rows:
             if r["error"]:
                 err_console.print(f"[red]{escape(r['name'])}[/red]: {escape(str(r['error']))}", highlight=False,
@@ -231,7 +231,7 @@ def compare(
         comparison.check_figure_path(figure)
     except ConfigError as e:
         raise fail(e)
-    console.print(results_table(comparison.rows(runs)))
+    console.print(results_table(comparison.rows(runs), console.width))
     keys = comparison.differing(runs)
     if keys:
         console.print(f"configs differ in: {', '.join(keys)}", soft_wrap=True, highlight=False)

@@ -155,3 +155,38 @@ def test_sweep_figure_is_a_panel_per_named_run_with_depths_as_colours(tmp_path):
     assert width > height > 300  # one row of two panels and the legend
     rows = json.loads((outcome.folder / "summary.json").read_text())["runs"]
     assert [r["name"] for r in rows] == ["relu_depth-2", "relu_depth-3", "sigmoid_depth-2", "sigmoid_depth-3"]
+
+
+def test_the_results_table_fits_80_columns_without_cutting_a_word_or_number():
+    """Names too long to sit beside the numbers at 80 columns are listed under the table by number;
+    every number, status and verdict is printed whole; a wide terminal keeps the names in the table."""
+    from rich.console import Console
+
+    from gradexp.sweep.results import results_table
+    from gradexp.text import fmt_number
+    rows = [dict(name=f"model.activation=sigmoid,model.depth={d},model.norm=batchnorm", status=status, acc_eval=0.5,
+                 loss_train=1.2345e-4, ratio_first=ratio, ratio_last=0.9, verdict=verdict, measure=measure,
+                 loss_eval_vs_baseline=None)
+            for d, status, ratio, verdict, measure in [(5, "completed", 2.25e17, "exploding", None),
+                                                       (40, "interrupted", 1e-34, "vanishing", "through time")]]
+    for width, legend in ((80, True), (160, False)):
+        console = Console(width=width, record=True, force_terminal=False)
+        console.print(results_table(rows, console.width))
+        text = console.export_text()
+        assert max(len(line.rstrip()) for line in text.splitlines()) <= width
+        for word in ("diagnosis", "interrupted", "completed", "exploding", "vanishing (t)",
+                     fmt_number(2.25e17), fmt_number(1e-34), fmt_number(1.2345e-4)):
+            assert word in text, (width, word)
+        names = [line.split()[1] for line in text.splitlines() if line.split()[:1] in (["1"], ["2"])
+                 and line.split()[1].startswith("model.")]  # the legend under the table: "  1  name"
+        assert (names == [r["name"] for r in rows]) == legend
+        assert all((r["name"] in text) for r in rows)
+
+
+def test_the_final_line_prints_the_ratio_to_the_baseline_in_the_one_number_format():
+    """Not "0.00 x baseline" for 0.00462: every printed number goes through fmt_number."""
+    from gradexp.sinks.console import final_text
+    from gradexp.text import fmt_number
+    f = {"loss_train": 8.1e-4, "loss_eval": 8.563e-4, "baseline_eval": 0.1853, "loss_eval_vs_baseline": 8.563e-4 / 0.1853}
+    text = final_text(f)
+    assert f"= {fmt_number(8.563e-4 / 0.1853)} x baseline" in text and "0.00462" in text

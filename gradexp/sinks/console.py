@@ -115,7 +115,7 @@ def final_text(f: dict) -> str:
     text = f"loss/train {fmt_number(f['loss_train'], 4)}{acc('train')}  loss/eval {fmt_number(f['loss_eval'], 4)}" \
            f"{acc('eval')}"
     if f.get("baseline_eval") is not None:
-        text += f" = {f['loss_eval_vs_baseline']:.2f} x baseline {fmt_number(f['baseline_eval'], 4)}"
+        text += f" = {fmt_number(f['loss_eval_vs_baseline'])} x baseline {fmt_number(f['baseline_eval'], 4)}"
     return text
 
 

@@ -123,9 +123,10 @@ _STYLE = {"completed": "green", "diverged": "red", "failed": "bold red", "interr
 _VERDICT = {"vanishing": "yellow", "exploding": "red", "healthy": "green"}
 
 
-def results_table(rows: list[dict]):
+def results_table(rows: list[dict], width: int | None = None):
     """One row per run: its name (made of its overrides), status, final loss and accuracy, the
-    first/last gradient ratio and the diagnosis."""
+    first/last gradient ratio and the diagnosis. `width`: the terminal's columns; where the names do
+    not fit beside the numbers, the table numbers its runs and lists their names under it, whole."""
     from rich import box
     from rich.table import Table
     from rich.text import Text
@@ -139,18 +140,31 @@ def results_table(rows: list[dict]):
         ("; a recurrent net's, '(t)': through time, ||dL/dh_t|| at the first time step / at the last" if timed else "") + \
         ("; eval/base: held-out loss / the baseline's, that of the best answer ignoring the input" if baseline else "")
     table = Table(title=title + ")", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
-    table.add_column("run", no_wrap=True, min_width=max((len(r["name"]) for r in rows), default=3))
+    # Every column keeps its whole word or number ("2.25e+17", "diagnosis", "interrupted"), never cut;
+    # names too long to sit beside them (80 columns) are listed under the table, by number
+    if width is not None:  # the whole table, names included: does it fit unwrapped?
+        from rich.console import Console
+        from rich.measure import Measurement
+        whole = results_table(rows)
+        probe = Console(width=10_000)
+        split = Measurement.get(probe, probe.options, whole).maximum > width
+    else:
+        split = False
+    table.add_column("#" if split else "run", overflow="fold", justify="right" if split else "left")
     table.add_column("status", no_wrap=True)
-    # with a baseline, the held-out loss over it says more than the training loss (and the table fits 80 columns)
+    # with a baseline, the held-out loss over it says more than the training loss
     for header in (*(["acc\neval", "eval/\nbase"] if baseline else ["loss\ntrain", "acc\neval"]), "ratio\nfirst",
                    "ratio\nlast"):
-        table.add_column(header, justify="right", no_wrap=True, min_width=8 if "ratio" in header else 6)
-    table.add_column("diagnosis", no_wrap=True, min_width=9 + 4 * timed)  # "vanishing (t)"
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_column("diagnosis", no_wrap=True)
     for r in rows:
         verdict = r["verdict"] or "-"
         where = " (t)" if r.get("measure") == "through time" else ""
         losses = [_fmt(r["acc_eval"]), _fmt(r.get("loss_eval_vs_baseline"))] if baseline else \
             [_fmt(r["loss_train"]), _fmt(r["acc_eval"])]
-        table.add_row(r["name"], Text(r["status"], style=_STYLE.get(r["status"], "")), *losses,
+        table.add_row(str(len(table.rows) + 1) if split else r["name"], Text(r["status"], style=_STYLE.get(r["status"], "")), *losses,
                       _fmt(r["ratio_first"]), _fmt(r["ratio_last"]), Text(verdict + where, style=_VERDICT.get(verdict, "")))
-    return table
+    if not split:
+        return table
+    from rich.console import Group
+    return Group(table, *(Text(f"{k:>3}  {r['name']}", overflow="fold") for k, r in enumerate(rows, 1)))
