@@ -146,3 +146,46 @@ def test_the_head_of_a_hugging_face_model_is_found_through_its_output_object(tmp
     info = w.summary()["layers"]
     assert info["modules"][-1] == "lm_head" and info["output"] == [False] * (len(info["modules"]) - 1) + [True]
     assert "lm_head" not in w.summary()["diagnosis"]["message"].split(";")[0]
+
+
+# ------------------------------------------------------------------------------- the whole run
+
+def test_a_run_exploding_at_init_that_learns_is_recovered_from_the_step_its_charts_say(run_cli):
+    """configs/weight_decay.yaml: exploding at init (ReLU, He init x1.5, depth 20), pulled back by the
+    penalty while the loss falls. The verdict is "recovered", from the first logged step after which
+    every logged step's ratio, as its TensorBoard charts hold it, is within the thresholds."""
+    from conftest import CONFIGS, layer_charts
+    ran = run_cli(CONFIGS / "weight_decay.yaml", "train.steps=200", "train.eval_every=0", "train.hist_every=0",
+                  "train.chart_layers=null")
+    d = ran.summary["diagnosis"]
+    charts = layer_charts(ran.folder)
+    first, last = dict(charts["layer_00"]["act_grad_norm"]), dict(charts["layer_19"]["act_grad_norm"])
+    ratios = {step: first[step] / last[step] for step in sorted(first)}
+    assert ratios[0] > 100  # exploding at init
+    healthy_from = min(s for s in ratios if all(0.01 <= r <= 100 for t, r in ratios.items() if t >= s))
+    assert healthy_from > 0
+    assert (d["verdict"], d["at_init"], d["recovered_step"]) == ("recovered", "exploding", healthy_from)
+    assert d["message"].startswith(f"recovered by step {healthy_from} (exploding at init, healthy from step "
+                                   f"{healthy_from}, the loss from ")
+    assert d["advice"] is None
+
+
+def snapshot(step: int, ratio: float, loss: float | None) -> dict:
+    """A logged step of a 3-layer net whose first-to-last ||dL/dz|| ratio is `ratio`."""
+    return {"step": step, "act_grad_norm": [ratio, 1.0, 1.0], "grad_norm": [1.0, 1.0, 1.0], "saturation": [0, 0, 0],
+            "dist_from_init": None, "weight_step": None, "dz_calls": [None] * 3, "time_factor": [None] * 3,
+            **({"loss/train": loss} if loss is not None else {})}
+
+
+@pytest.mark.parametrize("losses, expected", [
+    ((2.0, 0.5), ("recovered", 30)),  # learned; healthy at 10, vanishing again at 20, healthy from 30 on
+    ((2.0, 2.5), ("vanishing", None)),  # a healthy-looking gradient, but the loss rose: the verdict at init stands
+    ((None, None), ("recovered", 30)),  # no loss logged: the gradient alone
+])
+def test_the_verdict_weighs_the_end_of_the_run_and_the_loss(losses, expected):
+    from gradexp.analysis.diagnosis import Context, diagnose
+    ctx = Context(labels=["a", "b", "out"], hidden=[0, 1], dead=[False] * 3)
+    steps = [snapshot(0, 1e-4, losses[0]), snapshot(10, 0.5, None), snapshot(20, 1e-3, None),
+             snapshot(30, 0.2, None), snapshot(40, 0.3, losses[1])]
+    d = diagnose(steps[0], steps[-1], ctx, history=steps)
+    assert (d["verdict"], d.get("recovered_step")) == expected

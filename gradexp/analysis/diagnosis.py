@@ -34,7 +34,9 @@ DEAD_ADVICE = ("a layer whose ReLUs are all dead passes no gradient: check its b
                "training, or use LeakyReLU or GELU, which never stop passing gradient")
 AT_INIT = 1e-3  # a layer whose weights moved less than 0.1% from their init is "still at its init"
 RELU_FAMILY = ("relu", "leaky_relu", "elu", "gelu", "selu")
-VERDICTS = ("vanishing", "exploding", "healthy", "unknown")  # every verdict diagnose() gives
+# every verdict diagnose() gives; "recovered": vanishing or exploding at init, healthy by the end of a run whose
+# loss improved (_recovered)
+VERDICTS = ("vanishing", "exploding", "healthy", "recovered", "unknown")
 
 def only_for(cfg: Config, kinds: tuple[str, ...]) -> bool:
     """A remedy's `in_use` test for one that only these model kinds have: True (so not suggested) for
@@ -302,6 +304,39 @@ def _developed(verdict: str, ratio_last: float | None, ctx: Context, last: dict 
     return verdict, ""
 
 
+def _loss(snap: dict) -> float | None:
+    """A snapshot's training loss, where the run logged one (the runner's, or what w.loss was given)."""
+    v = snap.get("loss_train", snap.get("loss/train"))
+    return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def _recovered(verdict: str, first: dict, last: dict | None, history: list[dict] | None, ratio_of, ctx: Context
+               ) -> int | None:
+    """A run vanishing or exploding at init that is healthy at its last logged step, its loss lower
+    than at the first (where the loss is known): the first logged step from which every later one is
+    healthy, the step it recovered by; else None. `ratio_of(snapshot)`: the ratio the verdict is of."""
+    if verdict not in ("vanishing", "exploding") or last is None or last["step"] == first["step"]:
+        return None
+    if _verdict(ratio_of(last), ctx) != "healthy":
+        return None
+    before, after = _loss(first), _loss(last)
+    if before is not None and after is not None and not after < before:
+        return None  # the gradient looks healthy but the run did not learn: the verdict at init stands
+    later = sorted((s for s in (history or []) if first["step"] < s["step"] < last["step"]), key=lambda s: s["step"])
+    step = last["step"]
+    for snap in reversed(later):
+        if _verdict(ratio_of(snap), ctx) != "healthy":
+            break
+        step = snap["step"]
+    return step
+
+
+def _recovery_text(at_init: str, step: int, first: dict, last: dict) -> str:
+    before, after = _loss(first), _loss(last)
+    loss = f", the loss from {fmt_number(before)} to {fmt_number(after)}" if before is not None and after is not None else ""
+    return f"recovered by step {step} ({at_init} at init, healthy from step {step}{loss})"
+
+
 def _time_ratio(norms: list[float]) -> float:
     """||dL/dh_0|| / ||dL/dh_(T-1)||: what survives of the gradient back through the whole sequence."""
     first, last = norms[0], norms[-1]
@@ -310,7 +345,8 @@ def _time_ratio(norms: list[float]) -> float:
     return first / last
 
 
-def _through_time_verdict(first: dict, last: dict | None, ctx: Context, theory: dict | None) -> dict | None:
+def _through_time_verdict(first: dict, last: dict | None, ctx: Context, theory: dict | None,
+                          history: list[dict] | None = None) -> dict | None:
     """For a recurrent net, the verdict is through time, the depth that counts: the ratio of the
     first time step's ||dL/dh|| to the last's, at the first logged step."""
     found = through_time(first)
@@ -322,14 +358,21 @@ def _through_time_verdict(first: dict, last: dict | None, ctx: Context, theory: 
     factor = factor if factor is not None and math.isfinite(factor) and factor > 0 else None
     later = through_time(last) if last is not None and last["step"] != first["step"] else None
     verdict, developed = _developed(_verdict(ratio, ctx), _time_ratio(later[1]) if later else None, ctx, last)
+    recovered = _recovered(verdict, first, last, history, lambda snap: _time_ratio(t[1]) if (t := through_time(snap))
+                           else float("nan"), ctx) if later else None
+    head = f"{verdict} through time{developed}"
+    if recovered is not None:
+        head = _recovery_text(f"{verdict} through time", recovered, first, last)
     text = f" (x{fmt_number(factor)} per time step" if factor is not None else ""
     if text and theory and theory.get("applies") and theory.get("predicted_time_factor"):
         text += f"; predicted x{fmt_number(theory['predicted_time_factor'])}: {theory.get('setting', '')}"
-    msg = (f"{verdict} through time{developed}: at step {first['step']} {ctx.labels[i]}'s ||dL/dh_t|| at t = 0 is "
+    msg = (f"{head}: at step {first['step']} {ctx.labels[i]}'s ||dL/dh_t|| at t = 0 is "
            f"{fmt_number(ratio)}x that at t = {steps}{text + ')' if text else ''}; thresholds "
            f"{ctx.vanishing_below:g} / {ctx.exploding_above:g}")
     result = {"verdict": verdict, "ratio": ratio, "measure": "through time", "time_layer": i, "time_steps": steps,
               "time_factor": factor}
+    if recovered is not None:
+        result.update(verdict="recovered", at_init=verdict, recovered_step=recovered)
     if later is not None:
         result["ratio_last"] = _time_ratio(later[1])
         msg += f"; at step {last['step']}: {fmt_number(result['ratio_last'])}x"
@@ -338,9 +381,10 @@ def _through_time_verdict(first: dict, last: dict | None, ctx: Context, theory: 
 
 
 def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diverged: dict | None = None,
-             theory: dict | None = None) -> dict:
+             theory: dict | None = None, history: list[dict] | None = None) -> dict:
     """A verdict with the numbers behind it; `message` is the explanation for the terminal. `ctx`:
-    the runner's config, or a Context (a watched model)."""
+    the runner's config, or a Context (a watched model); `history`: the logged snapshots kept (the
+    steps between the first and the last, to find when a run recovered)."""
     if isinstance(ctx, Config):
         ctx = context_for(ctx, len(first["act_grad_norm"]) if first else 1)
     if diverged is not None:
@@ -367,9 +411,10 @@ def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diver
         return {"verdict": "unknown", "ratio": None, "findings": [], "advice": None,
                 "message": "unknown: probes are off, nothing was measured"}
 
-    timed = _through_time_verdict(first, last, ctx, theory)
+    timed = _through_time_verdict(first, last, ctx, theory, history)
     if timed is not None:
-        next_step = ctx.advice(f"{timed['verdict']} through time") if timed["verdict"] != "healthy" else None
+        next_step = ctx.advice(f"{timed['verdict']} through time") if timed["verdict"] not in ("healthy", "recovered") \
+            else None
         findings = _findings(first, last, ctx, float("nan"))
         msg = timed.pop("message") + "".join(f"\n  - {line}" for line in findings) + (f"\n  {next_step}" if next_step else "")
         return {**timed, "findings": findings, "advice": next_step,
@@ -388,11 +433,17 @@ def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diver
     a, b = (ctx.labels[hidden[0]], ctx.labels[hidden[-1]]) if hidden else ("?", "?")
     dead = all_dead(first, ctx) if verdict == "vanishing" else None
     cause = f" ({_named([dead], ctx)}'s units are all dead)" if dead is not None else _cause(verdict, factor, ctx, theory)
+    recovered = _recovered(verdict, first, last, history, lambda snap: grad_ratio(snap["act_grad_norm"], hidden),
+                           ctx) if hops >= 1 and measured_later and dead is None else None
+    at_init = verdict
+    if recovered is not None:
+        verdict, developed = "recovered", ""
     if hops < 1:  # nothing to compare: say so, not "X's is 1x X's"
         msg = (f"unknown: ||dL/dz|| was measured at {len(hidden)} hidden layer{'' if len(hidden) == 1 else 's'}"
                f"{' (' + a + ')' if len(hidden) == 1 else ''}, too few to compare")
     else:
-        msg = (f"{verdict}{developed}: at step {first['step']} {a}'s back-propagated gradient ||dL/dz|| is "
+        head = _recovery_text(at_init, recovered, first, last) if recovered is not None else f"{verdict}{developed}"
+        msg = (f"{head}: at step {first['step']} {a}'s back-propagated gradient ||dL/dz|| is "
                f"{fmt_number(ratio)}x {b}'s{'' if developed else cause}; "
                f"thresholds {ctx.vanishing_below:g} / {ctx.exploding_above:g}")
     if measured_later and hops >= 1:
@@ -404,7 +455,7 @@ def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diver
                         f"{ctx.labels[timed[0]]} at t = 0 ({fmt_number(_time_ratio(timed[1]))}x that at t = "
                         f"{len(timed[1]) - 1}) holds its own step's loss, so it does not measure the gradient "
                         f"carried back through time")
-    next_step = DEAD_ADVICE if dead is not None else ctx.advice(verdict)
+    next_step = DEAD_ADVICE if dead is not None else None if recovered is not None else ctx.advice(verdict)
     for line in findings:
         msg += f"\n  - {line}"
     if next_step:
@@ -422,6 +473,9 @@ def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diver
     if dead is not None:
         result["cause"] = "dead units"
         result["dead_layer"] = dead
+    if recovered is not None:
+        result["at_init"] = at_init
+        result["recovered_step"] = recovered
     if last is not None:
         result["ratio_last"] = grad_ratio(last["act_grad_norm"], hidden)
         result["weight_grad_ratio_last"] = grad_ratio(last["grad_norm"], hidden)

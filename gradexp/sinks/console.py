@@ -23,7 +23,8 @@ from rich.table import Table
 from gradexp.probes.history import through_time
 from gradexp.text import fmt_number
 
-VERDICT_STYLE = {"vanishing": "bold yellow", "exploding": "bold red", "healthy": "bold green", "unknown": "bold"}
+VERDICT_STYLE = {"vanishing": "bold yellow", "exploding": "bold red", "healthy": "bold green", "recovered": "bold cyan",
+                 "unknown": "bold"}
 
 
 BAR_WIDTH = 12  # characters: the table fits 80 columns

@@ -120,7 +120,7 @@ def write_experiment(root: Path, runs: list[dict]) -> None:
     write(str(root), runs, known={"status": STATUSES, "verdict": VERDICTS})
 
 _STYLE = {"completed": "green", "diverged": "red", "failed": "bold red", "interrupted": "yellow", "not run": "dim"}
-_VERDICT = {"vanishing": "yellow", "exploding": "red", "healthy": "green"}
+_VERDICT = {"vanishing": "yellow", "exploding": "red", "healthy": "green", "recovered": "cyan"}
 
 
 def results_table(rows: list[dict], width: int | None = None):
