@@ -82,3 +82,24 @@ def test_a_diverged_run_says_where_it_stopped(run_cli, tmp_path):
                                          title="exploding", diverged=s["diverged"])
     assert f"diverged at step {s['diverged']['step']}" in title
     assert legend == ["step 0"]
+
+
+def test_every_profile_axis_spans_at_least_four_decades_around_its_values():
+    """A 2.4x spread across the layers must look flat and a 1e17 one steep, in every figure: a log
+    axis spans MIN_DECADES at least, keeps its values inside, and a wider span is left as it is."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from gradexp.sinks.figures import MIN_DECADES, _decades
+
+    @given(st.floats(-40, 30), st.floats(0.001, 30))
+    def check(log_low, width):
+        low, high = 10 ** log_low, 10 ** (log_low + width)
+        a, b = _decades(low, high)
+        assert a <= low * (1 + 1e-9) and b >= high * (1 - 1e-9)
+        assert math.log10(b / a) >= MIN_DECADES - 1e-9
+        if width >= MIN_DECADES:
+            assert (a, b) == (low, high)
+        else:  # centred: as many decades below the values as above them
+            assert math.log10(low / a) == pytest.approx(math.log10(b / high), abs=1e-9)
+    check()

@@ -66,6 +66,8 @@ def gradient_flow_figure(path: Path, first: dict, last: dict, title: str = "",
             ax.set_xticklabels(names, rotation=60, ha="right", fontsize=6 if len(names) > 12 else 7)
         if ax.get_legend_handles_labels()[0]:  # a diverged run may have nothing finite to draw
             ax.legend(fontsize=8)
+    for ax in axes:
+        _span(ax)
     heading = f"gradient flow: {title}" if title else "gradient flow"
     if diverged is not None:
         heading += f" (diverged at step {diverged['step']}: the steps shown are before it)"
@@ -100,10 +102,30 @@ def _time_panel(ax, snaps: list[tuple[dict, dict]], predicted: list[float] | Non
         ax.legend(fontsize=8)
 
 
+# Every log axis of a gradient profile spans at least this many decades, centred on its values, so that
+# the slope reads the same in every figure: a 2.4x spread across the layers looks flat, a 1e17 one steep
+# (matplotlib's own limits would stretch any spread to the panel's height)
+MIN_DECADES = 4
+
+
+def _decades(low: float, high: float) -> tuple[float, float]:
+    """(low, high) widened to MIN_DECADES around their geometric middle where they span fewer."""
+    if not (0 < low < high) or math.log10(high / low) >= MIN_DECADES:
+        return low, high
+    middle, half = math.sqrt(low * high), 10 ** (MIN_DECADES / 2)
+    return middle / half, middle * half
+
+
+def _span(ax) -> None:
+    """A drawn log axis widened to MIN_DECADES (_decades)."""
+    ax.set_ylim(*_decades(*ax.get_ylim()))
+
+
 def _limits(values: list[float | None]) -> tuple[float, float]:
-    """One y range on a log axis for every frame of a slider: the positive finite values, with margins."""
+    """One y range on a log axis for every frame of a slider: the positive finite values, with margins,
+    MIN_DECADES at least."""
     positive = [v for v in values if v is not None and math.isfinite(v) and v > 0]
-    return (min(positive) / 30, max(positive) * 3) if positive else (1e-3, 1e3)
+    return _decades(min(positive) / 30, max(positive) * 3) if positive else (1e-3, 1e3)
 
 
 def _frames(profiles: list[dict], frames: int, panels: int, width: float, draw, title: str,
@@ -317,6 +339,8 @@ def flow_grid(path: Path, panels: list[tuple[str, list[Profile]]], title: str, y
             ax.text(0.5, 0.5, "nothing logged", transform=ax.transAxes, ha="center", color="gray")
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
+    for ax in axes.flat[:len(panels)] if not alike else axes.flat[:1]:  # shared axes: one range for all
+        _span(ax)
     from matplotlib.ticker import MaxNLocator
 
     xlabel = {"layer": "layer (0 = next to the input)", "time": "time step t (0 = the sequence's first)"}
