@@ -139,7 +139,8 @@ def results_table(rows: list[dict], width: int | None = None):
     title = "runs (ratio: ||dL/dz|| of layer 0 / of the last hidden layer" + \
         ("; a recurrent net's, '(t)': through time, ||dL/dh_t|| at the first time step / at the last" if timed else "") + \
         ("; eval/base: held-out loss / the baseline's, that of the best answer ignoring the input" if baseline else "")
-    table = Table(title=title + ")", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+    table = Table(title=title + ")", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0),
+                  show_edge=False)
     # Every column keeps its whole word or number ("2.25e+17", "diagnosis", "interrupted"), never cut;
     # names too long to sit beside them (80 columns) are listed under the table, by number
     if width is not None:  # the whole table, names included: does it fit unwrapped?
