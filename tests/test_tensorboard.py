@@ -736,3 +736,24 @@ def test_tb_writer_benchmark_writes_the_same_events_every_way(tmp_path):
         for tag in tb_writer.RUN_SCALARS:
             series = written[0][("0", tag)]
             assert [v for _, v in series] == pytest.approx([scalars[tag] for _, _, scalars in steps], rel=1e-6)
+
+
+def test_a_sweeps_grid_keys_are_the_ones_the_hparams_dashboard_shows(tmp_path):
+    """TensorBoard sorts the hparams by `differs`, then by name, and its dashboard shows the first 5
+    (tensorboard.plugins.hparams.backend_context): with the default sweep's 10 keys that its runs
+    override, model.depth (its grid) came fourth and was hidden. Only the grid's keys (and the known
+    status and verdict) are marked as differing, so they sort first; the others are in the run's name."""
+    from tensorboard.plugins.hparams.backend_context import _sort_and_reduce_to_hparams_limit
+
+    from gradexp.sinks.tensorboard import write_experiment
+    runs = [{"clip.mode": mode, "model.activation": act, "model.bias_init": bias, "model.depth": depth,
+             "status": "completed"}
+            for mode, act, bias in (("none", "sigmoid", "default"), ("norm", "relu", "zero")) for depth in (5, 20)]
+    path = write_experiment(str(tmp_path), runs, known={"status": STATUSES}, axes=("model.depth",))
+    (experiment,) = [v for e in EventFileLoader(path).Load() for v in e.summary.value]
+    parsed = hparams_metadata.parse_experiment_plugin_data(experiment.metadata.plugin_data.content)
+    infos = {h.name: h for h in parsed.hparam_infos}
+    assert infos["model.depth"].differs
+    assert not any(infos[k].differs for k in ("clip.mode", "model.activation", "model.bias_init"))
+    _sort_and_reduce_to_hparams_limit(parsed)  # what TensorBoard's backend hands the dashboard
+    assert [h.name for h in parsed.hparam_infos][:3] == ["Run", "Started", "model.depth"]

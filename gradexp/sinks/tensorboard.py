@@ -444,7 +444,8 @@ RUN_HPARAMS = ("Run", "Started")
 EXPERIMENT_SUFFIX = ".gradexp-experiment"  # marks the event files write_experiment owns
 
 
-def write_experiment(folder: str, runs: list[dict[str, Any]], known: dict[str, tuple] | None = None) -> str:
+def write_experiment(folder: str, runs: list[dict[str, Any]], known: dict[str, tuple] | None = None,
+                     axes: tuple[str, ...] = ()) -> str:
     """The HParams experiment of many runs (a sweep), as its own event file in `folder`, their parent.
 
     Every hparam any run has, with the values the runs take (its domain) and whether they differ
@@ -452,7 +453,12 @@ def write_experiment(folder: str, runs: list[dict[str, Any]], known: dict[str, t
     showing; the FINAL_METRICS as the metrics. `runs`: each run's parameters, as `Board.hparams` gets
     them. `known`: keys whose every possible value is known beforehand (a run's status, its
     verdict): their domain is all of those, so that any run's value is in it. Earlier files of
-    this kind in the folder are removed once the new one is written (nothing else is). Returns the
+    this kind in the folder are removed once the new one is written (nothing else is). `axes`: the
+    keys a sweep is laid out along (its grid, its seeds). The dashboard shows (checks) the first 5
+    hparams of the list TensorBoard sorts by `differs`, then by name: where there are axes, only
+    they are marked as differing among the config's keys, so that they are shown beside the run's
+    name, which names the other keys a run overrides (else the first alphabetically, clip.mode,
+    model.activation, ..., take the columns and hide model.depth, the article's axis). Returns the
     new file's path."""
     known = known or {}
     values: dict[str, list] = {k: [] for k in known}
@@ -473,6 +479,7 @@ def write_experiment(folder: str, runs: list[dict[str, Any]], known: dict[str, t
                                               struct_pb2.Value(string_value=str(v))
                                               for v in (sorted(domain) if numeric else domain)])
         differs = len(seen) > 1 or (name not in known and present.get(name, 0) < len(runs))
+        differs = differs and (not axes or name in axes or name in known)
         infos.append(HParamInfo(name=name, type=DataType.Value("DATA_TYPE_FLOAT64" if numeric else "DATA_TYPE_STRING"),
                                 domain_discrete=listed, differs=differs))
     experiment = Experiment(hparam_infos=infos, metric_infos=[MetricInfo(name=MetricName(tag=t)) for t in FINAL_METRICS])

@@ -322,7 +322,7 @@ def _run(job: Job, progress_factory, received: list[int]) -> SweepOutcome:
         root = job.resume
     # Ray tasks may run on other nodes: they get the absolute path (which every node must reach).
     root = root.resolve()
-    write_experiment(root, [flat(c) for c in job.configs.values()])
+    write_experiment(root, [flat(c) for c in job.configs.values()], plan)
     errors: dict[str, str] = {}
     bar = progress_factory(len(plan.points), len(plan.points) - len(job.todo)) if progress_factory \
         else nullcontext(lambda result, status: None)

@@ -108,16 +108,18 @@ def write_summaries(root: Path, plan: Plan, rows: list[dict]) -> None:
     write_atomic(root / "summary.csv", buf.getvalue())
     sweep_flow_figure(root / "gradient_flow.png", rows, plan.name)
     write_experiment(root, [{**r["_params"], "status": r["status"], "verdict": r["verdict"]}
-                            for r in rows if r["folder"] and r["_params"]])
+                            for r in rows if r["folder"] and r["_params"]], plan)
 
 
-def write_experiment(root: Path, runs: list[dict]) -> None:
+def write_experiment(root: Path, runs: list[dict], plan) -> None:
     """TensorBoard's HParams dashboard: one experiment for all the sweep's runs (each writes only its
     session), at the sweep's root; written when the sweep starts, from the configs, and again at the
-    end with the statuses and verdicts. (A TensorBoard already running keeps the first one it read.)"""
+    end with the statuses and verdicts. (A TensorBoard already running keeps the first one it read.)
+    The grid's keys (and the seed, where seeds are given) are the columns shown beside the run's name."""
     from gradexp.sinks.tensorboard import write_experiment as write  # imports torch
 
-    write(str(root), runs, known={"status": STATUSES, "verdict": VERDICTS})
+    axes = tuple(plan.spec.get("grid") or {}) + (("seed",) if plan.spec.get("seeds") else ())
+    write(str(root), runs, known={"status": STATUSES, "verdict": VERDICTS}, axes=axes)
 
 _STYLE = {"completed": "green", "diverged": "red", "failed": "bold red", "interrupted": "yellow", "not run": "dim"}
 _VERDICT = {"vanishing": "yellow", "exploding": "red", "healthy": "green", "recovered": "cyan"}
