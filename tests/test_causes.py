@@ -189,3 +189,22 @@ def test_the_verdict_weighs_the_end_of_the_run_and_the_loss(losses, expected):
              snapshot(30, 0.2, None), snapshot(40, 0.3, losses[1])]
     d = diagnose(steps[0], steps[-1], ctx, history=steps)
     assert (d["verdict"], d.get("recovered_step")) == expected
+
+
+def test_a_one_step_jump_is_only_named_between_layers_of_the_same_kind():
+    """A transformer's depth axis alternates attention and MLP projections, which differ in size by
+    what they are: a jump from one kind to the other is not a step through depth. The same numbers
+    on layers all of one kind are."""
+    from gradexp.analysis.diagnosis import Context, diagnose, layer_kinds
+    modules = [f"h.{b}.{part}" for b in range(3) for part in ("attn.c_attn", "mlp.c_proj")] + ["lm_head"]
+    kinds = layer_kinds({"modules": modules, "types": ["Conv1D"] * 6 + ["Linear"]})
+    assert kinds[0] == kinds[2] == kinds[4] != kinds[1] == kinds[3] == kinds[5]
+    # attention layers ~1, MLP projections ~1e-3: the alternation makes every neighbour step 1000x
+    delta = [1.0, 1e-3, 0.9, 0.9e-3, 0.8, 0.8e-3, 1.0]
+    snap = {"step": 0, "act_grad_norm": delta, "grad_norm": [1.0] * 7, "saturation": [None] * 7,
+            "dz_calls": [None] * 7, "time_factor": [None] * 7}
+    ctx = dict(labels=modules, hidden=list(range(6)), dead=[False] * 7)
+    alike = diagnose(snap, None, Context(**ctx))
+    assert any(f.startswith("most of it is one step") for f in alike["findings"])  # all one kind: a jump
+    kinded = diagnose(snap, None, Context(**ctx, kinds=kinds))
+    assert not any(f.startswith("most of it is one step") for f in kinded["findings"])

@@ -20,6 +20,7 @@ last, at the first logged step, and the verdict says "through time".
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -145,6 +146,7 @@ class Context:
     # step's loss, and its ratio to the last step's says nothing of the gradient carried back through time
     time_verdict: bool = True
     trainable: list[bool] | None = None  # a layer has trainable parameters (None: all have)
+    kinds: list[str] | None = None  # a layer's kind (its type and name, block numbers left out; None: all alike)
     # how to see an underflowed gradient's true size: a runner key, or what a watch user can do
     float64_hint: str = "precision=float64 shows their true size"
 
@@ -171,7 +173,16 @@ def watched_context(info: dict, cfg: Config | None = None) -> Context:
         kw["float64_hint"] = "a step with the model and its inputs in float64 (model.double()) shows their true size"
     return Context(labels=info["names"], hidden=[i for i, out in enumerate(info["output"]) if not out],
                    dead=[a in RELU_FAMILY for a in info["activations"]], advice=lambda v: generic_advice(v, gated, relu),
-                   index_ranges=False, trainable=info.get("trainable"), **kw)
+                   index_ranges=False, trainable=info.get("trainable"), kinds=layer_kinds(info), **kw)
+
+
+def layer_kinds(info: dict) -> list[str] | None:
+    """Each layer's kind: its module type and qualified name with the numbers of repeated blocks left
+    out ("Conv1D transformer.h.*.attn.c_attn"), so that the same layer of two blocks is one kind."""
+    if "modules" not in info or "types" not in info:
+        return None
+    block = re.compile(r"(^|\.)\d+(?=\.|$)")  # a number between dots: a repeated block's index
+    return [t + " " + block.sub(r"\1*", m) for t, m in zip(info["types"], info["modules"])]
 
 
 def generic_advice(verdict: str, gated: bool = False, relu: bool = False) -> str | None:
@@ -215,17 +226,24 @@ def _named(idx: list[int], ctx: Context) -> str:
 
 
 def _jump(delta: list[float | None], ctx: Context, ratio: float) -> str | None:
-    """One step between neighbouring layers that makes most of the whole change: name it."""
-    hops = [(i, j) for i, j in zip(ctx.hidden, ctx.hidden[1:])
-            if delta[i] and delta[j] and math.isfinite(delta[i]) and math.isfinite(delta[j])]
+    """One step between neighbouring layers of the same kind that makes most of the whole change:
+    name it. Layers of other kinds (a transformer's attention and MLP projections, alternating on
+    the depth axis) differ in size by what they are, not by depth: no step between them counts."""
+    kinds = ctx.kinds or [""] * len(delta)
+    hops = []
+    for n, i in enumerate(ctx.hidden):
+        j = next((j for j in ctx.hidden[n + 1:] if kinds[j] == kinds[i]), None)
+        if j is not None and delta[i] and delta[j] and math.isfinite(delta[i]) and math.isfinite(delta[j]):
+            hops.append((i, j))
     if len(hops) < 2 or not (ratio > 0 and math.isfinite(ratio)):
         return None
     i, j = max(hops, key=lambda h: abs(math.log10(delta[h[0]] / delta[h[1]])))
     step = delta[i] / delta[j]
     total = abs(math.log10(ratio))
     if abs(math.log10(step)) >= 1 and abs(math.log10(step)) > 0.5 * total:
+        where = "next to it" if ctx.hidden.index(j) == ctx.hidden.index(i) + 1 else "the next layer of its kind"
         return (f"most of it is one step: ||dL/dz|| of {ctx.labels[i]} is {fmt_number(step)}x that of {ctx.labels[j]}, "
-                f"next to it")
+                f"{where}")
     return None
 
 
