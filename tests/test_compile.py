@@ -237,3 +237,26 @@ def test_the_compiled_benchmark_tiny_mode_produces_every_row(tmp_path):
     assert all(len(row["rounds"]) == 2 and row["ratio"] > 0 for row in result["rows"].values())
     assert result["dynamo"]["unique_graphs"] > 1
     assert {"machine", "commit"} <= set(result)
+
+
+def test_two_watches_ending_their_measured_steps_in_any_order_give_the_stance_back(tmp_path):
+    """Two models watched in one process (a GAN's generator and critic), measured on different steps:
+    the stance is eager while either measures, and the user's again once neither does."""
+    from torch._dynamo import eval_frame
+    models = [net(), net()]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    runs = [torch.compile(m, backend="aot_eager") for m in models]
+    watches = [gradexp.watch(r, o, logdir=tmp_path / f"w{k}", every=every)
+               for k, (r, o, every) in enumerate(zip(runs, opts, (2, 3)))]
+    seen = []
+    for step, (x, y) in enumerate(batches()):
+        for run, opt in zip(runs, opts):
+            F.cross_entropy(run(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        seen.append(eval_frame._stance.stance)  # the next step's: eager if either watch measures it
+    for w in watches:
+        w.close()
+    expected = ["force_eager" if (s + 1) % 2 == 0 or (s + 1) % 3 == 0 else "default" for s in range(STEPS)]
+    assert seen == expected
+    assert eval_frame._stance.stance == "default"

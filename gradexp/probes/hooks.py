@@ -44,6 +44,10 @@ from gradexp.probes.stats import ACT_HIST
 # is the cheaper of the two for tensors of a few MB (docs/benchmarks.md).
 EAGER_BYTES = int(os.environ.get("GRADEXP_EAGER_BYTES", 16 * 2**20))
 
+# The watches of this process that run their measured step eagerly, and the compiler's stance before the
+# first of them did (Hooks._force_eager)
+EAGER: dict = {"count": 0}
+
 
 def first_tensor(output: Any) -> torch.Tensor | None:
     """The tensor a layer's output stands for: itself, else the first tensor of a tuple or list (or
@@ -180,19 +184,25 @@ class Hooks:
 
     def _force_eager(self, on: bool) -> None:
         """Run everything torch.compile'd eagerly (on), or as it ran before (off): torch's compiler stance,
-        the user's own restored. Nothing when torch's compiler was never imported: nothing is compiled."""
-        if on == (self._stance is not None) or (on and "torch._dynamo" not in sys.modules):
+        the user's own restored. Nothing when torch's compiler was never imported: nothing is compiled.
+        Several watches in one process share one request count (EAGER): the stance goes back to the
+        user's when the last of them is done, whatever order they end their steps in."""
+        if on == self._eager_held or (on and "torch._dynamo" not in sys.modules):
             return
         from torch._dynamo import eval_frame
         try:
             if on:
-                prior = eval_frame._stance
-                torch.compiler.set_stance("force_eager")
-                self._stance = prior
+                if EAGER["count"] == 0:
+                    EAGER["prior"] = eval_frame._stance
+                    torch.compiler.set_stance("force_eager")
+                EAGER["count"] += 1
             else:
-                prior, self._stance = self._stance, None
-                torch.compiler.set_stance(prior.stance, skip_guard_eval_unsafe=prior.skip_guard_eval_unsafe,
-                                          force_backend=prior.backend)
+                if EAGER["count"] == 1:
+                    prior = EAGER["prior"]
+                    torch.compiler.set_stance(prior.stance, skip_guard_eval_unsafe=prior.skip_guard_eval_unsafe,
+                                              force_backend=prior.backend)
+                EAGER["count"] -= 1
+            self._eager_held = on
         except RuntimeError:  # inside a compiled region (a compiled optimizer step): the stance cannot change there
             pass
 

@@ -195,7 +195,7 @@ class Watcher(Hooks):
         self._shares: list[float] = []  # per parameter, reduce.share
         self._shared: set[int] = set()  # layers whose output is shared by the batch's examples (not split)
         self._hooked = ""  # what _module_handles are: "layers" (forward hooks), "grads" (parameters' hooks)
-        self._stance = None  # the compiler's stance before a measured step forced eager (hooks._force_eager)
+        self._eager_held = False  # this watch asks for eager steps (hooks._force_eager)
         self._attach(activations)
         self._arm(0)
 
