@@ -191,8 +191,6 @@ def generic_advice(verdict: str, gated: bool = False, relu: bool = False) -> str
     if gated and verdict == "vanishing through time":
         return ("its gates start half closed: try an LSTM forget-gate bias of 1 or more (the second quarter of "
                 "bias_ih + bias_hh), or an orthogonal recurrent init")
-    if verdict == "dead":
-        return DEAD_ADVICE
     if relu and verdict == "vanishing":
         return "try He (kaiming) init, normalisation layers, or residual connections"
     return {

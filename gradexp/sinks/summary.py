@@ -84,7 +84,7 @@ def build(probes: Watcher | None, *, status: str, name: str, steps: dict, starte
         # None: nothing was trained (interrupted pre-training), or no layer was found
         "probe_kernel": probes.probe_kernel(not_float32=not_float32) if probes is not None and probes.layers else None,
         # statistics not measured on every logged step, and why (a compiled model watched with compiled="parameters")
-        **({"absent": probes.absent()} if probes is not None and probes.absent() else {}),
+        **({"absent": absent} if probes is not None and (absent := probes.absent()) else {}),
         "wall_time_s": round(time.time() - started, 3),
     }
     return summary
