@@ -19,6 +19,7 @@ last, at the first logged step, and the verdict says "through time".
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -149,6 +150,34 @@ class Context:
     kinds: list[str] | None = None  # a layer's kind (its type and name, block numbers left out; None: all alike)
     # how to see an underflowed gradient's true size: a runner key, or what a watch user can do
     float64_hint: str = "precision=float64 shows their true size"
+    # the model's repeated blocks (hooks.find_blocks): their layers, and their names; where given, the
+    # depth axis of the verdict is the blocks' (block_profile), not the layers'
+    blocks: list[list[int]] | None = None
+    block_names: list[str] | None = None
+
+    def depth_axis(self) -> Context:
+        """The context of the verdict's depth axis: this one, or one whose layers are the blocks."""
+        if not self.blocks:
+            return self
+        n = len(self.blocks)
+        return dataclasses.replace(self, labels=[f"block {b}" for b in self.block_names], hidden=list(range(n)),
+                                   dead=[False] * n, index_ranges=False, trainable=None, kinds=None, blocks=None)
+
+    def profile(self, values: list[float | None]) -> list[float | None]:
+        """Per-layer values on the verdict's depth axis (block_profile where there are blocks)."""
+        return block_profile(values, self.blocks) if self.blocks else values
+
+
+def block_profile(values: list[float | None], blocks: list[list[int]]) -> list[float | None]:
+    """A block's ||dL/dz|| (or ||dL/dW||): the root-sum-square over its layers' (hypot, which does not
+    overflow), None where none of them has one. Blocks that repeat hold the same mix of layers, so
+    their values compare through depth where the layers' (attention and MLP projections, alternating)
+    do not; of the parameters' gradients it is exactly the block's norm."""
+    out = []
+    for idx in blocks:
+        have = [values[i] for i in idx if values[i] is not None]
+        out.append(math.hypot(*have) if have else None)
+    return out
 
 
 def context_for(cfg: Config, n_layers: int, time_verdict: bool = True) -> Context:
@@ -173,7 +202,9 @@ def watched_context(info: dict, cfg: Config | None = None) -> Context:
         kw["float64_hint"] = "a step with the model and its inputs in float64 (model.double()) shows their true size"
     return Context(labels=info["names"], hidden=[i for i, out in enumerate(info["output"]) if not out],
                    dead=[a in RELU_FAMILY for a in info["activations"]], advice=lambda v: generic_advice(v, gated, relu),
-                   index_ranges=False, trainable=info.get("trainable"), kinds=layer_kinds(info), **kw)
+                   index_ranges=False, trainable=info.get("trainable"), kinds=layer_kinds(info),
+                   blocks=[b["layers"] for b in info.get("blocks", [])] or None,
+                   block_names=[b["name"] for b in info.get("blocks", [])] or None, **kw)
 
 
 def layer_kinds(info: dict) -> list[str] | None:
@@ -202,12 +233,12 @@ def generic_advice(verdict: str, gated: bool = False, relu: bool = False) -> str
     }.get(verdict)
 
 
-def _cause(verdict: str, factor: float | None, ctx: Context, theory: dict | None) -> str:
+def _cause(verdict: str, factor: float | None, ctx: Context, theory: dict | None, unit: str = "layer") -> str:
     """'(it shrinks ~7.1x per layer; predicted 7.1x: sigmoid with default init, chi_1 = 0.02)'."""
     if factor is None or verdict == "healthy":
         return ""
     change = "shrinks" if factor < 1 else "grows"
-    text = f" (it {change} ~{fmt_number(max(factor, 1 / factor))}x per layer"
+    text = f" (it {change} ~{fmt_number(max(factor, 1 / factor))}x per {unit}"
     if theory and theory.get("applies") and theory.get("predicted_factor"):
         per_layer = math.sqrt(theory["predicted_factor"])  # chi is the factor of ||delta||^2
         regime = "ordered" if theory["chi_1"] < 1 else "chaotic"
@@ -257,9 +288,9 @@ def all_dead(first: dict, ctx: Context) -> int | None:
     return layer if max(zero) <= layer + 1 else None
 
 
-def _findings(first: dict, last: dict | None, ctx: Context, ratio: float) -> list[str]:
+def _findings(first: dict, last: dict | None, ctx: Context, jump: str | None = None) -> list[str]:
     """Dead layers that cut the gradient off, a cut graph, frozen layers, underflow, saturated or
-    dead layers, layers that never left their init, one layer's jump."""
+    dead layers, layers that never left their init, one layer's (or block's) `jump` (_jump)."""
     found = []
     zero = [i for i, v in enumerate(first["grad_norm"]) if v == 0.0]
     dead = all_dead(first, ctx)
@@ -281,7 +312,6 @@ def _findings(first: dict, last: dict | None, ctx: Context, ratio: float) -> lis
     if frozen:
         found.append(f"{_named(frozen, ctx)} {'is' if len(frozen) == 1 else 'are'} frozen (no trainable parameters): "
                      f"no grad_norm there, by design")
-    jump = _jump(first["act_grad_norm"], ctx, ratio)
     if jump:
         found.append(jump)
     if last is not None:
@@ -409,7 +439,8 @@ def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diver
             if layer is not None else ""
         next_step = ctx.advice("diverged")
         timed = through_time(first)
-        ratio = _time_ratio(timed[1]) if timed else grad_ratio(first["act_grad_norm"], ctx.hidden) if first else None
+        ratio = _time_ratio(timed[1]) if timed else \
+            grad_ratio(ctx.profile(first["act_grad_norm"]), ctx.depth_axis().hidden) if first else None
         before = (f"; at step {first['step']} ||dL/dh_t|| at t = 0 was {fmt_number(ratio)}x that at t = "
                   f"{len(timed[1]) - 1}") if timed else ""
         return {
@@ -431,40 +462,46 @@ def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diver
     if timed is not None:
         next_step = ctx.advice(f"{timed['verdict']} through time") if timed["verdict"] not in ("healthy", "recovered") \
             else None
-        findings = _findings(first, last, ctx, float("nan"))
+        findings = _findings(first, last, ctx)
         msg = timed.pop("message") + "".join(f"\n  - {line}" for line in findings) + (f"\n  {next_step}" if next_step else "")
         return {**timed, "findings": findings, "advice": next_step,
                 "underflow_layers": [i for i, v in enumerate(first["grad_norm"]) if v == 0.0], "message": msg}
-    delta = first["act_grad_norm"]
-    hidden = [i for i in ctx.hidden if delta[i] is not None]
+    # the depth axis: the layers, or the model's repeated blocks (Context.depth_axis)
+    axis = ctx.depth_axis()
+    delta = ctx.profile(first["act_grad_norm"])
+    hidden = [i for i in axis.hidden if delta[i] is not None]
     ratio = grad_ratio(delta, hidden)
     hops = len(hidden) - 1
     factor = ratio ** (1.0 / hops) if hops > 0 and ratio > 0 and math.isfinite(ratio) else None
     # a later step without ||dL/dz|| (a compiled model watched with compiled="parameters") has no ratio to show
     measured_later = last is not None and last["step"] != first["step"] and \
-        any(last["act_grad_norm"][i] is not None for i in hidden)
-    later = grad_ratio(last["act_grad_norm"], hidden) if measured_later else None
+        any(ctx.profile(last["act_grad_norm"])[i] is not None for i in hidden)
+    later = grad_ratio(ctx.profile(last["act_grad_norm"]), hidden) if measured_later else None
     # one hidden layer: nothing to compare it with
     verdict, developed = _developed(_verdict(ratio if hops >= 1 else float("nan"), ctx), later, ctx, last)
-    a, b = (ctx.labels[hidden[0]], ctx.labels[hidden[-1]]) if hidden else ("?", "?")
+    a, b = (axis.labels[hidden[0]], axis.labels[hidden[-1]]) if hidden else ("?", "?")
     dead = all_dead(first, ctx) if verdict == "vanishing" else None
-    cause = f" ({_named([dead], ctx)}'s units are all dead)" if dead is not None else _cause(verdict, factor, ctx, theory)
-    recovered = _recovered(verdict, first, last, history, lambda snap: grad_ratio(snap["act_grad_norm"], hidden),
+    unit = "block" if ctx.blocks else "layer"
+    cause = f" ({_named([dead], ctx)}'s units are all dead)" if dead is not None else \
+        _cause(verdict, factor, ctx, theory, unit)
+    recovered = _recovered(verdict, first, last, history, lambda snap: grad_ratio(ctx.profile(snap["act_grad_norm"]),
+                                                                                  hidden),
                            ctx) if hops >= 1 and measured_later and dead is None else None
     at_init = verdict
     if recovered is not None:
         verdict, developed = "recovered", ""
     if hops < 1:  # nothing to compare: say so, not "X's is 1x X's"
-        msg = (f"unknown: ||dL/dz|| was measured at {len(hidden)} hidden layer{'' if len(hidden) == 1 else 's'}"
+        msg = (f"unknown: ||dL/dz|| was measured at {len(hidden)} hidden {unit}{'' if len(hidden) == 1 else 's'}"
                f"{' (' + a + ')' if len(hidden) == 1 else ''}, too few to compare")
     else:
         head = _recovery_text(at_init, recovered, first, last) if recovered is not None else f"{verdict}{developed}"
-        msg = (f"{head}: at step {first['step']} {a}'s back-propagated gradient ||dL/dz|| is "
+        over = " (root-sum-square over its layers)" if ctx.blocks else ""
+        msg = (f"{head}: at step {first['step']} {a}'s back-propagated gradient ||dL/dz||{over} is "
                f"{fmt_number(ratio)}x {b}'s{'' if developed else cause}; "
                f"thresholds {ctx.vanishing_below:g} / {ctx.exploding_above:g}")
     if measured_later and hops >= 1:
         msg += f"; at step {last['step']}: {fmt_number(later)}x"
-    findings = _findings(first, last, ctx, ratio)
+    findings = _findings(first, last, ctx, _jump(delta, axis, ratio))
     timed = through_time(first)
     if timed is not None:  # a recurrent net whose ratio through time cannot be the verdict
         findings.append(f"the loss enters at every time step, the first included: ||dL/dh_t|| of "
@@ -483,9 +520,13 @@ def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diver
         "underflow_layers": [i for i, v in enumerate(first["grad_norm"]) if v == 0.0],
         "findings": findings,
         "advice": next_step,
-        "weight_grad_ratio": grad_ratio(first["grad_norm"], hidden),
+        "weight_grad_ratio": grad_ratio(ctx.profile(first["grad_norm"]), hidden),
         "message": msg,
+        "depth_axis": "blocks" if ctx.blocks else "layers",
     }
+    if ctx.blocks:  # the profile the verdict is of; the layers' is summary.json's "layers"
+        result["blocks"] = {"names": ctx.block_names, "layers": ctx.blocks, "act_grad_norm": {
+            "first": delta, **({"last": ctx.profile(last["act_grad_norm"])} if last is not None else {})}}
     if dead is not None:
         result["cause"] = "dead units"
         result["dead_layer"] = dead
@@ -493,6 +534,6 @@ def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diver
         result["at_init"] = at_init
         result["recovered_step"] = recovered
     if last is not None:
-        result["ratio_last"] = grad_ratio(last["act_grad_norm"], hidden)
-        result["weight_grad_ratio_last"] = grad_ratio(last["grad_norm"], hidden)
+        result["ratio_last"] = grad_ratio(ctx.profile(last["act_grad_norm"]), hidden)
+        result["weight_grad_ratio_last"] = grad_ratio(ctx.profile(last["grad_norm"]), hidden)
     return result

@@ -114,6 +114,42 @@ def candidate_layers(model: nn.Module, layers: Any = None) -> list[tuple[str, nn
                      f"types), or a list of the model's modules; got {layers!r}")
 
 
+def find_blocks(model: nn.Module, layers: list[str]) -> list[tuple[str, list[int]]]:
+    """The model's repeated blocks, as (qualified name, indices into `layers`) in the order of their
+    first layer: the instances of one module class held in ModuleLists or Sequentials, two or more
+    side by side, that are not layers themselves but hold layers (GPT-2's `transformer.h.N`, Llama's
+    `model.layers.N`, BERT's `encoder.layer.N`, a ResNet's blocks across its stages; torch's own
+    containers count only where they hold the same modules of the same shapes). Where several kinds
+    qualify, the one whose blocks hold the most layers, then the one with more blocks. [] where no
+    block holds two layers or more: its blocks are its layers, and the depth axis is the layers'."""
+    def kind(m: nn.Module) -> Any:
+        # torch's own containers hold anything: theirs are blocks only where they hold the same modules
+        # of the same shapes; a class of the model's own is one kind of block, whatever its width
+        if not isinstance(m, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
+            return type(m)
+        return tuple((type(x), tuple(tuple(p.shape) for p in x.parameters(recurse=False))) for x in m.modules())
+
+    taken = set(layers)
+    instances: dict[Any, list[str]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            continue
+        kids = [(f"{name}.{k}" if name else k, kind(m)) for k, m in module.named_children()]
+        for child, key in kids:
+            if child not in taken and sum(key == other for _, other in kids) >= 2:
+                instances.setdefault(key, []).append(child)
+    best: list[tuple[str, list[int]]] = []
+    for names in instances.values():
+        blocks = [(b, [i for i, layer in enumerate(layers) if layer.startswith(b + ".")]) for b in names]
+        blocks = [(b, idx) for b, idx in blocks if idx]
+        # the most layers covered, then the finer split (identical stages of identical blocks: the blocks)
+        if len(blocks) >= 2 and (sum(len(i) for _, i in blocks), len(blocks)) > (sum(len(i) for _, i in best), len(best)):
+            best = blocks
+    if not best or max(len(idx) for _, idx in best) < 2:
+        return []
+    return sorted(best, key=lambda b: b[1][0])
+
+
 @dataclass
 class Layer:
     """One layer on the depth axis."""

@@ -39,7 +39,7 @@ from torch.autograd.variable import Variable
 from gradexp.probes import reduce
 from gradexp.probes.divergence import Divergence
 from gradexp.probes.history import first_and_latest, keep, through_calls
-from gradexp.probes.hooks import EAGER_BYTES, Hooks, Layer, act_name, candidate_layers, model_output
+from gradexp.probes.hooks import EAGER_BYTES, Hooks, Layer, act_name, candidate_layers, find_blocks, model_output
 from gradexp.probes.reduce import (
     across_ranks,
     activation_sums,
@@ -156,6 +156,7 @@ class Watcher(Hooks):
         self._recurrent = {id(m) for _, m in candidate_layers(self.model, recurrent if recurrent is not None
                                                               else nn.RNNCellBase)}
         self.layers: list[Layer] = []  # in depth order, known after the first forward
+        self.blocks: list[tuple[str, list[int]]] = []  # the model's repeated blocks: (name, their layers)
         self.names: list[str] = []
         self.step_count = 0  # optimizer steps completed
         self.record: Record | None = None  # the logged step being gathered; None on other steps
@@ -343,6 +344,8 @@ class Watcher(Hooks):
         self._first_z = {}
         if not self.layers:
             raise ValueError("gradexp.watch: the forward pass called none of the chosen layers")
+        # the depth axis the diagnosis reads where the model repeats blocks (hooks.find_blocks)
+        self.blocks = find_blocks(self.model, [layer.name for layer in self.layers])
         self.names = self._names or [f"{i:02d}_{layer.name}" for i, layer in enumerate(self.layers)]
         if len(self.names) != len(self.layers):
             raise ValueError(f"names: {len(self.names)} given for the {len(self.layers)} layers the forward calls")
@@ -638,7 +641,8 @@ class Watcher(Hooks):
                 "trainable": [bool(layer.params) for layer in self.layers],
                 "activations": [layer.activation for layer in self.layers],
                 "output": [layer.output for layer in self.layers],
-                "calls": self.logged[-1]["calls"] if self.logged else [0] * len(self.layers)}
+                "calls": self.logged[-1]["calls"] if self.logged else [0] * len(self.layers),
+                **({"blocks": [{"name": b, "layers": idx} for b, idx in self.blocks]} if self.blocks else {})}
 
     def probe_kernel(self, not_float32: bool = False) -> str:
         """Which code summed a CPU run's probes (summary.json's probe_kernel)."""

@@ -29,7 +29,7 @@ def draw_gradient_flow(path: Path, first: dict, last: dict, **options) -> str | 
 def gradient_flow_figure(path: Path, first: dict, last: dict, title: str = "",
                          extra: list[tuple[str, list[float], dict]] | None = None,
                          names: list[str] | None = None, diverged: dict | None = None,
-                         time_predicted: list[float] | None = None) -> tuple[str, list[str]]:
+                         time_predicted: list[float] | None = None, blocks: dict | None = None) -> tuple[str, list[str]]:
     """Grad norm and act-grad norm against layer index, first and last logged step, log scale; for a
     recurrent net a third panel, ||dL/dh_t|| against time step t (`time_predicted`: the mean-field
     line). Returns what the figure says in words: its title and its legend's entries.
@@ -37,6 +37,10 @@ def gradient_flow_figure(path: Path, first: dict, last: dict, title: str = "",
     Exact zeros (float32 underflow) cannot sit on a log axis: they are drawn as 'x' on the bottom edge.
     `names`: the layers' names, written under the axis where there are few enough to read.
     `diverged`: {"step": s, ...}: the title says the run diverged there.
+    `blocks`: the diagnosis' blocks (a model that repeats blocks: GPT-2's h.N): each block's layers
+    are shaded alternately, and its ||dL/dz|| (root-sum-square over its layers), which the verdict
+    is of, is drawn across them as a bar, so that the zigzag of attention and MLP projections inside
+    a block is not read as depth.
     """
     import matplotlib
 
@@ -60,6 +64,8 @@ def gradient_flow_figure(path: Path, first: dict, last: dict, title: str = "",
         for name, values, style in extra or []:
             if key == "act_grad_norm":
                 _plot_log(ax, values, name, style)
+        if blocks:
+            _blocks(ax, blocks, snaps if key == "act_grad_norm" else [])
         _layer_axis(ax, "layer (0 = next to the input)", label)
         if few:
             ax.set_xticks(range(len(names)))
@@ -79,6 +85,20 @@ def gradient_flow_figure(path: Path, first: dict, last: dict, title: str = "",
         plt.close(fig)  # also when the file cannot be written: pyplot keeps every figure until closed
     legend = list(dict.fromkeys(label for ax in axes for label in ax.get_legend_handles_labels()[1]))
     return heading, legend
+
+
+def _blocks(ax, blocks: dict, snaps: list[tuple[dict, dict]]) -> None:
+    """Shade every other block's layers; draw each block's value (blocks["act_grad_norm"][first|last])
+    across its layers, in the colour of its step."""
+    for k, idx in enumerate(blocks["layers"]):
+        if k % 2 == 0:
+            ax.axvspan(min(idx) - 0.5, max(idx) + 0.5, color="0.93", zorder=0, lw=0)
+    for (snap, style), which in zip(snaps, ("first", "last")):
+        values = blocks["act_grad_norm"].get(which) or []
+        for k, (idx, v) in enumerate(zip(blocks["layers"], values)):
+            if v is not None and math.isfinite(v) and v > 0:
+                ax.hlines(v, min(idx) - 0.4, max(idx) + 0.4, color=style["color"], lw=3, alpha=0.45,
+                          label=f"block, step {snap['step']} (verdict)" if k == 0 else None)
 
 
 def _time_panel(ax, snaps: list[tuple[dict, dict]], predicted: list[float] | None, names: list[str] | None,

@@ -111,7 +111,8 @@ def draw_figure(path: Path, summary: dict, names: list[str] | None = None) -> st
     predicted = theory.get("predicted_act_grad_norm")
     extra = [("predicted at init (mean-field)", predicted, {"ls": "--", "color": "gray"})] if predicted else None
     return draw_gradient_flow(path, first, last, title=summary["name"], extra=extra, names=names,
-                              diverged=summary["diverged"], time_predicted=theory.get("predicted_dz_calls"))
+                              diverged=summary["diverged"], time_predicted=theory.get("predicted_dz_calls"),
+                              blocks=summary["diagnosis"].get("blocks"))
 
 
 def failed(folder: Path, summary: dict, error: BaseException) -> dict:
