@@ -76,3 +76,16 @@ def test_startup_benchmark_times_each_command(tmp_path):
     assert set(results["median_s"]) == {"import torch", "gradexp run"} and list(results["extra_s"]) == ["gradexp run"]
     assert all(len(t) == 1 and t[0] > 0 for t in results["wall_s"].values())
     assert "gradexp run - import torch" in done.stdout
+
+
+def test_divergence_check_benchmark_times_the_check_beside_a_step(tmp_path):
+    out = tmp_path / "divergence_check.json"
+    done = subprocess.run([sys.executable, "bench/divergence_check.py", "--tiny", "--repeats", "2", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    assert results["provenance"]["commit"] and list(results["results"]) == ["mlp3x16", "cnn2x4", "transformer2x32"]
+    for name, r in results["results"].items():
+        assert r["check_ms"] > 0 and r["bare_ms_per_step"] > 0 and len(r["with_over_without_all"]) == 2
+        assert r["check_share_of_step"] == pytest.approx(r["check_ms"] / r["bare_ms_per_step"])
+        assert f"{name:18s} step {r['bare_ms_per_step']:.2f} ms, check {r['check_ms']:.3f} ms" in done.stdout

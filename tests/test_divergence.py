@@ -1,8 +1,8 @@
-"""`diverged` means one thing in `gradexp run` and in `gradexp.watch` (gradexp.probes.history): the
-first step whose loss, or a gradient the probes read on a logged step, is not finite. A model whose
-gradient turns infinite at step 2 (the loss still finite) and whose loss is NaN from step 3 on
-(the optimizer applied that gradient) reads the same step from both, the step a plain loop finds
-with torch.isfinite itself: step 2 when step 2 is logged, step 3 (the loss) when it is not."""
+"""`diverged` means one thing in `gradexp run` and in `gradexp.watch` (gradexp.probes.divergence): the
+first step whose loss, or a gradient the optimizer applies, is not finite. A model whose gradient
+turns infinite at step 2 (the loss still finite) and whose loss is NaN from step 3 on (the optimizer
+applied that gradient) reads the same step from both, the step a plain loop finds with
+torch.isfinite itself: step 2, whether step 2 is logged or not, and whether the loss is given or not."""
 
 from __future__ import annotations
 
@@ -110,10 +110,9 @@ def test_run_and_watch_read_the_same_diverged_step_as_a_plain_loop(tmp_path, fac
     cfg = config(tmp_path, factory, every)
     bad_loss, bad_grad = reference(cfg)
     assert bad_grad[0] == BLOW_UP_AT and bad_loss[0] == BLOW_UP_AT + 1  # the case is what it says
-    # as far as each looked: every step's loss, the gradients of the logged steps
-    expected = min(bad_loss[0], *[s for s in bad_grad if due(every, s, STEPS - 1)])
-    seen_in = "gradient" if expected in bad_grad and due(every, expected, STEPS - 1) else "loss"
-    assert (expected, seen_in) == ((2, "gradient") if every == 1 else (3, "loss"))
+    # every step's loss, every step's gradients: the first step either is not finite
+    expected, seen_in = min(bad_loss[0], bad_grad[0]), "gradient" if bad_grad[0] < bad_loss[0] else "loss"
+    assert (expected, seen_in) == (2, "gradient") and not due(10, expected)  # with every=10 a quiet step
 
     # gradexp run
     s = run(cfg, tmp_path / "runs").summary
@@ -148,9 +147,9 @@ def test_run_and_watch_read_the_same_diverged_step_as_a_plain_loop(tmp_path, fac
     assert ws["diagnosis"]["diverged_step"] == expected
     assert summary_of(tmp_path / "watch")["diverged"] == ws["diverged"]
 
-    # without the loss only the logged gradients are looked at: the first logged step after the blow-up
+    # without the loss: the gradients alone, of every step
     quiet = watched(False, tmp_path / "quiet")["diverged"]
-    assert (quiet["step"], quiet["seen_in"]) == (min(s for s in bad_grad if due(every, s, None)), "gradient")
+    assert (quiet["step"], quiet["seen_in"], quiet["first_nonfinite_layer"]) == (bad_grad[0], "gradient", 0)
 
 
 def test_a_watch_given_finite_losses_logs_them_and_completes(tmp_path):

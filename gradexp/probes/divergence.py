@@ -5,16 +5,22 @@ at which its loss, or a gradient the probes read, is not finite, as far as the r
   clipping, the total gradient norm the clipper measured); a `gradexp.watch` loop gives the losses
   it passes to `w.loss(loss)` (none unless it does);
 - the gradients the probes read on the logged steps (every `every` steps): each layer's ||grad||
-  and ||dL/dz||, and the norm of all trainable parameters' gradients.
+  and ||dL/dz||, and the norm of all trainable parameters' gradients;
+- the gradients of every other step the optimizer applies, while probes are on: the norm of each
+  trainable parameter's gradient, one batched call on the device at the optimizer's step
+  (`torch._foreach_norm`) kept there with no host sync, and read with the losses at the next check.
 
-Between two logged steps a gradient is not looked at, so a run whose gradients turn non-finite a
-step before its loss does reads as diverged at the gradient's step when that step is logged, and at
-the loss's step otherwise. summary.json's `diverged` is None or
+So the step is exact: a run whose gradient turns non-finite at step 2, its loss at step 3, diverged
+at step 2, whichever steps are logged. summary.json's `diverged` is None or
 {"step", "seen_in": "loss" | "gradient", "first_nonfinite_layer", "layer", "layer_index"}:
 `first_nonfinite_layer` (the same number as `layer_index`, the key gradexp.watch wrote first) is the
-depth index of the first layer whose gradient the probes read as non-finite at that step, or where
-none is known (the loss's step), the first layer with a non-finite parameter or gradient when the
-divergence was read; None where no layer is; `layer` is its name.
+depth index of the first layer whose gradient was non-finite at that step, or where none is known
+(the loss's step), the first layer with a non-finite parameter or gradient when the divergence was
+read; None where no layer is; `layer` is its name.
+
+On several ranks each checks its own gradients: the whole gradient under DDP, its shard under
+FSDP2, where a non-finite entry in another rank's shard is seen at the next logged step (whose sums
+are the whole model's) or in the loss.
 """
 
 from __future__ import annotations
@@ -44,34 +50,51 @@ class Divergence:
     `names` and `layers` are callables giving the layers' names and the layers (each with `params`),
     read when a divergence is found."""
 
-    def __init__(self, names: Callable[[], list[str]] = list, layers: Callable[[], list] = list):
+    def __init__(self, names: Callable[[], list[str]] = list, layers: Callable[[], list] = list,
+                 param_layers: Callable[[], list[list[int]]] = list):
         self.pending: list[tuple[int, torch.Tensor | float]] = []  # (step, value) since the latest check
+        # (step, the parameters' indices, their gradients' norms on the device) since the latest check
+        self.pending_grads: list[tuple[int, tuple[int, ...], torch.Tensor]] = []
         self.seen: dict[str, tuple[int, int | None]] = {}  # "loss" / "gradient" -> (first step, layer index)
-        self._names, self._layers = names, layers
+        self._names, self._layers, self._param_layers = names, layers, param_layers
 
     def add(self, step: int, value: torch.Tensor | float) -> None:
         """A value of `step` that must be finite (the loss, or a gradient norm measured anyway)."""
         self.pending.append((step, value.detach() if isinstance(value, torch.Tensor) else value))
 
+    def gradients(self, step: int, grads: list[torch.Tensor], index: tuple[int, ...]) -> None:
+        """The gradients `step` applies (parameters `index` of param_layers' order): their norms, one
+        batched call, kept on the device until the next check."""
+        if grads and "gradient" not in self.seen:
+            self.pending_grads.append((step, index, torch.stack(torch._foreach_norm(grads))))
+
     def gradient(self, step: int, layer: int | None) -> None:
         """The probes read a non-finite gradient at logged step `step`, first in `layer` (None: only in
         the total norm)."""
-        if "gradient" not in self.seen:
+        if "gradient" not in self.seen or step < self.seen["gradient"][0]:
             self.seen["gradient"] = (step, layer if layer is not None else first_nonfinite_layer(self._layers()))
 
     def check(self) -> int | None:
         """The step the run diverged at, or None (reads what is pending: one host transfer)."""
-        if self.pending:
-            tensors = [v for _, v in self.pending if isinstance(v, torch.Tensor)]
+        if self.pending or self.pending_grads:
+            tensors = [v.reshape(1) for _, v in self.pending if isinstance(v, torch.Tensor)]
+            tensors += [v for *_, v in self.pending_grads]
             if len({t.dtype for t in tensors}) > 1:
                 tensors = [t.double() for t in tensors]
-            host = iter(torch.stack([t.reshape(()) for t in tensors]).tolist() if tensors else [])
+            host = iter(torch.cat(tensors).tolist() if tensors else [])
             values = [next(host) if isinstance(v, torch.Tensor) else v for _, v in self.pending]
             if "loss" not in self.seen:
                 bad = next((s for (s, _), v in zip(self.pending, values) if not math.isfinite(v)), None)
                 if bad is not None:
                     self.seen["loss"] = (bad, first_nonfinite_layer(self._layers()))
-            self.pending = []
+            for step, index, v in self.pending_grads:  # (a logged step after them may have been seen first)
+                norms = [next(host) for _ in range(v.numel())]
+                bad = [k for k, n in zip(index, norms) if not math.isfinite(n)]
+                if bad and ("gradient" not in self.seen or step < self.seen["gradient"][0]):
+                    owners = self._param_layers()
+                    layers = [i for k in bad if k < len(owners) for i in owners[k]]
+                    self.seen["gradient"] = (step, min(layers) if layers else None)
+            self.pending, self.pending_grads = [], []
         return self.step
 
     @property

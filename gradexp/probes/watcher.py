@@ -165,7 +165,9 @@ class Watcher(Hooks):
         self.profiles: list[dict] = []  # snapshots thinned to at most PROFILES_KEPT, evenly spread
         self.weights: dict | None = None  # the latest weight probes, with their step
         # the run's divergence (divergence.Divergence): the probes report non-finite gradients to it, the loop its losses
-        self.divergence = Divergence(lambda: self.names, lambda: self.layers)
+        self.divergence = Divergence(lambda: self.names, lambda: self.layers,
+                                     lambda: self._param_layers[:self._n_layer_params])
+        self._n_layer_params = 0  # the layers' own parameters lead self._params
         self.kernel_steps = self.torch_steps = 0  # logged steps whose gradients the C kernel / torch summed
         self.closed = False
         self._handles: list = []  # the optimizer's step hooks, for as long as the watch lasts
@@ -444,6 +446,17 @@ class Watcher(Hooks):
                 self._snapshot_pending = True
             else:
                 self._snapshot()
+        self._check_gradients()
+
+    def _check_gradients(self) -> None:
+        """A step that measures nothing: its gradients' norms, kept on the device for the divergence
+        check (divergence.py), so that the first non-finite step is exact between logged steps."""
+        if self.record is not None or self._discovering or self.every == 0 or "gradient" in self.divergence.seen:
+            return
+        index = tuple(k for k, p in enumerate(self._params) if p.grad is not None)
+        self.divergence.gradients(self.step_count, [local(self._params[k].grad) for k in index], index)
+        if len(self.divergence.pending_grads) >= 100:  # bounded: at most 100 steps' norms wait on the device
+            self.divergence.check()
 
     def _snapshot(self) -> None:
         if not self._n_layer_params:
@@ -465,6 +478,7 @@ class Watcher(Hooks):
         weigh = not self._discovering and self._snapshot_step == step
         if not self._discovering and (self.record is not None or weigh):
             self._measure(step, weigh)
+            self.divergence.check()  # the device has synced: the quiet steps' norms are there
         self.step_count += 1
         self._arm(self.step_count)
 
@@ -482,8 +496,10 @@ class Watcher(Hooks):
         weigh = due(self.weight_every, step, self.last_step) and self._n_layer_params > 0
         if weigh and self._snapshot_step != step - 1:  # step 0: the change since init
             self._before = [w.clone() for w in self._initial]
+        self._check_gradients()
         if self.record is not None or weigh:
             self._measure(step, weigh)
+            self.divergence.check()
         self.step_count += 1
         if due(self.weight_every, self.step_count, self.last_step):
             self._snapshot()
