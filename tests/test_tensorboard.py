@@ -289,8 +289,9 @@ def test_hparams_session_is_in_the_runs_own_event_file(runs):
     assert {m.name.tag for m in experiment.metric_infos} == set(FINAL_METRICS)
     start = hparams_metadata.parse_session_start_info_plugin_data(found["_hparams_/session_start_info"])
     hp = start.hparams
-    assert hp["model.depth"].number_value == DEPTH
-    assert hp["train.steps"].number_value == STEPS
+    # numbers as the config writes them (TensorBoard would show the number 20 as "20.000")
+    assert hp["model.depth"].string_value == str(DEPTH)
+    assert hp["train.steps"].string_value == str(STEPS)
     assert hp["model.activation"].string_value == "sigmoid"
     assert hp["status"].string_value == "completed"
     assert f'{hp["Run"].string_value} {hp["Started"].string_value}' == label(runs["main"])  # tell the runs apart
@@ -325,9 +326,9 @@ _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class Server:
-    def __init__(self, port: int, proc: subprocess.Popen, log: Path):
+    def __init__(self, port: int, proc: subprocess.Popen, log: Path, logdir: Path):
         self.base = f"http://127.0.0.1:{port}"
-        self.proc, self.log = proc, log
+        self.proc, self.log, self.logdir = proc, log, logdir
 
     def get(self, path: str, **params) -> object:
         url = self.base + path + ("?" + urllib.parse.urlencode(params) if params else "")
@@ -351,7 +352,7 @@ def _start(logdir: Path, log: Path) -> Server:
            "--port", str(port), "--load_fast=false", "--reload_interval", "0", "--reload_task", "blocking"]
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
-    return Server(port, proc, log)
+    return Server(port, proc, log, logdir)
 
 
 def _stop(server: Server) -> None:
@@ -481,8 +482,8 @@ def test_server_hparams_session_per_run_with_config_values_and_metrics(server, r
         assert [s["name"] for s in group["sessions"]] == [name]
         assert group["sessions"][0]["status"] == "STATUS_SUCCESS"  # both runs completed
         hp = group["hparams"]
-        assert hp["model.depth"] == depth
-        assert hp["train.steps"] == STEPS and hp["model.activation"] == "sigmoid"
+        assert hp["model.depth"] == str(depth)  # as the config writes it, not "4.0000"
+        assert hp["train.steps"] == str(STEPS) and hp["model.activation"] == "sigmoid"
         assert hp["status"] == "completed"
         assert f'{hp["Run"]} {hp["Started"]}' == label(runs[key])  # readable, where the session's name is cut short
         summary = summary_of(runs[key])
@@ -511,10 +512,10 @@ def test_server_hparams_of_a_sweep_mark_the_swept_keys(sweep_server):
     swept hparams with the values they take, marked as differing, which the dashboard shows first."""
     experiment = sweep_server.post("/data/plugin/hparams/experiment", {"experimentName": ""})
     infos = {h["name"]: h for h in experiment["hparamInfos"]}
-    assert infos["model.depth"]["differs"] and infos["model.depth"]["domainDiscrete"] == [2, 3]
+    assert infos["model.depth"]["differs"] and infos["model.depth"]["domainDiscrete"] == ["2", "3"]
     assert infos["model.activation"]["differs"]
     assert sorted(infos["model.activation"]["domainDiscrete"]) == ["relu", "sigmoid"]
-    assert not infos["train.steps"].get("differs") and infos["train.steps"]["domainDiscrete"] == [STEPS]
+    assert not infos["train.steps"].get("differs") and infos["train.steps"]["domainDiscrete"] == [str(STEPS)]
     assert not infos["model.width"].get("differs")
     assert infos["status"]["domainDiscrete"] == list(STATUSES)  # every status a run can end with
     assert {m["name"]["tag"] for m in experiment["metricInfos"]} == set(FINAL_METRICS)
@@ -523,7 +524,7 @@ def test_server_hparams_of_a_sweep_mark_the_swept_keys(sweep_server):
             "colParams": cols}
     groups = sweep_server.post("/data/plugin/hparams/session_groups", body)["sessionGroups"]
     seen = sorted((g["hparams"]["model.depth"], g["hparams"]["model.activation"]) for g in groups)
-    assert seen == [(2, "relu"), (2, "sigmoid"), (3, "relu"), (3, "sigmoid")]
+    assert seen == [("2", "relu"), ("2", "sigmoid"), ("3", "relu"), ("3", "sigmoid")]
     assert all(len(g["sessions"]) == 1 and g["sessions"][0]["status"] == "STATUS_SUCCESS" for g in groups)
     # each run's label, free text (a domain would filter out the runs not in it), names its point
     assert infos["Run"]["differs"] and "domainDiscrete" not in infos["Run"]
@@ -533,6 +534,19 @@ def test_server_hparams_of_a_sweep_mark_the_swept_keys(sweep_server):
     for g in groups:
         point = g["name"].split("/")[0]  # <point>/<stamp-id>
         assert g["hparams"]["Run"] == point, (g["name"], g["hparams"]["Run"])
+
+
+def test_a_sweeps_cards_come_in_the_order_its_config_lists_its_points(sweep_server):
+    """TensorBoard lays out a section's cards in the order of their tags: each run's tags carry its
+    place in the sweep before its name, so the cards follow the plan (the config's runs, each across
+    the grid), not the alphabetical order of the points' names."""
+    plan = json.loads(next(Path(sweep_server.logdir).glob("plan.json")).read_text())
+    points = [p["name"] for p in plan["points"]]
+    assert points != sorted(points)  # the case tells the two orders apart
+    tags = [t for run in sweep_server.get("/data/plugin/images/tags").values() for t in run
+            if t.startswith("00 gradient_flow/")]
+    ordered = [t.split("/", 1)[1].split(" ") for t in sorted(tags)]
+    assert [(order, name) for order, name, *_ in ordered] == [(str(k), name) for k, name in enumerate(points)]
 
 
 def test_sweep_experiment_marks_keys_some_runs_lack_and_keeps_other_event_files(tmp_path):
@@ -550,9 +564,16 @@ def test_sweep_experiment_marks_keys_some_runs_lack_and_keeps_other_event_files(
     infos = {h.name: h for h in hparams_metadata.parse_experiment_plugin_data(
         experiment.metadata.plugin_data.content).hparam_infos}
     assert infos["data.n_train"].differs  # null in one run, 500 in the other
-    assert [v.number_value for v in infos["data.n_train"].domain_discrete.values] == [500]
+    assert [v.string_value for v in infos["data.n_train"].domain_discrete.values] == ["500"]
     assert not infos["model.depth"].differs
     assert infos["status"].differs and [v.string_value for v in infos["status"].domain_discrete.values] == list(STATUSES)
+    # numbers as the config writes them, in numeric order (as text "20" < "5")
+    runs = [{"model.depth": d, "optim.lr": lr} for d, lr in ((20, 0.02), (5, 0.001), (40, 1e-05), (5, 0.02))]
+    (experiment,) = [v for e in EventFileLoader(write_experiment(str(tmp_path), runs)).Load() for v in e.summary.value]
+    infos = {h.name: h for h in hparams_metadata.parse_experiment_plugin_data(
+        experiment.metadata.plugin_data.content).hparam_infos}
+    assert [v.string_value for v in infos["model.depth"].domain_discrete.values] == ["5", "20", "40"]
+    assert [v.string_value for v in infos["optim.lr"].domain_discrete.values] == ["1e-05", "0.001", "0.02"]
 
 
 # --- the event files

@@ -296,15 +296,19 @@ class Board:
     """A run's TensorBoard events: its own event file, and once the probes have found the layers
     (`set_layers`), one sub-run per layer (see the module's docstring). `name` and `started` (its start,
     "MM-DD HH:MM:SS") make the run's label, f"{name} {started}", in the per-layer tags, and are the
-    HParams table's first two columns.     the per-layer tags and the HParams table (default: the folder's name)."""
+    HParams table's first two columns (`name` by default the folder's name). `order`: a sweep point's
+    place in its sweep ("03"), put before the label: TensorBoard lays out the cards of a section in
+    the order of their tags, so a sweep's cards come in the order its config lists them (each run's
+    settings across the grid's values, the baseline first), not in the alphabetical order of their
+    names (batchnorm and clipping first, the article's sigmoid baseline on the second page)."""
 
     def __init__(self, folder: str, name: str | None = None, started: str | None = None,
-                 chart_layers: int | None = CHART_LAYERS):
+                 chart_layers: int | None = CHART_LAYERS, order: str | None = None):
         self.folder = folder
         self.name = name or os.path.basename(os.path.normpath(folder))
         self.started = started
         self.chart_layers = chart_layers
-        self.label = f"{self.name} {started}" if started else self.name
+        self.label = " ".join(x for x in (order, self.name, started) if x)
         self.events = EventFile(folder)
         self.layer_events: dict[int, EventFile] = {}  # charted layer -> its sub-run's events
         self.names: list[str] = []
@@ -429,11 +433,22 @@ class Board:
             raise error
 
 
-def hparam_values(params: dict[str, Any]) -> dict[str, float | str]:
-    """What the HParams dashboard shows of a run's parameters: numbers stay numbers, booleans become
-    "true"/"false" (torch would write 1.0/0.0), anything else its text, and None is left out."""
-    return {k: (str(v).lower() if isinstance(v, bool) else v if isinstance(v, (int, float, str)) else str(v))
+def hparam_values(params: dict[str, Any]) -> dict[str, str]:
+    """What the HParams dashboard shows of a run's parameters, as text: a number as the config writes
+    it (TensorBoard shows a number with five significant digits, 20 as "20.000" and 0.2 as
+    "0.20000"), booleans as "true"/"false" (torch would write 1.0/0.0), anything else its text; None
+    is left out. A numeric column so sorts as text in the table; its domain, which the filters and
+    the parallel-coordinates axis follow, is in numeric order (write_experiment)."""
+    return {k: (str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, float) else str(v))
             for k, v in params.items() if v is not None}
+
+
+def _numeric_order(values: list[str]) -> list[str]:
+    """A column's values in numeric order where they are all numbers, else as they are."""
+    try:
+        return sorted(values, key=float)
+    except ValueError:
+        return values
 
 
 # The HParams table's columns that tell runs apart (the session's name, their folder's path, is cut
@@ -473,15 +488,12 @@ def write_experiment(folder: str, runs: list[dict[str, Any]], known: dict[str, t
     for k in RUN_HPARAMS:
         values.pop(k, None)
     for name, seen in values.items():
-        domain = list(known.get(name, ())) or seen
-        numeric = all(isinstance(v, (int, float)) for v in domain)
-        listed = struct_pb2.ListValue(values=[struct_pb2.Value(number_value=v) if numeric else
-                                              struct_pb2.Value(string_value=str(v))
-                                              for v in (sorted(domain) if numeric else domain)])
+        domain = list(known.get(name, ())) or _numeric_order(seen)
+        listed = struct_pb2.ListValue(values=[struct_pb2.Value(string_value=str(v)) for v in domain])
         differs = len(seen) > 1 or (name not in known and present.get(name, 0) < len(runs))
         differs = differs and (not axes or name in axes or name in known)
-        infos.append(HParamInfo(name=name, type=DataType.Value("DATA_TYPE_FLOAT64" if numeric else "DATA_TYPE_STRING"),
-                                domain_discrete=listed, differs=differs))
+        infos.append(HParamInfo(name=name, type=DataType.Value("DATA_TYPE_STRING"), domain_discrete=listed,
+                                differs=differs))
     experiment = Experiment(hparam_infos=infos, metric_infos=[MetricInfo(name=MetricName(tag=t)) for t in FINAL_METRICS])
     content = HParamsPluginData(experiment=experiment, version=0)
     meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="hparams",

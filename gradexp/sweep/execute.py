@@ -57,8 +57,14 @@ def _stopped() -> bool:
     return _STOP is not None and _STOP.is_set()
 
 
-def run_point(base: dict, point: Point, root: str, threads: int | None = None) -> dict:
-    """Run one point exactly as `gradexp run` does, into `<root>/<point name>/<stamp-id>/`.
+def order_of(plan: Plan, point: Point) -> str:
+    """A point's place in its sweep, zero-padded ("03" of 24): before its label in TensorBoard's tags."""
+    return f"{[p.name for p in plan.points].index(point.name):0{len(str(len(plan.points) - 1))}d}"
+
+
+def run_point(base: dict, point: Point, root: str, threads: int | None = None, order: str | None = None) -> dict:
+    """Run one point exactly as `gradexp run` does, into `<root>/<point name>/<stamp-id>/` (`order`:
+    its place in the sweep, order_of).
 
     Never raises for a failing run: returns {"name", "error"} (error None when the run ended, whatever
     its status); the results themselves are read back from the run folder.
@@ -77,7 +83,8 @@ def run_point(base: dict, point: Point, root: str, threads: int | None = None) -
         exp = prepare(cfg)
         if _stopped():  # stopped while it loaded its data: it makes no run folder, and stays `not run`
             return {"name": point.name, "error": None}
-        run(cfg, root, progress_factory=_stop_check, exp=exp, hparams_experiment=False, deliver_signals=False)
+        run(cfg, root, progress_factory=_stop_check, exp=exp, hparams_experiment=False, deliver_signals=False,
+            order=order)
         return {"name": point.name, "error": None}
     except ConfigError as e:
         return {"name": point.name, "error": "; ".join(e.problems)}
@@ -122,7 +129,7 @@ def run_local(plan: Plan, root: Path, todo: list[Point], workers: int, threads: 
     ctx = _mp_context()
     stop = ctx.Event()
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, stop))
-    futures = {pool.submit(run_point, plan.base, p, str(root)): p for p in todo}
+    futures = {pool.submit(run_point, plan.base, p, str(root), None, order_of(plan, p)): p for p in todo}
     pending = set(futures)
     try:
         while pending:
@@ -161,7 +168,7 @@ def run_ray(plan: Plan, root: Path, todo: list[Point], address: str | None, cpus
                  **({} if address else {"include_dashboard": False}))
         catch(received)  # ray.init makes SIGTERM exit the process at once
     task = ray.remote(num_cpus=cpus, num_gpus=gpus)(run_point)
-    refs = {task.remote(plan.base, p, str(root), max(1, int(cpus))): p for p in todo}
+    refs = {task.remote(plan.base, p, str(root), max(1, int(cpus)), order_of(plan, p)): p for p in todo}
     waiting = list(refs)
     try:
         while waiting and not received:
