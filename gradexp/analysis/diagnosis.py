@@ -35,6 +35,11 @@ DEAD_ADVICE = ("a layer whose ReLUs are all dead passes no gradient: check its b
                "bias, or weights that drive every pre-activation below 0), lower the learning rate if it died while "
                "training, or use LeakyReLU or GELU, which never stop passing gradient")
 AT_INIT = 1e-3  # a layer whose weights moved less than 0.1% from their init is "still at its init"
+# a run on a task with a baseline (the loss of the best answer that ignores the input: a uniform guess
+# for classification, the mean answer for a sequence task) has learned it where its last logged
+# training loss is below this share of the baseline: a recurrent net clipped into finishing at 0.95x
+# the baseline of the adding problem has found the mean, not the task
+LEARNED_BELOW = 0.75
 RELU_FAMILY = ("relu", "leaky_relu", "elu", "gelu", "selu")
 # every verdict diagnose() gives; "recovered": vanishing or exploding at init, healthy by the end of a run whose
 # loss improved (_recovered)
@@ -154,6 +159,7 @@ class Context:
     # depth axis of the verdict is the blocks' (block_profile), not the layers'
     blocks: list[list[int]] | None = None
     block_names: list[str] | None = None
+    baseline: float | None = None  # the task's baseline loss, where the runner knows it (LEARNED_BELOW)
 
     def depth_axis(self) -> Context:
         """The context of the verdict's depth axis: this one, or one whose layers are the blocks."""
@@ -180,21 +186,23 @@ def block_profile(values: list[float | None], blocks: list[list[int]]) -> list[f
     return out
 
 
-def context_for(cfg: Config, n_layers: int, time_verdict: bool = True) -> Context:
+def context_for(cfg: Config, n_layers: int, time_verdict: bool = True, baseline: float | None = None) -> Context:
     """The runner's context: numbered layers, the last one the output layer, the config's advice;
-    `time_verdict`: whether a recurrent net's ratio through time can be the verdict (Context)."""
+    `time_verdict`: whether a recurrent net's ratio through time can be the verdict (Context);
+    `baseline`: the task's baseline loss (a sequence task's)."""
     m = cfg.model
     return Context(labels=[f"layer {i}" for i in range(n_layers)], hidden=list(range(max(n_layers - 1, 1))),
                    dead=[m.activation in RELU_FAMILY] * n_layers, vanishing_below=cfg.diagnosis.vanishing_below,
                    exploding_above=cfg.diagnosis.exploding_above, precision=cfg.precision,
-                   advice=lambda verdict: advice(verdict, cfg), time_verdict=time_verdict,
+                   advice=lambda verdict: advice(verdict, cfg), time_verdict=time_verdict, baseline=baseline,
                    setting=f"{m.activation} with {m.init} init{'' if m.init_gain == 1 else f' x{m.init_gain:g}'}")
 
 
-def watched_context(info: dict, cfg: Config | None = None) -> Context:
-    """The context of a model gradexp did not build, from what the probes found (`Watcher.layer_info`)."""
+def watched_context(info: dict, cfg: Config | None = None, baseline: float | None = None) -> Context:
+    """The context of a model gradexp did not build, from what the probes found (`Watcher.layer_info`);
+    `cfg` and the task's `baseline` where the runner trains it."""
     kw = dict(vanishing_below=cfg.diagnosis.vanishing_below, exploding_above=cfg.diagnosis.exploding_above,
-              precision=cfg.precision) if cfg is not None else {}
+              precision=cfg.precision, baseline=baseline) if cfg is not None else {}
     gated = any(t in ("LSTMCell", "GRUCell") for t in info.get("types", []))
     known = [a for a in info["activations"] if a is not None]
     relu = bool(known) and all(a in RELU_FAMILY for a in known)
@@ -368,6 +376,8 @@ def _recovered(verdict: str, first: dict, last: dict | None, history: list[dict]
     before, after = _loss(first), _loss(last)
     if before is not None and after is not None and not after < before:
         return None  # the gradient looks healthy but the run did not learn: the verdict at init stands
+    if after is not None and ctx.baseline and not after < LEARNED_BELOW * ctx.baseline:
+        return None  # it fell from its init's loss to about the baseline's: it found the trivial answer
     later = sorted((s for s in (history or []) if first["step"] < s["step"] < last["step"]), key=lambda s: s["step"])
     step = last["step"]
     for snap in reversed(later):

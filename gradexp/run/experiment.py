@@ -5,6 +5,7 @@ folder, trains with probes, and writes summary.json, the events and the gradient
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from contextlib import nullcontext, suppress
@@ -238,6 +239,14 @@ def train(exp: Experiment, board: Board, progress: Callable[[int, dict], None]) 
     return {"status": status, "steps_done": steps_done, "watcher": probes}
 
 
+def task_baseline(data) -> float | None:
+    """The loss of the best answer that ignores the input: a sequence task's own, log(classes) (a
+    uniform guess over balanced classes) for classification, None for regression."""
+    if data.baseline is not None:
+        return data.baseline
+    return math.log(data.classes) if data.loss == "cross_entropy" and data.classes > 1 else None
+
+
 def summarize(cfg: Config, exp: Experiment, result: dict, started: float) -> dict:
     """summary.json (sinks.summary.build) with what only the runner knows: the final metrics, the
     mean-field theory beside step 0, the config's diagnosis context."""
@@ -254,8 +263,8 @@ def summarize(cfg: Config, exp: Experiment, result: dict, started: float) -> dic
 
     def context(info: dict):
         if cfg.model.kind == "custom":
-            return watched_context(info, cfg)
-        return context_for(cfg, len(info["names"]), not exp.data.loss_at_first_step)
+            return watched_context(info, cfg, task_baseline(exp.data))
+        return context_for(cfg, len(info["names"]), not exp.data.loss_at_first_step, task_baseline(exp.data))
 
     return build(result["watcher"], status=result["status"], name=cfg.name,
                  steps={"planned": cfg.train.steps, "done": result["steps_done"]}, started=started,

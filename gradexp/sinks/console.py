@@ -78,8 +78,11 @@ def time_table(first: dict, last: dict, layer_names: list[str], predicted: list[
 
 
 def flow_table(first: dict, last: dict, layer_names: list[str], predicted: list[float] | None = None) -> Table:
-    """One row per layer: the back-propagated gradient at init (and its mean-field prediction), the
-    weight gradient at the first and last logged step, and a log-scale bar of the first."""
+    """One row per layer: the back-propagated gradient at the first and the last logged step (and the
+    mean-field prediction beside the first), the weight gradient, how far the weights moved and the
+    saturation at the last, and a log-scale bar of the back-propagated gradient at the last logged
+    step: the end of the run, where a post-LN transformer's lower blocks are cut off and a net that
+    recovered is healthy (the first step's numbers are beside it)."""
     def cell(v: float | None) -> str:
         return fmt_number(v, 2)  # two digits: the table fits 80 columns
 
@@ -88,21 +91,22 @@ def flow_table(first: dict, last: dict, layer_names: list[str], predicted: list[
     s0, s1, sw = first["step"], last["step"], last.get("weight_step")
     moved = last.get("dist_from_init") or [None] * len(layer_names)
     later = s1 != s0  # a run that stopped after its first logged step has one step to show
-    headers = ["layer", f"act-grad\n@{s0}"] + (["pred."] if predicted else []) + [f"grad\n@{s0}"] + \
-        ([f"grad\n@{s1}"] if later else []) + [f"moved\n@{'-' if sw is None else sw}", f"satur.\n@{s1}"]
+    headers = ["layer", f"act-grad\n@{s0}"] + (["pred."] if predicted else []) + \
+        ([f"act-grad\n@{s1}"] if later else []) + \
+        [f"grad\n@{s1}", f"moved\n@{'-' if sw is None else sw}", f"satur.\n@{s1}"]
     for header in headers:
         table.add_column(header, justify="left" if header == "layer" else "right", no_wrap=True)
-    table.add_column(f"act-grad @{s0}\nlog: █ = 100x", no_wrap=True, min_width=BAR_WIDTH)
-    delta = first["act_grad_norm"]
-    top = max((math.log10(v) for v in delta if v and math.isfinite(v) and v > 0), default=0.0)
+    table.add_column(f"act-grad @{s1}\nlog: █ = 100x", no_wrap=True, min_width=BAR_WIDTH)
+    delta, end = first["act_grad_norm"], last["act_grad_norm"]
+    top = max((math.log10(v) for v in end if v and math.isfinite(v) and v > 0), default=0.0)
     for i, name in enumerate(layer_names):
         sat = last["saturation"][i]
         pred = [cell(predicted[i]) if i < len(predicted) else "-"] if predicted else []
         table.add_row(
             name + ("*" if i == len(layer_names) - 1 else ""), cell(delta[i]), *pred,
-            cell(first["grad_norm"][i]), *([cell(last["grad_norm"][i])] if later else []),
+            *([cell(end[i])] if later else []), cell(last["grad_norm"][i]),
             "-" if moved[i] is None else cell(moved[i]), "-" if sat is None or math.isnan(sat) else f"{sat:.0%}",
-            _log_bar(delta[i], top),
+            _log_bar(end[i], top),
         )
     return table
 

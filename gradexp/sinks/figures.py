@@ -30,7 +30,7 @@ def gradient_flow_figure(path: Path, first: dict, last: dict, title: str = "",
                          extra: list[tuple[str, list[float], dict]] | None = None,
                          names: list[str] | None = None, diverged: dict | None = None,
                          time_predicted: list[float] | None = None, blocks: dict | None = None) -> tuple[str, list[str]]:
-    """Grad norm and act-grad norm against layer index, first and last logged step, log scale; for a
+    """Act-grad norm and grad norm against layer index, first and last logged step, log scale; for a
     recurrent net a third panel, ||dL/dh_t|| against time step t (`time_predicted`: the mean-field
     line). Returns what the figure says in words: its title and its legend's entries.
 
@@ -56,8 +56,9 @@ def gradient_flow_figure(path: Path, first: dict, last: dict, title: str = "",
         snaps.append((last, dict(color="tab:orange", marker="s")))
     if timed:
         _time_panel(axes[2], snaps, time_predicted, names)
-    for ax, key, label in ((axes[0], "grad_norm", "||dLoss/dW||  (weight gradient)"),
-                           (axes[1], "act_grad_norm", "||dLoss/dz||  (back-propagated gradient)")):
+    # the panels in one order everywhere (compare_flow_figure's): the verdict's measure first
+    for ax, key, label in ((axes[0], "act_grad_norm", "||dLoss/dz||  (back-propagated gradient)"),
+                           (axes[1], "grad_norm", "||dLoss/dW||  (weight gradient)")):
         for snap, style in snaps:
             if snap is not None:
                 _plot_log(ax, [math.nan if v is None else v for v in snap[key]], f"step {snap['step']}", style)
@@ -184,13 +185,14 @@ def _frames(profiles: list[dict], frames: int, panels: int, width: float, draw, 
 
 def profile_frames(profiles: list[dict], names: list[str], title: str, frames: int,
                    diverged: dict | None = None) -> list[tuple[int, bytes, int, int]]:
-    """The gradient-flow profile (||dL/dW|| and ||dL/dz|| against layer index) at up to `frames`
+    """The gradient-flow profile (||dL/dz|| and ||dL/dW|| against layer index) at up to `frames`
     logged steps, evenly spread from the first to the last, as PNGs for TensorBoard's image slider:
     (step, PNG bytes, height, width) each. One y range for every frame, so that moving the slider
     moves the lines, not the axes; the first step's profile stays in grey beneath each."""
     if not profiles:
         return []
-    keys = (("grad_norm", "||dLoss/dW||  (weight gradient)"), ("act_grad_norm", "||dLoss/dz||  (back-propagated)"))
+    # the panels in one order everywhere (compare_flow_figure's): the verdict's measure first
+    keys = (("act_grad_norm", "||dLoss/dz||  (back-propagated)"), ("grad_norm", "||dLoss/dW||  (weight gradient)"))
     limits = {key: _limits([v for p in profiles for v in p[key]]) for key, _ in keys}
 
     def draw(axes, k: int, snap: dict) -> None:
