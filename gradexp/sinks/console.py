@@ -91,12 +91,13 @@ def flow_table(first: dict, last: dict, layer_names: list[str], predicted: list[
     s0, s1, sw = first["step"], last["step"], last.get("weight_step")
     moved = last.get("dist_from_init") or [None] * len(layer_names)
     later = s1 != s0  # a run that stopped after its first logged step has one step to show
-    headers = ["layer", f"act-grad\n@{s0}"] + (["pred."] if predicted else []) + \
-        ([f"act-grad\n@{s1}"] if later else []) + \
+    # "dL/dz": ||dL/dz||, in a header as narrow as its numbers (the table fits 80 columns)
+    headers = ["layer", f"dL/dz\n@{s0}"] + (["pred."] if predicted else []) + \
+        ([f"dL/dz\n@{s1}"] if later else []) + \
         [f"grad\n@{s1}", f"moved\n@{'-' if sw is None else sw}", f"satur.\n@{s1}"]
     for header in headers:
         table.add_column(header, justify="left" if header == "layer" else "right", no_wrap=True)
-    table.add_column(f"act-grad @{s1}\nlog: █ = 100x", no_wrap=True, min_width=BAR_WIDTH)
+    table.add_column(f"dL/dz @{s1}\nlog: █ = 100x", no_wrap=True, min_width=BAR_WIDTH)
     delta, end = first["act_grad_norm"], last["act_grad_norm"]
     top = max((math.log10(v) for v in end if v and math.isfinite(v) and v > 0), default=0.0)
     for i, name in enumerate(layer_names):

@@ -29,14 +29,16 @@ def draw_gradient_flow(path: Path, first: dict, last: dict, **options) -> str | 
 def gradient_flow_figure(path: Path, first: dict, last: dict, title: str = "",
                          extra: list[tuple[str, list[float], dict]] | None = None,
                          names: list[str] | None = None, diverged: dict | None = None,
-                         time_predicted: list[float] | None = None, blocks: dict | None = None) -> tuple[str, list[str]]:
+                         time_predicted: list[float] | None = None, blocks: dict | None = None,
+                         verdict: str | None = None) -> tuple[str, list[str]]:
     """Act-grad norm and grad norm against layer index, first and last logged step, log scale; for a
     recurrent net a third panel, ||dL/dh_t|| against time step t (`time_predicted`: the mean-field
     line). Returns what the figure says in words: its title and its legend's entries.
 
     Exact zeros (float32 underflow) cannot sit on a log axis: they are drawn as 'x' on the bottom edge.
     `names`: the layers' names, written under the axis where there are few enough to read.
-    `diverged`: {"step": s, ...}: the title says the run diverged there.
+    `diverged`: {"step": s, ...}: the title says the run diverged there. `verdict`: the diagnosis'
+    verdict in words ("recovered by step 100 (exploding at init, ...)"), under the title.
     `blocks`: the diagnosis' blocks (a model that repeats blocks: GPT-2's h.N): each block's layers
     are shaded alternately, and its ||dL/dz|| (root-sum-square over its layers), which the verdict
     is of, is drawn across them as a bar, so that the zigzag of attention and MLP projections inside
@@ -78,6 +80,8 @@ def gradient_flow_figure(path: Path, first: dict, last: dict, title: str = "",
     heading = f"gradient flow: {title}" if title else "gradient flow"
     if diverged is not None:
         heading += f" (diverged at step {diverged['step']}: the steps shown are before it)"
+    if verdict:
+        heading += f"\n{verdict}"
     fig.suptitle(heading)
     fig.tight_layout()
     try:

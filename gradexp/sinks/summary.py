@@ -112,7 +112,8 @@ def draw_figure(path: Path, summary: dict, names: list[str] | None = None) -> st
     extra = [("predicted at init (mean-field)", predicted, {"ls": "--", "color": "gray"})] if predicted else None
     return draw_gradient_flow(path, first, last, title=summary["name"], extra=extra, names=names,
                               diverged=summary["diverged"], time_predicted=theory.get("predicted_dz_calls"),
-                              blocks=summary["diagnosis"].get("blocks"))
+                              blocks=summary["diagnosis"].get("blocks"),
+                              verdict=summary["diagnosis"]["message"].split(": ", 1)[0])
 
 
 def failed(folder: Path, summary: dict, error: BaseException) -> dict:
