@@ -251,6 +251,27 @@ def test_a_failing_point_and_a_diverging_one_do_not_stop_the_others(cli, tmp_pat
     assert (root / "gradient_flow.png").stat().st_size > 0
 
 
+def test_a_runs_entry_is_the_hparams_run_and_its_grid_values_have_their_own_columns(cli, tmp_path):
+    """HParams cuts a cell at ~16 characters ("batchnorm_dept..."): a point of a `runs:` entry is
+    named there by the entry, beside the grid's own column; a point without one keeps its name."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import metadata
+
+    sweep_file = tmp_path / "entries.yaml"
+    sweep_file.write_text(yaml.safe_dump({"base": str(CONFIGS / "deep_relu.yaml"), "grid": {"model.depth": [2, 3]},
+                                          "runs": {"relu": {}, "tanh": {"model.activation": "tanh"}}}))
+    result = cli("sweep", sweep_file, *TINY_GRID, "--workers", "2", "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    root = sweep_folder(tmp_path / "out")
+    for name in ("relu_depth-2", "relu_depth-3", "tanh_depth-2", "tanh_depth-3"):
+        (events,) = attempts(root, name)[0].glob("events.out.tfevents.*")
+        starts = [metadata.parse_session_start_info_plugin_data(v.metadata.plugin_data.content)
+                  for e in EventFileLoader(str(events)).Load() for v in e.summary.value
+                  if v.tag == metadata.SESSION_START_INFO_TAG]
+        (hp,) = [s.hparams for s in starts]
+        assert (hp["Run"].string_value, hp["model.depth"].string_value) == (name.split("_")[0], name[-1])
+
+
 def experiment_in(events: Path):
     """The HParams experiment summary of an event file."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader

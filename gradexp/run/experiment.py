@@ -274,7 +274,8 @@ def summarize(cfg: Config, exp: Experiment, result: dict, started: float) -> dic
 
 
 def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Experiment | None = None,
-        hparams_experiment: bool = True, deliver_signals: bool = True, order: str | None = None) -> Outcome:
+        hparams_experiment: bool = True, deliver_signals: bool = True, order: str | None = None,
+        entry: str | None = None) -> Outcome:
     """Run one experiment end to end. Bad input raises ConfigError before the run folder exists.
 
     summary.json is written last, and always: a run that raises leaves status `failed` and the error
@@ -286,8 +287,8 @@ def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Exper
     (a sweep's runs: the sweep writes one for all of them). Once the files are written, a SIGTERM
     the run received is raised again and a second Ctrl-C raises KeyboardInterrupt, so that a program
     calling runs in a loop stops (Interrupts.deliver); `deliver_signals=False` leaves that to the
-    caller, which reads `Outcome.exit_code` (the command line). `order`: a sweep point's place in its
-    sweep, before its label in TensorBoard's tags (sinks.tensorboard.Board).
+    caller, which reads `Outcome.exit_code` (the command line). `order`, `entry`: a sweep point's place
+    in its sweep and its `runs:` entry, for TensorBoard (sinks.tensorboard.Board).
     """
     exp = exp or prepare(cfg)
     with Interrupts() as signals:
@@ -295,7 +296,8 @@ def run(cfg: Config, out: str | Path = "runs", progress_factory=None, exp: Exper
         board = None
         try:
             write_atomic(folder / "config.yaml", to_yaml(cfg))
-            board = Board(str(folder), cfg.name, start_stamp(folder), chart_layers=cfg.train.chart_layers, order=order)
+            board = Board(str(folder), cfg.name, start_stamp(folder), chart_layers=cfg.train.chart_layers, order=order,
+                          entry=entry)
             summary, probes = train_and_summarize(cfg, exp, board, progress_factory)
         except BaseException as e:
             if board is not None:

@@ -300,12 +300,16 @@ class Board:
     place in its sweep ("03"), put before the label: TensorBoard lays out the cards of a section in
     the order of their tags, so a sweep's cards come in the order its config lists them (each run's
     settings across the grid's values, the baseline first), not in the alphabetical order of their
-    names (batchnorm and clipping first, the article's sigmoid baseline on the second page)."""
+    names (batchnorm and clipping first, the article's sigmoid baseline on the second page).
+    `entry`: a sweep point's `runs:` entry ("batchnorm"), the HParams table's `Run` in place of the
+    point's name ("batchnorm_depth-20", cut to "batchnorm_dept..." there): the grid's values have
+    columns of their own."""
 
     def __init__(self, folder: str, name: str | None = None, started: str | None = None,
-                 chart_layers: int | None = CHART_LAYERS, order: str | None = None):
+                 chart_layers: int | None = CHART_LAYERS, order: str | None = None, entry: str | None = None):
         self.folder = folder
         self.name = name or os.path.basename(os.path.normpath(folder))
+        self.entry = entry
         self.started = started
         self.chart_layers = chart_layers
         self.label = " ".join(x for x in (order, self.name, started) if x)
@@ -406,7 +410,8 @@ class Board:
         STATUS_FAILURE (torch's hparams() always writes success). `experiment=False` leaves out the
         experiment summary (the list of hparams and metrics): a sweep writes one for all its runs at
         its root, which TensorBoard reads only if no run has its own."""
-        summaries = list(hparams(hparam_values({"Run": self.name, "Started": self.started, **params}), metrics))
+        summaries = list(hparams(hparam_values({"Run": self.entry or self.name, "Started": self.started, **params}),
+                                 metrics))
         if status != "completed":
             summaries[2] = _session_end(Status.Value("STATUS_FAILURE"))
         for summary in summaries[0 if experiment else 1:]:

@@ -84,7 +84,7 @@ def run_point(base: dict, point: Point, root: str, threads: int | None = None, o
         if _stopped():  # stopped while it loaded its data: it makes no run folder, and stays `not run`
             return {"name": point.name, "error": None}
         run(cfg, root, progress_factory=_stop_check, exp=exp, hparams_experiment=False, deliver_signals=False,
-            order=order)
+            order=order, entry=point.run)
         return {"name": point.name, "error": None}
     except ConfigError as e:
         return {"name": point.name, "error": "; ".join(e.problems)}
