@@ -99,8 +99,8 @@ class Watch:
       given to `w.loss`) are each rank's own micro-batch's, and every rank writes its own folder,
       `logdir/rank-N`; the gradient and weight probes are still the whole model's.
 
-    `diverged` in the summary: the first step whose loss (the losses given to `w.loss`) or logged
-    gradient is not finite (gradexp.probes.history)."""
+    `diverged` in the summary: the first step whose loss (the losses given to `w.loss`) or applied
+    gradient is not finite (gradexp.probes.divergence)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  logdir: str | Path = "runs/watch", every: int = 10, weight_every: int | None = None,

@@ -164,3 +164,42 @@ def test_a_plain_deep_net_without_residuals_vanishes_through_its_blocks(tmp_path
     per_block = [math.hypot(*(dz[info["modules"][i]] for i in b["layers"])) for b in info["blocks"]]
     assert d["verdict"] == "vanishing" and d["ratio"] == pytest.approx(per_block[0] / per_block[-1], rel=1e-4)
     assert d["ratio"] < 1e-2 and "per block" in d["message"] and "block 0's" in d["message"]
+
+
+def test_a_head_inside_the_last_block_is_left_out_of_its_value(tmp_path):
+    """Three blocks of (Linear, Tanh, Linear), the model's output the last block's second Linear: that
+    block's value is its hidden layer's alone, as the layers' ratio leaves the head out."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)) for _ in range(3)))
+    x, y = torch.randn(16, 8), torch.randint(0, 8, (16,))
+    ref = copy.deepcopy(model)
+    summary = watch_one_step(model, lambda m: F.cross_entropy(m(x), y), tmp_path)
+    info, d = summary["layers"], summary["diagnosis"]
+    assert info["output"][-1] and info["blocks"][-1]["layers"][-1] == len(info["modules"]) - 1
+    dz = reference_dz(ref, info["modules"], lambda m: F.cross_entropy(m(x), y))
+    hidden = [[info["modules"][i] for i in b["layers"] if not info["output"][i]] for b in info["blocks"]]
+    expected = [math.hypot(*(dz[n] for n in names)) for names in hidden]
+    assert d["blocks"]["act_grad_norm"]["first"] == pytest.approx(expected, rel=1e-4)
+    assert d["ratio"] == pytest.approx(expected[0] / expected[-1], rel=1e-4)
+
+
+def test_parallel_heads_over_a_trunk_are_branches_not_depth(tmp_path):
+    """Three task heads of two layers each, called on the trunk's one output: side by side, not one
+    after another, so the depth axis stays the layers', with a trunk of four layers or of one."""
+    class MultiTask(nn.Module):
+        def __init__(self, trunk: int):
+            super().__init__()
+            self.trunk = nn.Sequential(*(m for _ in range(trunk) for m in (nn.Linear(8, 8), nn.ReLU())))
+            self.heads = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)) for _ in range(3))
+
+        def forward(self, x):
+            h = self.trunk(x)
+            return torch.cat([head(h) for head in self.heads], dim=1)
+
+    x, y = torch.randn(16, 8), torch.randint(0, 6, (16,))
+    for trunk in (4, 1):
+        model = MultiTask(trunk)
+        names = [n for n, _ in candidate_layers(model)]
+        assert [b for b, _ in find_blocks(model, names)] == ["heads.0", "heads.1", "heads.2"]  # by shape alone
+        summary = watch_one_step(model, lambda m: F.cross_entropy(m(x), y), tmp_path / str(trunk))
+        assert "blocks" not in summary["layers"] and summary["diagnosis"]["depth_axis"] == "layers"

@@ -174,3 +174,81 @@ def test_a_watch_given_finite_losses_logs_them_and_completes(tmp_path):
     assert s["status"] == "completed" and s["diverged"] is None
     assert math.isclose(s["layers"]["first"]["loss_train"], losses[0], rel_tol=1e-6)
     assert s["layers"]["last"]["step"] == 10 and math.isclose(s["layers"]["last"]["loss_train"], losses[10], rel_tol=1e-6)
+
+
+class Injects(torch.nn.Module):
+    """A small MLP whose gradient is multiplied by `factor` at training step `at` (a hook on its hidden
+    output), the loss still finite at that step."""
+
+    def __init__(self, at: int, factor: float):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+        self.at, self.factor, self.calls = at, factor, 0
+
+    def forward(self, x):
+        h = self.a(x)
+        if torch.is_grad_enabled():
+            if self.calls == self.at:
+                h.register_hook(lambda g: g * self.factor)
+            self.calls += 1
+        return self.b(torch.tanh(h))
+
+
+def batches(n: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(16, 4, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)) for _ in range(n)]
+
+
+def test_a_step_the_grad_scaler_skips_is_not_divergence_even_with_a_fused_optimizer(tmp_path):
+    """A fused optimizer is stepped by GradScaler.step even on an inf step (told found_inf, it applies
+    nothing): the run did not diverge, as a plain optimizer's run, whose step is not called, did not."""
+    import gradexp
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = Injects(at=3, factor=math.inf)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
+        scaler = torch.amp.GradScaler("cpu")
+        with gradexp.watch(model, opt, logdir=tmp_path / f"fused-{fused}", every=10, scaler=scaler) as w:
+            for x, y in batches(8):
+                opt.zero_grad()
+                scaler.scale(torch.nn.functional.cross_entropy(model(x), y)).backward()
+                scaler.step(opt)
+                scaler.update()
+        assert all(torch.isfinite(p).all() for p in model.parameters())  # the inf step applied nothing
+        assert w.summary()["status"] == "completed" and w.summary()["diverged"] is None, fused
+
+
+def test_under_a_closure_the_step_is_the_one_whose_gradient_was_not_finite(tmp_path):
+    """optimizer.step(closure), as Lightning calls it: the closure runs the step's backward inside the
+    step, so the gradient read after it is that step's own."""
+    import gradexp
+    torch.manual_seed(0)
+    model = Injects(at=3, factor=math.nan)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradexp.watch(model, opt, logdir=tmp_path / "w", every=10) as w:
+        for x, y in batches(8):
+            def closure():
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+            opt.step(closure)
+    assert (w.summary()["diverged"]["step"], w.summary()["diverged"]["seen_in"]) == (3, "gradient")
+
+
+def test_a_half_precision_gradient_whose_norm_passes_fp16s_range_is_finite(tmp_path):
+    """fp16 holds 65504 at most: a gradient of finite entries whose norm is larger is not divergence."""
+    import gradexp
+    torch.manual_seed(0)
+    model = Injects(at=2, factor=4e5).half()  # entries finite in fp16, the first weight's norm past 65504
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradexp.watch(model, opt, logdir=tmp_path / "w", every=10) as w:
+        for k, (x, y) in enumerate(batches(5, torch.float16)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x).float(), y).backward()
+            if k == 2:
+                grads = [p.grad.clone() for p in model.parameters()]
+            opt.step()
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()  # the case is what it says
+    assert w.summary()["diverged"] is None

@@ -176,9 +176,10 @@ class Context:
 
 def block_profile(values: list[float | None], blocks: list[list[int]]) -> list[float | None]:
     """A block's ||dL/dz|| (or ||dL/dW||): the root-sum-square over its layers' (hypot, which does not
-    overflow), None where none of them has one. Blocks that repeat hold the same mix of layers, so
-    their values compare through depth where the layers' (attention and MLP projections, alternating)
-    do not; of the parameters' gradients it is exactly the block's norm."""
+    overflow), None where none of them has one. Blocks that repeat hold much the same mix of layers
+    (a ResNet stage's first block adds its downsample), so their values compare through depth where
+    the layers' (attention and MLP projections, alternating) do not. Of the parameters' gradients it
+    is the norm of the block's layers' parameters (not of norms' 1-D weights, which are no layer)."""
     out = []
     for idx in blocks:
         have = [values[i] for i in idx if values[i] is not None]
@@ -211,8 +212,15 @@ def watched_context(info: dict, cfg: Config | None = None, baseline: float | Non
     return Context(labels=info["names"], hidden=[i for i, out in enumerate(info["output"]) if not out],
                    dead=[a in RELU_FAMILY for a in info["activations"]], advice=lambda v: generic_advice(v, gated, relu),
                    index_ranges=False, trainable=info.get("trainable"), kinds=layer_kinds(info),
-                   blocks=[b["layers"] for b in info.get("blocks", [])] or None,
-                   block_names=[b["name"] for b in info.get("blocks", [])] or None, **kw)
+                   **_hidden_blocks(info), **kw)
+
+
+def _hidden_blocks(info: dict) -> dict:
+    """The blocks' hidden layers (a head inside the last block is left out, as it is of the layers'
+    ratio), and their names; a block left with none is dropped."""
+    blocks = [(b["name"], [i for i in b["layers"] if not info["output"][i]]) for b in info.get("blocks", [])]
+    blocks = [(name, idx) for name, idx in blocks if idx]
+    return {"blocks": [idx for _, idx in blocks], "block_names": [name for name, _ in blocks]} if blocks else {}
 
 
 def layer_kinds(info: dict) -> list[str] | None:
@@ -484,9 +492,9 @@ def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diver
     hops = len(hidden) - 1
     factor = ratio ** (1.0 / hops) if hops > 0 and ratio > 0 and math.isfinite(ratio) else None
     # a later step without ||dL/dz|| (a compiled model watched with compiled="parameters") has no ratio to show
-    measured_later = last is not None and last["step"] != first["step"] and \
-        any(ctx.profile(last["act_grad_norm"])[i] is not None for i in hidden)
-    later = grad_ratio(ctx.profile(last["act_grad_norm"]), hidden) if measured_later else None
+    end = ctx.profile(last["act_grad_norm"]) if last is not None else None
+    measured_later = last is not None and last["step"] != first["step"] and any(end[i] is not None for i in hidden)
+    later = grad_ratio(end, hidden) if measured_later else None
     # one hidden layer: nothing to compare it with
     verdict, developed = _developed(_verdict(ratio if hops >= 1 else float("nan"), ctx), later, ctx, last)
     a, b = (axis.labels[hidden[0]], axis.labels[hidden[-1]]) if hidden else ("?", "?")
@@ -536,7 +544,7 @@ def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diver
     }
     if ctx.blocks:  # the profile the verdict is of; the layers' is summary.json's "layers"
         result["blocks"] = {"names": ctx.block_names, "layers": ctx.blocks, "act_grad_norm": {
-            "first": delta, **({"last": ctx.profile(last["act_grad_norm"])} if last is not None else {})}}
+            "first": delta, **({"last": end} if last is not None else {})}}
     if dead is not None:
         result["cause"] = "dead units"
         result["dead_layer"] = dead
@@ -544,6 +552,6 @@ def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diver
         result["at_init"] = at_init
         result["recovered_step"] = recovered
     if last is not None:
-        result["ratio_last"] = grad_ratio(ctx.profile(last["act_grad_norm"]), hidden)
+        result["ratio_last"] = grad_ratio(end, hidden)
         result["weight_grad_ratio_last"] = grad_ratio(ctx.profile(last["grad_norm"]), hidden)
     return result

@@ -7,8 +7,12 @@ at which its loss, or a gradient the probes read, is not finite, as far as the r
 - the gradients the probes read on the logged steps (every `every` steps): each layer's ||grad||
   and ||dL/dz||, and the norm of all trainable parameters' gradients;
 - the gradients of every other step the optimizer applies, while probes are on: the norm of each
-  trainable parameter's gradient, one batched call on the device at the optimizer's step
-  (`torch._foreach_norm`) kept there with no host sync, and read with the losses at the next check.
+  trainable parameter's gradient, one batched call on the device after the optimizer's step
+  (`torch._foreach_norm`, in float32 at least) kept there with no host sync, and read with the
+  losses at the next check. After the step, not before: `optimizer.step(closure)` (Lightning) runs
+  the step's backward inside it. A step a GradScaler skipped applied nothing and is not counted:
+  a plain optimizer's step is not called then, a fused one's is told `found_inf`, which masks it;
+  without an optimizer (`w.step()`) under an enabled scaler, quiet steps are not checked.
 
 So the step is exact: a run whose gradient turns non-finite at step 2, its loss at step 3, diverged
 at step 2, whichever steps are logged. summary.json's `diverged` is None or
@@ -62,11 +66,18 @@ class Divergence:
         """A value of `step` that must be finite (the loss, or a gradient norm measured anyway)."""
         self.pending.append((step, value.detach() if isinstance(value, torch.Tensor) else value))
 
-    def gradients(self, step: int, grads: list[torch.Tensor], index: tuple[int, ...]) -> None:
-        """The gradients `step` applies (parameters `index` of param_layers' order): their norms, one
-        batched call, kept on the device until the next check."""
+    def gradients(self, step: int, grads: list[torch.Tensor], index: tuple[int, ...],
+                  skipped: torch.Tensor | None = None) -> None:
+        """The gradients `step` applied (parameters `index` of param_layers' order): their norms, one
+        batched call, kept on the device until the next check. In float32 at least: an fp16 gradient
+        of finite entries has a norm past fp16's 65504. `skipped`: a fused optimizer's found_inf under
+        a GradScaler (non-zero: the step applied nothing, its inf gradients are the scaler's business)."""
         if grads and "gradient" not in self.seen:
-            self.pending_grads.append((step, index, torch.stack(torch._foreach_norm(grads))))
+            wide = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+            norms = torch.stack(torch._foreach_norm(grads, 2, dtype=wide))
+            if skipped is not None:  # a skipped step reads as all finite
+                norms = torch.where(skipped.to(norms.device).reshape(()) > 0, torch.zeros_like(norms), norms)
+            self.pending_grads.append((step, index, norms))
 
     def gradient(self, step: int, layer: int | None) -> None:
         """The probes read a non-finite gradient at logged step `step`, first in `layer` (None: only in
@@ -93,7 +104,9 @@ class Divergence:
                 if bad and ("gradient" not in self.seen or step < self.seen["gradient"][0]):
                     owners = self._param_layers()
                     layers = [i for k in bad if k < len(owners) for i in owners[k]]
-                    self.seen["gradient"] = (step, min(layers) if layers else None)
+                    # outside every layer: the first layer with a non-finite parameter or gradient now,
+                    # as a logged step says (gradient())
+                    self.seen["gradient"] = (step, min(layers) if layers else first_nonfinite_layer(self._layers()))
             self.pending, self.pending_grads = [], []
         return self.step
 

@@ -114,14 +114,25 @@ def candidate_layers(model: nn.Module, layers: Any = None) -> list[tuple[str, nn
                      f"types), or a list of the model's modules; got {layers!r}")
 
 
-def find_blocks(model: nn.Module, layers: list[str]) -> list[tuple[str, list[int]]]:
+def block_candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The children of the model's ModuleLists and Sequentials that hold modules of their own: the
+    modules find_blocks chooses among, whose inputs the first forward notes (Hooks._on_block)."""
+    return [(f"{name}.{k}" if name else k, m) for name, c in model.named_modules()
+            if isinstance(c, (nn.ModuleList, nn.Sequential)) for k, m in c.named_children()
+            if next(m.children(), None) is not None]
+
+
+def find_blocks(model: nn.Module, layers: list[str], inputs: dict[str, int] | None = None
+                ) -> list[tuple[str, list[int]]]:
     """The model's repeated blocks, as (qualified name, indices into `layers`) in the order of their
     first layer: the instances of one module class held in ModuleLists or Sequentials, two or more
     side by side, that are not layers themselves but hold layers (GPT-2's `transformer.h.N`, Llama's
     `model.layers.N`, BERT's `encoder.layer.N`, a ResNet's blocks across its stages; torch's own
     containers count only where they hold the same modules of the same shapes). Where several kinds
     qualify, the one whose blocks hold the most layers, then the one with more blocks. [] where no
-    block holds two layers or more: its blocks are its layers, and the depth axis is the layers'."""
+    block holds two layers or more: its blocks are its layers, and the depth axis is the layers'.
+    `inputs`: block name -> id of the tensor it was first called on; blocks of which two were called
+    on the same tensor are parallel branches (task heads over a trunk), not depth, and not chosen."""
     def kind(m: nn.Module) -> Any:
         # torch's own containers hold anything: theirs are blocks only where they hold the same modules
         # of the same shapes; a class of the model's own is one kind of block, whatever its width
@@ -140,6 +151,9 @@ def find_blocks(model: nn.Module, layers: list[str]) -> list[tuple[str, list[int
                 instances.setdefault(key, []).append(child)
     best: list[tuple[str, list[int]]] = []
     for names in instances.values():
+        called_on = [inputs[b] for b in names if inputs and b in inputs]
+        if len(set(called_on)) < len(called_on):  # two of them read the same tensor: side by side
+            continue
         blocks = [(b, [i for i, layer in enumerate(layers) if layer.startswith(b + ".")]) for b in names]
         blocks = [(b, idx) for b, idx in blocks if idx]
         # the most layers covered, then the finer split (identical stages of identical blocks: the blocks)
@@ -183,6 +197,10 @@ class Hooks:
         # forward only (a global module hook would make torch.compile(model) warn, and fire for its wrapper)
         self._discovery = [] if activations is not None else \
             [m.register_forward_hook(self._on_any_module) for m in self.model.modules() if id(m) in self._leaves]
+        self._block_inputs: dict[str, int] = {}  # candidate block -> id of the tensor of its first call
+        if activations is None:
+            self._discovery += [m.register_forward_pre_hook(partial(self._on_block, name))
+                                for name, m in block_candidates(self.model)]
         if self._optimizer is not None:
             self._handles.append(self._optimizer.register_step_pre_hook(lambda *_: self.before_update()))
             self._handles.append(self._optimizer.register_step_post_hook(lambda *_: self.after_update()))
@@ -273,6 +291,12 @@ class Hooks:
             self.record.forwards += 1
         if self._discovering and torch.is_grad_enabled():
             self._finish_discovery(output)
+
+    def _on_block(self, name: str, module: nn.Module, inputs: Any) -> None:
+        """First forward only: the tensor a candidate block is first called on (find_blocks)."""
+        t = first_tensor(inputs)
+        if t is not None and name not in self._block_inputs:
+            self._block_inputs[name] = id(t)
 
     def _on_any_module(self, module: nn.Module, inputs: Any, output: Any) -> None:
         """First forward only: which known activation follows which layer (norms and dropout may

@@ -165,8 +165,7 @@ class Watcher(Hooks):
         self.profiles: list[dict] = []  # snapshots thinned to at most PROFILES_KEPT, evenly spread
         self.weights: dict | None = None  # the latest weight probes, with their step
         # the run's divergence (divergence.Divergence): the probes report non-finite gradients to it, the loop its losses
-        self.divergence = Divergence(lambda: self.names, lambda: self.layers,
-                                     lambda: self._param_layers[:self._n_layer_params])
+        self.divergence = Divergence(lambda: self.names, lambda: self.layers, lambda: self._param_layers)
         self._n_layer_params = 0  # the layers' own parameters lead self._params
         self.kernel_steps = self.torch_steps = 0  # logged steps whose gradients the C kernel / torch summed
         self.closed = False
@@ -347,7 +346,7 @@ class Watcher(Hooks):
         if not self.layers:
             raise ValueError("gradexp.watch: the forward pass called none of the chosen layers")
         # the depth axis the diagnosis reads where the model repeats blocks (hooks.find_blocks)
-        self.blocks = find_blocks(self.model, [layer.name for layer in self.layers])
+        self.blocks = find_blocks(self.model, [layer.name for layer in self.layers], self._block_inputs)
         self.names = self._names or [f"{i:02d}_{layer.name}" for i, layer in enumerate(self.layers)]
         if len(self.names) != len(self.layers):
             raise ValueError(f"names: {len(self.names)} given for the {len(self.layers)} layers the forward calls")
@@ -446,15 +445,19 @@ class Watcher(Hooks):
                 self._snapshot_pending = True
             else:
                 self._snapshot()
-        self._check_gradients()
 
     def _check_gradients(self) -> None:
-        """A step that measures nothing: its gradients' norms, kept on the device for the divergence
-        check (divergence.py), so that the first non-finite step is exact between logged steps."""
+        """A step that measured nothing, after its update: its gradients' norms, kept on the device for
+        the divergence check (divergence.py), so that the first non-finite step is exact between
+        logged steps."""
         if self.record is not None or self._discovering or self.every == 0 or "gradient" in self.divergence.seen:
             return
+        skipped = getattr(self._optimizer, "found_inf", None)  # GradScaler's, set around a fused step
+        if self._optimizer is None and self.scaler is not None and self.scaler.is_enabled():
+            return  # its inf steps are skipped ones, which w.step() cannot tell from applied ones
         index = tuple(k for k, p in enumerate(self._params) if p.grad is not None)
-        self.divergence.gradients(self.step_count, [local(self._params[k].grad) for k in index], index)
+        self.divergence.gradients(self.step_count, [local(self._params[k].grad) for k in index], index,
+                                  skipped if isinstance(skipped, torch.Tensor) else None)
         if len(self.divergence.pending_grads) >= 100:  # bounded: at most 100 steps' norms wait on the device
             self.divergence.check()
 
@@ -476,6 +479,7 @@ class Watcher(Hooks):
             self._finish_discovery(None)
         step = self.step_count
         weigh = not self._discovering and self._snapshot_step == step
+        self._check_gradients()
         if not self._discovering and (self.record is not None or weigh):
             self._measure(step, weigh)
             self.divergence.check()  # the device has synced: the quiet steps' norms are there

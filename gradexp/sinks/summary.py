@@ -72,7 +72,7 @@ def build(probes: Watcher | None, *, status: str, name: str, steps: dict, starte
         "name": name,
         "steps": steps,
         "every": {"gradients": probes.every, "weights": probes.weight_every} if probes is not None else None,
-        "diverged": diverged,  # history.Divergence: the first step whose loss or logged gradient is not finite
+        "diverged": diverged,  # divergence.Divergence: the first step whose loss or applied gradient is not finite
         **({"final": final} if final is not None else {}),
         "layers": {**info, "first": first, "last": last},
         **({"theory": beside} if beside is not None else {}),
