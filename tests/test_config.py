@@ -60,7 +60,7 @@ def test_resolved_config_round_trips():
 @pytest.mark.parametrize("overrides, must_say", [
     (["model.activaton=relu"], ["model.activaton", "did you mean 'model.activation'"]),
     (["modle.depth=3"], ["modle", "did you mean 'model'"]),
-    (["model.depth=abc"], ["model.depth", "integer", "'abc'"]),
+    (["model.depth=abc"], ["model.depth", "expected a whole number", "'abc'"]),
     (["model.depth=0"], ["model.depth", "greater than or equal to 1", "0"]),
     (["model.activation=swish"], ["model.activation", "'sigmoid'", "'relu'", "'swish'"]),
     (["model.norm=groupnorm"], ["model.norm", "'batchnorm'", "'layernorm'"]),
@@ -69,7 +69,7 @@ def test_resolved_config_round_trips():
     (["device=tpu"], ["device", "auto, cpu, cuda or cuda:N"]),
     (["name=../../etc"], ["name", "letters, digits"]),
     (["model.depth"], ["expected key.path=value"]),
-    (["model.depth=true"], ["model.depth", "expected a number", "true"]),
+    (["model.depth=true"], ["model.depth", "expected a whole number", "true"]),
     (["optim.lr=.inf"], ["optim.lr", "finite number"]),
     (["name=run[bold]1"], ["name", "'run[bold]1'"]),  # brackets shown as typed, not eaten as markup
     (["model.norm=batchnorm", "data.batch_size=1"], ["data.batch_size", "at least 2 examples"]),
@@ -238,3 +238,22 @@ def test_a_corrupt_sweep_plan_is_refused_on_resume(cli, tmp_path, text):
     result = cli("sweep", "--resume", tmp_path)
     assert result.exit_code == 2 and "plan.json" in result.output, result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", ["validate", "run", "sweep"])
+def test_yaml_aliases_that_expand_past_the_bound_are_refused_at_once(command, tmp_path):
+    """A 1 KB "billion laughs" file (tests/fixtures) and an alias that contains itself: refused with
+    exit 2 by each command, nothing written. In a child process with a deadline: a regression hangs."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    recursive = tmp_path / "recursive.yaml"
+    recursive.write_text("name: x\nmodel: &m {depth: 3, again: *m}\n")
+    for path in (ROOT / "tests" / "fixtures" / "billion_laughs.yaml", recursive):
+        args = [command, str(path)] + (["--out", str(tmp_path / "out")] if command != "validate" else [])
+        done = subprocess.run([sys.executable, "-m", "gradexp", *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stdout + done.stderr
+        said = done.stdout + done.stderr
+        assert "expands to more than 100,000 values once its aliases (*name) are followed" in said, said
+        assert path.name in said and "Traceback" not in said and not (tmp_path / "out").exists()

@@ -4,6 +4,7 @@ parsed as YAML scalars, and validation that raises ConfigError with one readable
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,9 @@ class Loader(yaml.SafeLoader):
 
 # YAML 1.1's int and float patterns without their base-60 forms (1:20, 1:20.5)
 _INT = re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$")
-_FLOAT = re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
-                    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+# and YAML 1.2's exponent forms (1e-3, 1E5: text in YAML 1.1, so a quoted-looking string to pydantic)
+_FLOAT = re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?"
+                    r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
 Loader.yaml_implicit_resolvers = {
     first: [(tag, {"tag:yaml.org,2002:int": _INT, "tag:yaml.org,2002:float": _FLOAT}.get(tag, rx))
             for tag, rx in resolvers]
@@ -46,15 +48,49 @@ Loader.yaml_implicit_resolvers = {
 
 
 MAX_DEPTH = 32  # a config is 2 levels deep, a sweep file 4; Python's stack ends near 1000 (RecursionError)
+# values a YAML text may expand to, its aliases followed: a config has ~100, a large sweep file a few
+# thousand; nine nested aliases of ten ("billion laughs", 1 KB) expand to 1e9 and hang whatever walks
+# them (point names, to_yaml, plan.json), though the loader itself shares the aliased objects
+MAX_NODES = 100_000
+
+
+def expanded_size(root: yaml.Node) -> int:
+    """How many nodes `root` stands for with every alias expanded (a node reached twice counts twice),
+    counted once per node (memoised, without recursion); a node that contains itself is infinite."""
+    size: dict[int, float] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    open_: set[int] = set()
+    while stack:
+        node, done = stack.pop()
+        if id(node) in size:
+            continue
+        kids = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
+            node.value if isinstance(node, yaml.SequenceNode) else []
+        if done:
+            open_.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(k)] for k in kids)
+            continue
+        if id(node) in open_:  # reached again before it was counted: it contains itself
+            return math.inf
+        open_.add(id(node))
+        stack.append((node, True))
+        stack += [(k, False) for k in kids if id(k) not in size]
+    return size[id(root)]
 
 
 def yaml_load(text: str) -> Any:
-    """YAML text through `Loader`; nesting deeper than MAX_DEPTH is a YAMLError like any other."""
+    """YAML text through `Loader`; nesting deeper than MAX_DEPTH, or expanding (its aliases followed)
+    to more than MAX_NODES values, is a YAMLError like any other."""
+    loader = Loader(text)
     try:
-        value = yaml.load(text, Loader=Loader)
+        node = loader.get_single_node()
+        if node is not None and expanded_size(node) > MAX_NODES:
+            raise yaml.YAMLError(f"expands to more than {MAX_NODES:,} values once its aliases (*name) are followed")
+        value = loader.construct_document(node) if node is not None else None
     except RecursionError:
         value = None
     else:
+        loader.dispose()
         stack, deepest = [(value, 1)], {}  # deepest: id -> depth seen (aliases share a node)
         while stack:  # without recursion: what is checked here could be too deep for the stack
             node, depth = stack.pop()
@@ -198,7 +234,8 @@ def read_yaml(path: str | Path) -> Any:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(p)
         problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"YAML syntax error in {where}: {problem}") from None
+        kind = "YAML syntax error" if mark else "YAML refused"  # too deep or too large, not malformed
+        raise ConfigError(f"{kind} in {where}: {problem}") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

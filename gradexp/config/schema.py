@@ -18,6 +18,7 @@ INIT_NAMES = (
     "default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal", "normal",
 )
 DATASET_NAMES = ("digits", "gaussian", "spirals", "mnist", "fashion_mnist", "cifar10", "adding", "copy", "reverse", "sort")
+FILE_DATASETS = ("mnist", "fashion_mnist", "cifar10")  # read from files under data.root
 SEQUENCE_TASKS = ("adding", "copy", "reverse", "sort")  # gradexp/sequences.py
 OPTIMIZER_NAMES = ("sgd", "momentum", "adam", "adamw")
 
@@ -49,6 +50,7 @@ def shorten(value: Any, limit: int = SHOWN_CHARS) -> str:
 
 
 FLOAT32_MAX = 3.4028234663852886e38
+NUMBERS = (int, float, int | None, float | None)  # the annotations of the config's number fields
 
 
 class _Section(BaseModel):
@@ -57,13 +59,18 @@ class _Section(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _no_bools_for_numbers(cls, data: Any) -> Any:
-        # pydantic's lax mode reads true as 1: model.depth=true must be refused, not run at depth 1
+    def _numbers_are_numbers(cls, data: Any) -> Any:
+        # pydantic's lax mode reads true as 1, '2' as 2 and 8.0 as 8: model.depth=true must be refused,
+        # not run at depth 1, and a quoted number is text that a typo may have made
         if isinstance(data, dict):
             for key, value in data.items():
                 field = cls.model_fields.get(key)
-                if isinstance(value, bool) and field is not None and field.annotation in (int, float, int | None):
-                    raise ValueError(f".{key}: expected a number (got {str(value).lower()})")
+                if field is None or field.annotation not in NUMBERS:
+                    continue
+                whole = field.annotation in (int, int | None)
+                if isinstance(value, (bool, str)) or (whole and isinstance(value, float)):
+                    shown = str(value).lower() if isinstance(value, bool) else repr(value)
+                    raise ValueError(f".{key}: expected {'a whole number' if whole else 'a number'} (got {shown})")
         return data
 
     @model_validator(mode="after")
@@ -72,7 +79,7 @@ class _Section(BaseModel):
         # overflow inside torch, or in the init's arithmetic, with a traceback instead of a message.
         for key, field in type(self).model_fields.items():
             value = getattr(self, key)
-            if field.annotation is float and abs(value) > FLOAT32_MAX:
+            if field.annotation in (float, float | None) and value is not None and abs(value) > FLOAT32_MAX:
                 raise ValueError(f".{key}: at most {FLOAT32_MAX:.4g}, the largest float32 (got {value:g})")
         return self
 
@@ -115,7 +122,8 @@ class DataConfig(_Section):
         if self.name == "adding" and self.length is not None and self.length < 2:
             raise ValueError(f".length: at least 2 for data.name=adding, a marked step in each half (got {self.length})")
         # a key the dataset does not read would do nothing: refused, as the model's are
-        used = {"length": SEQUENCE_TASKS, "vocab": ("copy", "reverse", "sort"), "symbols": ("copy",)}
+        used = {"length": SEQUENCE_TASKS, "vocab": ("copy", "reverse", "sort"), "symbols": ("copy",),
+                "root": FILE_DATASETS, "download": FILE_DATASETS}
         for key, names in used.items():
             if self.name not in names and key in self.model_fields_set and \
                     getattr(self, key) != type(self).model_fields[key].default:
@@ -245,6 +253,9 @@ class ModelConfig(_Section):
             if self.residual_scale == "deepnet" and self.norm_position != "post":
                 raise ValueError(".residual_scale: deepnet is DeepNorm, a post-LN scheme; set model.norm_position=post "
                                  "(got pre)")
+            if self.residual_scale == "rezero" and self.norm_position == "post":  # it would build pre-LN's model
+                raise ValueError(".norm_position: model.residual_scale=rezero has no LayerNorm to place; leave "
+                                 "model.norm_position out (got post)")
         return self
 
 

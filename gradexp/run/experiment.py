@@ -256,6 +256,8 @@ def summarize(cfg: Config, exp: Experiment, result: dict, started: float) -> dic
         data = exp.data
         final["loss_train"], final["acc_train"] = evaluate(exp.model, data.x_train[:n], data.y_train[:n], data.loss)
         final["loss_eval"], final["acc_eval"] = evaluate(exp.model, data.x_eval, data.y_eval, data.loss)
+    if cfg.data.batch_size > len(exp.data.x_train):  # every step was the whole training set: say so
+        final["full_batch"] = len(exp.data.x_train)
     if exp.data.baseline is not None:  # a sequence task: its loss means something only beside this
         final["baseline_eval"] = exp.data.baseline
         if "loss_eval" in final and exp.data.baseline > 0:

@@ -141,6 +141,9 @@ def print_report(console: Console, summary: dict, folder: Path, quiet: bool) -> 
         if "loss_eval" in f:
             console.print(f"final: {final_text(f)}  "
                           f"({summary['steps']['done']} steps, {summary['wall_time_s']:.1f} s, {summary['device']})")
+        if f.get("full_batch"):
+            console.print(f"note: data.batch_size is more than the {f['full_batch']} training examples: every step "
+                          f"was a full batch of {f['full_batch']}")
         console.print(f"status: {summary['status']}")
     console.print(f"run folder: {folder}", soft_wrap=True)
     if summary.get("figure_error"):
