@@ -70,6 +70,13 @@ def test_resolved_config_round_trips():
     (["name=../../etc"], ["name", "letters, digits"]),
     (["model.depth"], ["expected key.path=value"]),
     (["model.depth=true"], ["model.depth", "expected a whole number", "true"]),
+    # issue 25: float | None fields were let through both checks; a key the setting does not read
+    (["model.kind=lstm", "data.name=adding", "model.forget_bias=1e308"], ["model.forget_bias", "largest float32"]),
+    (["model.kind=lstm", "data.name=adding", "model.forget_bias=true"], ["model.forget_bias", "expected a number"]),
+    (["model.kind=rnn", "data.name=adding", "data.length=8.0"], ["data.length", "expected a whole number", "8.0"]),
+    (["model.kind=transformer", "data.name=sort", "model.residual_scale=rezero", "model.norm_position=post"],
+     ["model.norm_position", "rezero has no LayerNorm"]),
+    (["data.root=/tmp/x"], ["data.root", "mnist, fashion_mnist, cifar10 only"]),
     (["optim.lr=.inf"], ["optim.lr", "finite number"]),
     (["name=run[bold]1"], ["name", "'run[bold]1'"]),  # brackets shown as typed, not eaten as markup
     (["model.norm=batchnorm", "data.batch_size=1"], ["data.batch_size", "at least 2 examples"]),
@@ -188,8 +195,10 @@ def test_a_dataset_or_logits_larger_than_memory_is_refused_naming_the_size():
     ("name: x\n# é\n", "latin-1", ["must be UTF-8", "0xe9"]),
     ("a:\n" + "".join(" " * (i + 1) + "a:\n" for i in range(1000)), "utf-8", ["nested more than 32 levels"]),
     ("[" * 1000 + "]" * 1000, "utf-8", ["nested more than 32 levels"]),
+    ("name: x\ndata: {name: sort}\nmodel: {kind: transformer, heads: '2'}\n", "utf-8",
+     ["model.heads", "expected a whole number", "'2'"]),
 ], ids=["device-newline", "name-newline", "duplicate-key", "sexagesimal", "utf-16", "latin-1", "deep-block",
-        "deep-flow"])
+        "deep-flow", "quoted-number"])
 def test_bad_config_file_of_issue_14_is_refused(cli, tmp_path, text, encoding, must_say):
     path = tmp_path / "config.yaml"
     path.write_bytes(text.encode(encoding))
@@ -257,3 +266,14 @@ def test_yaml_aliases_that_expand_past_the_bound_are_refused_at_once(command, tm
         said = done.stdout + done.stderr
         assert "expands to more than 100,000 values once its aliases (*name) are followed" in said, said
         assert path.name in said and "Traceback" not in said and not (tmp_path / "out").exists()
+
+
+def test_a_batch_larger_than_the_training_set_is_said_to_be_full_batch(run_cli):
+    """data.batch_size past the training examples runs every step on all of them: the terminal and
+    summary.json say so (issue 25: it ran as if the batch were what was asked)."""
+    ran = run_cli(CONFIGS / "deep_relu.yaml", "data.batch_size=1000000000000", "model.depth=2", *TINY)
+    n = ran.summary["final"]["full_batch"]
+    from gradexp.config import load_config
+    from gradexp.data.datasets import load_dataset
+    assert n == len(load_dataset(load_config(CONFIGS / "deep_relu.yaml").data, 0).x_train)
+    assert f"every step was a full batch of {n}" in " ".join(ran.output.split())
