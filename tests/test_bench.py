@@ -16,30 +16,63 @@ if importlib.util.find_spec("lightning") is None and importlib.util.find_spec("p
     pytest.skip("the benchmark times Lightning's real grad_norm", allow_module_level=True)
 
 
-def test_overhead_benchmark_tiny_mode_produces_every_row(tmp_path):
+def tiny(tmp_path, *args: str) -> tuple[dict, str]:
+    """bench/overhead.py in its tiny mode with `args`: its results and its printed table. The timeout
+    only guards against a hang (each call takes well under a minute alone; issue 25: one call of
+    every case, variant and memory child took ~190 s and failed a 300 s limit on a loaded machine)."""
     out = tmp_path / "overhead.json"
-    done = subprocess.run([sys.executable, "bench/overhead.py", "--tiny", "--json", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "bench/overhead.py", "--tiny", *args, "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
+    return json.loads(out.read_text()), done.stdout
+
+
+def overhead_module():
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import overhead
     finally:
         sys.path.pop(0)
-    results = json.loads(out.read_text())
+    return overhead
+
+
+def assert_rows(results: dict, stdout: str, variants: list[str], memory: bool) -> None:
+    overhead = overhead_module()
     assert set(results["versions"]) == {"torch", "gradexp", "wandb", "lightning"}
-    assert list(results["cases"]) == list(overhead.TINY_CASES)
     for case, c in results["cases"].items():
         rows = c["rows"]
-        assert list(rows) == list(overhead.VARIANTS)
+        assert list(rows) == variants
         for variant, row in rows.items():
             assert row["ms_per_step"] > 0 and row["ratio"] > 0
-            assert row["peak_rss_mb"] > 0 if case == "mlp3x16" else "peak_rss_mb" not in row  # one child each
+            assert (row["peak_rss_mb"] > 0) if memory else "peak_rss_mb" not in row  # one child each
             assert row["target"] == overhead.TARGETS["cpu"].get(variant)
             # a target is met when the ratio is at most the target
             assert row.get("met") == (row["ratio"] <= row["target"] if row["target"] is not None else None)
             # the markdown table shows the row's own numbers
-            assert f"| {case} | {variant} | {row['ms_per_step']:.2f} | {row['ratio']:.3f} |" in done.stdout
+            assert f"| {case} | {variant} | {row['ms_per_step']:.2f} | {row['ratio']:.3f} |" in stdout
+
+
+def test_overhead_benchmark_tiny_mode_produces_every_row_of_every_case(tmp_path):
+    """Every case with every variant but wandb's (their own test: wandb's service takes seconds a run)."""
+    overhead = overhead_module()
+    variants = [v for v in overhead.VARIANTS if "wandb" not in v]
+    results, stdout = tiny(tmp_path, "--no-memory", "--variants", *[v for v in variants if v != overhead.BARE])
+    assert list(results["cases"]) == list(overhead.TINY_CASES)
+    assert_rows(results, stdout, variants, memory=False)
+
+
+def test_overhead_benchmark_times_the_real_wandb_watch(tmp_path):
+    overhead = overhead_module()
+    variants = [overhead.BARE] + [v for v in overhead.VARIANTS if "wandb" in v]
+    results, stdout = tiny(tmp_path, "--cases", "mlp3x16", "--no-memory", "--variants", "wandb")
+    assert_rows(results, stdout, variants, memory=False)
+
+
+def test_overhead_benchmark_measures_peak_memory_in_a_child_per_variant(tmp_path):
+    overhead = overhead_module()
+    probes_off = next(v for v in overhead.VARIANTS if "probes off" in v)
+    results, stdout = tiny(tmp_path, "--cases", "mlp3x16", "--variants", probes_off)
+    assert_rows(results, stdout, [overhead.BARE, probes_off], memory=True)
 
 
 def test_overhead_benchmark_interleaving_steps_gives_each_variant_its_blocks(tmp_path):
