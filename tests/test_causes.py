@@ -211,3 +211,20 @@ def test_a_one_step_jump_is_only_named_between_layers_of_the_same_kind():
     assert any(f.startswith("most of it is one step") for f in alike["findings"])  # all one kind: a jump
     kinded = diagnose(snap, None, Context(**ctx, kinds=kinds))
     assert not any(f.startswith("most of it is one step") for f in kinded["findings"])
+
+
+def test_a_dead_last_hidden_layer_is_vanishing_by_dead_units_not_a_garbled_ratio(tmp_path):
+    """The last hidden layer's ReLUs all dead: its own ||dL/dz|| is exactly 0, so the first-to-last
+    ratio is 0/0. The verdict is vanishing by dead units, in words ("-x" was printed: issue 25)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    with torch.no_grad():
+        model[2].bias.fill_(-100.0)
+    summary, ref = first_step(model, tmp_path)
+    assert ref[2].weight.grad is not None and ref[2].weight.grad.abs().max() == 0  # the case is what it says
+    d = summary["diagnosis"]
+    assert (d["verdict"], d["cause"], d["dead_layer"]) == ("vanishing", "dead units", 1)
+    assert "-x" not in d["message"] and "?" not in d["message"]
+    assert d["message"].startswith("vanishing: at step 0 00_0's back-propagated gradient ||dL/dz|| is not "
+                                   "comparable with 01_2's, which is exactly 0 (layer 01_2's units are all dead)")
+    assert d["advice"] == DEAD_ADVICE

@@ -395,6 +395,11 @@ def _recovered(verdict: str, first: dict, last: dict | None, history: list[dict]
     return step
 
 
+def _zero_or(v: float | None) -> str:
+    """Why a ratio over `v` is undefined, in words."""
+    return "exactly 0" if v == 0 else "not measured" if v is None else "not finite"
+
+
 def _recovery_text(at_init: str, step: int, first: dict, last: dict) -> str:
     before, after = _loss(first), _loss(last)
     loss = f", the loss from {fmt_number(before)} to {fmt_number(after)}" if before is not None and after is not None else ""
@@ -460,7 +465,7 @@ def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diver
         ratio = _time_ratio(timed[1]) if timed else \
             grad_ratio(ctx.profile(first["act_grad_norm"]), ctx.depth_axis().hidden) if first else None
         before = (f"; at step {first['step']} ||dL/dh_t|| at t = 0 was {fmt_number(ratio)}x that at t = "
-                  f"{len(timed[1]) - 1}") if timed else ""
+                  f"{len(timed[1]) - 1}") if timed and math.isfinite(ratio) else ""
         return {
             "verdict": "exploding",
             "diverged_step": diverged["step"],
@@ -498,7 +503,11 @@ def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diver
     # one hidden layer: nothing to compare it with
     verdict, developed = _developed(_verdict(ratio if hops >= 1 else float("nan"), ctx), later, ctx, last)
     a, b = (axis.labels[hidden[0]], axis.labels[hidden[-1]]) if hidden else ("?", "?")
-    dead = all_dead(first, ctx) if verdict == "vanishing" else None
+    # dead units cut the gradient off: vanishing, also where the last hidden layer's own ||dL/dz|| is
+    # exactly 0 and the ratio is 0/0
+    dead = all_dead(first, ctx) if verdict == "vanishing" or (verdict == "unknown" and hops >= 1) else None
+    if dead is not None:
+        verdict = "vanishing"
     unit = "block" if ctx.blocks else "layer"
     cause = f" ({_named([dead], ctx)}'s units are all dead)" if dead is not None else \
         _cause(verdict, factor, ctx, theory, unit)
@@ -514,11 +523,12 @@ def diagnose(first: dict | None, last: dict | None, ctx: Config | Context, diver
     else:
         head = _recovery_text(at_init, recovered, first, last) if recovered is not None else f"{verdict}{developed}"
         over = " (root-sum-square over its layers)" if ctx.blocks else ""
+        size = f"{fmt_number(ratio)}x {b}'s" if math.isfinite(ratio) else \
+            f"not comparable with {b}'s, which is {_zero_or(delta[hidden[-1]])}"  # not "-x"
         msg = (f"{head}: at step {first['step']} {a}'s back-propagated gradient ||dL/dz||{over} is "
-               f"{fmt_number(ratio)}x {b}'s{'' if developed else cause}; "
-               f"thresholds {ctx.vanishing_below:g} / {ctx.exploding_above:g}")
+               f"{size}{'' if developed else cause}; thresholds {ctx.vanishing_below:g} / {ctx.exploding_above:g}")
     if measured_later and hops >= 1:
-        msg += f"; at step {last['step']}: {fmt_number(later)}x"
+        msg += f"; at step {last['step']}: " + (f"{fmt_number(later)}x" if math.isfinite(later) else "undefined")
     findings = _findings(first, last, ctx, _jump(delta, axis, ratio))
     timed = through_time(first)
     if timed is not None:  # a recurrent net whose ratio through time cannot be the verdict
