@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from gradexp.analysis.diagnosis import watched_context
+from gradexp.config import ConfigError, validate
 from gradexp.probes import reduce
 from gradexp.probes.watcher import Watcher, unwrap
 from gradexp.sinks.summary import build, close
@@ -108,9 +109,14 @@ class Watch:
                  vanishing_below: float = 1e-2, exploding_above: float = 1e2, last_step: int | None = None,
                  chart_layers: int | None = CHART_LAYERS, recurrent: Any = None, compiled: str = "eager",
                  per_rank: bool = False):
-        if chart_layers is not None and (not isinstance(chart_layers, int) or chart_layers < 2):
+        if chart_layers is not None and (isinstance(chart_layers, bool) or not isinstance(chart_layers, int)
+                                         or chart_layers < 2):
             raise ValueError(f"chart_layers: expected a whole number >= 2 (the first and the last layer at least) "
                              f"or None (all), got {chart_layers!r}")
+        try:  # the thresholds as `gradexp run` checks diagnosis.*: before any folder is made
+            validate({"diagnosis": {"vanishing_below": vanishing_below, "exploding_above": exploding_above}})
+        except ConfigError as e:
+            raise ValueError("; ".join(p.removeprefix("diagnosis.") for p in e.problems)) from None
         ranks = reduce.ranks()
         per_rank = per_rank and ranks is not None
         # one writer, every rank having the same numbers; or, per rank, every rank its own
@@ -201,8 +207,13 @@ class Watch:
             ctx.vanishing_below, ctx.exploding_above = self.thresholds
             return ctx
 
-        return build(self.probes, status=self.status, error=self.error, name=self.name,
-                     steps={"done": self.probes.step_count}, started=self.started, context=context)
+        summary = build(self.probes, status=self.status, error=self.error, name=self.name,
+                        steps={"done": self.probes.step_count}, started=self.started, context=context)
+        if self.probes.step_count == 0 and self.probes._optimizer is None and self.probes.every > 0:
+            # not "probes are off": they were on, and never told a step had ended
+            summary["diagnosis"]["message"] = ("unknown: nothing was measured: w.step() was never called (without an "
+                                               "optimizer, call it once per training step, after backward)")
+        return summary
 
 
 watch = Watch  # gradexp.watch(model, optimizer, logdir=..., ...): one signature, Watch's

@@ -938,3 +938,36 @@ def test_tensors_summed_in_their_hooks_read_as_those_summed_after_backward(kind,
         assert [v is None for v in now[key]] == [v is None for v in later[key]], key
         assert [v for v in now[key] if v is not None] == pytest.approx([v for v in later[key] if v is not None],
                                                                       rel=1e-9), key
+
+
+@pytest.mark.parametrize("option, must_say", [
+    ({"every": True}, "every: expected a whole number >= 0"),
+    ({"hist_every": 2.0}, "hist_every: expected a whole number >= 0"),
+    ({"vanishing_below": -1}, "vanishing_below: Input should be greater than 0"),
+    ({"vanishing_below": True}, "vanishing_below: expected a number (got true)"),
+    ({"exploding_above": 0.5}, "exploding_above: Input should be greater than 1"),
+    ({"last_step": -5}, "last_step: expected the index of the last step"),
+    ({"chart_layers": True}, "chart_layers: expected a whole number >= 2"),
+    ({"layers": 5}, "layers: expected None, name patterns"),
+])
+def test_watch_refuses_what_the_config_refuses_and_writes_nothing(tmp_path, option, must_say):
+    """gradexp.watch's options are checked as `gradexp run` checks the config's (issue 25: every=True,
+    a negative threshold, last_step=-5 were taken; layers=5 was a raw TypeError), before any folder;
+    the corrected call then logs to the folder asked for, not `logdir-1`."""
+    import re
+    net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=re.escape(must_say)):
+        gradexp.watch(net, logdir=tmp_path / "w", **option)
+    assert not any(tmp_path.iterdir())
+    w = gradexp.watch(net, logdir=tmp_path / "w")
+    w.close()
+    assert w.logdir == tmp_path / "w"
+
+
+def test_a_watch_never_told_of_a_step_says_so(tmp_path):
+    """Without an optimizer, a loop that never calls w.step() measured nothing: the summary says why,
+    not that the probes are off."""
+    net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    with gradexp.watch(net, logdir=tmp_path / "w") as w:
+        net(torch.randn(3, 4)).sum().backward()
+    assert w.summary()["diagnosis"]["message"].startswith("unknown: nothing was measured: w.step() was never called")

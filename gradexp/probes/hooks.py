@@ -99,7 +99,11 @@ def candidate_layers(model: nn.Module, layers: Any = None) -> list[tuple[str, nn
         layers = [layers]
     if isinstance(layers, type) or (isinstance(layers, tuple) and all(isinstance(t, type) for t in layers)):
         return [(n, m) for n, m in named if isinstance(m, layers)]
-    layers = list(layers)
+    given = layers
+    try:
+        layers = list(layers)
+    except TypeError:
+        layers = [layers]  # not a collection (layers=5): refused below, as what it is
     if all(isinstance(p, str) for p in layers):
         def match(name: str, pattern: str) -> bool:
             return name.count(".") == pattern.count(".") and fnmatch.fnmatchcase(name, pattern)
@@ -111,7 +115,7 @@ def candidate_layers(model: nn.Module, layers: Any = None) -> list[tuple[str, nn
             raise ValueError(f"layers: {', '.join(missing)} not found in the model's modules")
         return [(names[id(m)], m) for m in layers]
     raise ValueError("layers: expected None, name patterns (str or list of str), a module type (or tuple of "
-                     f"types), or a list of the model's modules; got {layers!r}")
+                     f"types), or a list of the model's modules; got {given!r}")
 
 
 def block_candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -129,8 +129,11 @@ class Watcher(Hooks):
                              f"uncompiled, every probe; 'parameters': it stays compiled, parameter probes only), "
                              f"got {compiled!r}")
         for key, v in (("every", every), ("weight_every", weight_every), ("hist_every", hist_every)):
-            if v is not None and (not isinstance(v, int) or v < 0):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise ValueError(f"{key}: expected a whole number >= 0 (0: off), got {v!r}")
+        if last_step is not None and (isinstance(last_step, bool) or not isinstance(last_step, int) or last_step < 0):
+            raise ValueError(f"last_step: expected the index of the last step, a whole number >= 0, or None; "
+                             f"got {last_step!r}")
         fsdp1 = getattr(sys.modules.get("torch.distributed.fsdp"), "FullyShardedDataParallel", None)
         if fsdp1 is not None and any(isinstance(m, fsdp1) for m in model.modules()):
             # its parameters are views into flat shards, plain tensors that do not say how they are split
