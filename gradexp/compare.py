@@ -34,8 +34,66 @@ class Compared:
     label: str = ""  # set by `find`: the name, and what tells it from the others where the name does not
 
 
+class Unreadable(Exception):
+    """A run's or sweep's file that is not what gradexp writes (not JSON, wrong types)."""
+
+
+NUMBER = (int, float)
+# what compare reads of a summary.json, and the types it must have there (None allowed everywhere)
+SHAPE = {"name": str, "status": str, "error": str, "wall_time_s": NUMBER, "final": dict, "diagnosis": dict,
+         "steps": dict, "layers": dict}
+NUMBERS = ("loss_train", "acc_train", "loss_eval", "acc_eval", "loss_eval_vs_baseline")
+
+
+def _check(summary: object, path: Path) -> dict:
+    """`summary` as compare reads it, or Unreadable naming the first value that is not of its type."""
+    def bad(where: str, value: object, expected: str) -> Unreadable:
+        return Unreadable(f"{path}: {where} is {type(value).__name__} {str(value)[:40]!r}, expected {expected}; "
+                          "not a summary.json gradexp wrote (move it aside, or run again)")
+
+    if not isinstance(summary, dict):
+        raise bad("the file", summary, "a JSON object")
+    for key, kind in SHAPE.items():
+        if summary.get(key) is not None and not isinstance(summary[key], kind):
+            raise bad(key, summary[key], "a " + (kind.__name__ if isinstance(kind, type) else "number"))
+    for key in NUMBERS:
+        v = (summary.get("final") or {}).get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, NUMBER)):
+            raise bad(f"final.{key}", v, "a number")
+    d = summary.get("diagnosis") or {}
+    for key, kind in (("ratio", NUMBER), ("ratio_last", NUMBER), ("verdict", str), ("message", str), ("measure", str)):
+        if d.get(key) is not None and not isinstance(d[key], kind):
+            raise bad(f"diagnosis.{key}", d[key], "a number" if kind is NUMBER else "text")
+    for at in ("first", "last"):
+        snap = (summary.get("layers") or {}).get(at)
+        if snap is None:
+            continue
+        if not isinstance(snap, dict):
+            raise bad(f"layers.{at}", snap, "an object")
+        for key in ("act_grad_norm", "grad_norm"):
+            values = snap.get(key)
+            if values is not None and (not isinstance(values, list) or
+                                       any(v is not None and (isinstance(v, bool) or not isinstance(v, NUMBER))
+                                           for v in values)):
+                raise bad(f"layers.{at}.{key}", values, "a list of numbers")
+        calls = snap.get("dz_calls")
+        if calls is not None and (not isinstance(calls, list) or any(
+                c is not None and (not isinstance(c, list) or not all(isinstance(v, NUMBER) for v in c)) for c in calls)):
+            raise bad(f"layers.{at}.dz_calls", calls, "a list of lists of numbers")
+    return summary
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise Unreadable(f"{path}: not readable as JSON ({type(e).__name__}: {e}); not a file gradexp wrote "
+                         "(move it aside, or run again)") from None
+
+
 def find(paths: list[Path]) -> list[Compared]:
-    """Every run under `paths`, labelled. ConfigError names each path that is missing or holds no run."""
+    """Every run under `paths`, labelled. ConfigError names each path that is missing or holds no run,
+    and each file compare cannot read (Unreadable)."""
     runs, problems = [], []
     for path in paths:
         if not path.exists():
@@ -43,7 +101,11 @@ def find(paths: list[Path]) -> list[Compared]:
         elif not path.is_dir():
             problems.append(f"{path}: not a folder; give a run folder, a sweep folder or a folder holding them")
         else:
-            found = _runs_in(path)
+            try:
+                found = _runs_in(path)
+            except Unreadable as e:
+                problems.append(str(e))
+                continue
             if not found:
                 problems.append(f"{path}: no run or sweep in it (a run folder holds summary.json, "
                                 "a sweep folder plan.json)")
@@ -70,9 +132,13 @@ def _runs_in(path: Path) -> list[Compared]:
 
 
 def _run(folder: Path) -> Compared:
-    summary = json.loads((folder / "summary.json").read_text())
+    summary = _check(_read_json(folder / "summary.json"), folder / "summary.json")
     config = folder / "config.yaml"
-    flat = flatten(yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}
+    try:
+        raw = yaml.safe_load(config.read_text()) if config.is_file() else {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise Unreadable(f"{config}: not readable as YAML ({type(e).__name__}); not a file gradexp wrote") from None
+    flat = flatten(raw) if isinstance(raw, dict) else {}
     return Compared(summary.get("name") or folder.name, folder, summary, flat)
 
 
@@ -80,7 +146,13 @@ def _sweep_points(root: Path) -> list[Compared]:
     """Every point of a sweep, in its order; a point without a run folder keeps the status the sweep's
     summary.json gave it (failed before it started, or not run)."""
     saved = root / "summary.json"
-    rows = {r["name"]: r for r in json.loads(saved.read_text())["runs"]} if saved.is_file() else {}
+    listed = _read_json(saved) if saved.is_file() else {}
+    runs = listed.get("runs") if isinstance(listed, dict) else None
+    if saved.is_file() and (not isinstance(runs, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str)
+                                                                   for r in runs)):
+        raise Unreadable(f"{saved}: 'runs' is not a list of runs; not a sweep summary gradexp wrote (move it aside, "
+                         "or run again)")
+    rows = {r["name"]: r for r in runs or []}
     points = []
     for p in resume_plan(root).points:
         folder, summary = attempt(root, p)

@@ -124,6 +124,43 @@ def test_bad_paths_exit_2_naming_them_and_write_nothing(cli, made, tmp_path, mon
     assert not list(Path(singles[1]).glob("cmp.png"))
 
 
+@pytest.mark.parametrize("corrupt, must_say", [
+    (lambda s: "{not json", "not readable as JSON"),
+    (lambda s: json.dumps([s]), "the file is list"),
+    (lambda s: json.dumps({**s, "status": 5}), "status is int"),
+    (lambda s: json.dumps({**s, "final": {**s["final"], "loss_eval": "low"}}), "final.loss_eval is str"),
+    (lambda s: json.dumps({**s, "layers": {**s["layers"], "first": {**s["layers"]["first"],
+                                                                     "act_grad_norm": ["x"]}}}),
+     "layers.first.act_grad_norm is list"),
+    (lambda s: json.dumps({**s, "diagnosis": {**s["diagnosis"], "ratio": [1]}}), "diagnosis.ratio is list"),
+])
+def test_a_summary_compare_cannot_read_is_named_not_a_traceback(cli, made, tmp_path, corrupt, must_say):
+    """Issue 25: summary.json not JSON, of wrong types or with bad nested values gave tracebacks. Now
+    exit 2, naming the file and the value, and no figure."""
+    import shutil
+    _, singles, _ = made
+    bad = tmp_path / "bad"
+    shutil.copytree(singles[0], bad)
+    summary = bad / "summary.json"
+    summary.write_text(corrupt(json.loads(summary.read_text())))
+    result = cli("compare", singles[1], bad, "--out", tmp_path / "cmp.png")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert str(summary) in said.replace(" ", "") or "summary.json" in said
+    assert must_say in said, said
+    assert not (tmp_path / "cmp.png").exists()
+
+
+def test_a_sweep_summary_compare_cannot_read_is_named(cli, made, tmp_path):
+    import shutil
+    _, _, sweep = made
+    bad = tmp_path / "sweep"
+    shutil.copytree(sweep, bad)
+    (bad / "summary.json").write_text(json.dumps({"runs": "all of them"}))
+    result = cli("compare", bad, "--out", tmp_path / "cmp.png")
+    assert result.exit_code == 2 and "'runs' is not a list of runs" in " ".join(result.output.split()), result.output
+
+
 def test_over_eight_runs_become_small_multiples(cli, made, tmp_path):
     out, singles, sweep = made
     figure = tmp_path / "many.png"

@@ -26,6 +26,8 @@ def attempt(root: Path, point: Point) -> tuple[Path | None, dict]:
             s = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
+        if not isinstance(s, dict):  # not a summary gradexp wrote
+            continue
         found.append((s.get("status") in DONE, path.stat().st_mtime, path.parent, s))
     if not found:
         return None, {}
