@@ -10,7 +10,7 @@ import secrets
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from gradexp.config import ConfigError
 
@@ -105,17 +105,31 @@ def in_words(e: BaseException) -> str:
     return str(e) if isinstance(e, WriteError) else f"{type(e).__name__}: {e}"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename: a reader never sees half a file, and a write that
-    fails (a full disk, Ctrl-C) leaves no temporary file."""
+# Creating a file: never through a symbolic link someone planted under the name (a shared folder's
+# summary.json, gradient_flow.png, sweep.lock): O_NOFOLLOW refuses one, O_EXCL one planted since
+NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+
+
+def replace_file(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """`write(f)` into a new temporary file beside `path`, then rename it to `path`: a reader never
+    sees half a file, a write that fails (a full disk, Ctrl-C) leaves no temporary file, and a link
+    planted at `path` is replaced, not written through (the rename replaces the link itself)."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with writing(path):
-            tmp.write_text(text)
+            tmp.unlink(missing_ok=True)  # a leftover, or a planted link: removed, its target untouched
+            with os.fdopen(os.open(tmp, NEW_FILE, 0o644), "wb") as f:
+                write(f)
             os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """`text` (UTF-8) into `path` by replace_file."""
+    replace_file(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_json(path: Path, obj: Any) -> None:

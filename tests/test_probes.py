@@ -971,3 +971,24 @@ def test_a_watch_never_told_of_a_step_says_so(tmp_path):
     with gradexp.watch(net, logdir=tmp_path / "w") as w:
         net(torch.randn(3, 4)).sum().backward()
     assert w.summary()["diagnosis"]["message"].startswith("unknown: nothing was measured: w.step() was never called")
+
+
+def test_a_link_planted_in_a_watch_folder_is_replaced_not_written_through(tmp_path):
+    """Issue 25: gradexp.watch wrote its figure through a gradient_flow.png link in its logdir (and
+    summary.json's temporary file could be one): both are replaced, the files they point to untouched."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's own file\n")
+    logdir = tmp_path / "w"
+    logdir.mkdir()
+    for name in ("gradient_flow.png", ".summary.json.tmp"):
+        (logdir / name).symlink_to(victim)
+    net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with gradexp.watch(net, opt, logdir=logdir, every=1) as w:
+        for _ in range(3):
+            opt.zero_grad()
+            net(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+    assert w.logdir == logdir and victim.read_text() == "the user's own file\n"
+    assert not (logdir / "gradient_flow.png").is_symlink() and (logdir / "summary.json").is_file()
+    assert not (logdir / ".summary.json.tmp").exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import builtins
 import errno
 import io
+import os
 import re
 import signal
 import subprocess
@@ -136,8 +137,18 @@ class FullDisk:
                 return _Limited(f, self)
             return f
 
+        real_fdopen = os.fdopen
+
+        def fdopen_(fd, mode="r", *args, **kwargs):  # rundir.replace_file's new files: their path from /proc
+            f = real_fdopen(fd, mode, *args, **kwargs)
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            if any(c in mode for c in "wax+") and path.startswith(self.root) and self.name in Path(path).name:
+                return _Limited(f, self)
+            return f
+
         monkeypatch.setattr(builtins, "open", open_)
         monkeypatch.setattr(io, "open", open_)  # pathlib's write_text
+        monkeypatch.setattr(os, "fdopen", fdopen_)
 
 
 class _Limited:

@@ -550,3 +550,26 @@ def test_a_second_resume_of_a_folder_is_refused_and_writes_nothing(cli, tmp_path
     job = sweeps.prepare(sweeps.resume_plan(root), resume=root)
     assert (root / "sweep.lock").read_text() == f"{os.getpid()}\n"
     job.lock.close()
+
+
+def test_planted_links_in_a_sweep_folder_are_never_written_through(cli, tmp_path):
+    """Issue 25: a resume wrote through a sweep.lock or gradient_flow.png link planted in the sweep
+    folder (a shared file system is where someone else can plant one). A linked lock is refused; a
+    linked figure is replaced by the sweep's own file; the files they pointed to are untouched."""
+    plan = sweeps.load_plan(CONFIGS / "deep_relu.yaml", ["model.depth=2", *TINY])
+    root = tmp_path / "deep_relu" / "20260101-000000-abcdef"
+    root.mkdir(parents=True)
+    sweeps.save_plan(plan, root)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's own file\n")
+    (root / "sweep.lock").symlink_to(victim)
+    result = cli("sweep", "--resume", root, "--workers", "1")
+    assert result.exit_code == 2 and "a symbolic link, which gradexp did not make" in " ".join(result.output.split())
+    assert victim.read_text() == "the user's own file\n"
+    (root / "sweep.lock").unlink()
+    (root / "gradient_flow.png").symlink_to(victim)
+    result = cli("sweep", "--resume", root, "--workers", "1")
+    assert result.exit_code == 0, result.output
+    assert victim.read_text() == "the user's own file\n"
+    figure = root / "gradient_flow.png"
+    assert not figure.is_symlink() and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

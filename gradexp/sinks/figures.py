@@ -10,8 +10,14 @@ from pathlib import Path
 
 from gradexp.config import key_labels, value_text
 from gradexp.probes.history import through_time
-from gradexp.rundir import in_words, writing
+from gradexp.rundir import in_words, replace_file, writing
 from gradexp.text import fmt_number
+
+
+def save(fig, path: str | Path, dpi: int) -> None:
+    """A figure as a PNG at `path`, by rundir.replace_file: never half-written, never through a
+    planted link."""
+    replace_file(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
 
 
 def draw_gradient_flow(path: Path, first: dict, last: dict, **options) -> str | None:
@@ -85,7 +91,7 @@ def gradient_flow_figure(path: Path, first: dict, last: dict, title: str = "",
     fig.suptitle(heading)
     fig.tight_layout()
     try:
-        fig.savefig(path, dpi=110)
+        save(fig, path, 110)
     finally:
         plt.close(fig)  # also when the file cannot be written: pyplot keeps every figure until closed
     legend = list(dict.fromkeys(label for ax in axes for label in ax.get_legend_handles_labels()[1]))
@@ -330,7 +336,7 @@ def compare_flow_figure(path: Path, act_grad: list[Profile], grad: list[Profile]
     fig.legend(handles=handles + _style_handles(plt), loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.04 * (len(handles) // 2 + 3), 1, 1))
-    fig.savefig(path, dpi=100)
+    save(fig, path, 100)
     plt.close(fig)
 
 
@@ -381,7 +387,7 @@ def flow_grid(path: Path, panels: list[tuple[str, list[Profile]]], title: str, y
     fig.suptitle(title)
     height = fig.get_figheight()  # the legend's rows (0.25 inch each) below the panels, the title above them
     fig.tight_layout(rect=(0, 0.25 * (1 + math.ceil(len(handles) / 6)) / height, 1, 1 - 0.2 / height))
-    fig.savefig(path, dpi=90)
+    save(fig, path, 90)
     plt.close(fig)
 
 
@@ -467,7 +473,7 @@ def theory_figure(path: Path, model, info: dict) -> None:
         ax.set_ylabel(f"||dL/dh_t|| / ||dL/dh_{info['steps'] - 1}||")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        save(fig, path, 110)
         plt.close(fig)
         return
     ax.plot(range(len(p.log10_delta_ratio)), [10 ** r for r in p.log10_delta_ratio], ls="--", marker="o",
@@ -481,5 +487,5 @@ def theory_figure(path: Path, model, info: dict) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path, 110)
     plt.close(fig)

@@ -3,6 +3,7 @@ each point as `gradexp run` does, and stopping them all on Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from contextlib import contextmanager, nullcontext
@@ -289,7 +290,13 @@ def lock(root: Path):
         import fcntl
     except ImportError:  # not POSIX: no lock
         return None
-    f = open(root / LOCK, "a+")
+    try:  # never through a link planted under the name (a shared folder): O_NOFOLLOW
+        f = os.fdopen(os.open(root / LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644), "r+")
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise Busy(f"{root / LOCK}: a symbolic link, which gradexp did not make and does not write through; "
+                   "remove it, then resume") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
