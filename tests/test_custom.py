@@ -28,6 +28,55 @@ def fails(in_shape, classes):
 
 def not_a_module(in_shape, classes):
     return 42
+
+class Empty(nn.Module):  # issue 25: each of these ended in a traceback and a run folder
+    def forward(self, x):
+        return torch.zeros(len(x), 10, requires_grad=True)
+
+def no_parameters(in_shape, classes):
+    return Empty()
+
+class Scales(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(10))
+
+    def forward(self, x):
+        return x.flatten(1)[:, :10] * self.scale
+
+def only_1d(in_shape, classes):
+    return Scales()
+
+def frozen(in_shape, classes):
+    net = mlp(in_shape, classes)
+    net.requires_grad_(False)
+    return net
+
+class Rounds(nn.Module):
+    def __init__(self, in_shape, classes):
+        super().__init__()
+        self.net = mlp(in_shape, classes)
+
+    def forward(self, x):
+        return self.net(x).long()
+
+def integer_output(in_shape, classes):
+    return Rounds(in_shape, classes)
+
+class TrainShape(nn.Module):
+    def __init__(self, in_shape, classes):
+        super().__init__()
+        self.net = mlp(in_shape, classes)
+
+    def forward(self, x):
+        out = self.net(x)
+        return torch.cat([out, out], dim=1) if self.training else out
+
+def differs_in_training(in_shape, classes):
+    return TrainShape(in_shape, classes)
+
+def exits(in_shape, classes):
+    raise SystemExit(0)
 '''
 
 
@@ -69,6 +118,12 @@ def write_config(folder, module: str, target: str = "mlp", extra: str = "") -> s
     ("{m}:fails", "failed: RuntimeError: no such layer size"),
     ("{m}:not_a_module", "not an nn.Module"),
     ("{m}:wrong_classes", "logits of shape (2, 10) are expected"),
+    ("{m}:no_parameters", "the model has no parameters"),
+    ("{m}:only_1d", "no weight of 2 or more dimensions"),
+    ("{m}:frozen", "every parameter of the model is frozen"),
+    ("{m}:integer_output", "the model returns torch.int64 in eval mode"),
+    ("{m}:differs_in_training", "returns (2, 20) in train mode"),
+    ("{m}:exits", "called sys.exit(0) instead of returning a model"),
 ])
 def test_a_wrong_target_is_refused_before_anything_is_written(cli, tmp_path, factories, target, words):
     out = tmp_path / "runs"

@@ -106,6 +106,10 @@ def build_custom(cfg: ModelConfig, in_shape: tuple[int, ...], classes: int) -> n
         sys.path.insert(0, os.getcwd())
     try:
         obj = importlib.import_module(module_name)
+    except SystemExit as e:
+        raise ConfigError(f"model.target: importing '{module_name}' called sys.exit({e.code!r}); a module to "
+                          "import should not exit (put the script's own code under `if __name__ == \"__main__\":`)"
+                          ) from None
     except Exception as e:  # the user's module may fail in any way while importing
         raise ConfigError(f"model.target: cannot import '{module_name}' ({type(e).__name__}: {e}); "
                           "it must be importable from the current folder or the Python path") from None
@@ -121,6 +125,9 @@ def build_custom(cfg: ModelConfig, in_shape: tuple[int, ...], classes: int) -> n
                           "an nn.Module")
     try:
         net = obj(tuple(in_shape), classes, **cfg.kwargs)
+    except SystemExit as e:  # sys.exit() in a factory is not gradexp's exit
+        raise ConfigError(f"model.target: {cfg.target}(...) called sys.exit({e.code!r}) instead of returning a "
+                          "model") from None
     except Exception as e:
         raise ConfigError(f"model.target: {cfg.target}(in_shape={tuple(in_shape)}, classes={classes}, **model.kwargs) "
                           f"failed: {type(e).__name__}: {e}") from None
@@ -148,21 +155,40 @@ def build_model(cfg: ModelConfig, in_shape: tuple[int, ...], classes: int, vocab
 
 
 def check_output(net: nn.Module, x: torch.Tensor, classes: int) -> None:
-    """A model's output for a batch must be logits (batch, classes): else a ConfigError."""
+    """A custom model must be trainable and watchable, and return floating-point logits (batch,
+    classes) in training mode as in evaluation mode: else a ConfigError, before any folder is made."""
+    params = list(net.parameters())
+    if not params:
+        raise ConfigError("model.target: the model has no parameters: nothing to train")
+    if not any(p.requires_grad for p in params):
+        raise ConfigError("model.target: every parameter of the model is frozen (requires_grad=False): nothing to train")
+    if not any(p.dim() >= 2 for p in params):
+        raise ConfigError("model.target: the model has no weight of 2 or more dimensions (only biases, scales or "
+                          "other 1-D parameters): no layer for the probes to watch")
     was_training = net.training
-    net.eval()
+    buffers = {k: b.clone() for k, b in net.named_buffers()}  # a batchnorm's statistics: left as they were
     try:
-        with torch.no_grad():
-            out = net(x)
-    except Exception as e:
-        raise ConfigError(f"model.target: the model fails on a batch of shape {tuple(x.shape)} from the data: "
-                          f"{type(e).__name__}: {e}") from None
+        for mode in ("eval", "train"):  # the loop trains in one and evaluates in the other
+            net.train(mode == "train")
+            try:
+                with torch.no_grad():
+                    out = net(x)
+            except Exception as e:
+                raise ConfigError(f"model.target: the model fails ({mode} mode) on a batch of shape {tuple(x.shape)} "
+                                  f"from the data: {type(e).__name__}: {e}") from None
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            if shape != (len(x), classes):
+                raise ConfigError(f"model.target: for a batch of shape {tuple(x.shape)} the model returns {shape} in "
+                                  f"{mode} mode; the data has {classes} classes, so logits of shape "
+                                  f"{(len(x), classes)} are expected")
+            if not out.is_floating_point():
+                raise ConfigError(f"model.target: the model returns {out.dtype} in {mode} mode; logits are floating "
+                                  "point (an integer output has no gradient)")
     finally:
         net.train(was_training)
-    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-    if shape != (len(x), classes):
-        raise ConfigError(f"model.target: for a batch of shape {tuple(x.shape)} the model returns {shape}; the data "
-                          f"has {classes} classes, so logits of shape {(len(x), classes)} are expected")
+        with torch.no_grad():
+            for k, b in net.named_buffers():
+                b.copy_(buffers[k])
 
 
 # nn.MultiheadAttention's output projection: a Linear the attention applies itself (F.linear), never called
