@@ -992,3 +992,48 @@ def test_a_link_planted_in_a_watch_folder_is_replaced_not_written_through(tmp_pa
     assert w.logdir == logdir and victim.read_text() == "the user's own file\n"
     assert not (logdir / "gradient_flow.png").is_symlink() and (logdir / "summary.json").is_file()
     assert not (logdir / ".summary.json.tmp").exists()
+
+
+def test_layers_a_reentrant_checkpoint_hides_are_named_with_the_fix(tmp_path):
+    """torch.utils.checkpoint(use_reentrant=True) runs its segment under no_grad, and its layers' gradients
+    only in a recomputation inside backward: they cannot be watched. Issue 25: they were dropped in
+    silence and the diagnosis read "unknown: ... ?'s". Now a warning and a finding name them and the
+    fix; with use_reentrant=False they are watched."""
+    import warnings
+
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self, reentrant: bool):
+            super().__init__()
+            self.a, self.c = nn.Linear(8, 8), nn.Linear(8, 3)
+            self.b = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+            self.reentrant = reentrant
+
+        def forward(self, x):
+            h = checkpoint(self.b, torch.tanh(self.a(x)), use_reentrant=self.reentrant)
+            return self.c(torch.tanh(h))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
+    # no_grad evaluation first, as a loop may: it marks nothing
+    for reentrant in (True, False):
+        net = Net(reentrant)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with gradexp.watch(net, opt, logdir=tmp_path / str(reentrant), every=1) as w:
+                with torch.no_grad():
+                    net(x)
+                opt.zero_grad()
+                F.cross_entropy(net(x), y).backward()
+                opt.step()
+        said = [str(c.message) for c in caught if "gradexp.watch" in str(c.message)]
+        s = w.summary()
+        if reentrant:
+            assert s["layers"]["modules"] == ["a", "c"] and s["layers"]["unseen"] == ["b.0", "b.2"]
+            assert len(said) == 1 and "b.0, b.2" in said[0] and "use_reentrant=False" in said[0]
+            assert any("b.0, b.2 ran only under torch.no_grad()" in f for f in s["diagnosis"]["findings"])
+        else:
+            assert s["layers"]["modules"] == ["a", "b.0", "b.2", "c"] and "unseen" not in s["layers"] and not said

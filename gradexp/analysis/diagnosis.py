@@ -160,6 +160,7 @@ class Context:
     blocks: list[list[int]] | None = None
     block_names: list[str] | None = None
     baseline: float | None = None  # the task's baseline loss, where the runner knows it (LEARNED_BELOW)
+    unseen: list[str] | None = None  # layers run only under no_grad inside the forward (Watcher.unseen)
 
     def depth_axis(self) -> Context:
         """The context of the verdict's depth axis: this one, or one whose layers are the blocks."""
@@ -212,6 +213,7 @@ def watched_context(info: dict, cfg: Config | None = None, baseline: float | Non
     return Context(labels=info["names"], hidden=[i for i, out in enumerate(info["output"]) if not out],
                    dead=[a in RELU_FAMILY for a in info["activations"]], advice=lambda v: generic_advice(v, gated, relu),
                    index_ranges=False, trainable=info.get("trainable"), kinds=layer_kinds(info),
+                   unseen=info.get("unseen"),
                    **_hidden_blocks(info), **kw)
 
 
@@ -330,6 +332,10 @@ def _findings(first: dict, last: dict | None, ctx: Context, jump: str | None = N
                      f"no grad_norm there, by design")
     if jump:
         found.append(jump)
+    if ctx.unseen:
+        found.append(f"{', '.join(ctx.unseen[:6])}{' and more' if len(ctx.unseen) > 6 else ''} ran only under "
+                     f"torch.no_grad() inside the forward and are left out (torch.utils.checkpoint with "
+                     f"use_reentrant=True does this to layers that train: use use_reentrant=False)")
     if last is not None:
         sat = [i for i, v in enumerate(last["saturation"]) if v is not None and v == v and v > SATURATED]
         for dead in (True, False):

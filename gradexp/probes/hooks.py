@@ -318,6 +318,8 @@ class Hooks:
     def _on_layer(self, k: int, module: nn.Module, inputs: Any, output: Any) -> None:
         record = self.record
         if record is None or not torch.is_grad_enabled():  # an evaluation under no_grad is not training
+            if record is not None and self._discovering:
+                self._no_grad_calls.add(k)  # only ever so, it is unseen (Watcher._finish_discovery)
             return
         if record.dz_sums and not record.forwarding:
             record = self._new_iteration(record)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,6 +179,8 @@ class Watcher(Hooks):
         self._order: list[int] = []  # candidates in the order of their first call
         self._depth: dict[int, int] = {}  # candidate -> depth index
         self._calls: dict[int, int] = {}
+        self._no_grad_calls: set[int] = set()  # candidates called under no_grad before the layers were known
+        self.unseen: list[str] = []  # candidates called only under no_grad inside the forward (reentrant checkpoint)
         self._first_z: dict[int, torch.Tensor] = {}  # each candidate's output in the first forward
         self._last: int | None = None  # the candidate whose output is the latest module output seen
         self._act_owner: dict[int, set[int]] = {}  # id(activation module) -> candidates it follows
@@ -348,6 +351,13 @@ class Watcher(Hooks):
         self._first_z = {}
         if not self.layers:
             raise ValueError("gradexp.watch: the forward pass called none of the chosen layers")
+        self.unseen = [self._candidates[k][0] for k in sorted(self._no_grad_calls) if k not in self._depth]
+        if self.unseen:
+            warnings.warn(f"gradexp.watch: {', '.join(self.unseen[:6])}{' and more' if len(self.unseen) > 6 else ''} "
+                          "ran only under torch.no_grad() inside the forward, so no gradient of theirs can be seen, "
+                          "and they are left out. A frozen part run under no_grad is fine; "
+                          "torch.utils.checkpoint(..., use_reentrant=True) does the same to layers that do train: "
+                          "checkpoint with use_reentrant=False to watch them", stacklevel=2)
         # the depth axis the diagnosis reads where the model repeats blocks (hooks.find_blocks)
         self.blocks = find_blocks(self.model, [layer.name for layer in self.layers], self._block_inputs)
         self.names = self._names or [f"{i:02d}_{layer.name}" for i, layer in enumerate(self.layers)]
@@ -665,7 +675,8 @@ class Watcher(Hooks):
                 "activations": [layer.activation for layer in self.layers],
                 "output": [layer.output for layer in self.layers],
                 "calls": self.logged[-1]["calls"] if self.logged else [0] * len(self.layers),
-                **({"blocks": [{"name": b, "layers": idx} for b, idx in self.blocks]} if self.blocks else {})}
+                **({"blocks": [{"name": b, "layers": idx} for b, idx in self.blocks]} if self.blocks else {}),
+                **({"unseen": list(self.unseen)} if self.unseen else {})}
 
     def probe_kernel(self, not_float32: bool = False) -> str:
         """Which code summed a CPU run's probes (summary.json's probe_kernel)."""
