@@ -573,3 +573,24 @@ def test_planted_links_in_a_sweep_folder_are_never_written_through(cli, tmp_path
     assert victim.read_text() == "the user's own file\n"
     figure = root / "gradient_flow.png"
     assert not figure.is_symlink() and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_sigkilled_sweep_takes_its_fork_server_and_workers_with_it(tmp_path):
+    """Issue 25: `kill -KILL` on the sweep process alone left its fork server and workers training for
+    minutes (they block SIGINT and SIGTERM), and a resume meanwhile ran their points twice. They now
+    die with it: nothing of its group is left within seconds, and a resume then runs each point once
+    more, beside the killed attempt."""
+    with sweep_process(tmp_path, *LONG, "--workers", "2") as proc:
+        root = sweep_folder(tmp_path)
+        assert len(group_of(proc.pid)) >= 3  # the sweep, its fork server, its workers
+        proc.send_signal(signal.SIGKILL)  # to the sweep process only
+        proc.wait(timeout=20)
+        deadline = time.monotonic() + 10
+        while group_of(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = group_of(proc.pid)
+        assert not left, [Path(f"/proc/{p}/cmdline").read_text() for p in left]
+        killed = {p.name: len(attempts(root, p.name)) for p in root.iterdir() if p.is_dir()}
+        assert sorted(killed.values()) == [1, 1]  # the two points training when it was killed
+        for name in killed:
+            assert not (attempts(root, name)[0] / "summary.json").exists()  # SIGKILL: no ending written

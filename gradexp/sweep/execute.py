@@ -14,6 +14,7 @@ from typing import Any, Callable
 from gradexp.config import Config, ConfigError, flat
 from gradexp.run.signals import blocked, catch, ignore, restore
 from gradexp.run.threads import cores
+from gradexp.sweep.orphans import die_with_parent
 from gradexp.rundir import check_out, new_run_dir
 from gradexp.sweep.plan import (
     DONE,
@@ -36,6 +37,7 @@ def _init_worker(threads: int, stop) -> None:
     # `interrupted`, files written). (They are blocked here already, as in the fork server that forked
     # this worker, unless that was started otherwise: see _mp_context.)
     ignore()
+    die_with_parent()  # the fork server: it dies with the sweep process (orphans.py)
     _STOP = stop
     import torch
 
@@ -96,7 +98,7 @@ def run_point(base: dict, point: Point, root: str, threads: int | None = None, o
 # What every run imports, imported once by the fork server rather than again by each worker: seconds
 # each (torch; matplotlib for the figures). Two workers importing them side by side on two cores take
 # about as long again as one.
-PRELOAD = ["gradexp.run.experiment", "matplotlib.pyplot"]
+PRELOAD = ["gradexp.sweep._forkserver", "gradexp.run.experiment", "matplotlib.pyplot"]
 
 
 def _mp_context():
