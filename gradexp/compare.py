@@ -13,8 +13,10 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Strict, ValidationError
 
 from gradexp.config import ConfigError, flatten
 from gradexp.sinks.figures import Profile, compare_flow_figure, note
@@ -38,48 +40,63 @@ class Unreadable(Exception):
     """A run's or sweep's file that is not what gradexp writes (not JSON, wrong types)."""
 
 
-NUMBER = (int, float)
-# what compare reads of a summary.json, and the types it must have there (None allowed everywhere)
-SHAPE = {"name": str, "status": str, "error": str, "wall_time_s": NUMBER, "final": dict, "diagnosis": dict,
-         "steps": dict, "layers": dict}
-NUMBERS = ("loss_train", "acc_train", "loss_eval", "acc_eval", "loss_eval_vs_baseline")
+Number = Annotated[float, Strict()]  # an int or a float (NaN included), not a bool or text
+Text = Annotated[str, Strict()]
+
+
+class _Read(BaseModel):
+    """The parts of a summary.json compare reads, with their types; anything else is let through."""
+    model_config = ConfigDict(extra="allow")
+
+
+class _Snapshot(_Read):
+    act_grad_norm: list[Number | None] | None = None
+    grad_norm: list[Number | None] | None = None
+    dz_calls: list[list[Number] | None] | None = None
+
+
+class _Layers(_Read):
+    first: _Snapshot | None = None
+    last: _Snapshot | None = None
+
+
+class _Final(_Read):
+    loss_train: Number | None = None
+    acc_train: Number | None = None
+    loss_eval: Number | None = None
+    acc_eval: Number | None = None
+    loss_eval_vs_baseline: Number | None = None
+
+
+class _Diagnosis(_Read):
+    ratio: Number | None = None
+    ratio_last: Number | None = None
+    verdict: Text | None = None
+    message: Text | None = None
+    measure: Text | None = None
+
+
+class _Summary(_Read):
+    name: Text | None = None
+    status: Text | None = None
+    error: Text | None = None
+    wall_time_s: Number | None = None
+    steps: dict | None = None
+    final: _Final | None = None
+    diagnosis: _Diagnosis | None = None
+    layers: _Layers | None = None
 
 
 def _check(summary: object, path: Path) -> dict:
     """`summary` as compare reads it, or Unreadable naming the first value that is not of its type."""
-    def bad(where: str, value: object, expected: str) -> Unreadable:
-        return Unreadable(f"{path}: {where} is {type(value).__name__} {str(value)[:40]!r}, expected {expected}; "
-                          "not a summary.json gradexp wrote (move it aside, or run again)")
-
-    if not isinstance(summary, dict):
-        raise bad("the file", summary, "a JSON object")
-    for key, kind in SHAPE.items():
-        if summary.get(key) is not None and not isinstance(summary[key], kind):
-            raise bad(key, summary[key], "a " + (kind.__name__ if isinstance(kind, type) else "number"))
-    for key in NUMBERS:
-        v = (summary.get("final") or {}).get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, NUMBER)):
-            raise bad(f"final.{key}", v, "a number")
-    d = summary.get("diagnosis") or {}
-    for key, kind in (("ratio", NUMBER), ("ratio_last", NUMBER), ("verdict", str), ("message", str), ("measure", str)):
-        if d.get(key) is not None and not isinstance(d[key], kind):
-            raise bad(f"diagnosis.{key}", d[key], "a number" if kind is NUMBER else "text")
-    for at in ("first", "last"):
-        snap = (summary.get("layers") or {}).get(at)
-        if snap is None:
-            continue
-        if not isinstance(snap, dict):
-            raise bad(f"layers.{at}", snap, "an object")
-        for key in ("act_grad_norm", "grad_norm"):
-            values = snap.get(key)
-            if values is not None and (not isinstance(values, list) or
-                                       any(v is not None and (isinstance(v, bool) or not isinstance(v, NUMBER))
-                                           for v in values)):
-                raise bad(f"layers.{at}.{key}", values, "a list of numbers")
-        calls = snap.get("dz_calls")
-        if calls is not None and (not isinstance(calls, list) or any(
-                c is not None and (not isinstance(c, list) or not all(isinstance(v, NUMBER) for v in c)) for c in calls)):
-            raise bad(f"layers.{at}.dz_calls", calls, "a list of lists of numbers")
+    try:
+        _Summary.model_validate(summary)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(map(str, err["loc"])) or "the file"
+        raise Unreadable(f"{path}: {where} is {type(err['input']).__name__} {str(err['input'])[:40]!r} "
+                         f"({err['msg'].lower()}); not a summary.json gradexp wrote (move it aside, or run again)"
+                         ) from None
     return summary
 
 

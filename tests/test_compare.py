@@ -131,8 +131,10 @@ def test_bad_paths_exit_2_naming_them_and_write_nothing(cli, made, tmp_path, mon
     (lambda s: json.dumps({**s, "final": {**s["final"], "loss_eval": "low"}}), "final.loss_eval is str"),
     (lambda s: json.dumps({**s, "layers": {**s["layers"], "first": {**s["layers"]["first"],
                                                                      "act_grad_norm": ["x"]}}}),
-     "layers.first.act_grad_norm is list"),
+     "layers.first.act_grad_norm.0 is str 'x' (input should be a valid number)"),
     (lambda s: json.dumps({**s, "diagnosis": {**s["diagnosis"], "ratio": [1]}}), "diagnosis.ratio is list"),
+    (lambda s: json.dumps({**s, "layers": {**s["layers"], "last": {**s["layers"]["last"], "dz_calls": [[True]]}}}),
+     "layers.last.dz_calls.0.0 is bool"),
 ])
 def test_a_summary_compare_cannot_read_is_named_not_a_traceback(cli, made, tmp_path, corrupt, must_say):
     """Issue 25: summary.json not JSON, of wrong types or with bad nested values gave tracebacks. Now
