@@ -118,12 +118,16 @@ def candidate_layers(model: nn.Module, layers: Any = None) -> list[tuple[str, nn
                      f"types), or a list of the model's modules; got {given!r}")
 
 
+def _held(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
+    """Each ModuleList and Sequential of the model: its children, by qualified name."""
+    return {name: [(f"{name}.{k}" if name else k, m) for k, m in c.named_children()]
+            for name, c in model.named_modules() if isinstance(c, (nn.ModuleList, nn.Sequential))}
+
+
 def block_candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The children of the model's ModuleLists and Sequentials that hold modules of their own: the
     modules find_blocks chooses among, whose inputs the first forward notes (Hooks._on_block)."""
-    return [(f"{name}.{k}" if name else k, m) for name, c in model.named_modules()
-            if isinstance(c, (nn.ModuleList, nn.Sequential)) for k, m in c.named_children()
-            if next(m.children(), None) is not None]
+    return [(child, m) for kids in _held(model).values() for child, m in kids if next(m.children(), None) is not None]
 
 
 def find_blocks(model: nn.Module, layers: list[str], inputs: dict[str, int] | None = None
@@ -146,10 +150,8 @@ def find_blocks(model: nn.Module, layers: list[str], inputs: dict[str, int] | No
 
     taken = set(layers)
     instances: dict[Any, list[str]] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
-            continue
-        kids = [(f"{name}.{k}" if name else k, kind(m)) for k, m in module.named_children()]
+    for held in _held(model).values():
+        kids = [(child, kind(m)) for child, m in held]
         for child, key in kids:
             if child not in taken and sum(key == other for _, other in kids) >= 2:
                 instances.setdefault(key, []).append(child)
